@@ -1,0 +1,313 @@
+"""The failure detector, as a specification: what a node believes about a peer after what it heard, and silence."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh._failure import FORGOTTEN, FailureDetector, PeerState, Transition
+
+ALIVE, SUSPECT, DEAD, LEFT = PeerState.ALIVE, PeerState.SUSPECT, PeerState.DEAD, PeerState.LEFT
+
+
+class FakeClock:
+    """Time that moves only when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fd(clock: FakeClock) -> FailureDetector:
+    return FailureDetector(suspect_after=1.0, dead_after=3.0, forget_after=300.0, clock=clock)
+
+
+def test_first_message_from_a_peer_makes_it_alive(fd: FailureDetector, clock: FakeClock) -> None:
+    assert fd.heard("b", incarnation=7, seq=0) == Transition("b", None, ALIVE, "new")
+    assert fd.state("b") is ALIVE
+    assert fd.last_heard("b") == clock.now
+    assert fd.incarnation("b") == 7
+
+
+def test_unknown_peer_has_no_state(fd: FailureDetector) -> None:
+    assert fd.state("nobody") is None
+    assert fd.last_heard("nobody") is None
+    assert fd.incarnation("nobody") is None
+
+
+def test_peer_heard_regularly_stays_alive_without_new_transitions(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 1, 0)
+    for seq in range(1, 40):  # gossip every 250 ms for 10 s
+        clock.advance(0.25)
+        assert fd.heard("b", 1, seq) is None
+        assert fd.tick() == []
+    assert fd.state("b") is ALIVE
+
+
+def test_peer_is_suspect_after_one_second_of_silence(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b")
+    clock.advance(0.75)
+    assert fd.tick() == []
+    clock.advance(0.25)
+    assert fd.tick() == [Transition("b", ALIVE, SUSPECT, "silent 1.0s")]
+    assert fd.state("b") is SUSPECT
+    assert fd.tick() == []  # reported once
+
+
+def test_peer_is_dead_after_three_seconds_of_silence(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b")
+    clock.advance(1.0)
+    fd.tick()
+    clock.advance(1.75)
+    assert fd.tick() == []
+    clock.advance(0.25)
+    assert fd.tick() == [Transition("b", SUSPECT, DEAD, "silent 3.0s")]
+    assert fd.state("b") is DEAD
+
+
+def test_late_tick_reports_both_steps_to_dead(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b")
+    clock.advance(5.0)  # the loop was busy: no tick for 5 s
+    assert fd.tick() == [
+        Transition("b", ALIVE, SUSPECT, "silent 5.0s"),
+        Transition("b", SUSPECT, DEAD, "silent 5.0s"),
+    ]
+
+
+def test_suspect_peer_heard_again_is_alive(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 1, 0)
+    clock.advance(1.5)
+    fd.tick()
+    assert fd.heard("b", 1, 1) == Transition("b", SUSPECT, ALIVE, "heard")
+    assert fd.state("b") is ALIVE
+
+
+def test_dead_peer_heard_again_is_alive(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b")
+    clock.advance(10.0)
+    fd.tick()
+    assert fd.heard("b") == Transition("b", DEAD, ALIVE, "heard")
+    clock.advance(0.5)
+    assert fd.tick() == []  # silence counts from the new message
+
+
+def test_any_message_without_incarnation_is_proof_of_life(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 3, 10)
+    clock.advance(0.9)
+    assert fd.heard("b") is None  # e.g. a Reply: no transition, but it refreshes liveness
+    clock.advance(0.9)
+    assert fd.tick() == []
+    assert fd.incarnation("b") == 3
+
+
+def test_restart_with_higher_incarnation_is_reported_even_while_alive(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 1, 50)
+    clock.advance(0.2)
+    # The caller must fail over what was in flight to incarnation 1: the old process is gone.
+    assert fd.heard("b", 2, 0) == Transition("b", ALIVE, ALIVE, "restarted")
+    assert fd.incarnation("b") == 2
+    assert fd.heard("b", 2, 1) is None  # seq restarts with the incarnation
+
+
+def test_restart_revives_a_dead_peer(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 1, 0)
+    clock.advance(4.0)
+    fd.tick()
+    assert fd.heard("b", 2, 0) == Transition("b", DEAD, ALIVE, "restarted")
+
+
+def test_message_from_an_older_incarnation_is_not_proof_of_life(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 2, 0)
+    heard_at = clock.now
+    for _ in range(4):
+        clock.advance(0.9)
+        assert fd.heard("b", 1, 999) is None  # delayed gossip from before the restart
+        fd.tick()
+    assert fd.last_heard("b") == heard_at
+    assert fd.incarnation("b") == 2
+    assert fd.state("b") is DEAD
+
+
+def test_repeated_or_old_seq_is_not_proof_of_life(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 1, 5)
+    heard_at = clock.now
+    clock.advance(0.75)
+    assert fd.heard("b", 1, 5) is None  # duplicate
+    assert fd.heard("b", 1, 4) is None  # reordered, older
+    assert fd.last_heard("b") == heard_at
+    clock.advance(0.25)
+    assert [t.new for t in fd.tick()] == [SUSPECT]
+    assert fd.heard("b", 1, 6) == Transition("b", SUSPECT, ALIVE, "heard")
+
+
+def test_stale_gossip_does_not_revive_a_dead_peer(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 1, 5)
+    clock.advance(3.0)
+    fd.tick()
+    assert fd.heard("b", 1, 5) is None
+    assert fd.state("b") is DEAD
+
+
+def test_seq_without_incarnation_is_a_caller_error(fd: FailureDetector) -> None:
+    with pytest.raises(ValueError, match="incarnation"):
+        fd.heard("b", seq=3)
+
+
+def test_left_peer_stays_left_against_late_gossip(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 4, 10)
+    assert fd.left("b", 4) == Transition("b", ALIVE, LEFT, "left")
+    clock.advance(0.1)
+    assert fd.heard("b", 4, 11) is None  # gossip sent just before the goodbye, delivered after it
+    assert fd.heard("b") is None  # its last replies while it drains
+    assert fd.state("b") is LEFT
+
+
+def test_left_peer_is_not_reported_by_silence(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 4, 10)
+    fd.left("b", 4)
+    clock.advance(10.0)
+    assert fd.tick() == []
+    assert fd.state("b") is LEFT
+
+
+def test_left_peer_comes_back_with_a_higher_incarnation(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 4, 10)
+    fd.left("b", 4)
+    clock.advance(2.0)
+    assert fd.heard("b", 5, 0) == Transition("b", LEFT, ALIVE, "restarted")
+
+
+def test_goodbye_from_an_older_incarnation_is_ignored(fd: FailureDetector) -> None:
+    fd.heard("b", 5, 0)
+    assert fd.left("b", 4) is None  # the old process's goodbye arrived after the new one's hello
+    assert fd.state("b") is ALIVE
+
+
+def test_goodbye_from_an_unknown_peer_keeps_its_late_gossip_out(fd: FailureDetector) -> None:
+    assert fd.left("b", 4) == Transition("b", None, LEFT, "left")
+    assert fd.heard("b", 4, 3) is None
+    assert fd.state("b") is LEFT
+
+
+def test_goodbye_without_incarnation_takes_the_next_one_heard_as_the_leaver(fd: FailureDetector) -> None:
+    fd.heard("b")
+    fd.left("b")
+    assert fd.heard("b", 4, 3) is None
+    assert fd.state("b") is LEFT
+    assert fd.heard("b", 5, 0) == Transition("b", LEFT, ALIVE, "restarted")
+
+
+def test_dead_peer_is_forgotten_after_forget_after(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b", 1, 0)
+    clock.advance(3.0)
+    fd.tick()  # dead now
+    clock.advance(299.0)
+    assert fd.tick() == []
+    clock.advance(1.0)
+    assert fd.tick() == [Transition("b", DEAD, DEAD, FORGOTTEN)]
+    assert fd.state("b") is None
+    assert "b" not in fd.nodes()
+    assert fd.heard("b", 1, 1) == Transition("b", None, ALIVE, "new")
+
+
+def test_left_peer_is_forgotten_after_forget_after(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("b")
+    fd.left("b")
+    clock.advance(300.0)
+    assert fd.tick() == [Transition("b", LEFT, LEFT, FORGOTTEN)]
+    assert fd.state("b") is None
+
+
+def test_forget_drops_a_peer_at_once(fd: FailureDetector) -> None:
+    fd.heard("b")
+    fd.forget("b")
+    fd.forget("never-seen")
+    assert fd.nodes() == {}
+
+
+def test_nodes_lists_every_known_peer(fd: FailureDetector, clock: FakeClock) -> None:
+    fd.heard("a")
+    fd.heard("b")
+    fd.left("c")
+    clock.advance(1.0)
+    fd.heard("a")
+    fd.tick()
+    assert fd.nodes() == {"a": ALIVE, "b": SUSPECT, "c": LEFT}
+
+
+@pytest.mark.parametrize(
+    ("suspect_after", "dead_after", "forget_after"),
+    [
+        (0.0, 3.0, 300.0),
+        (-1.0, 3.0, 300.0),
+        (3.0, 3.0, 300.0),
+        (3.0, 1.0, 300.0),
+        (1.0, float("inf"), 300.0),
+        (float("nan"), 3.0, 300.0),
+        (1.0, 3.0, 0.0),
+    ],
+)
+def test_bad_timeouts_are_rejected(suspect_after: float, dead_after: float, forget_after: float) -> None:
+    with pytest.raises(ValueError, match="after"):
+        FailureDetector(suspect_after, dead_after, forget_after)
+
+
+# Any interleaving of messages (fresh, stale, restarts, goodbyes) and ticks.
+_events = st.lists(
+    st.one_of(
+        st.tuples(st.just("heard"), st.sampled_from("abc"), st.none() | st.integers(0, 3), st.integers(0, 5)),
+        st.tuples(st.just("left"), st.sampled_from("abc"), st.none() | st.integers(0, 3), st.just(0)),
+        st.tuples(st.just("wait"), st.just(""), st.none(), st.integers(0, 40)),
+    ),
+    max_size=60,
+)
+
+
+def _replay(fd: FailureDetector, clock: FakeClock, events: list[tuple[str, str, int | None, int]]) -> None:
+    for kind, node, incarnation, n in events:
+        if kind == "heard":
+            fd.heard(node, incarnation, None if incarnation is None else n)
+        elif kind == "left":
+            fd.left(node, incarnation)
+        else:
+            clock.advance(n / 10)
+            fd.tick()
+
+
+@given(_events)
+def test_silence_always_ends_in_dead_or_left(events: list[tuple[str, str, int | None, int]]) -> None:
+    clock = FakeClock()
+    fd = FailureDetector(clock=clock)
+    _replay(fd, clock, events)
+    clock.advance(3.0)
+    fd.tick()
+    assert set(fd.nodes().values()) <= {DEAD, LEFT}
+
+
+@given(_events)
+def test_known_incarnation_never_goes_backwards(events: list[tuple[str, str, int | None, int]]) -> None:
+    clock = FakeClock()
+    fd = FailureDetector(clock=clock)
+    highest: dict[str, int] = {}
+    for event in events:
+        _replay(fd, clock, [event])
+        for node in fd.nodes():
+            inc = fd.incarnation(node)
+            if inc is not None:
+                assert inc >= highest.get(node, inc)
+                highest[node] = inc
+        for node in list(highest):
+            if fd.state(node) is None:
+                del highest[node]  # forgotten: a new life may start anywhere
