@@ -1,0 +1,99 @@
+"""What every model backend implements, and the `Job` the executor hands it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from protocol import ErrorCode, Request, Task
+
+ProgressFn = Callable[[str, float], None]  # (what is happening, fraction done 0..1)
+
+
+class Job:
+    """One queued request as a backend sees it.
+
+    A backend must end every job exactly once with `finish()` or `fail()`;
+    later calls are ignored, so a job can never be answered twice. `emit()`
+    sends one stream chunk (only meaningful when `request.stream`).
+    """
+
+    __slots__ = ("request", "deadline", "enqueued_at", "_on_chunk", "_on_done", "_lock", "done", "_seq")
+
+    def __init__(
+        self,
+        request: Request,
+        deadline: float,
+        on_chunk: Callable[[Job, int, Any], None],
+        on_done: Callable[[Job, Any, dict[str, Any] | None, ErrorCode | None, str], None],
+    ) -> None:
+        self.request = request
+        self.deadline = deadline  # time.monotonic() value
+        self.enqueued_at = time.monotonic()
+        self._on_chunk = on_chunk
+        self._on_done = on_done
+        self._lock = threading.Lock()
+        self.done = False
+        self._seq = 0
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def emit(self, data: Any) -> None:
+        if self.done:
+            return
+        seq = self._seq
+        self._seq += 1
+        self._on_chunk(self, seq, data)
+
+    def finish(self, output: Any, meta: dict[str, Any] | None = None) -> None:
+        if self._settle():
+            self._on_done(self, output, meta or {}, None, "")
+
+    def fail(self, code: ErrorCode, message: str) -> None:
+        if self._settle():
+            self._on_done(self, None, None, code, message)
+
+    def _settle(self) -> bool:
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+            return True
+
+
+class Backend(ABC):
+    """A model that can serve requests.
+
+    `max_batch` is how many jobs the executor may hand to one `run()` call;
+    `concurrency` how many `run()` calls may be in progress at once (each in
+    its own worker thread). Capacity = max_batch * concurrency.
+    """
+
+    name: str
+    tasks: frozenset[Task]
+    max_batch: int = 1
+    concurrency: int = 1
+    labels: dict[str, str]
+
+    def __init__(self) -> None:
+        self.labels = {}
+
+    def load(self, progress: ProgressFn | None = None) -> None:  # noqa: B027 - optional hook
+        """Load weights; called once, off the mesh loop, before the first `run()`."""
+
+    @abstractmethod
+    def run(self, batch: list[Job]) -> None:
+        """Serve every job in `batch`, ending each with `finish()` or `fail()`."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (threads, sessions, GPU memory)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "tasks": sorted(t.value for t in self.tasks), "labels": dict(self.labels)}

@@ -1,0 +1,90 @@
+"""Synthetic models that make mesh tests and scaling benchmarks independent of model speed."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from protocol import ErrorCode, Task
+
+from .base import Backend, Job
+
+_ALL_TASKS = frozenset(Task)
+
+
+def _echo_text(job: Job) -> str:
+    """The text an echo streams: the prompt, or the last chat message."""
+    req = job.request
+    if req.task is Task.CHAT:
+        return str(req.input[-1]["content"])
+    return req.input if isinstance(req.input, str) else str(req.input)
+
+
+def _echo_output(job: Job) -> object:
+    """What `echo` answers: the input, shaped like a real model's reply where that matters."""
+    if job.request.task is Task.CHAT:
+        return {"role": "assistant", "content": _echo_text(job)}
+    return job.request.input
+
+
+def _stream_pieces(job: Job) -> list[str]:
+    """Words still to send, after the `prefix` another node already delivered."""
+    rest = _echo_text(job)[len(job.request.prefix) :]
+    return re.findall(r"\s*\S+\s*", rest) or ([rest] if rest else [])
+
+
+class EchoBackend(Backend):
+    """Returns its input. Cheap enough to run on the mesh loop itself (`inline`)."""
+
+    inline = True
+
+    def __init__(self, name: str = "echo") -> None:
+        super().__init__()
+        self.name = name
+        self.tasks = _ALL_TASKS
+        self.max_batch = 64
+        self.concurrency = 1
+
+    def run(self, batch: list[Job]) -> None:
+        for job in batch:
+            if job.request.stream:
+                for piece in _stream_pieces(job):
+                    job.emit(piece)
+            job.finish(_echo_output(job), {"model": self.name})
+
+
+class SleepBackend(Backend):
+    """Takes `ms` milliseconds per request, `capacity` requests at a time; answers like echo.
+
+    Streams emit one chunk per ~`ms / 4` so stream tests have time to fail over mid-stream.
+    """
+
+    def __init__(self, ms: float, capacity: int = 1, name: str | None = None) -> None:
+        super().__init__()
+        if ms < 0 or capacity < 1:
+            raise ValueError("sleep model needs ms >= 0 and capacity >= 1")
+        self.name = name or f"sleep:{ms:g}"
+        self.tasks = _ALL_TASKS
+        self.ms = ms
+        self.max_batch = 1
+        self.concurrency = capacity
+
+    def run(self, batch: list[Job]) -> None:
+        for job in batch:
+            if job.remaining() * 1000 < self.ms:
+                # It cannot finish in time: say so now instead of burning the slot.
+                time.sleep(max(0.0, job.remaining()))
+                job.fail(ErrorCode.DEADLINE_EXCEEDED, f"{self.name} needs {self.ms:g} ms; the deadline came first")
+                continue
+            if job.request.stream:
+                self._stream(job)
+            else:
+                time.sleep(self.ms / 1000)
+            job.finish(_echo_output(job), {"model": self.name})
+
+    def _stream(self, job: Job) -> None:
+        pieces = _stream_pieces(job)
+        step = self.ms / 1000 / max(1, len(pieces))
+        for piece in pieces:
+            time.sleep(step)
+            job.emit(piece)

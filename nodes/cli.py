@@ -1,0 +1,298 @@
+"""The `lanmesh` command: run a node, send a request, look at the mesh."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from .config import DEFAULT_PORT, NodeConfig, parse_labels
+
+
+def _version() -> str:
+    try:
+        return version("lanmesh")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _progress_printer() -> Any:
+    """A one-line progress display on stderr for long waits (model loads)."""
+    state = {"last": ""}
+
+    def show(what: str, frac: float) -> None:
+        bar = "#" * int(frac * 30)
+        line = f"\r{what[:48]:<48} [{bar:<30}] {frac * 100:5.1f}%"
+        if line != state["last"]:
+            sys.stderr.write(line)
+            if frac >= 1.0:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+            state["last"] = line
+
+    return show
+
+
+# ---------------------------------------------------------------- lanmesh node
+
+
+def _add_node_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "node",
+        help="run a node: serve models and join the mesh",
+        description=(
+            "Run a lanmesh node. It loads its models, finds peers by mDNS (and --peer seeds), gossips its load "
+            "and serves requests arriving at its ROUTER port, forwarding them to the best peer when that is "
+            "better. SIGINT/SIGTERM leave the mesh gracefully: in-flight work finishes within --grace seconds. "
+            "Every option can also come from a LANMESH_<OPTION> env var (e.g. LANMESH_PORT=6000) or a TOML "
+            "file (--config); flags win over env, env over the file."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config file (keys as the long options, e.g. port = 6000)")
+    p.add_argument("--name", help="node id (default: hostname plus a random suffix)")
+    p.add_argument("--port", type=int, help=f"ROUTER port for requests (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--pub-port", type=int, dest="pub_port", help="gossip PUB port (default: port + 1)")
+    p.add_argument("--bind", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--advertise", help="address peers should use to reach this node (default: the interface's IPv4)")
+    p.add_argument(
+        "--interface", help="network interface (name or IPv4) for mDNS and advertising, e.g. eth0; avoids docker0/VPNs"
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        dest="peers",
+        metavar="HOST:PORT",
+        help="static seed peer, repeatable; for networks where multicast is blocked",
+    )
+    p.add_argument("--no-mdns", action="store_false", dest="mdns", default=None, help="do not use mDNS")
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="SPEC",
+        help=(
+            "model to serve, repeatable: smollm2, minilm, echo, sleep:MS[:cap=N], or name=N,path=FILE[,task=embed]. "
+            "Default: smollm2 and minilm"
+        ),
+    )
+    p.add_argument("--label", action="append", dest="label_list", metavar="KEY=VALUE", help="node label, repeatable")
+    p.add_argument("--max-queue", type=int, dest="max_queue", help="queued requests per model before REJECT (256)")
+    p.add_argument("--batch-wait-ms", type=float, dest="batch_wait_ms", help="how long a batch waits to fill (5)")
+    p.add_argument("--gossip-interval", type=float, dest="gossip_interval", help="seconds between load reports (0.25)")
+    p.add_argument("--suspect-after", type=float, dest="suspect_after", help="silence before a peer is suspect (1.0)")
+    p.add_argument("--dead-after", type=float, dest="dead_after", help="silence before a peer is dead (3.0)")
+    p.add_argument("--try-timeout", type=float, dest="try_timeout", help="seconds before a forwarded try is re-sent")
+    p.add_argument("--grace", type=float, help="seconds to finish in-flight work when stopping (10)")
+    p.add_argument("--max-memory", dest="max_memory", help="refuse to load models needing more than this, e.g. 8G")
+    p.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (~/.cache/lanmesh)")
+    p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", dest="log_format", choices=["text", "json"])
+    p.set_defaults(func=_cmd_node)
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    import os
+
+    from . import logs
+    from .node import Node
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "config", "label_list", "command")}
+    if args.label_list:
+        flags["labels"] = parse_labels(",".join(args.label_list))
+    try:
+        cfg = NodeConfig.load(flags, toml=args.config)
+    except ValueError as exc:
+        print(f"lanmesh node: {exc}", file=sys.stderr)
+        return 2
+    if cfg.cache_dir:
+        os.environ["LANMESH_CACHE_DIR"] = cfg.cache_dir
+    node = Node(cfg)
+    logs.setup(node.node_id, cfg.log_level, cfg.log_format)
+    try:
+        node.start(progress=_progress_printer() if sys.stderr.isatty() else None)
+    except (ValueError, OSError, MemoryError, ImportError) as exc:
+        print(f"lanmesh node: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return node.run_until_signal()
+
+
+# ---------------------------------------------------------------- lanmesh request
+
+
+def _add_request_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "request",
+        help="send one request to a node and print the reply",
+        description="Send one request to a node (it routes it in the mesh) and print the reply.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", help="model name, e.g. smollm2, minilm, echo")
+    p.add_argument("input", help="prompt text (chat/complete), text to embed, or JSON for infer")
+    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
+    p.add_argument("--task", default="chat", choices=["chat", "complete", "embed", "infer"])
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive (chat/complete)")
+    p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    p.add_argument("--max-tokens", type=int, dest="max_tokens")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--require", action="append", metavar="KEY=VALUE", help="only nodes with this label, repeatable")
+    p.add_argument("--json", action="store_true", help="print the whole reply as JSON (node, route, meta)")
+    p.set_defaults(func=_cmd_request)
+
+
+def _cmd_request(args: argparse.Namespace) -> int:
+    from mesh import Client, LanmeshError
+
+    require = parse_labels(",".join(args.require)) if args.require else None
+    gen = {k: getattr(args, k) for k in ("max_tokens", "temperature", "seed") if getattr(args, k) is not None}
+    try:
+        with Client(args.node, timeout=args.timeout) as client:
+            if args.task in ("chat", "complete") and args.stream:
+                fn = client.chat if args.task == "chat" else client.complete
+                prompt: Any = [{"role": "user", "content": args.input}] if args.task == "chat" else args.input
+                for piece in fn(args.model, prompt, stream=True, require=require, **gen):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                return 0
+            if args.task == "chat":
+                result = client.chat(args.model, [{"role": "user", "content": args.input}], require=require, **gen)
+            elif args.task == "complete":
+                result = client.complete(args.model, args.input, require=require, **gen)
+            else:
+                payload: Any = args.input
+                if args.task == "infer":
+                    try:
+                        payload = json.loads(args.input)
+                    except json.JSONDecodeError:
+                        payload = args.input
+                result = client.request(args.model, args.task, payload, params=gen or None, require=require)
+    except LanmeshError as exc:
+        print(f"lanmesh request: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"lanmesh request: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"output": result.output, "node": result.node, "route": result.route, "meta": result.meta}))
+    else:
+        out = result.output
+        if isinstance(out, dict) and "content" in out:
+            out = out["content"]
+        print(out if isinstance(out, str) else json.dumps(out))
+        print(f"(served by {result.node}, route {result.route})", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- lanmesh status
+
+
+def _add_status_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "status",
+        help="list the nodes a node sees: models, load, state, last heard",
+        description="Ask a node for its view of the mesh and print it as a table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
+    p.add_argument("--json", action="store_true", help="print the raw rows as JSON")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    p.set_defaults(func=_cmd_status)
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of `Pong.status` rows."""
+    head = ["NODE", "ADDRESS", "STATE", "MODELS (inflight/queued/cap)", "LABELS", "HEARD", "VIA"]
+    table = [head]
+    for r in rows:
+        models = " ".join(f"{m}:{v[0]}/{v[1]}/{v[2]}" for m, v in sorted(r.get("models", {}).items())) or "-"
+        labels = ",".join(f"{k}={v}" for k, v in sorted(r.get("labels", {}).items())) or "-"
+        heard = "-" if r.get("source") == "self" else f"{r.get('last_heard_s', 0):.1f}s ago"
+        table.append([r["node"], r["address"], r["state"], models, labels, heard, r.get("source", "")])
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from mesh import Client, LanmeshError
+
+    try:
+        with Client(args.node, timeout=5.0) as client:
+            while True:
+                rows = client.status()
+                if args.json:
+                    print(json.dumps(rows, indent=2))
+                else:
+                    if args.watch:
+                        sys.stdout.write("\x1b[2J\x1b[H")
+                    print(format_status(rows))
+                if not args.watch:
+                    return 0
+                time.sleep(args.watch)
+    except LanmeshError as exc:
+        print(f"lanmesh status: cannot reach {args.node}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+# ---------------------------------------------------------------- lanmesh models / bench
+
+
+def _add_models_parser(sub: Any) -> None:
+    p = sub.add_parser("models", help="show which default models are installed and cached")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import models_status
+
+    print(json.dumps(models_status(), indent=2, default=str))
+    return 0
+
+
+def _add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="run a benchmark scenario (same as python -m bench)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.__main__ import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lanmesh",
+        description=(
+            "lanmesh turns the machines on a LAN into one private AI service. Run `lanmesh node` on every "
+            "machine; send requests to any of them."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"lanmesh {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_node_parser(sub)
+    _add_request_parser(sub)
+    _add_status_parser(sub)
+    _add_models_parser(sub)
+    _add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

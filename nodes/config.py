@@ -1,0 +1,202 @@
+"""`NodeConfig`: the one configuration object of a node, fed by a TOML file, `LANMESH_*` env vars and flags.
+
+Precedence, lowest first: defaults, the TOML file, the environment, command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+DEFAULT_PORT = 5555
+
+
+@dataclass
+class NodeConfig:
+    """Everything a node needs to know; see `lanmesh node --help` for what each means."""
+
+    name: str = ""  # node id; default: hostname + random suffix
+    port: int = DEFAULT_PORT  # ROUTER port (requests); gossip PUB is port + 1 unless pub_port is set
+    pub_port: int = 0
+    bind: str = "0.0.0.0"
+    advertise: str = ""  # address peers should use; default: the chosen interface's IPv4
+    interface: str = ""  # network interface (name or IPv4) for mDNS, binding and advertising
+    peers: list[str] = field(default_factory=list)  # static seeds host:port
+    mdns: bool = True
+    models: list[str] = field(default_factory=list)  # model specs; empty: the default models
+    labels: dict[str, str] = field(default_factory=dict)
+    max_queue: int = 256
+    batch_wait_ms: float = 5.0
+    gossip_interval: float = 0.25
+    suspect_after: float = 1.0
+    dead_after: float = 3.0
+    try_timeout: float = 30.0
+    max_tries: int = 4
+    grace: float = 10.0  # seconds to finish in-flight work on SIGTERM
+    max_memory: str = ""  # e.g. "8G": refuse to load models past this
+    cache_dir: str = ""
+    log_level: str = "info"
+    log_format: str = "text"  # text (key=value) or json
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535 or not 0 <= self.pub_port <= 65535:
+            raise ValueError("ports must be between 0 and 65535")
+        if self.max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        if not 0 < self.suspect_after < self.dead_after:
+            raise ValueError("need 0 < suspect_after < dead_after")
+        if self.gossip_interval <= 0 or self.gossip_interval >= self.suspect_after:
+            raise ValueError("gossip_interval must be positive and shorter than suspect_after")
+        if self.max_tries < 1 or self.try_timeout <= 0 or self.grace < 0:
+            raise ValueError("max_tries >= 1, try_timeout > 0 and grace >= 0 are required")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be text or json")
+        for seed in self.peers:
+            parse_hostport(seed)
+
+    @classmethod
+    def load(
+        cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, toml: str | None = None
+    ) -> NodeConfig:
+        """Build a config from a TOML file (or $LANMESH_CONFIG), env vars and flags (None = not given)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        path = toml or env.get("LANMESH_CONFIG")
+        if path:
+            values.update(_from_toml(Path(path)))
+        values.update(_from_env(env))
+        values.update({k: v for k, v in (flags or {}).items() if v is not None and k in _FIELDS})
+        return cls(**values)
+
+    def node_id(self) -> str:
+        return self.name or f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
+
+    def advertised_host(self) -> str:
+        return self.advertise or (interface_ipv4(self.interface) if self.interface else default_ipv4())
+
+    def max_memory_bytes(self) -> int | None:
+        return parse_size(self.max_memory) if self.max_memory else None
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Turn a TOML or env value into the field's type, with a clear error."""
+    kind = str(_FIELDS[name].type)
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind.startswith("list"):
+            return (
+                [str(x) for x in raw]
+                if isinstance(raw, list)
+                else [x.strip() for x in str(raw).split(",") if x.strip()]
+            )
+        if kind.startswith("dict"):
+            return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else parse_labels(str(raw))
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad value for {name}: {exc}") from None
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out = {}
+    for name in _FIELDS:
+        raw = env.get(f"LANMESH_{name.upper()}")
+        if raw is not None and raw != "":
+            out[name] = _coerce(name, raw)
+    return out
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    data = data.get("node", data)  # accept a [node] table or top-level keys
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"config file {path}: unknown keys {unknown}")
+    return {k: _coerce(k, v) for k, v in data.items()}
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    out = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {part!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"peer {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise ValueError(f"size {text!r} is not like 512M or 8G") from None
+
+
+def interface_ipv4(name_or_ip: str) -> str:
+    """The IPv4 address of an interface given by name (or the address itself)."""
+    addrs = psutil.net_if_addrs()
+    if name_or_ip in addrs:
+        for a in addrs[name_or_ip]:
+            if a.family == socket.AF_INET:
+                return str(a.address)
+        raise ValueError(f"interface {name_or_ip} has no IPv4 address")
+    for entries in addrs.values():
+        if any(a.family == socket.AF_INET and a.address == name_or_ip for a in entries):
+            return name_or_ip
+    raise ValueError(f"no interface named or addressed {name_or_ip!r}; have {sorted(addrs)}")
+
+
+def default_ipv4() -> str:
+    """First IPv4 of an up, non-loopback interface; 127.0.0.1 when there is none."""
+    stats = psutil.net_if_stats()
+    for name, entries in sorted(psutil.net_if_addrs().items()):
+        st = stats.get(name)
+        if st is None or not st.isup or name == "lo" or name.startswith(("docker", "veth", "br-", "virbr")):
+            continue
+        for a in entries:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return str(a.address)
+    return "127.0.0.1"

@@ -1,0 +1,208 @@
+"""The local executor: a bounded priority queue per model, dynamic batching, worker threads.
+
+Model work never runs on the mesh loop (except backends marked `inline`, such
+as `echo`, whose work is cheaper than a thread hand-off).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from protocol import ErrorCode, ModelLoad, Request
+
+from .backends.base import Backend, Job
+
+log = logging.getLogger("lanmesh.executor")
+
+ChunkFn = Callable[[Job, int, Any], None]
+DoneFn = Callable[[Job, Any, "dict[str, Any] | None", "ErrorCode | None", str], None]
+
+
+class ModelLane:
+    """Queue and workers for one model."""
+
+    def __init__(self, backend: Backend, max_queue: int, batch_wait: float) -> None:
+        self.backend = backend
+        self.max_queue = max_queue
+        self.batch_wait = batch_wait if backend.max_batch > 1 else 0.0
+        self.inline = bool(getattr(backend, "inline", False))
+        self._heap: list[tuple[int, int, Job]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self.inflight = 0
+        self.accepting = True
+        self._stopping = False
+        self._workers: list[threading.Thread] = []
+        self.batches = 0
+        self.batched_jobs = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.backend.max_batch * self.backend.concurrency
+
+    def queued(self) -> int:
+        return len(self._heap)
+
+    def load(self) -> ModelLoad:
+        return ModelLoad(self.inflight, len(self._heap), self.capacity)
+
+    def start(self) -> None:
+        if self.inline:
+            return
+        for i in range(self.backend.concurrency):
+            t = threading.Thread(target=self._work, name=f"model-{self.backend.name}-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full or the lane is closing."""
+        if self.inline:
+            if not self.accepting:
+                return False
+            self._run([job])
+            return True
+        with self._cond:
+            if not self.accepting or len(self._heap) >= self.max_queue:
+                return False
+            heapq.heappush(self._heap, (-job.request.priority, next(self._order), job))
+            self._cond.notify()
+        return True
+
+    def _take_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._heap:
+                if self._stopping:
+                    return None
+                self._cond.wait(0.5)
+            limit = self.backend.max_batch
+            if self.batch_wait and len(self._heap) < limit:
+                # Dynamic batching: give concurrent requests a moment to join.
+                end = time.monotonic() + self.batch_wait
+                while len(self._heap) < limit and not self._stopping:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            batch = []
+            while self._heap and len(batch) < limit:
+                batch.append(heapq.heappop(self._heap)[2])
+            self.inflight += len(batch)
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self.inflight -= len(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        live = []
+        for job in batch:
+            if job.expired():
+                job.fail(ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued; not run")
+            else:
+                live.append(job)
+        if not live:
+            return
+        self.batches += 1
+        self.batched_jobs += len(live)
+        try:
+            self.backend.run(live)
+        except Exception as exc:  # a model bug must not kill the worker or leak the jobs
+            log.exception("model %s failed on a batch of %d", self.backend.name, len(live))
+            for job in live:
+                job.fail(ErrorCode.INTERNAL, f"model {self.backend.name} failed: {type(exc).__name__}: {exc}")
+        for job in live:
+            if not job.done:
+                log.error("model %s left request %s unanswered", self.backend.name, job.request.id)
+                job.fail(ErrorCode.INTERNAL, f"model {self.backend.name} did not answer")
+
+    def close_queue(self) -> list[Job]:
+        """Stop accepting and hand back everything not yet started."""
+        with self._cond:
+            self.accepting = False
+            jobs = [entry[2] for entry in self._heap]
+            self._heap.clear()
+            return jobs
+
+    def stop(self, timeout: float) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        end = time.monotonic() + timeout
+        for t in self._workers:
+            t.join(max(0.0, end - time.monotonic()))
+        self.backend.close()
+
+
+class Executor:
+    """Runs requests on this node's models; implements what the mesh needs of a local server."""
+
+    def __init__(self, backends: list[Backend], max_queue: int = 256, batch_wait: float = 0.005) -> None:
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        self.lanes = {b.name: ModelLane(b, max_queue, batch_wait) for b in backends}
+        self.labels: dict[str, str] = {}
+        for b in backends:
+            self.labels.update(b.labels)
+
+    def start(self) -> None:
+        for lane in self.lanes.values():
+            lane.start()
+
+    def serves(self, model: str) -> bool:
+        lane = self.lanes.get(model)
+        return lane is not None and lane.accepting
+
+    def models(self) -> dict[str, ModelLoad]:
+        return {name: lane.load() for name, lane in self.lanes.items() if lane.accepting}
+
+    def load(self, model: str) -> tuple[int, int]:
+        """(in flight + queued, capacity) for the routing policy; (0, 0) when not served."""
+        lane = self.lanes.get(model)
+        if lane is None or not lane.accepting:
+            return (0, 0)
+        return (lane.inflight + lane.queued(), lane.capacity)
+
+    def queue_length(self, model: str) -> int:
+        lane = self.lanes.get(model)
+        return 0 if lane is None else lane.inflight + lane.queued()
+
+    def submit(self, request: Request, deadline: float, on_chunk: ChunkFn, on_done: DoneFn) -> bool:
+        lane = self.lanes.get(request.model)
+        if lane is None:
+            return False
+        return lane.submit(Job(request, deadline, on_chunk, on_done))
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {
+            name: {"batches": lane.batches, "batched_requests": lane.batched_jobs, "max_batch": lane.backend.max_batch}
+            for name, lane in self.lanes.items()
+        }
+
+    def drain(self, grace: float) -> None:
+        """Stop taking work; let running and queued work finish within `grace`; hand back the rest."""
+        end = time.monotonic() + grace
+        for lane in self.lanes.values():
+            with lane._cond:
+                lane.accepting = False
+        while time.monotonic() < end and any(lane.inflight or lane.queued() for lane in self.lanes.values()):
+            time.sleep(0.02)
+        for lane in self.lanes.values():
+            for job in lane.close_queue():
+                job.fail(ErrorCode.UNAVAILABLE, "node is shutting down; request handed back")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for lane in self.lanes.values():
+            lane.stop(timeout)

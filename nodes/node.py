@@ -1,0 +1,126 @@
+"""One lanmesh node: loads its models, runs the executor and the mesh loop, leaves gracefully."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mesh._node import MeshNode, MeshSettings
+
+from .backends.base import Backend, ProgressFn
+from .config import NodeConfig, parse_hostport
+from .executor import Executor
+from .models import build_backend, default_models, estimate_memory, parse_model_arg
+
+log = logging.getLogger("lanmesh.node")
+
+
+class Node:
+    """A running node. `start()` returns once it serves; `run_until_signal()` blocks until SIGINT/SIGTERM."""
+
+    def __init__(self, config: NodeConfig, backends: list[Backend] | None = None) -> None:
+        self.config = config
+        self.node_id = config.node_id()
+        self._backends = backends
+        self.executor: Executor | None = None
+        self.mesh: MeshNode | None = None
+        self._stop = threading.Event()
+
+    def _build_backends(self, progress: ProgressFn | None) -> list[Backend]:
+        specs = [parse_model_arg(m) for m in self.config.models] if self.config.models else default_models()
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two models share a name: {names}")
+        limit = self.config.max_memory_bytes()
+        if limit is not None:
+            need = sum(estimate_memory(s) for s in specs)
+            if need > limit:
+                raise MemoryError(
+                    f"models need about {need / 2**30:.1f} GiB but --max-memory is {limit / 2**30:.1f} GiB; "
+                    "serve fewer models or raise the limit"
+                )
+        backends = []
+        for spec in specs:
+            backend = build_backend(spec)
+            t0 = time.monotonic()
+            backend.load(progress)
+            log.info("model %s ready in %.1fs", backend.name, time.monotonic() - t0)
+            backends.append(backend)
+        return backends
+
+    def start(self, progress: ProgressFn | None = None) -> None:
+        cfg = self.config
+        backends = self._backends if self._backends is not None else self._build_backends(progress)
+        for b in backends:
+            b.labels.update(cfg.labels)
+        self.executor = Executor(backends, max_queue=cfg.max_queue, batch_wait=cfg.batch_wait_ms / 1000)
+        self.executor.labels.update(cfg.labels)
+        self.executor.start()
+        interfaces = [cfg.advertised_host()] if cfg.interface else None
+        for seed in cfg.peers:
+            parse_hostport(seed)
+        settings = MeshSettings(
+            node_id=self.node_id,
+            bind=cfg.bind,
+            port=cfg.port,
+            pub_port=cfg.pub_port,
+            advertise=cfg.advertised_host(),
+            seeds=list(cfg.peers),
+            mdns=cfg.mdns,
+            interfaces=interfaces,
+            gossip_interval=cfg.gossip_interval,
+            suspect_after=cfg.suspect_after,
+            dead_after=cfg.dead_after,
+            try_timeout=cfg.try_timeout,
+            max_tries=cfg.max_tries,
+        )
+        self.mesh = MeshNode(self.executor, settings)
+        try:
+            self.mesh.start()
+        except BaseException:
+            self.executor.stop(1.0)
+            raise
+        a = self.mesh.addr
+        models = ", ".join(sorted(self.executor.lanes))
+        log.info(f"serving {models} on {a.host}:{a.port} (gossip :{a.pub_port})", extra={"models": models})
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run_until_signal(self, on_ready: Callable[[], Any] | None = None) -> int:
+        """Serve until SIGINT/SIGTERM, then leave gracefully; returns the exit status."""
+
+        def _handler(signum: int, _frame: Any) -> None:
+            if self._stop.is_set():
+                log.warning("second signal: exiting now")
+                raise SystemExit(1)
+            log.info("%s received: leaving the mesh", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGTERM, _handler)
+        if on_ready is not None:
+            on_ready()
+        while not self._stop.wait(0.5):
+            pass
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        """Graceful leave: unregister and gossip 'leaving', finish or hand back work, then close."""
+        grace = self.config.grace
+        end = time.monotonic() + grace
+        if self.mesh is not None:
+            self.mesh.begin_leave()
+        if self.executor is not None:
+            self.executor.drain(grace)
+        if self.mesh is not None:
+            self.mesh.wait_settled(max(0.0, end - time.monotonic()))
+            self.mesh.stop()
+        if self.executor is not None:
+            self.executor.stop(max(0.5, end - time.monotonic()))
+        log.info("left the mesh")

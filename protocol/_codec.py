@@ -1,0 +1,440 @@
+"""The one codec: a version byte, then a msgpack array `[type, field, ...]`.
+
+Decoding is defensive: the frame size and every msgpack container are bounded
+before anything is built, then each field is checked against the message's
+schema. Any refusal is a `DecodeError`; nothing else escapes `decode()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ._errors import DecodeError, ErrorCode
+from ._messages import (
+    Chunk,
+    Error,
+    Hello,
+    Leave,
+    LoadReport,
+    Message,
+    ModelLoad,
+    PeerAddr,
+    Ping,
+    Pong,
+    Reject,
+    Reply,
+    Request,
+    Task,
+)
+
+VERSION = 1
+
+# Type tags on the wire. Never reuse a number.
+_T_REQUEST, _T_REPLY, _T_CHUNK, _T_ERROR, _T_REJECT = 1, 2, 3, 4, 5
+_T_LOAD, _T_HELLO, _T_LEAVE, _T_PING, _T_PONG = 6, 7, 8, 9, 10
+
+MAX_DEADLINE_MS = 86_400_000  # one day; anything longer is a bug on the caller's side
+MAX_HOPS = 8
+_ID_LEN = 128
+_NAME_LEN = 256
+_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Hard bounds applied before and while decoding one frame."""
+
+    max_frame_bytes: int = 8 * 1024 * 1024
+    max_array_len: int = 100_000
+    max_map_len: int = 10_000
+    max_str_len: int = 4 * 1024 * 1024
+    max_depth: int = 32
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# ----------------------------------------------------------------- encoding
+
+
+def _addr(a: PeerAddr) -> list[Any]:
+    return [a.node, a.host, a.port, a.pub_port]
+
+
+def _enc_request(m: Request) -> list[Any]:
+    return [
+        _T_REQUEST,
+        m.id,
+        m.model,
+        m.task.value,
+        m.input,
+        m.params,
+        m.deadline_ms,
+        m.priority,
+        m.hops,
+        m.origin,
+        m.stream,
+        m.require,
+        m.prefix,
+    ]
+
+
+def _enc_load(m: LoadReport) -> list[Any]:
+    return [
+        _T_LOAD,
+        m.node,
+        m.incarnation,
+        m.seq,
+        _addr(m.addr),
+        {k: [v.inflight, v.queued, v.capacity] for k, v in m.models.items()},
+        m.labels,
+        [_addr(p) for p in m.peers],
+        m.leaving,
+        m.fingerprint,
+    ]
+
+
+_ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
+    Request: _enc_request,
+    Reply: lambda m: [_T_REPLY, m.id, m.output, m.node, m.route, m.queue, m.meta],
+    Chunk: lambda m: [_T_CHUNK, m.id, m.seq, m.data, m.node, m.route],
+    Error: lambda m: [_T_ERROR, m.id, int(m.code), m.message, m.node, m.queue],
+    Reject: lambda m: [_T_REJECT, m.id, m.node, m.queue, m.reason],
+    LoadReport: _enc_load,
+    Hello: lambda m: [_T_HELLO, _addr(m.addr), m.incarnation, m.fingerprint],
+    Leave: lambda m: [_T_LEAVE, m.node, m.incarnation],
+    Ping: lambda m: [_T_PING, m.id, m.node, m.want_status],
+    Pong: lambda m: [_T_PONG, m.id, m.node, m.status],
+}
+
+_VERSION_BYTE = bytes([VERSION])
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise one message into one frame."""
+    try:
+        body = _ENCODERS[type(msg)](msg)
+    except KeyError:
+        raise TypeError(f"not a lanmesh message: {type(msg).__name__}") from None
+    return _VERSION_BYTE + msgpack.packb(body, use_bin_type=True)
+
+
+# ----------------------------------------------------------------- decoding
+
+
+def _fail(what: str, rid: str | None = None) -> DecodeError:
+    return DecodeError(what, rid)
+
+
+def _str(v: Any, name: str, max_len: int, rid: str | None, *, empty: bool = True) -> str:
+    if not isinstance(v, str):
+        raise _fail(f"{name} must be a string, got {type(v).__name__}", rid)
+    if len(v) > max_len:
+        raise _fail(f"{name} is longer than {max_len} characters", rid)
+    if not empty and not v:
+        raise _fail(f"{name} must not be empty", rid)
+    return v
+
+
+def _int(v: Any, name: str, lo: int, hi: int, rid: str | None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _fail(f"{name} must be an integer, got {type(v).__name__}", rid)
+    if not lo <= v <= hi:
+        raise _fail(f"{name} must be between {lo} and {hi}, got {v}", rid)
+    return v
+
+
+def _bool(v: Any, name: str, rid: str | None) -> bool:
+    if not isinstance(v, bool):
+        raise _fail(f"{name} must be true or false, got {type(v).__name__}", rid)
+    return v
+
+
+def _depth_ok(v: Any, limit: int) -> bool:
+    """True when `v` nests no deeper than `limit` containers."""
+    if isinstance(v, (list, tuple, dict)):
+        if limit <= 0:
+            return False
+        items = v.values() if isinstance(v, dict) else v
+        return all(_depth_ok(x, limit - 1) for x in items)
+    return True
+
+
+def _value(v: Any, name: str, lim: Limits, rid: str | None) -> Any:
+    if not _depth_ok(v, lim.max_depth):
+        raise _fail(f"{name} nests deeper than {lim.max_depth} levels", rid)
+    return v
+
+
+def _strmap(v: Any, name: str, rid: str | None, lim: Limits, *, str_values: bool) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _fail(f"{name} must be a map, got {type(v).__name__}", rid)
+    if str_values and not all(isinstance(x, str) for x in v.values()):
+        raise _fail(f"{name} values must be strings", rid)
+    return _value(v, name, lim, rid)
+
+
+def _chat_input(v: Any, rid: str | None) -> list[dict[str, str]]:
+    if not isinstance(v, list) or not v:
+        raise _fail("chat input must be a non-empty list of messages", rid)
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            raise _fail(f"message {i} must be a map with role and content", rid)
+        role, content = m.get("role"), m.get("content")
+        if role not in _ROLES:
+            raise _fail(f"message {i} has role {role!r}; expected one of {sorted(_ROLES)}", rid)
+        if not isinstance(content, str):
+            raise _fail(f"message {i} content must be a string", rid)
+    return v
+
+
+def _task_input(task: Task, v: Any, lim: Limits, rid: str | None) -> Any:
+    if task is Task.CHAT:
+        return _chat_input(v, rid)
+    if task is Task.COMPLETE:
+        return _str(v, "prompt", lim.max_str_len, rid)
+    if task is Task.EMBED:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            return v
+        raise _fail("embed input must be a string or a non-empty list of strings", rid)
+    return _value(v, "input", lim, rid)
+
+
+def _fields(body: list[Any], n_required: int, n_total: int, kind: str, rid: str | None) -> list[Any]:
+    """Pad optional trailing fields with None; ignore fields added by newer peers."""
+    n = len(body) - 1
+    if n < n_required:
+        raise _fail(f"{kind} needs at least {n_required} fields, got {n}", rid)
+    return body[1 : n_total + 1] + [None] * max(0, n_total - n)
+
+
+def _or(v: Any, default: Any) -> Any:
+    return default if v is None else v
+
+
+def _dec_request(b: list[Any], lim: Limits) -> Request:
+    rid_raw = b[1] if len(b) > 1 else None
+    rid = rid_raw if isinstance(rid_raw, str) and 0 < len(rid_raw) <= _ID_LEN else None
+    f = _fields(b, 4, 12, "request", rid)
+    rid = _str(f[0], "id", _ID_LEN, None, empty=False)
+    model = _str(f[1], "model", _NAME_LEN, rid, empty=False)
+    try:
+        task = Task(f[2])
+    except ValueError:
+        raise _fail(f"task must be one of {[t.value for t in Task]}, got {f[2]!r}", rid) from None
+    return Request(
+        id=rid,
+        model=model,
+        task=task,
+        input=_task_input(task, f[3], lim, rid),
+        params=_strmap(_or(f[4], {}), "params", rid, lim, str_values=False),
+        deadline_ms=_int(_or(f[5], 60_000), "deadline_ms", 1, MAX_DEADLINE_MS, rid),
+        priority=_int(_or(f[6], 0), "priority", 0, 9, rid),
+        hops=_int(_or(f[7], 0), "hops", 0, MAX_HOPS, rid),
+        origin=_str(_or(f[8], ""), "origin", _NAME_LEN, rid),
+        stream=_bool(_or(f[9], False), "stream", rid),
+        require=_strmap(_or(f[10], {}), "require", rid, lim, str_values=True),
+        prefix=_str(_or(f[11], ""), "prefix", lim.max_str_len, rid),
+    )
+
+
+def _dec_addr(v: Any) -> PeerAddr:
+    if not isinstance(v, list) or len(v) < 4:
+        raise _fail("peer address must be [node, host, port, pub_port]")
+    return PeerAddr(
+        node=_str(v[0], "node", _NAME_LEN, None, empty=False),
+        host=_str(v[1], "host", _NAME_LEN, None, empty=False),
+        port=_int(v[2], "port", 1, 65535, None),
+        pub_port=_int(v[3], "pub_port", 1, 65535, None),
+    )
+
+
+def _dec_models(v: Any) -> dict[str, ModelLoad]:
+    if not isinstance(v, dict):
+        raise _fail("models must be a map")
+    out = {}
+    for name, load in v.items():
+        if not isinstance(load, list) or len(load) < 3:
+            raise _fail("model load must be [inflight, queued, capacity]")
+        out[_str(name, "model", _NAME_LEN, None, empty=False)] = ModelLoad(
+            _int(load[0], "inflight", 0, 2**31, None),
+            _int(load[1], "queued", 0, 2**31, None),
+            _int(load[2], "capacity", 0, 2**31, None),
+        )
+    return out
+
+
+def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
+    f = _fields(b, 4, 9, "load report", None)
+    peers = _or(f[6], [])
+    if not isinstance(peers, list):
+        raise _fail("peers must be a list")
+    return LoadReport(
+        node=_str(f[0], "node", _NAME_LEN, None, empty=False),
+        incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
+        seq=_int(f[2], "seq", 0, 2**63 - 1, None),
+        addr=_dec_addr(f[3]),
+        models=_dec_models(_or(f[4], {})),
+        labels=_strmap(_or(f[5], {}), "labels", None, lim, str_values=True),
+        peers=tuple(_dec_addr(p) for p in peers),
+        leaving=_bool(_or(f[7], False), "leaving", None),
+        fingerprint=_str(_or(f[8], ""), "fingerprint", _NAME_LEN, None),
+    )
+
+
+def _rid(b: list[Any]) -> str:
+    return _str(b[1], "id", _ID_LEN, None, empty=False)
+
+
+def _dec_reply(b: list[Any], lim: Limits) -> Reply:
+    f = _fields(b, 3, 6, "reply", None)
+    rid = _rid(b)
+    return Reply(
+        id=rid,
+        output=_value(f[1], "output", lim, rid),
+        node=_str(f[2], "node", _NAME_LEN, rid),
+        route=_str(_or(f[3], ""), "route", _NAME_LEN, rid),
+        queue=_int(_or(f[4], 0), "queue", 0, 2**31, rid),
+        meta=_strmap(_or(f[5], {}), "meta", rid, lim, str_values=False),
+    )
+
+
+def _dec_chunk(b: list[Any], lim: Limits) -> Chunk:
+    f = _fields(b, 4, 5, "chunk", None)
+    rid = _rid(b)
+    return Chunk(
+        id=rid,
+        seq=_int(f[1], "seq", 0, 2**31, rid),
+        data=_value(f[2], "data", lim, rid),
+        node=_str(f[3], "node", _NAME_LEN, rid),
+        route=_str(_or(f[4], ""), "route", _NAME_LEN, rid),
+    )
+
+
+def _dec_error(b: list[Any], lim: Limits) -> Error:
+    f = _fields(b, 3, 5, "error", None)
+    rid = _str(f[0], "id", _ID_LEN, None)
+    try:
+        code = ErrorCode(f[1])
+    except ValueError:
+        raise _fail(f"unknown error code {f[1]!r}", rid) from None
+    return Error(
+        id=rid,
+        code=code,
+        message=_str(f[2], "message", 64 * 1024, rid),
+        node=_str(_or(f[3], ""), "node", _NAME_LEN, rid),
+        queue=_int(_or(f[4], 0), "queue", 0, 2**31, rid),
+    )
+
+
+def _dec_reject(b: list[Any], lim: Limits) -> Reject:
+    f = _fields(b, 3, 4, "reject", None)
+    rid = _rid(b)
+    return Reject(
+        id=rid,
+        node=_str(f[1], "node", _NAME_LEN, rid),
+        queue=_int(f[2], "queue", 0, 2**31, rid),
+        reason=_str(_or(f[3], ""), "reason", 4096, rid),
+    )
+
+
+def _dec_hello(b: list[Any], lim: Limits) -> Hello:
+    f = _fields(b, 2, 3, "hello", None)
+    return Hello(
+        addr=_dec_addr(f[0]),
+        incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
+        fingerprint=_str(_or(f[2], ""), "fingerprint", _NAME_LEN, None),
+    )
+
+
+def _dec_leave(b: list[Any], lim: Limits) -> Leave:
+    f = _fields(b, 2, 2, "leave", None)
+    return Leave(
+        node=_str(f[0], "node", _NAME_LEN, None, empty=False),
+        incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
+    )
+
+
+def _dec_ping(b: list[Any], lim: Limits) -> Ping:
+    f = _fields(b, 1, 3, "ping", None)
+    return Ping(
+        id=_rid(b),
+        node=_str(_or(f[1], ""), "node", _NAME_LEN, None),
+        want_status=_bool(_or(f[2], False), "want_status", None),
+    )
+
+
+def _dec_pong(b: list[Any], lim: Limits) -> Pong:
+    f = _fields(b, 2, 3, "pong", None)
+    status = f[2]
+    if status is not None and not (isinstance(status, list) and all(isinstance(x, dict) for x in status)):
+        raise _fail("pong status must be a list of maps")
+    return Pong(
+        id=_rid(b),
+        node=_str(f[1], "node", _NAME_LEN, None),
+        status=_value(status, "status", lim, None),
+    )
+
+
+_DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
+    _T_REQUEST: _dec_request,
+    _T_REPLY: _dec_reply,
+    _T_CHUNK: _dec_chunk,
+    _T_ERROR: _dec_error,
+    _T_REJECT: _dec_reject,
+    _T_LOAD: _dec_load,
+    _T_HELLO: _dec_hello,
+    _T_LEAVE: _dec_leave,
+    _T_PING: _dec_ping,
+    _T_PONG: _dec_pong,
+}
+
+
+def decode(frame: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse and validate one frame. Raises `DecodeError` and nothing else."""
+    if len(frame) > limits.max_frame_bytes:
+        raise DecodeError(f"frame of {len(frame)} bytes exceeds the {limits.max_frame_bytes}-byte limit")
+    if not frame:
+        raise DecodeError("empty frame")
+    if frame[0] != VERSION:
+        raise DecodeError(f"protocol version {frame[0]} is not supported (this node speaks {VERSION})")
+    try:
+        body = msgpack.unpackb(
+            memoryview(frame)[1:],
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_str_len,
+            max_ext_len=0,
+        )
+    except (msgpack.UnpackException, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise DecodeError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(body, list) or not body:
+        raise DecodeError("frame body must be a non-empty msgpack array")
+    tag = body[0]
+    decoder = _DECODERS.get(tag) if isinstance(tag, int) and not isinstance(tag, bool) else None
+    if decoder is None:
+        raise DecodeError(f"unknown message type {tag!r}")
+    try:
+        return decoder(body, limits)
+    except DecodeError:
+        raise
+    except (TypeError, ValueError, KeyError, RecursionError) as exc:
+        raise DecodeError(f"invalid message: {exc}") from None
+
+
+def error_code_name(code: int) -> str:
+    """The readable name of a wire error code (for logs and CLIs)."""
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"code-{code}"

@@ -1,0 +1,192 @@
+"""Every message lanmesh puts on the wire, as frozen dataclasses.
+
+The field order of each class is its wire order (see `_codec.py`); new fields
+are only ever appended, with a default, so older peers can still decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from ._errors import ErrorCode
+
+
+class Task(StrEnum):
+    """What a request asks a model to do."""
+
+    CHAT = "chat"  # input: list of {"role": str, "content": str}
+    COMPLETE = "complete"  # input: prompt string
+    EMBED = "embed"  # input: string or list of strings
+    INFER = "infer"  # input: any msgpack value, model-defined
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One unit of inference work.
+
+    `deadline_ms` is the time budget left when the message was sent (not a
+    wall-clock time, so clock skew between machines does not matter); every
+    hop converts it to a local monotonic deadline and re-stamps what is left.
+    `prefix` is output already delivered to the client by a node that failed
+    mid-stream: the new node continues after it.
+    """
+
+    id: str
+    model: str
+    task: Task
+    input: Any
+    params: dict[str, Any] = field(default_factory=dict)
+    deadline_ms: int = 60_000
+    priority: int = 0
+    hops: int = 0
+    origin: str = ""
+    stream: bool = False
+    require: dict[str, str] = field(default_factory=dict)
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The successful end of a request (or of a stream).
+
+    `node` served it, `route` says why it went there (e.g. `local`,
+    `p2c:a<b`, `retry-after:peer-dead`); `queue` is the serving node's queue
+    length for that model, which refreshes the sender's load estimate.
+    """
+
+    id: str
+    output: Any
+    node: str
+    route: str = ""
+    queue: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One piece of a streamed reply; `seq` counts from 0 per request."""
+
+    id: str
+    seq: int
+    data: Any
+    node: str
+    route: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A failed request. `code` is one of the closed set in `ErrorCode`."""
+
+    id: str
+    code: ErrorCode
+    message: str
+    node: str = ""
+    queue: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A node declines a request it cannot queue; the sender may try elsewhere."""
+
+    id: str
+    node: str
+    queue: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoad:
+    """Load of one model on one node: running, waiting, and how many may run."""
+
+    inflight: int
+    queued: int
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddr:
+    """How to reach a node: its ROUTER port and its gossip PUB port."""
+
+    node: str
+    host: str
+    port: int
+    pub_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """A node's periodic gossip: its load, labels and who it knows.
+
+    `incarnation` changes on every restart and `seq` grows within one
+    incarnation, so receivers can tell a restart from a stale or repeated
+    report. `peers` is the membership digest: one live peer is enough to
+    learn the whole mesh.
+    """
+
+    node: str
+    incarnation: int
+    seq: int
+    addr: PeerAddr
+    models: dict[str, ModelLoad] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    peers: tuple[PeerAddr, ...] = ()
+    leaving: bool = False
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Sent by a node to a peer it found (seed, mDNS, digest) so the peer learns it too."""
+
+    addr: PeerAddr
+    incarnation: int
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Published by a node that is shutting down: route nothing new to it."""
+
+    node: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """A liveness probe, or (with `want_status`) a request for the node's view of the mesh."""
+
+    id: str
+    node: str = ""
+    want_status: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Answer to a `Ping`; `status` lists the nodes the answering node sees."""
+
+    id: str
+    node: str
+    status: list[dict[str, Any]] | None = None
+
+
+Message = Request | Reply | Chunk | Error | Reject | LoadReport | Hello | Leave | Ping | Pong
+
+__all__ = [
+    "Chunk",
+    "Error",
+    "ErrorCode",
+    "Hello",
+    "Leave",
+    "LoadReport",
+    "Message",
+    "ModelLoad",
+    "PeerAddr",
+    "Ping",
+    "Pong",
+    "Reject",
+    "Reply",
+    "Request",
+    "Task",
+]
