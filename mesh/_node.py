@@ -8,8 +8,8 @@ this module only carries out what they decide.
 from __future__ import annotations
 
 import collections
-import math
 import logging
+import math
 import random
 import threading
 import time
@@ -305,11 +305,8 @@ class MeshNode:
         self._stopped.set()
 
     def _drain_wake(self) -> None:
-        while True:
-            try:
-                self.wake_pull.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        while self.wake_pull.get(zmq.EVENTS) & zmq.POLLIN:
+            self.wake_pull.recv(zmq.NOBLOCK)
 
     def _drain_inbox(self) -> None:
         inbox = self._inbox
@@ -331,11 +328,11 @@ class MeshNode:
     # ------------------------------------------------------------ requests in
 
     def _drain_router(self) -> None:
+        router = self.router
         for _ in range(256):  # bounded so gossip and replies keep their rhythm under load
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+            if not router.get(zmq.EVENTS) & zmq.POLLIN:
                 return
+            frames = router.recv_multipart(zmq.NOBLOCK)
             if len(frames) != 2:
                 self.stats["bad_frames"] += 1
                 continue
@@ -545,10 +542,9 @@ class MeshNode:
     def _drain_dealer(self, sock: zmq.Socket[Any]) -> None:
         peer = self.peers.by_socket(sock)
         for _ in range(256):
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
                 return
+            frame = sock.recv(zmq.NOBLOCK)
             try:
                 msg = decode(frame, self.s.limits)
             except DecodeError as exc:
@@ -647,10 +643,9 @@ class MeshNode:
 
     def _drain_sub(self) -> None:
         for _ in range(256):
-            try:
-                frame = self.sub.recv(zmq.NOBLOCK)
-            except zmq.Again:
+            if not self.sub.get(zmq.EVENTS) & zmq.POLLIN:
                 return
+            frame = self.sub.recv(zmq.NOBLOCK)
             try:
                 msg = decode(frame, self.s.limits)
             except DecodeError as exc:

@@ -41,6 +41,7 @@ MAX_DEADLINE_MS = 86_400_000  # one day; anything longer is a bug on the caller'
 MAX_HOPS = 8
 _ID_LEN = 128
 _NAME_LEN = 256
+_TASKS = {t.value: t for t in Task}
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
@@ -131,6 +132,8 @@ def _fail(what: str, rid: str | None = None) -> DecodeError:
 
 
 def _str(v: Any, name: str, max_len: int, rid: str | None, *, empty: bool = True) -> str:
+    if type(v) is str and (empty or v) and len(v) <= max_len:
+        return v  # the common case, checked cheaply: this runs several times per request
     if not isinstance(v, str):
         raise _fail(f"{name} must be a string, got {type(v).__name__}", rid)
     if len(v) > max_len:
@@ -141,6 +144,8 @@ def _str(v: Any, name: str, max_len: int, rid: str | None, *, empty: bool = True
 
 
 def _int(v: Any, name: str, lo: int, hi: int, rid: str | None) -> int:
+    if type(v) is int and lo <= v <= hi:
+        return v
     if isinstance(v, bool) or not isinstance(v, int):
         raise _fail(f"{name} must be an integer, got {type(v).__name__}", rid)
     if not lo <= v <= hi:
@@ -156,6 +161,9 @@ def _bool(v: Any, name: str, rid: str | None) -> bool:
 
 def _depth_ok(v: Any, limit: int) -> bool:
     """True when `v` nests no deeper than `limit` containers."""
+    t = type(v)
+    if t is str or t is int or t is float or t is bool or v is None:
+        return True
     if isinstance(v, (list, tuple, dict)):
         if limit <= 0:
             return False
@@ -171,6 +179,8 @@ def _value(v: Any, name: str, lim: Limits, rid: str | None) -> Any:
 
 
 def _strmap(v: Any, name: str, rid: str | None, lim: Limits, *, str_values: bool) -> dict[str, Any]:
+    if type(v) is dict and not v:
+        return v
     if not isinstance(v, dict):
         raise _fail(f"{name} must be a map, got {type(v).__name__}", rid)
     if str_values and not all(isinstance(x, str) for x in v.values()):
@@ -224,10 +234,9 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
     f = _fields(b, 4, 12, "request", rid)
     rid = _str(f[0], "id", _ID_LEN, None, empty=False)
     model = _str(f[1], "model", _NAME_LEN, rid, empty=False)
-    try:
-        task = Task(f[2])
-    except ValueError:
-        raise _fail(f"task must be one of {[t.value for t in Task]}, got {f[2]!r}", rid) from None
+    task = _TASKS.get(f[2]) if isinstance(f[2], str) else None
+    if task is None:
+        raise _fail(f"task must be one of {list(_TASKS)}, got {f[2]!r}", rid)
     return Request(
         id=rid,
         model=model,
