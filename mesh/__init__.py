@@ -1,0 +1,45 @@
+"""lanmesh's distributed layer. The public surface: the client library, and the node's mesh loop.
+
+from mesh import Client
+with Client("192.168.1.20:5555") as client:
+    print(client.chat("smollm2", [{"role": "user", "content": "Hi"}]).text)
+"""
+
+from ._aclient import AsyncClient
+from ._client import Client, Result
+from ._failure import FailureDetector, PeerState
+from ._node import LocalServer, MeshNode, MeshSettings
+from ._routing import Choice, RoutingPolicy
+from .errors import (
+    BadRequest,
+    DeadlineExceeded,
+    InternalError,
+    LanmeshError,
+    MeshUnavailable,
+    ModelNotFound,
+    Overloaded,
+    ProtocolError,
+    Unauthorized,
+)
+
+__all__ = [
+    "AsyncClient",
+    "BadRequest",
+    "Choice",
+    "Client",
+    "DeadlineExceeded",
+    "FailureDetector",
+    "InternalError",
+    "LanmeshError",
+    "LocalServer",
+    "MeshNode",
+    "MeshSettings",
+    "MeshUnavailable",
+    "ModelNotFound",
+    "Overloaded",
+    "PeerState",
+    "ProtocolError",
+    "Result",
+    "RoutingPolicy",
+    "Unauthorized",
+]

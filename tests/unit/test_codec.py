@@ -1,0 +1,203 @@
+"""The wire codec: every valid message round-trips; every bad frame is refused with the codec's own error."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    MAX_DEADLINE_MS,
+    VERSION,
+    Chunk,
+    DecodeError,
+    Error,
+    ErrorCode,
+    Hello,
+    Leave,
+    Limits,
+    LoadReport,
+    ModelLoad,
+    PeerAddr,
+    Ping,
+    Pong,
+    Reject,
+    Reply,
+    Request,
+    Task,
+    decode,
+    encode,
+)
+
+ids = st.text(min_size=1, max_size=40)
+names = st.text(min_size=1, max_size=30)
+small = st.integers(min_value=0, max_value=10_000)
+scalars = (
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
+)
+values = st.recursive(
+    scalars,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=12,
+)
+str_maps = st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=4)
+any_maps = st.dictionaries(st.text(max_size=10), values, max_size=4)
+messages_in = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=50)}),
+    min_size=1,
+    max_size=4,
+)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> Request:
+    task = draw(st.sampled_from(list(Task)))
+    inp = {
+        Task.CHAT: messages_in,
+        Task.COMPLETE: st.text(max_size=200),
+        Task.EMBED: st.text(max_size=50) | st.lists(st.text(max_size=50), min_size=1, max_size=5),
+        Task.INFER: values,
+    }[task]
+    return Request(
+        id=draw(ids),
+        model=draw(names),
+        task=task,
+        input=draw(inp),
+        params=draw(any_maps),
+        deadline_ms=draw(st.integers(1, MAX_DEADLINE_MS)),
+        priority=draw(st.integers(0, 9)),
+        hops=draw(st.integers(0, 8)),
+        origin=draw(st.text(max_size=20)),
+        stream=draw(st.booleans()),
+        require=draw(str_maps),
+        prefix=draw(st.text(max_size=30)),
+    )
+
+
+addrs = st.builds(PeerAddr, names, names, st.integers(1, 65535), st.integers(1, 65535))
+loads = st.builds(ModelLoad, small, small, small)
+any_message = st.one_of(
+    requests(),
+    st.builds(Reply, ids, values, st.text(max_size=20), st.text(max_size=20), small, any_maps),
+    st.builds(Chunk, ids, small, values, st.text(max_size=20), st.text(max_size=20)),
+    st.builds(
+        Error, st.text(max_size=20), st.sampled_from(list(ErrorCode)), st.text(max_size=50), st.text(max_size=9), small
+    ),
+    st.builds(Reject, ids, st.text(max_size=20), small, st.text(max_size=20)),
+    st.builds(
+        LoadReport,
+        names,
+        st.integers(0, 2**63 - 1),
+        st.integers(0, 2**63 - 1),
+        addrs,
+        st.dictionaries(names, loads, max_size=3),
+        str_maps,
+        st.lists(addrs, max_size=3).map(tuple),
+        st.booleans(),
+        st.text(max_size=20),
+    ),
+    st.builds(Hello, addrs, st.integers(0, 2**63 - 1), st.text(max_size=20)),
+    st.builds(Leave, names, st.integers(0, 2**63 - 1)),
+    st.builds(Ping, ids, st.text(max_size=20), st.booleans()),
+    st.builds(Pong, ids, st.text(max_size=20), st.none() | st.lists(any_maps, max_size=3)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(any_message)
+def test_every_valid_message_round_trips(msg: object) -> None:
+    assert decode(encode(msg)) == msg  # type: ignore[arg-type]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_the_codec_error(data: bytes) -> None:
+    for frame in (data, bytes([VERSION]) + data):
+        try:
+            decode(frame)
+        except DecodeError:
+            pass
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(values, max_size=14))
+def test_well_formed_msgpack_of_the_wrong_shape_raises_only_the_codec_error(body: list[object]) -> None:
+    for tag in range(0, 12):
+        try:
+            decode(bytes([VERSION]) + msgpack.packb([tag, *body]))
+        except DecodeError:
+            pass
+
+
+def _frame(body: object) -> bytes:
+    return bytes([VERSION]) + msgpack.packb(body)
+
+
+def test_wrong_version_byte_is_refused_with_a_clear_message() -> None:
+    frame = encode(Ping("p"))
+    with pytest.raises(DecodeError, match="protocol version 9 is not supported"):
+        decode(bytes([9]) + frame[1:])
+
+
+def test_oversized_frame_is_refused_before_parsing() -> None:
+    lim = Limits(max_frame_bytes=100)
+    with pytest.raises(DecodeError, match="exceeds the 100-byte limit"):
+        decode(encode(Request("r", "echo", Task.COMPLETE, "x" * 200)), lim)
+
+
+def test_deep_nesting_is_refused() -> None:
+    deep = bytes([VERSION]) + b"\x92\x01" + b"\x91" * 5000 + b"\xc0"
+    with pytest.raises(DecodeError):
+        decode(deep)
+    nested: object = "x"
+    for _ in range(40):
+        nested = [nested]
+    with pytest.raises(DecodeError, match="nests deeper than 32"):
+        decode(encode(Request("r", "m", Task.INFER, nested)))
+
+
+def test_huge_array_header_is_refused_without_allocating() -> None:
+    # An array header claiming 2**32-1 elements, followed by nothing.
+    with pytest.raises(DecodeError):
+        decode(bytes([VERSION]) + b"\xdd\xff\xff\xff\xff")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([1, "r1", "echo", "chat", "hello"], "chat input must be a non-empty list"),
+        ([1, "r1", "echo", "dance", "x"], "task must be one of"),
+        ([1, "r1", "", "complete", "x"], "model must not be empty"),
+        ([1, "r1", "echo", "complete", 5], "prompt must be a string"),
+        ([1, "r1", "echo", "complete", "x", {}, -5], "deadline_ms must be between 1 and"),
+        ([1, "r1", "echo", "complete", "x", {}, 10**12], "deadline_ms must be between 1 and"),
+        ([1, "r1", "echo", "complete", "x", {}, 1000, 0, 99], "hops must be between 0 and 8"),
+        ([1, "r1", "echo", "complete", "x", [], 1000], "params must be a map"),
+        ([1, "r1", "echo", "chat", [{"role": "robot", "content": "x"}]], "role 'robot'"),
+        ([1, "r1", "echo", "embed", []], "embed input must be a string or a non-empty list"),
+    ],
+)
+def test_bad_request_fields_are_refused_and_name_the_request(body: list[object], message: str) -> None:
+    with pytest.raises(DecodeError, match=message) as info:
+        decode(_frame(body))
+    assert info.value.request_id == "r1"  # so the node can answer instead of dropping it
+    assert info.value.code is ErrorCode.BAD_REQUEST
+
+
+def test_request_without_a_usable_id_cannot_be_answered() -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(_frame([1, 42, "echo", "complete", "x"]))
+    assert info.value.request_id is None
+
+
+def test_optional_trailing_fields_take_defaults_and_extra_fields_are_ignored() -> None:
+    short = decode(_frame([1, "r", "echo", "complete", "hi"]))
+    assert short == Request("r", "echo", Task.COMPLETE, "hi")
+    longer = decode(_frame([*msgpack.unpackb(encode(short)[1:]), "a field from a newer peer"]))
+    assert longer == short
+
+
+def test_encode_refuses_what_is_not_a_message() -> None:
+    with pytest.raises(TypeError, match="not a lanmesh message"):
+        encode("hello")  # type: ignore[arg-type]
