@@ -103,5 +103,6 @@ def _print(s: dict[str, Any]) -> None:
             f" {r['pipelined_p50_us']:>7.0f}us {r['pipelined_p99_us']:>7.0f}us"
         )
     print(
-        f"one forwarding hop adds {s['hop_added_sync_p50_us']:.0f} us at p50, {s['hop_added_sync_p99_us']:.0f} us at p99"
+        f"one forwarding hop adds {s['hop_added_sync_p50_us']:.0f} us at p50,"
+        f" {s['hop_added_sync_p99_us']:.0f} us at p99"
     )
