@@ -1,0 +1,69 @@
+"""NodeConfig: defaults, then the TOML file, then LANMESH_* env vars, then flags; bad values say what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodes.config import NodeConfig, parse_hostport, parse_labels, parse_size
+
+
+def test_defaults_match_the_design() -> None:
+    cfg = NodeConfig.load({}, env={})
+    assert (cfg.port, cfg.gossip_interval, cfg.suspect_after, cfg.dead_after) == (5555, 0.25, 1.0, 3.0)
+    assert cfg.mdns is True and cfg.models == [] and cfg.peers == []
+
+
+def test_flags_beat_env_which_beats_the_toml_file(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text('[node]\nport = 6000\nname = "from-file"\nmodels = ["echo"]\nsuspect_after = 0.5\n')
+    env = {"LANMESH_PORT": "6100", "LANMESH_PEERS": "10.0.0.1:5555, 10.0.0.2:5555", "LANMESH_MDNS": "off"}
+    cfg = NodeConfig.load({"port": 6200, "name": None}, env=env, toml=str(toml))
+    assert cfg.port == 6200  # flag
+    assert cfg.name == "from-file"  # only the file set it; an absent flag (None) does not override
+    assert cfg.peers == ["10.0.0.1:5555", "10.0.0.2:5555"]  # env list, comma-separated
+    assert cfg.mdns is False
+    assert cfg.models == ["echo"] and cfg.suspect_after == 0.5
+
+
+def test_env_can_name_the_config_file(tmp_path: Path) -> None:
+    toml = tmp_path / "n.toml"
+    toml.write_text("max_queue = 7\n")
+    assert NodeConfig.load({}, env={"LANMESH_CONFIG": str(toml)}).max_queue == 7
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LANMESH_PORT": "eighty"}, "bad value for port"),
+        ({"LANMESH_MDNS": "maybe"}, "not a boolean"),
+        ({"LANMESH_SUSPECT_AFTER": "5", "LANMESH_DEAD_AFTER": "3"}, "suspect_after < dead_after"),
+        ({"LANMESH_MAX_QUEUE": "0"}, "max_queue must be at least 1"),
+        ({"LANMESH_PEERS": "nohost"}, "is not host:port"),
+        ({"LANMESH_LABELS": "gpu"}, "is not key=value"),
+    ],
+)
+def test_bad_values_are_refused_with_a_clear_message(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NodeConfig.load({}, env=env)
+
+
+def test_unknown_or_broken_toml_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("prot = 1\n")
+    with pytest.raises(ValueError, match="unknown keys \\['prot'\\]"):
+        NodeConfig.load({}, env={}, toml=str(bad))
+    bad.write_text("port = \n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        NodeConfig.load({}, env={}, toml=str(bad))
+    with pytest.raises(ValueError, match="cannot read config file"):
+        NodeConfig.load({}, env={}, toml=str(tmp_path / "missing.toml"))
+
+
+def test_small_parsers() -> None:
+    assert parse_labels("gpu=true, room = lab") == {"gpu": "true", "room": "lab"}
+    assert parse_hostport("[::1]:5555") == ("::1", 5555)
+    assert parse_size("512M") == 512 * 2**20 and parse_size("8GiB") == 8 * 2**30 and parse_size("1.5g") == 3 * 2**29
+    with pytest.raises(ValueError):
+        parse_size("lots")
