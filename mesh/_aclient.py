@@ -1,0 +1,433 @@
+"""`AsyncClient`: the lanmesh client for asyncio programs, on zmq.asyncio sockets.
+
+The failover logic is `CallTable`'s (shared with `Client`); this module only feeds it socket events, frames and
+timers from the event loop, and turns its outcomes into asyncio futures and async iterators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal, cast, overload
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
+
+from protocol import Task
+
+from ._client import (
+    _MONITOR_EVENTS,
+    Call,
+    CallTable,
+    ClientSecurity,
+    PingReply,
+    Result,
+    apply_monitor_event,
+    check_client_options,
+    configure_dealer,
+    discover_endpoints,
+    embeddings_of,
+    generation_params,
+    parse_endpoints,
+    request_call,
+)
+from .errors import InternalError, LanmeshError, MeshUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class _FutureSink:
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+
+    def chunk(self, data: str, node: str) -> None:
+        raise AssertionError("a future sink never streams")
+
+    def done(self, value: Any) -> None:
+        if not self.future.done():  # done already: the awaiting task was cancelled
+            self.future.set_result(value)
+
+    def fail(self, exc: LanmeshError) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class _QueueSink:
+    __slots__ = ("events",)
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[tuple[str, str] | Result | LanmeshError] = asyncio.Queue()
+
+    def chunk(self, data: str, node: str) -> None:
+        self.events.put_nowait((data, node))
+
+    def done(self, value: Any) -> None:
+        self.events.put_nowait(value)
+
+    def fail(self, exc: LanmeshError) -> None:
+        self.events.put_nowait(exc)
+
+
+class AsyncStream(AsyncIterator[str]):
+    """A streamed answer: `async for` over text deltas, in order, across node failovers.
+
+    `node` names the node that sent the latest delta; `result` is set once the stream has ended. Leaving early?
+    Call `aclose()` (or use `async with`) so the request stops counting as in flight.
+    """
+
+    def __init__(self, sink: _QueueSink, client: AsyncClient, key: int) -> None:
+        self._sink = sink
+        self._client: AsyncClient | None = client
+        self._key = key
+        self.node = ""
+        self.result: Result | None = None
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._client is None:
+            raise StopAsyncIteration
+        event = await self._sink.events.get()
+        if isinstance(event, tuple):
+            self.node = event[1]
+            return event[0]
+        self._client = None
+        if isinstance(event, Result):
+            self.result = event
+            self.node = event.node
+            raise StopAsyncIteration
+        raise event
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client._cancel(self._key)
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncClient:
+    """The asyncio twin of `Client`: same failover, same errors; use it from one event loop.
+
+    Sockets are made at construction; the reader tasks start with the first call (they need the running loop).
+    """
+
+    def __init__(
+        self,
+        nodes: str | Sequence[str],
+        *,
+        timeout: float = 60.0,
+        heartbeat: float = 0.25,
+        dead_after: float = 1.0,
+        try_timeout: float | None = None,
+        security: ClientSecurity | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        endpoints = parse_endpoints(nodes)
+        check_client_options(timeout, heartbeat, dead_after, try_timeout)
+        self.timeout = timeout
+        self.client_id = client_id or f"client-{os.urandom(4).hex()}"
+        self._ctx = zmq.asyncio.Context()
+        self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        self._monitors: dict[str, zmq.asyncio.Socket] = {}
+        try:
+            for ep in endpoints:
+                dealer = self._ctx.socket(zmq.DEALER)
+                self._dealers[ep] = dealer
+                configure_dealer(dealer, ep, heartbeat=heartbeat, dead_after=dead_after, security=security)
+                self._monitors[ep] = dealer.get_monitor_socket(_MONITOR_EVENTS)
+                dealer.connect(ep)
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise ValueError(f"cannot connect to {ep}: {exc}") from exc
+        self._table = CallTable(endpoints, client_id=self.client_id, transmit=self._transmit, try_timeout=try_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._closed = False
+
+    @classmethod
+    async def discover(cls, timeout: float = 2.0, *, interfaces: list[str] | None = None, **kwargs: Any) -> AsyncClient:
+        """A client for the nodes that answer mDNS within `timeout` seconds (raises MeshUnavailable if none)."""
+        loop = asyncio.get_running_loop()
+        endpoints = await loop.run_in_executor(None, discover_endpoints, timeout, interfaces)
+        return cls(endpoints, **kwargs)
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return self._table.endpoints
+
+    @property
+    def connected(self) -> tuple[str, ...]:
+        """The node endpoints this client has a live connection to right now."""
+        return self._table.connected
+
+    # ------------------------------------------------------------- requests
+
+    def submit(
+        self,
+        model: str,
+        task: str | Task,
+        input: Any,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+        require: dict[str, str] | None = None,
+    ) -> asyncio.Future[Result]:
+        """Start a request and return its future at once (call from inside the event loop)."""
+        loop = self._running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        call = request_call(
+            self._table.new_key(), _FutureSink(future), model, task, input, params=params,
+            timeout=self.timeout if timeout is None else timeout, priority=priority, require=require,
+            stream=False, now=time.monotonic(),
+        )  # fmt: skip
+        self._start(call, future)
+        return future
+
+    async def request(
+        self,
+        model: str,
+        task: str | Task,
+        input: Any,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+        require: dict[str, str] | None = None,
+    ) -> Result:
+        """Send a request and wait for its Result."""
+        return await self.submit(model, task, input, params=params, timeout=timeout, priority=priority, require=require)
+
+    @overload
+    async def chat(
+        self, model: str, messages: list[dict[str, str]], *, stream: Literal[False] = ..., max_tokens: int | None = ...,
+        temperature: float | None = ..., top_p: float | None = ..., seed: int | None = ...,
+        stop: str | list[str] | None = ..., timeout: float | None = ..., require: dict[str, str] | None = ...,
+    ) -> Result: ...  # fmt: skip
+    @overload
+    async def chat(
+        self, model: str, messages: list[dict[str, str]], *, stream: Literal[True], max_tokens: int | None = ...,
+        temperature: float | None = ..., top_p: float | None = ..., seed: int | None = ...,
+        stop: str | list[str] | None = ..., timeout: float | None = ..., require: dict[str, str] | None = ...,
+    ) -> AsyncStream: ...  # fmt: skip
+    async def chat(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        *,
+        stream: bool = False,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        timeout: float | None = None,
+        require: dict[str, str] | None = None,
+    ) -> Result | AsyncStream:
+        """Chat with a model; `stream=True` gives an async iterator of text deltas (an `AsyncStream`)."""
+        params = generation_params(max_tokens, temperature, top_p, seed, stop)
+        return await self._generate(model, Task.CHAT, messages, params, stream, timeout, require)
+
+    @overload
+    async def complete(
+        self, model: str, prompt: str, *, stream: Literal[False] = ..., max_tokens: int | None = ...,
+        temperature: float | None = ..., top_p: float | None = ..., seed: int | None = ...,
+        stop: str | list[str] | None = ..., timeout: float | None = ..., require: dict[str, str] | None = ...,
+    ) -> Result: ...  # fmt: skip
+    @overload
+    async def complete(
+        self, model: str, prompt: str, *, stream: Literal[True], max_tokens: int | None = ...,
+        temperature: float | None = ..., top_p: float | None = ..., seed: int | None = ...,
+        stop: str | list[str] | None = ..., timeout: float | None = ..., require: dict[str, str] | None = ...,
+    ) -> AsyncStream: ...  # fmt: skip
+    async def complete(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        stream: bool = False,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        timeout: float | None = None,
+        require: dict[str, str] | None = None,
+    ) -> Result | AsyncStream:
+        """Continue a prompt; `stream=True` gives an async iterator of text deltas (an `AsyncStream`)."""
+        params = generation_params(max_tokens, temperature, top_p, seed, stop)
+        return await self._generate(model, Task.COMPLETE, prompt, params, stream, timeout, require)
+
+    async def embed(self, model: str, texts: str | list[str], *, timeout: float | None = None) -> list[list[float]]:
+        """One embedding vector per text (a single string gives a list of one vector)."""
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        return embeddings_of(await self.request(model, Task.EMBED, batch, timeout=timeout))
+
+    async def status(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """The mesh as a node sees it: one map per node it knows."""
+        reply = await self._probe("status", timeout)
+        return list(reply.pong.status or [])
+
+    async def ping(self, timeout: float = 1.0) -> float:
+        """Round-trip seconds to the first node that answers (measured at the socket)."""
+        return (await self._probe("ping", timeout)).rtt
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def close(self) -> None:
+        """Stop reading; requests still pending fail with MeshUnavailable('client closed')."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._table.fail_all(MeshUnavailable("client closed"))
+        self._close_sockets()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------- inside the loop
+
+    async def _generate(
+        self,
+        model: str,
+        task: Task,
+        input: Any,
+        params: dict[str, Any],
+        stream: bool,
+        timeout: float | None,
+        require: dict[str, str] | None,
+    ) -> Result | AsyncStream:
+        if not stream:
+            return await self.request(model, task, input, params=params, timeout=timeout, require=require)
+        self._running_loop()
+        sink = _QueueSink()
+        key = self._table.new_key()
+        call = request_call(
+            key, sink, model, task, input, params=params, timeout=self.timeout if timeout is None else timeout,
+            priority=0, require=require, stream=True, now=time.monotonic(),
+        )  # fmt: skip
+        self._table.start(call, time.monotonic())
+        self._rearm()
+        return AsyncStream(sink, self, key)
+
+    async def _probe(self, kind: Literal["ping", "status"], timeout: float) -> PingReply:
+        future: asyncio.Future[PingReply] = self._running_loop().create_future()
+        now = time.monotonic()
+        self._start(Call(self._table.new_key(), kind, timeout, now + timeout, _FutureSink(future)), future)
+        return await future
+
+    def _start(self, call: Call, future: asyncio.Future[Any]) -> None:
+        key = call.key
+        self._table.start(call, time.monotonic())
+        self._rearm()
+        future.add_done_callback(lambda f: self._cancel(key) if f.cancelled() else None)
+
+    def _cancel(self, key: int) -> None:
+        if not self._closed:
+            self._table.cancel(key)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._closed:
+            raise MeshUnavailable("client closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            for ep, dealer in self._dealers.items():
+                self._tasks.append(loop.create_task(self._read_replies(ep, dealer), name=f"lanmesh-replies {ep}"))
+            for ep, monitor in self._monitors.items():
+                self._tasks.append(loop.create_task(self._watch(ep, monitor), name=f"lanmesh-monitor {ep}"))
+        elif loop is not self._loop:
+            raise RuntimeError("an AsyncClient belongs to the event loop it was first used in")
+        return loop
+
+    def _transmit(self, endpoint: str, frame: bytes) -> bool:
+        # With DONTWAIT and no send queued (we never queue one), zmq.asyncio sends at once and returns a done future.
+        sent = cast("asyncio.Future[Any]", self._dealers[endpoint].send(frame, zmq.DONTWAIT))
+        if not sent.done():
+            raise AssertionError("a DONTWAIT send on a zmq.asyncio socket did not complete at once")
+        exc = sent.exception()
+        if isinstance(exc, zmq.Again):
+            return False
+        if exc is not None:
+            raise exc
+        return True
+
+    async def _read_replies(self, endpoint: str, dealer: zmq.asyncio.Socket) -> None:
+        table = self._table
+        try:
+            while True:
+                frame = await dealer.recv()
+                table.receive(endpoint, frame, time.monotonic())
+                self._rearm()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in this client: fail every caller loudly instead of leaving them hanging
+            log.exception("lanmesh async client: reading replies from %s failed", endpoint)
+            self._crash(exc)
+
+    async def _watch(self, endpoint: str, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = await recv_monitor_message(monitor)
+                apply_monitor_event(self._table, endpoint, int(event["event"]), time.monotonic())
+                self._rearm()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # as in _read_replies
+            log.exception("lanmesh async client: watching the connection to %s failed", endpoint)
+            self._crash(exc)
+
+    def _crash(self, exc: Exception) -> None:
+        self._table.fail_all(InternalError(f"client reader crashed: {type(exc).__name__}: {exc}"))
+
+    def _rearm(self) -> None:
+        """Keep one loop timer set for the table's next deadline, backoff or try timeout."""
+        wake = self._table.next_wake()
+        if wake is None or wake >= self._timer_at or self._loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = wake
+        self._timer = self._loop.call_later(max(0.0, wake - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self._table.expire(time.monotonic())
+        self._rearm()
+
+    def _close_sockets(self) -> None:
+        for dealer in self._dealers.values():
+            if not dealer.closed:
+                dealer.disable_monitor()
+        for monitor in self._monitors.values():
+            monitor.close(0)
+        for dealer in self._dealers.values():
+            dealer.close(0)
+        self._ctx.term()
+
+
+__all__ = ["AsyncClient", "AsyncStream"]
