@@ -171,7 +171,13 @@ def test_forwarded_request_to_a_full_node_is_rejected_with_its_queue_length(clus
     sock = _dealer(node.address)
     try:
         ids = [uuid.uuid4().hex for _ in range(3)]
-        for rid in ids:  # hops=1: as if another node forwarded them
+        # hops=1: as if another node forwarded them. The first takes the only slot...
+        sock.send(encode(Request(ids[0], "sleep:300", Task.COMPLETE, "x", hops=1)))
+        end = time.monotonic() + 5
+        while node.status()[0]["models"]["sleep:300"][0] != 1 and time.monotonic() < end:
+            time.sleep(0.01)
+        # ...the second fills the queue, the third finds it full.
+        for rid in ids[1:]:
             sock.send(encode(Request(rid, "sleep:300", Task.COMPLETE, "x", hops=1)))
         kinds = [type(_recv(sock)) for _ in ids]
         assert Reject in kinds
