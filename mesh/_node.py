@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import zmq
 
@@ -50,6 +50,11 @@ _RETRYABLE = frozenset({ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE, ErrorCode.I
 _TICK = 0.05  # seconds between housekeeping passes (detector, deadlines, retries)
 
 
+def _readable(sock: zmq.Socket[Any]) -> bool:
+    """Whether a message is waiting (cheaper than a recv that raises zmq.Again)."""
+    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
+
+
 def _bound_port(sock: zmq.Socket[Any]) -> int:
     endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     return int(endpoint.rsplit(":", 1)[1])
@@ -70,6 +75,17 @@ class LocalServer(Protocol):
     ) -> bool: ...
 
 
+class RequestObserver(Protocol):
+    """Told about every request this node answers (metrics). Called on the mesh loop: keep it cheap.
+
+    `where`: `local` (this node was the entry and served it), `forwarded` (the entry sent it to a peer),
+    `peer` (served here for another entry node). `outcome`: `ok` or the error code's name in lower case.
+    """
+
+    def completed(self, model: str, outcome: str, where: str, seconds: float) -> None: ...
+    def first_chunk(self, model: str, seconds: float) -> None: ...
+
+
 @dataclass(slots=True)
 class Pending:
     """A request this node took from a client and is getting served somewhere."""
@@ -88,6 +104,7 @@ class Pending:
     seq: int = 0  # next chunk number towards the client
     streamed: list[str] = field(default_factory=list)
     refused: bool = False  # some node said it was too busy
+    started: float = 0.0  # monotonic, when the request arrived here
 
 
 @dataclass
@@ -126,7 +143,9 @@ class MeshNode:
         self.policy = RoutingPolicy(self.node_id, server.load, stale_after=3 * settings.gossip_interval, rng=rng)
         self.peers = PeerTable()
         self.pending: dict[str, Pending] = {}
-        self.local: dict[str, tuple[bytes, str, int]] = {}  # request id -> (reply-to, route, first chunk seq)
+        # request id -> (reply-to, route, first chunk seq, arrival time, where), for work running here
+        self.local: dict[str, tuple[bytes, str, int, float, str]] = {}
+        self.observer: RequestObserver | None = None
         self.stats: collections.Counter[str] = collections.Counter()
         self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1)
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
@@ -293,7 +312,7 @@ class MeshNode:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        for rid, (client, _route, _seq) in list(self.local.items()):
+        for rid, (client, *_rest) in list(self.local.items()):
             self._send_client(
                 client, Error(rid, ErrorCode.UNAVAILABLE, "node stopped; request handed back", self.node_id)
             )
@@ -306,7 +325,7 @@ class MeshNode:
         self._stopped.set()
 
     def _drain_wake(self) -> None:
-        while self.wake_pull.get(zmq.EVENTS) & zmq.POLLIN:
+        while _readable(self.wake_pull):
             self.wake_pull.recv(zmq.NOBLOCK)
 
     def _drain_inbox(self) -> None:
@@ -331,7 +350,7 @@ class MeshNode:
     def _drain_router(self) -> None:
         router = self.router
         for _ in range(256):  # bounded so gossip and replies keep their rhythm under load
-            if not router.get(zmq.EVENTS) & zmq.POLLIN:
+            if not _readable(router):
                 return
             frames = router.recv_multipart(zmq.NOBLOCK)
             if len(frames) != 2:
@@ -361,18 +380,19 @@ class MeshNode:
 
     def _on_request(self, ident: bytes, req: Request) -> None:
         self.stats["requests_in"] += 1
-        deadline = time.monotonic() + req.deadline_ms / 1000
+        now = time.monotonic()
+        deadline = now + req.deadline_ms / 1000
         if req.id in self.pending or req.id in self.local:
             self._send_client(ident, Error(req.id, ErrorCode.BAD_REQUEST, "request id already in flight", self.node_id))
             return
         if req.hops >= 1:
             # Forwarded to us: serve here or say no. Never forward again (hop limit 1).
-            if self._leaving or not self._submit_local(ident, req, deadline, "forwarded", 0):
+            if self._leaving or not self._submit_local(ident, req, deadline, "forwarded", 0, now, "peer"):
                 self.stats["rejects_sent"] += 1
                 why = "leaving" if self._leaving else "queue full"
                 self._send_client(ident, Reject(req.id, self.node_id, self.server.queue_length(req.model), why))
             return
-        p = Pending(client=ident, request=req, deadline=deadline)
+        p = Pending(client=ident, request=req, deadline=deadline, started=now)
         self.pending[req.id] = p
         self._dispatch(p, "")
 
@@ -438,7 +458,7 @@ class MeshNode:
             route = f"{why}{choice.reason}" if why else choice.reason
             if choice.node == self.node_id:
                 local_req = replace(req, prefix=req.prefix + "".join(p.streamed)) if p.streamed else req
-                if self._submit_local(p.client, local_req, p.deadline, route, p.seq):
+                if self._submit_local(p.client, local_req, p.deadline, route, p.seq, p.started, "local"):
                     self.pending.pop(req.id, None)
                     for node in p.outstanding:
                         self.policy.completed(node, req.model)
@@ -488,8 +508,12 @@ class MeshNode:
         for node in p.outstanding:
             self.policy.completed(node, p.request.model)
         p.outstanding.clear()
+        outcome = "ok"
         if isinstance(msg, Error):
-            self.stats[f"errors_{msg.code.name.lower()}"] += 1
+            outcome = msg.code.name.lower()
+            self.stats[f"errors_{outcome}"] += 1
+        if self.observer is not None:
+            self.observer.completed(p.request.model, outcome, "forwarded", time.monotonic() - p.started)
         self._send_client(p.client, msg)
 
     def _send_client(self, ident: bytes, msg: Any) -> None:
@@ -501,9 +525,11 @@ class MeshNode:
 
     # ------------------------------------------------------------ local service
 
-    def _submit_local(self, ident: bytes, req: Request, deadline: float, route: str, seq0: int) -> bool:
+    def _submit_local(
+        self, ident: bytes, req: Request, deadline: float, route: str, seq0: int, started: float, where: str
+    ) -> bool:
         rid = req.id
-        self.local[rid] = (ident, route, seq0)
+        self.local[rid] = (ident, route, seq0, started, where)
         ok = self.server.submit(req, deadline, self._on_local_chunk, self._on_local_done)
         if not ok:
             self.local.pop(rid, None)
@@ -524,14 +550,20 @@ class MeshNode:
     def _local_chunk(self, req: Request, seq: int, data: Any) -> None:
         entry = self.local.get(req.id)
         if entry is not None:
-            self._send_client(entry[0], Chunk(req.id, entry[2] + seq, data, self.node_id, entry[1]))
+            ident, route, seq0, started, _where = entry
+            if seq0 + seq == 0 and self.observer is not None:
+                self.observer.first_chunk(req.model, time.monotonic() - started)
+            self._send_client(ident, Chunk(req.id, seq0 + seq, data, self.node_id, route))
 
     def _local_done(self, req: Request, output: Any, meta: Any, code: ErrorCode | None, message: str) -> None:
         entry = self.local.pop(req.id, None)
         if entry is None:
             return
-        ident, route, _seq0 = entry
+        ident, route, _seq0, started, where = entry
         queue = self.server.queue_length(req.model)
+        if self.observer is not None:
+            outcome = "ok" if code is None else code.name.lower()
+            self.observer.completed(req.model, outcome, where, time.monotonic() - started)
         if code is None:
             self._send_client(ident, Reply(req.id, output, self.node_id, route, queue, meta or {}))
         else:
@@ -543,7 +575,7 @@ class MeshNode:
     def _drain_dealer(self, sock: zmq.Socket[Any]) -> None:
         peer = self.peers.by_socket(sock)
         for _ in range(256):
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not _readable(sock):
                 return
             frame = sock.recv(zmq.NOBLOCK)
             try:
@@ -576,6 +608,8 @@ class MeshNode:
                 return
             if isinstance(msg.data, str):
                 p.streamed.append(msg.data)
+            if p.seq == 0 and self.observer is not None:
+                self.observer.first_chunk(model, time.monotonic() - p.started)
             self._send_client(p.client, Chunk(msg.id, p.seq, msg.data, msg.node, p.route))
             p.seq += 1
             return
@@ -644,7 +678,7 @@ class MeshNode:
 
     def _drain_sub(self) -> None:
         for _ in range(256):
-            if not self.sub.get(zmq.EVENTS) & zmq.POLLIN:
+            if not _readable(self.sub):
                 return
             frame = self.sub.recv(zmq.NOBLOCK)
             try:
