@@ -47,6 +47,7 @@ from ._routing import RoutingPolicy
 log = logging.getLogger("lanmesh.mesh")
 
 _RETRYABLE = frozenset({ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL})
+_NOBODY: frozenset[str] = frozenset()
 _TICK = 0.05  # seconds between housekeeping passes (detector, deadlines, retries)
 
 
@@ -392,24 +393,35 @@ class MeshNode:
                 why = "leaving" if self._leaving else "queue full"
                 self._send_client(ident, Reject(req.id, self.node_id, self.server.queue_length(req.model), why))
             return
+        # The common case first: the policy picks this node and it has room. No bookkeeping needed.
+        candidates, _known = self._candidates(req, _NOBODY)
+        choice = self.policy.choose(req.model, candidates) if candidates else None
+        if choice is not None and choice.node == self.node_id:
+            if self._submit_local(ident, req, deadline, choice.reason, 0, now, "local"):
+                self.stats["served_local"] += 1
+                return
         p = Pending(client=ident, request=req, deadline=deadline, started=now)
         self.pending[req.id] = p
+        if choice is not None:
+            if choice.node != self.node_id and self._forward(p, choice.node, choice.reason):
+                return
+            p.excluded.add(choice.node)
+            p.refused = p.refused or choice.node == self.node_id
         self._dispatch(p, "")
 
-    def _candidates(self, p: Pending) -> tuple[list[str], bool]:
-        """Eligible node ids for `p`, and whether any node at all serves the model."""
-        req = p.request
+    def _candidates(self, req: Request, excluded: set[str] | frozenset[str]) -> tuple[list[str], bool]:
+        """Eligible node ids for `req`, and whether any node at all serves the model."""
         out: list[str] = []
         known = False
         if self.server.serves(req.model):
             known = True
-            if not self._leaving and self.node_id not in p.excluded and self._labels_match(req.require):
+            if not self._leaving and self.node_id not in excluded and self._labels_match(req.require):
                 out.append(self.node_id)
         for peer in self.peers:
             if req.model not in peer.models:
                 continue
             known = True
-            if peer.node in p.excluded or peer.leaving:
+            if peer.node in excluded or peer.leaving:
                 continue
             if self.detector.state(peer.node) is not PeerState.ALIVE:
                 continue
@@ -434,7 +446,7 @@ class MeshNode:
             )
             return
         while True:
-            candidates, known = self._candidates(p)
+            candidates, known = self._candidates(req, p.excluded)
             if not candidates:
                 if not known:
                     msg = f"no node in the mesh serves model {req.model!r}"

@@ -228,7 +228,43 @@ def _or(v: Any, default: Any) -> Any:
     return default if v is None else v
 
 
+_SCALAR_TYPES = (str, int, float, bool, type(None))
+
+
 def _dec_request(b: list[Any], lim: Limits) -> Request:
+    # Fast path for the common shape (every field present, plain types); anything unusual
+    # takes the full validation below, which also words the error.
+    if len(b) == 13:
+        _, rid, model, task, inp, params, dl, prio, hops, origin, stream, require, prefix = b
+        t = _TASKS.get(task) if type(task) is str else None
+        if (
+            t is not None
+            and t is not Task.CHAT
+            and type(inp) is str
+            and type(rid) is str
+            and 0 < len(rid) <= _ID_LEN
+            and type(model) is str
+            and 0 < len(model) <= _NAME_LEN
+            and type(params) is dict
+            and all(type(v) in _SCALAR_TYPES for v in params.values())
+            and type(dl) is int
+            and 0 < dl <= MAX_DEADLINE_MS
+            and type(prio) is int
+            and 0 <= prio <= 9
+            and type(hops) is int
+            and 0 <= hops <= MAX_HOPS
+            and type(origin) is str
+            and len(origin) <= _NAME_LEN
+            and type(stream) is bool
+            and type(require) is dict
+            and all(type(v) is str for v in require.values())
+            and type(prefix) is str
+        ):
+            return Request(rid, model, t, inp, params, dl, prio, hops, origin, stream, require, prefix)
+    return _dec_request_checked(b, lim)
+
+
+def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
     rid_raw = b[1] if len(b) > 1 else None
     rid = rid_raw if isinstance(rid_raw, str) and 0 < len(rid_raw) <= _ID_LEN else None
     f = _fields(b, 4, 12, "request", rid)
