@@ -1109,8 +1109,10 @@ class Client:
                     if source is not None:
                         self._drain_events(sock, source, now)
                 if any(sock == wake_fd for sock, _ in ready):
-                    self._wake_pending = False
+                    # Drain before clearing the flag: a byte sent after the clear must stay in the socket, or a
+                    # caller that then finds the flag set would skip its wake-up and its command would wait forever.
                     self._drain_wakeups()
+                    self._wake_pending = False
                 if self._commands and self._run_commands(now):
                     break
                 table.expire(time.monotonic())
