@@ -148,6 +148,31 @@ class FailureDetector:
         peer.state, peer.since = PeerState.LEFT, now
         return Transition(node, old, PeerState.LEFT, "left")
 
+    def connection_lost(self, node: str, reason: str = "connection lost") -> list[Transition]:
+        """The transport saw the peer's connection close: suspect it now instead of after `suspect_after`.
+
+        A closed TCP connection is strong evidence (the process exited or crashed) but not proof: the
+        next message from the peer makes it ALIVE again. LEFT and already SUSPECT/DEAD peers are unchanged.
+        """
+        peer = self._peers.get(node)
+        if peer is None or peer.state is not PeerState.ALIVE:
+            return []
+        peer.state, peer.since = PeerState.SUSPECT, self._clock()
+        return [Transition(node, PeerState.ALIVE, PeerState.SUSPECT, reason)]
+
+    def unreachable(self, node: str, reason: str = "connection refused") -> list[Transition]:
+        """The transport could not reconnect (nothing listens at the peer's port): dead now.
+
+        Reported like a late tick: ALIVE goes through SUSPECT to DEAD. LEFT peers stay LEFT.
+        """
+        peer = self._peers.get(node)
+        if peer is None or peer.state in (PeerState.DEAD, PeerState.LEFT):
+            return []
+        out = self.connection_lost(node, reason)
+        peer.state, peer.since = PeerState.DEAD, self._clock()
+        out.append(Transition(node, PeerState.SUSPECT, PeerState.DEAD, reason))
+        return out
+
     def tick(self) -> list[Transition]:
         """Apply silence as of now; returns the state changes it caused and the peers it dropped.
 

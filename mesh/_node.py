@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol import (
     DEFAULT_LIMITS,
@@ -48,6 +49,7 @@ log = logging.getLogger("lanmesh.mesh")
 
 _RETRYABLE = frozenset({ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL})
 _NOBODY: frozenset[str] = frozenset()
+_PEER_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 _TICK = 0.05  # seconds between housekeeping passes (detector, deadlines, retries)
 
 
@@ -165,6 +167,7 @@ class MeshNode:
         self._discovery: Any = None
         self._loop_ident = 0
         self._poller = zmq.Poller()
+        self._monitors: dict[zmq.Socket[Any], Peer] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -295,6 +298,8 @@ class MeshNode:
                         self._drain_sub()
                     elif sock is self.wake_pull:
                         self._drain_wake()
+                    elif sock in self._monitors:
+                        self._drain_monitor(sock)
                     else:
                         self._drain_dealer(sock)
                 if self._inbox:
@@ -603,6 +608,22 @@ class MeshNode:
             self._heard(peer.node)
             self._on_peer_message(peer, msg)
 
+    def _drain_monitor(self, sock: zmq.Socket[Any]) -> None:
+        peer = self._monitors.get(sock)
+        while _readable(sock):
+            event = recv_monitor_message(sock, zmq.NOBLOCK)["event"]
+            if peer is None:
+                continue
+            if event == zmq.EVENT_DISCONNECTED:
+                peer.disconnected = True
+                for t in self.detector.connection_lost(peer.node, "connection closed"):
+                    self._on_transition(t)
+            elif event == zmq.EVENT_CONNECT_RETRIED and peer.disconnected:
+                for t in self.detector.unreachable(peer.node, "reconnect refused"):
+                    self._on_transition(t)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                peer.disconnected = False
+
     def _on_peer_message(self, peer: Peer, msg: Any) -> None:
         if isinstance(msg, Hello):
             self._learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
@@ -784,8 +805,14 @@ class MeshNode:
         dealer.setsockopt(zmq.MAXMSGSIZE, self.s.limits.max_frame_bytes)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # Transport events tell a crashed process (connection closed, reconnect refused) in ~0.1 s;
+        # hangs and partitions close nothing and are left to the silence timers.
+        monitor = dealer.get_monitor_socket(_PEER_EVENTS)
         dealer.connect(f"tcp://{addr.host}:{addr.port}")
         peer = Peer(addr=addr, dealer=dealer, source=source, incarnation=incarnation, fingerprint=fingerprint)
+        peer.monitor = monitor
+        self._monitors[monitor] = peer
+        self._poller.register(monitor, zmq.POLLIN)
         peer.last_heard = time.monotonic()
         self.peers.add(peer)
         # Known now; silence from here on makes it suspect, then dead, then forgotten.
@@ -806,6 +833,11 @@ class MeshNode:
         self.peers.remove(peer.node)
         self.policy.forget(peer.node)
         self._poller.unregister(peer.dealer)
+        if peer.monitor is not None:
+            self._poller.unregister(peer.monitor)
+            self._monitors.pop(peer.monitor, None)
+            peer.dealer.disable_monitor()
+            peer.monitor.close(0)
         peer.dealer.close(0)
         endpoint = f"tcp://{peer.addr.host}:{peer.addr.pub_port}"
         if endpoint in self._sub_endpoints and not any(

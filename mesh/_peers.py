@@ -26,6 +26,8 @@ class Peer:
     last_report: float = 0.0  # monotonic; last load report
     leaving: bool = False
     fingerprint: str = ""
+    monitor: zmq.Socket[Any] | None = None  # transport events of `dealer`
+    disconnected: bool = False  # its connection closed and has not come back yet
 
     @property
     def node(self) -> str:

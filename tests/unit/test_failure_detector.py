@@ -311,3 +311,29 @@ def test_known_incarnation_never_goes_backwards(events: list[tuple[str, str, int
         for node in list(highest):
             if fd.state(node) is None:
                 del highest[node]  # forgotten: a new life may start anywhere
+
+
+def test_a_closed_connection_makes_a_peer_suspect_at_once_and_a_message_revives_it() -> None:
+    clock = FakeClock()
+    fd = FailureDetector(clock=clock)
+    fd.heard("b", 1, 1)
+    clock.advance(0.1)
+    assert [(t.old, t.new) for t in fd.connection_lost("b")] == [(PeerState.ALIVE, PeerState.SUSPECT)]
+    assert fd.connection_lost("b") == []  # already suspect
+    clock.advance(0.05)
+    t = fd.heard("b", 1, 2)
+    assert t is not None and t.new is PeerState.ALIVE
+
+
+def test_a_refused_reconnect_makes_a_peer_dead_at_once_but_a_left_peer_stays_left() -> None:
+    clock = FakeClock()
+    fd = FailureDetector(clock=clock)
+    fd.heard("b", 1, 1)
+    steps = fd.unreachable("b")
+    assert [(t.old, t.new) for t in steps] == [(PeerState.ALIVE, PeerState.SUSPECT), (PeerState.SUSPECT, PeerState.DEAD)]
+    assert fd.state("b") is PeerState.DEAD
+    assert fd.unreachable("b") == []
+    fd.heard("c", 1, 1)
+    fd.left("c", 1)
+    assert fd.unreachable("c") == [] and fd.state("c") is PeerState.LEFT
+    assert fd.unreachable("nobody") == [] and fd.connection_lost("nobody") == []
