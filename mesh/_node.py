@@ -43,7 +43,7 @@ from protocol import (
 
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._peers import Peer, PeerTable
-from ._routing import RoutingPolicy
+from ._routing import POLICIES
 
 log = logging.getLogger("lanmesh.mesh")
 
@@ -131,6 +131,7 @@ class MeshSettings:
     fingerprint: str = ""
     limits: Limits = DEFAULT_LIMITS
     hwm: int = 20_000
+    routing: str = "p2c"  # or a baseline for benchmarks: round-robin, random, least-loaded
 
 
 class MeshNode:
@@ -143,7 +144,8 @@ class MeshNode:
         self.incarnation = time.time_ns()
         self.ctx = zmq.Context()
         self.detector = FailureDetector(settings.suspect_after, settings.dead_after, settings.forget_after)
-        self.policy = RoutingPolicy(self.node_id, server.load, stale_after=3 * settings.gossip_interval, rng=rng)
+        policy_class = POLICIES[settings.routing]
+        self.policy = policy_class(self.node_id, server.load, stale_after=3 * settings.gossip_interval, rng=rng)
         self.peers = PeerTable()
         self.pending: dict[str, Pending] = {}
         # request id -> (reply-to, route, first chunk seq, arrival time, where), for work running here

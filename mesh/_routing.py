@@ -10,8 +10,9 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Choice", "RoutingPolicy"]
+__all__ = ["POLICIES", "Choice", "LeastLoadedGossipPolicy", "RandomPolicy", "RoundRobinPolicy", "RoutingPolicy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,3 +145,63 @@ class RoutingPolicy:
 
     def _entry(self, node: str, model: str) -> _PeerLoad:
         return self._peers.setdefault(node, {}).setdefault(model, _PeerLoad())
+
+
+class RoundRobinPolicy(RoutingPolicy):
+    """Baseline for benchmarks: candidates in turn, blind to load and speed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turn = 0
+
+    def choose(self, model: str, candidates: Sequence[str]) -> Choice:
+        unique = sorted(dict.fromkeys(candidates))
+        if not unique:
+            raise ValueError(f"no candidate node for model {model!r}")
+        self._turn += 1
+        node = unique[self._turn % len(unique)]
+        return Choice(node, f"rr:{node}")
+
+
+class RandomPolicy(RoutingPolicy):
+    """Baseline for benchmarks: a uniformly random candidate."""
+
+    def choose(self, model: str, candidates: Sequence[str]) -> Choice:
+        unique = list(dict.fromkeys(candidates))
+        if not unique:
+            raise ValueError(f"no candidate node for model {model!r}")
+        node = self._rng.choice(unique)
+        return Choice(node, f"random:{node}")
+
+
+class LeastLoadedGossipPolicy(RoutingPolicy):
+    """Baseline for benchmarks: the lowest gossiped `(load + 1) / cap`, as seed-style schedulers do.
+
+    It trusts the last report as is (no count of what this node sent since), so between two reports
+    every entry node sends everything to the same peer: the herd that power of two choices avoids.
+    """
+
+    def choose(self, model: str, candidates: Sequence[str]) -> Choice:
+        unique = list(dict.fromkeys(candidates))
+        if not unique:
+            raise ValueError(f"no candidate node for model {model!r}")
+
+        def gossiped(node: str) -> float:
+            if node == self.self_id:
+                load, cap = self._local_load(model)
+            else:
+                entry = self._peers.get(node, {}).get(model)
+                load = 0 if entry is None or entry.g is None else entry.g
+                cap = 1 if entry is None or entry.cap is None else entry.cap
+            return (load + 1) / cap if cap > 0 else math.inf
+
+        node = min(unique, key=lambda n: (gossiped(n), n != self.self_id))
+        return Choice(node, f"least:{node}")
+
+
+POLICIES: dict[str, type[RoutingPolicy]] = {
+    "p2c": RoutingPolicy,
+    "round-robin": RoundRobinPolicy,
+    "random": RandomPolicy,
+    "least-loaded": LeastLoadedGossipPolicy,
+}

@@ -87,6 +87,11 @@ def _add_node_parser(sub: Any) -> None:
     p.add_argument("--dead-after", type=float, dest="dead_after", help="silence before a peer is dead (3.0)")
     p.add_argument("--try-timeout", type=float, dest="try_timeout", help="seconds before a forwarded try is re-sent")
     p.add_argument("--grace", type=float, help="seconds to finish in-flight work when stopping (10)")
+    p.add_argument(
+        "--routing",
+        choices=["p2c", "round-robin", "random", "least-loaded"],
+        help="routing policy (p2c = power of two choices; the others are baselines for benchmarks)",
+    )
     p.add_argument("--max-memory", dest="max_memory", help="refuse to load models needing more than this, e.g. 8G")
     p.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (~/.cache/lanmesh)")
     p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])

@@ -6,6 +6,7 @@ Precedence, lowest first: defaults, the TOML file, the environment, command-line
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 import tomllib
@@ -18,6 +19,7 @@ from typing import Any
 import psutil
 
 DEFAULT_PORT = 5555
+DEFAULT_HTTP_PORT = 8000
 
 
 @dataclass
@@ -42,10 +44,15 @@ class NodeConfig:
     try_timeout: float = 30.0
     max_tries: int = 4
     grace: float = 10.0  # seconds to finish in-flight work on SIGTERM
+    routing: str = "p2c"  # p2c (power of two choices); round-robin, random, least-loaded are benchmark baselines
     max_memory: str = ""  # e.g. "8G": refuse to load models past this
     cache_dir: str = ""
     log_level: str = "info"
     log_format: str = "text"  # text (key=value) or json
+    http_host: str = "127.0.0.1"  # OpenAI-compatible gateway and /metrics; non-loopback needs an API key
+    http_port: int = DEFAULT_HTTP_PORT  # 0 turns the gateway off (unlike --port, where 0 means any free port)
+    api_key: str = field(default="", repr=False)  # bearer key for the gateway (env LANMESH_API_KEY); never logged
+    api_key_file: str = ""  # file holding the key (first line), instead of api_key
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,10 +68,19 @@ class NodeConfig:
             raise ValueError("gossip_interval must be positive and shorter than suspect_after")
         if self.max_tries < 1 or self.try_timeout <= 0 or self.grace < 0:
             raise ValueError("max_tries >= 1, try_timeout > 0 and grace >= 0 are required")
+        if self.routing not in ("p2c", "round-robin", "random", "least-loaded"):
+            raise ValueError(f"routing must be p2c, round-robin, random or least-loaded, not {self.routing!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be text or json")
         for seed in self.peers:
             parse_hostport(seed)
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError("http_port must be between 0 and 65535 (0 = no HTTP gateway)")
+        if self.http_port and not is_loopback(self.http_host) and not (self.api_key or self.api_key_file):
+            raise ValueError(
+                f"--http-host {self.http_host} would expose the HTTP API beyond this machine without a key; "
+                "give one with --api-key, LANMESH_API_KEY or --api-key-file (or keep --http-host 127.0.0.1)"
+            )
 
     @classmethod
     def load(
@@ -88,6 +104,18 @@ class NodeConfig:
 
     def max_memory_bytes(self) -> int | None:
         return parse_size(self.max_memory) if self.max_memory else None
+
+    def http_api_key(self) -> str:
+        """The gateway's API key ("" = none): `api_key`, else the first line of `api_key_file`."""
+        if self.api_key or not self.api_key_file:
+            return self.api_key
+        try:
+            key = Path(self.api_key_file).read_text().strip().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read the API key file {self.api_key_file}: {exc.strerror}") from None
+        if not key or not key[0].strip():
+            raise ValueError(f"the API key file {self.api_key_file} is empty")
+        return key[0].strip()
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
@@ -187,6 +215,16 @@ def interface_ipv4(name_or_ip: str) -> str:
         if any(a.family == socket.AF_INET and a.address == name_or_ip for a in entries):
             return name_or_ip
     raise ValueError(f"no interface named or addressed {name_or_ip!r}; have {sorted(addrs)}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or `localhost`) only reaches this machine."""
+    if host.strip("[]").lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to a LAN address
 
 
 def default_ipv4() -> str:

@@ -77,6 +77,7 @@ class Node:
             dead_after=cfg.dead_after,
             try_timeout=cfg.try_timeout,
             max_tries=cfg.max_tries,
+            routing=cfg.routing,
         )
         self.mesh = MeshNode(self.executor, settings)
         try:
