@@ -1,6 +1,6 @@
 """`AsyncClient`: the lanmesh client for asyncio programs, on zmq.asyncio sockets.
 
-The failover logic is `CallTable`'s (shared with `Client`); this module only feeds it socket events, frames and
+The failover logic is `_calls.CallTable`'s (shared with `Client`); this module only feeds it socket events, frames and
 timers from the event loop, and turns its outcomes into asyncio futures and async iterators.
 """
 
@@ -20,13 +20,10 @@ from zmq.utils.monitor import recv_monitor_message
 
 from protocol import Task
 
+from ._calls import Call, CallTable, PingReply, Result, request_call
 from ._client import (
     _MONITOR_EVENTS,
-    Call,
-    CallTable,
     ClientSecurity,
-    PingReply,
-    Result,
     apply_monitor_event,
     check_client_options,
     configure_dealer,
@@ -34,7 +31,6 @@ from ._client import (
     embeddings_of,
     generation_params,
     parse_endpoints,
-    request_call,
 )
 from .errors import InternalError, LanmeshError, MeshUnavailable
 
