@@ -96,9 +96,11 @@ class OnnxEmbedder(Backend):
         report(f"{self.name}: starting onnxruntime", 0.9)
         try:
             self._open(onnx_file)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:
             if self.loaded_from != "cache" or self.cache_path is None:
                 raise
+            # our own cached export is unreadable (truncated file, old format): export it again
+            log.warning("model %s: cached export unreadable", self.name, exc_info=True)
             discard_cache(self.cache_path, f"{type(exc).__name__}: {exc}")
             self.load(progress)  # the broken entry is gone: export afresh
             return

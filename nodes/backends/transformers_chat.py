@@ -323,7 +323,8 @@ class TransformersChat(Backend):
             report(f"{self.name}: loading cached weights", 0.1)
             try:
                 loaded = self._from_folder(entry, dtype)
-            except (OSError, ValueError, RuntimeError) as exc:
+            except Exception as exc:  # any failure to read our own cache (truncated file, old format): rebuild it
+                log.warning("model %s: cached copy unreadable", self.name, exc_info=True)
                 discard_cache(entry, f"{type(exc).__name__}: {exc}")
             else:
                 self.loaded_from = "cache"

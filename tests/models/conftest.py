@@ -79,14 +79,14 @@ def tiny_embed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random BERT with a small WordPiece vocabulary, as sentence-transformers would ship it."""
     requires("torch", "transformers", "onnxruntime", "onnxscript")
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     folder = tmp_path_factory.mktemp("tiny-embed")
     words = sorted({w.strip(".,;:!?").lower() for line in _CORPUS for w in line.split()} - {""})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *list("abcdefghijklmnopqrstuvwxyz0123456789")]
     vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + [w for w in words if w not in vocab]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(99)
     config = BertConfig(
         vocab_size=len(vocab),

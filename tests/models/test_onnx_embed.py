@@ -40,7 +40,7 @@ def backend(tiny_embed_dir: Path, cache_dir: Path) -> Iterator[OnnxEmbedder]:
 def vectors(backend: OnnxEmbedder, texts: str | list[str]) -> list[list[float]]:
     (outcome,) = serve(backend, [embed(texts)])
     assert outcome.code is None, outcome.message
-    return outcome.output  # type: ignore[no-any-return]
+    return outcome.output
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -143,3 +143,18 @@ def test_an_onnx_file_is_served_by_path(backend: OnnxEmbedder) -> None:
     assert direct.loaded_from == "onnx"
     assert direct.max_length == 24
     assert vectors(direct, SENTENCES) == vectors(backend, SENTENCES)
+
+
+def test_unreadable_cached_export_is_exported_again(
+    backend: OnnxEmbedder, tiny_embed_dir: Path, tmp_path: Path
+) -> None:
+    first = OnnxEmbedder("tiny-embed", tiny_embed_dir, cache_dir=tmp_path)
+    first.load()
+    assert first.cache_path is not None
+    onnx_file = first.cache_path / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])  # e.g. a disk that filled up
+    again = OnnxEmbedder("tiny-embed", tiny_embed_dir, cache_dir=tmp_path)
+    again.load()
+    assert again.loaded_from == "export"
+    for got, want in zip(vectors(again, SENTENCES), vectors(backend, SENTENCES), strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
