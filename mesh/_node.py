@@ -44,6 +44,7 @@ from protocol import (
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._peers import Peer, PeerTable
 from ._routing import POLICIES
+from ._security import Authenticator, MeshKey, Plaintext, RejectionLog, RequestLimits, same_host
 
 log = logging.getLogger("lanmesh.mesh")
 
@@ -51,6 +52,7 @@ _RETRYABLE = frozenset({ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE, ErrorCode.I
 _NOBODY: frozenset[str] = frozenset()
 _PEER_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 _TICK = 0.05  # seconds between housekeeping passes (detector, deadlines, retries)
+_MAX_UNVERIFIED_PEERS = 64  # peers learned from claims (Hello, mDNS, digests) whose own gossip has not arrived yet
 
 
 def _readable(sock: zmq.Socket[Any]) -> bool:
@@ -132,6 +134,10 @@ class MeshSettings:
     limits: Limits = DEFAULT_LIMITS
     hwm: int = 20_000
     routing: str = "p2c"  # or a baseline for benchmarks: round-robin, random, least-loaded
+    key: MeshKey | None = None  # None: an open mesh (plaintext, anyone may join); see _security.py
+    request_limits: RequestLimits = field(default_factory=RequestLimits)
+    max_inflight_per_client: int = 1024  # requests one client connection may have here at once
+    max_inflight_per_peer: int = 2048  # requests one peer may have forwarded here at once
 
 
 class MeshNode:
@@ -170,6 +176,13 @@ class MeshNode:
         self._loop_ident = 0
         self._poller = zmq.Poller()
         self._monitors: dict[zmq.Socket[Any], Peer] = {}
+        self._security: MeshKey | Plaintext = settings.key or Plaintext()
+        self._auth: Authenticator | None = None
+        self._admitted: dict[bytes, set[str]] = {}  # sender identity -> ids it may still have in flight here
+        self._next_admission_sweep = 0.0
+        # Announcements and gossip of other meshes, for `lanmesh status`/`doctor`: (node, host) -> what was seen.
+        self.foreign: dict[tuple[str, str], dict[str, Any]] = {}
+        self._mismatch_log = RejectionLog()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -223,6 +236,8 @@ class MeshNode:
         if self._thread is not None and self._thread.is_alive():
             self.post("stop", None)
             self._thread.join(5.0)
+        if self._auth is not None:
+            self._auth.stop()  # it closes its own sockets; destroy() must not close them under its feet
         self.ctx.destroy(linger=0)
 
     def post(self, kind: str, payload: Any) -> None:
@@ -241,17 +256,28 @@ class MeshNode:
 
     def _bind(self) -> None:
         s = self.s
+        if s.key is not None:
+            # Before any bind: without a ZAP handler CURVE would admit any key (the sockets also fail closed).
+            self._auth = Authenticator(self.ctx, s.key, self._on_refused_connection)
+            self._auth.start()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, s.limits.max_frame_bytes)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, s.hwm)
         self.router.setsockopt(zmq.RCVHWM, s.hwm)
+        self._security.configure_server(self.router)
+        if self._auth is not None:
+            self._auth.watch(self.router, f"router:{s.port}")
         self.router.bind(f"tcp://{s.bind}:{s.port}")
         port = _bound_port(self.router)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 1000)
+        self.pub.setsockopt(zmq.MAXMSGSIZE, 1024)  # a PUB only ever receives subscriptions
+        self._security.configure_server(self.pub)
+        if self._auth is not None:
+            self._auth.watch(self.pub, "pub")
         pub_port = s.pub_port or (port + 1 if s.port else 0)
         self.pub.bind(f"tcp://{s.bind}:{pub_port}" if pub_port else f"tcp://{s.bind}:*")
         pub_port = _bound_port(self.pub)
@@ -259,9 +285,11 @@ class MeshNode:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.MAXMSGSIZE, s.limits.max_frame_bytes)
+        self.sub.setsockopt(zmq.RCVHWM, 1000)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self._security.configure_client(self.sub)
         self.wake_pull = self.ctx.socket(zmq.PULL)
         wake = f"inproc://wake-{id(self)}"
         self.wake_pull.bind(wake)
@@ -392,6 +420,10 @@ class MeshNode:
         deadline = now + req.deadline_ms / 1000
         if req.id in self.pending or req.id in self.local:
             self._send_client(ident, Error(req.id, ErrorCode.BAD_REQUEST, "request id already in flight", self.node_id))
+            return
+        refusal = self._admit(ident, req)
+        if refusal is not None:
+            self._send_client(ident, refusal)
             return
         if req.hops >= 1:
             # Forwarded to us: serve here or say no. Never forward again (hop limit 1).
@@ -627,6 +659,8 @@ class MeshNode:
                 peer.disconnected = False
 
     def _on_peer_message(self, peer: Peer, msg: Any) -> None:
+        if not self._speaks_for(peer, msg):
+            return
         if isinstance(msg, Hello):
             self._learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
             return
@@ -715,12 +749,14 @@ class MeshNode:
         for _ in range(256):
             if not _readable(self.sub):
                 return
-            frame = self.sub.recv(zmq.NOBLOCK)
+            frame = self.sub.recv(zmq.NOBLOCK, copy=False)
             try:
-                msg = decode(frame, self.s.limits)
+                msg = decode(frame.bytes, self.s.limits)
             except DecodeError as exc:
                 self.stats["bad_frames"] += 1
                 log.debug("bad gossip frame: %s", exc)
+                continue
+            if isinstance(msg, (LoadReport, Leave)) and not self._gossip_from_claimed_host(msg, frame):
                 continue
             if isinstance(msg, LoadReport):
                 self._on_report(msg)
@@ -793,12 +829,22 @@ class MeshNode:
             return None
         if self.s.fingerprint and fingerprint and fingerprint != self.s.fingerprint:
             self.stats["foreign_announcements"] += 1
+            self._note_foreign(addr, fingerprint, source)
             return None
         old = self.peers.get(addr.node)
         if old is not None:
             if old.addr == addr:
                 return old
+            if source != "gossip" and old.last_report and self.detector.state(old.node) is PeerState.ALIVE:
+                # A live peer moves only by its own gossip, which is checked against its connection's address;
+                # a Hello, seed answer or announcement naming it elsewhere is a mistake or an impostor.
+                self.stats["conflicting_claims"] += 1
+                return old
             self._drop_peer(old)
+        elif sum(1 for p in self.peers if not p.last_report) >= _MAX_UNVERIFIED_PEERS:
+            # Claims cost a socket each until the peer's own gossip proves it real: bound what they can make us hold.
+            self.stats["learn_refused"] += 1
+            return None
         dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.IMMEDIATE, 1)
@@ -810,6 +856,7 @@ class MeshNode:
         # Transport events tell a crashed process (connection closed, reconnect refused) in ~0.1 s;
         # hangs and partitions close nothing and are left to the silence timers.
         monitor = dealer.get_monitor_socket(_PEER_EVENTS)
+        self._security.configure_client(dealer)
         dealer.connect(f"tcp://{addr.host}:{addr.port}")
         peer = Peer(addr=addr, dealer=dealer, source=source, incarnation=incarnation, fingerprint=fingerprint)
         peer.monitor = monitor
@@ -861,9 +908,10 @@ class MeshNode:
         self._send_client(ident, Hello(self.addr, self.incarnation, self.s.fingerprint))
 
     def _on_announcement(self, ann: Any) -> None:
-        if self.s.fingerprint and ann.fingerprint != self.s.fingerprint:
+        if ann.fingerprint != self.s.fingerprint:
+            # mDNS is anyone on the LAN: another mesh, an open (--insecure) node, or an impostor. Never connect.
             self.stats["foreign_announcements"] += 1
-            log.warning("ignoring %s: it announces another mesh key", ann.addr.node)
+            self._note_foreign(ann.addr, ann.fingerprint, "mdns")
             return
         self._learn(ann.addr, "mdns", 0, ann.fingerprint)
 
@@ -873,6 +921,10 @@ class MeshNode:
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        dealer.setsockopt(zmq.MAXMSGSIZE, self.s.limits.max_frame_bytes)
+        dealer.setsockopt(zmq.SNDHWM, 100)  # only Hellos go out here, one a second
+        dealer.setsockopt(zmq.RCVHWM, 100)
+        self._security.configure_client(dealer)
         dealer.connect(f"tcp://{host}:{int(port)}")
         self._seeds[(host, int(port))] = dealer
         self._poller.register(dealer, zmq.POLLIN)
@@ -908,6 +960,10 @@ class MeshNode:
             if state is None:
                 log.info("forgetting peer %s", peer.node)
                 self._drop_peer(peer)
+            elif state is PeerState.DEAD and not peer.last_report:
+                # Claimed (Hello, mDNS, digest) but never heard from: free its sockets now, not in forget_after.
+                log.info("dropping %s at %s:%d: never heard from it", peer.node, peer.addr.host, peer.addr.port)
+                self._drop_peer(peer)
             elif state is PeerState.SUSPECT:
                 try:
                     peer.dealer.send(encode(Ping(f"ping-{self._seq}", self.node_id)), zmq.NOBLOCK)
@@ -933,6 +989,9 @@ class MeshNode:
                 p.excluded.add(node)
                 self._dispatch(p, "retry-after:timeout:")
         self._hello_seeds(now)
+        if now >= self._next_admission_sweep:
+            self._sweep_admissions()
+            self._next_admission_sweep = now + 5.0
 
     def _leave(self) -> None:
         self._leaving = True
@@ -963,6 +1022,7 @@ class MeshNode:
                 "source": "self",
                 "stats": dict(self.stats),
                 "executor": self.server.stats(),
+                "security": self.security_view(now),
             }
         ]
         for peer in self.peers:
@@ -980,3 +1040,119 @@ class MeshNode:
                 }
             )
         return rows
+
+    # ------------------------------------------------------------ security: who may say what, and how much
+
+    def _on_refused_connection(self, kind: str, source: str) -> None:
+        # Runs on the ZAP thread (which also logs it). Each of these counters has that one writer, and a
+        # dict store is atomic under the GIL, so the loop's own counters are not disturbed.
+        self.stats[kind] += 1
+
+    def _admit(self, ident: bytes, req: Request) -> Error | Reject | None:
+        """Request limits and the per-sender in-flight cap: what to answer instead of serving `req`, or None."""
+        problem = self.s.request_limits.check(req)
+        if problem is not None:
+            self.stats["limit_refused"] += 1
+            return Error(req.id, ErrorCode.BAD_REQUEST, problem, self.node_id)
+        ids = self._admitted.get(ident)
+        if ids is None:
+            ids = self._admitted[ident] = set()
+        cap = self.s.max_inflight_per_peer if req.hops else self.s.max_inflight_per_client
+        if len(ids) >= cap:
+            # Finished requests leave this set lazily: only a sender at its cap pays for the recount.
+            ids = self._admitted[ident] = {rid for rid in ids if self._in_flight_for(ident, rid)}
+            if len(ids) >= cap:
+                self.stats["inflight_cap_refused"] += 1
+                queue = self.server.queue_length(req.model) if self.server.serves(req.model) else 0
+                if req.hops:
+                    return Reject(req.id, self.node_id, queue, f"this peer already has {cap} requests here")
+                why = f"this client already has {cap} requests in flight at {self.node_id} (--max-inflight-per-client)"
+                return Error(req.id, ErrorCode.OVERLOADED, why, self.node_id, queue)
+        ids.add(req.id)
+        return None
+
+    def _in_flight_for(self, ident: bytes, rid: str) -> bool:
+        p = self.pending.get(rid)
+        if p is not None and p.client == ident:
+            return True
+        entry = self.local.get(rid)
+        return entry is not None and entry[0] == ident
+
+    def _sweep_admissions(self) -> None:
+        """Forget senders with nothing in flight (clients come and go; each connection is a new identity)."""
+        for ident, ids in list(self._admitted.items()):
+            live = {rid for rid in ids if self._in_flight_for(ident, rid)}
+            if live:
+                self._admitted[ident] = live
+            else:
+                del self._admitted[ident]
+
+    def _gossip_from_claimed_host(self, msg: LoadReport | Leave, frame: zmq.Frame) -> bool:
+        """Gossip names a node; accept it only from the address that node claims (the SUB connection's peer)."""
+        try:
+            value = frame.get("Peer-Address")
+        except zmq.ZMQError:
+            value = None  # no transport address on this connection: nothing to compare
+        seen = value if isinstance(value, str) else None
+        if isinstance(msg, LoadReport):
+            if msg.node == self.node_id:
+                return True
+            host = msg.addr.host
+            if f"tcp://{host}:{msg.addr.pub_port}" not in self._sub_endpoints:
+                self.stats["gossip_unsubscribed"] += 1  # e.g. from an endpoint just dropped; not ours to trust
+                return False
+        else:
+            peer = self.peers.get(msg.node)
+            if peer is None:
+                return True  # a Leave for a node we do not know changes nothing
+            host = peer.addr.host
+        if same_host(host, seen):
+            return True
+        self._identity_mismatch(seen or "?", f"gossip claiming to be {msg.node} at {host}")
+        return False
+
+    def _speaks_for(self, peer: Peer, msg: Any) -> bool:
+        """A message on a peer's DEALER comes from that peer: any node it names must be that peer."""
+        claimed = msg.addr.node if isinstance(msg, Hello) else getattr(msg, "node", "")
+        if not claimed or claimed == peer.node:
+            return True
+        self._identity_mismatch(f"{peer.addr.host}:{peer.addr.port}", f"{type(msg).__name__} naming {claimed}")
+        return False
+
+    def _identity_mismatch(self, source: str, what: str) -> None:
+        self.stats["identity_mismatch"] += 1
+        line = self._mismatch_log.note("identity mismatch", source, f"{what}, dropped")
+        if line is not None:
+            log.warning("%s", line, extra={"source": source})
+
+    def _note_foreign(self, addr: PeerAddr, fingerprint: str, source: str) -> None:
+        """Remember a node of another mesh (or an open one) that showed itself, for status and doctor."""
+        now = time.monotonic()
+        key = (addr.node, addr.host)
+        entry = self.foreign.get(key)
+        if entry is None:
+            if len(self.foreign) >= 64:  # anyone on the LAN can announce: keep only the most recent few
+                del self.foreign[min(self.foreign, key=lambda k: self.foreign[k]["last_seen"])]
+            theirs = fingerprint or "none (an open --insecure node)"
+            ours = self.s.fingerprint or "none (--insecure)"
+            log.warning(
+                "ignoring %s at %s:%d (via %s): another mesh (its key %s, ours %s)",
+                addr.node, addr.host, addr.port, source, theirs, ours,
+            )  # fmt: skip
+            entry = self.foreign[key] = {"node": addr.node, "host": addr.host, "port": addr.port, "count": 0}
+        entry.update(fingerprint=fingerprint, source=source, last_seen=now)
+        entry["count"] += 1
+
+    def security_view(self, now: float) -> dict[str, Any]:
+        """This node's security state for `lanmesh status` and `lanmesh doctor`."""
+        return {
+            "mode": "curve" if self.s.key is not None else "insecure",
+            "fingerprint": self.s.fingerprint,
+            "auth_rejected": self.stats["auth_rejected"],
+            "handshake_failed": self.stats["handshake_failed"],
+            "identity_mismatch": self.stats["identity_mismatch"],
+            "foreign": [
+                {k: v for k, v in e.items() if k != "last_seen"} | {"last_seen_s": round(now - e["last_seen"], 1)}
+                for e in self.foreign.values()
+            ],
+        }
