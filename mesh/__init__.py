@@ -10,6 +10,7 @@ from ._client import Client, Result
 from ._failure import FailureDetector, PeerState
 from ._node import LocalServer, MeshNode, MeshSettings
 from ._routing import Choice, RoutingPolicy
+from ._security import MeshKey, MeshKeyError, Plaintext
 from .errors import (
     BadRequest,
     DeadlineExceeded,
@@ -32,12 +33,15 @@ __all__ = [
     "InternalError",
     "LanmeshError",
     "LocalServer",
+    "MeshKey",
+    "MeshKeyError",
     "MeshNode",
     "MeshSettings",
     "MeshUnavailable",
     "ModelNotFound",
     "Overloaded",
     "PeerState",
+    "Plaintext",
     "ProtocolError",
     "Result",
     "RoutingPolicy",

@@ -37,6 +37,7 @@ from .errors import (
     MeshUnavailable,
     Overloaded,
     ProtocolError,
+    Unauthorized,
     error_from_wire,
 )
 
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 _DECLINED_BACKOFF_S, _DECLINED_BACKOFF_MAX_S = 0.005, 0.1
 # When every reachable node answered UNAVAILABLE (e.g. shutting down), wait longer before asking again.
 _UNAVAILABLE_BACKOFF_S, _UNAVAILABLE_BACKOFF_MAX_S = 0.05, 0.5
+# Handshakes failed this many times in a row at every node (and none connected): the key is wrong, not the network.
+_REFUSALS_FOR_UNAUTHORIZED = 2
 # A send refused by the socket (no live pipe yet, or the HWM is full) is retried after this pause.
 _SEND_RETRY_S = 0.002
 # Below this budget a request cannot be stamped (deadline_ms must be >= 1) and has expired.
@@ -184,6 +187,7 @@ class CallTable:
         self._keys = itertools.count(1)
         self.stale_replies = 0  # answers to tries that were abandoned (failover, cancel, deadline)
         self.protocol_errors = 0  # frames that could not be decoded or matched to any call
+        self._refused: dict[str, tuple[int, str]] = {}  # endpoint -> (handshakes failed in a row, why)
 
     # ------------------------------------------------------------- inputs
 
@@ -216,11 +220,25 @@ class CallTable:
         for call in list(self._waiting.values()):
             if call.not_before <= now:
                 self._dispatch(call, now)
+        self._refused.pop(endpoint, None)
 
     def node_down(self, endpoint: str, now: float) -> None:
         if endpoint not in self._up:
             return
         self._up.remove(endpoint)
+    def node_refused(self, endpoint: str, why: str, now: float) -> None:
+        """The handshake with `endpoint` failed (wrong or missing mesh key). When every node keeps refusing,
+        fail the calls now with Unauthorized: waiting for the deadline cannot fix a key."""
+        count = self._refused.get(endpoint, (0, ""))[0] + 1
+        self._refused[endpoint] = (count, why)
+        if self._up or any(self._refused.get(ep, (0, ""))[0] < _REFUSALS_FOR_UNAUTHORIZED for ep in self.endpoints):
+            return
+        self.fail_all(self._unauthorized())
+
+    def _unauthorized(self) -> Unauthorized:
+        reasons = "; ".join(why for _, why in self._refused.values())
+        return Unauthorized(f"no node accepted this client's mesh key: {reasons}")
+
         moved = [self._calls[key] for key in self._on_node[endpoint]]
         if moved:
             log.info("lost %s with %d requests in flight; re-sending them", endpoint, len(moved))
@@ -478,6 +496,8 @@ class CallTable:
             where = ", ".join(self.endpoints)
             exc = MeshUnavailable(f"no lanmesh node reachable at {where} within {call.timeout:g}s")
         else:
+        elif not self._up and self._refused:
+            exc = self._unauthorized()
             exc = DeadlineExceeded(f"the request was not served within {call.timeout:g}s")
         self._fail(call, exc)
 

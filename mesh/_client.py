@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from protocol import Task
 
 from ._calls import Call, CallTable, PingReply, Result, Sink, request_call
+from ._security import client_security, handshake_failure
 from .errors import InternalError, LanmeshError, MeshUnavailable, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,8 @@ def configure_dealer(
     sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(dead_after * 3000)))
     if endpoint.startswith("tcp://["):
         sock.setsockopt(zmq.IPV6, 1)
-    if security is not None:
-        security.configure_client(sock)
+    # None: whatever this machine is set up with ($LANMESH_KEY_FILE, the default key file, or plaintext).
+    (security if security is not None else client_security()).configure_client(sock)
 
 
 def check_client_options(timeout: float, heartbeat: float, dead_after: float, try_timeout: float | None) -> None:
@@ -685,7 +686,9 @@ def apply_monitor_event(table: CallTable, endpoint: str, event: int, now: float)
     elif event == zmq.EVENT_DISCONNECTED:
         table.node_down(endpoint, now)
     elif event & _HANDSHAKE_FAILED:
-        log.warning("handshake with %s failed (zmq event %#x)", endpoint, event)
+        why = handshake_failure(endpoint, event)
+        log.warning("%s", why)
+        table.node_refused(endpoint, why, now)
 
 
 __all__ = ["Call", "CallTable", "Client", "PingReply", "Result", "Sink", "Stream", "parse_endpoints"]
