@@ -216,16 +216,12 @@ class CallTable:
         if endpoint in self._up:
             return
         self._up.append(endpoint)
+        self._refused.pop(endpoint, None)
         log.debug("connected to %s", endpoint)
         for call in list(self._waiting.values()):
             if call.not_before <= now:
                 self._dispatch(call, now)
-        self._refused.pop(endpoint, None)
 
-    def node_down(self, endpoint: str, now: float) -> None:
-        if endpoint not in self._up:
-            return
-        self._up.remove(endpoint)
     def node_refused(self, endpoint: str, why: str, now: float) -> None:
         """The handshake with `endpoint` failed (wrong or missing mesh key). When every node keeps refusing,
         fail the calls now with Unauthorized: waiting for the deadline cannot fix a key."""
@@ -239,6 +235,10 @@ class CallTable:
         reasons = "; ".join(why for _, why in self._refused.values())
         return Unauthorized(f"no node accepted this client's mesh key: {reasons}")
 
+    def node_down(self, endpoint: str, now: float) -> None:
+        if endpoint not in self._up:
+            return
+        self._up.remove(endpoint)
         moved = [self._calls[key] for key in self._on_node[endpoint]]
         if moved:
             log.info("lost %s with %d requests in flight; re-sending them", endpoint, len(moved))
@@ -492,12 +492,12 @@ class CallTable:
             exc: LanmeshError = DeadlineExceeded(f"no answer within {call.timeout:g}s", node=node)
         elif isinstance(call.last_error, MeshUnavailable):
             exc = MeshUnavailable(f"no node could serve the request within {call.timeout:g}s: {call.last_error}")
+        elif not self._up and self._refused:
+            exc = self._unauthorized()
         elif not self._up:
             where = ", ".join(self.endpoints)
             exc = MeshUnavailable(f"no lanmesh node reachable at {where} within {call.timeout:g}s")
         else:
-        elif not self._up and self._refused:
-            exc = self._unauthorized()
             exc = DeadlineExceeded(f"the request was not served within {call.timeout:g}s")
         self._fail(call, exc)
 
