@@ -88,6 +88,27 @@ def _add_node_parser(sub: Any) -> None:
     p.add_argument("--try-timeout", type=float, dest="try_timeout", help="seconds before a forwarded try is re-sent")
     p.add_argument("--grace", type=float, help="seconds to finish in-flight work when stopping (10)")
     p.add_argument(
+        "--key-file",
+        dest="key_file",
+        metavar="FILE",
+        help="mesh key from `lanmesh keygen` (default: $LANMESH_KEY_FILE, then ~/.config/lanmesh/mesh.key)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="run an OPEN mesh without a key: no encryption, anyone on the LAN may join and read traffic",
+    )
+    for flag, what in (
+        ("--max-prompt-chars", "characters of input per request (262144)"),
+        ("--max-tokens", "highest max_tokens a request may ask for (4096)"),
+        ("--max-embed-inputs", "texts per embed request (256)"),
+        ("--max-inflight-per-client", "requests one client connection may have in flight here (1024)"),
+        ("--max-inflight-per-peer", "requests one peer may have forwarded here at once (2048)"),
+        ("--max-frame-bytes", "largest message accepted, bytes (8388608)"),
+    ):
+        p.add_argument(flag, type=int, dest=flag[2:].replace("-", "_"), help=what)
+    p.add_argument(
         "--routing",
         choices=["p2c", "round-robin", "random", "least-loaded"],
         help="routing policy (p2c = power of two choices; the others are baselines for benchmarks)",
@@ -115,6 +136,11 @@ def _cmd_node(args: argparse.Namespace) -> int:
         return 2
     if cfg.cache_dir:
         os.environ["LANMESH_CACHE_DIR"] = cfg.cache_dir
+    # This process's own mesh clients (the HTTP gateway) must speak the way the node does.
+    if cfg.insecure:
+        os.environ["LANMESH_INSECURE"] = "1"
+    elif cfg.key_file:
+        os.environ["LANMESH_KEY_FILE"] = cfg.key_file
     node = Node(cfg)
     logs.setup(node.node_id, cfg.log_level, cfg.log_format)
     try:
@@ -146,6 +172,7 @@ def _add_request_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--require", action="append", metavar="KEY=VALUE", help="only nodes with this label, repeatable")
     p.add_argument("--json", action="store_true", help="print the whole reply as JSON (node, route, meta)")
+    _add_key_file(p)
     p.set_defaults(func=_cmd_request)
 
 
@@ -155,7 +182,7 @@ def _cmd_request(args: argparse.Namespace) -> int:
     require = parse_labels(",".join(args.require)) if args.require else None
     gen = {k: getattr(args, k) for k in ("max_tokens", "temperature", "seed") if getattr(args, k) is not None}
     try:
-        with Client(args.node, timeout=args.timeout) as client:
+        with Client(args.node, timeout=args.timeout, security=_client_key(args)) as client:
             if args.task in ("chat", "complete") and args.stream:
                 fn = client.chat if args.task == "chat" else client.complete
                 prompt: Any = [{"role": "user", "content": args.input}] if args.task == "chat" else args.input
@@ -206,6 +233,7 @@ def _add_status_parser(sub: Any) -> None:
     p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
     p.add_argument("--json", action="store_true", help="print the raw rows as JSON")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    _add_key_file(p)
     p.set_defaults(func=_cmd_status)
 
 
@@ -219,14 +247,32 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         heard = "-" if r.get("source") == "self" else f"{r.get('last_heard_s', 0):.1f}s ago"
         table.append([r["node"], r["address"], r["state"], models, labels, heard, r.get("source", "")])
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
+    text = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
+    security = rows[0].get("security") if rows else None
+    return text + "\n" + format_security(security) if isinstance(security, dict) else text
+
+
+def format_security(sec: dict[str, Any]) -> str:
+    """One line (two with foreign nodes) on how the answering node's mesh is protected."""
+    if sec.get("mode") == "insecure":
+        line = "security: OPEN MESH (--insecure): no encryption, no authentication; anyone on the LAN can join"
+    else:
+        line = f"security: CURVE, mesh key {sec.get('fingerprint', '?')}"
+    refused = {k: sec.get(k, 0) for k in ("auth_rejected", "handshake_failed", "identity_mismatch")}
+    if any(refused.values()):
+        line += "; refused: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in refused.items() if v)
+    foreign = sec.get("foreign") or []
+    if foreign:
+        seen = ", ".join(f"{f['node']} at {f['host']}:{f['port']}" for f in foreign[:5])
+        line += f"\nother meshes seen (ignored): {seen}" + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    return line
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from mesh import Client, LanmeshError
 
     try:
-        with Client(args.node, timeout=5.0) as client:
+        with Client(args.node, timeout=5.0, security=_client_key(args)) as client:
             while True:
                 rows = client.status()
                 if args.json:
@@ -241,8 +287,62 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except LanmeshError as exc:
         print(f"lanmesh status: cannot reach {args.node}: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:
+        print(f"lanmesh status: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
+
+
+# ---------------------------------------------------------------- lanmesh keygen and client keys
+
+
+def _add_key_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--key-file",
+        dest="key_file",
+        metavar="FILE",
+        help="mesh key (default: $LANMESH_KEY_FILE, then ~/.config/lanmesh/mesh.key; none: plaintext)",
+    )
+
+
+def _client_key(args: argparse.Namespace) -> Any:
+    """The `security=` for a Client: the --key-file given, else None (the client looks in the env and default)."""
+    from mesh._security import MeshKey
+
+    return MeshKey.load(args.key_file) if args.key_file else None
+
+
+def _add_keygen_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "keygen",
+        help="create the mesh key (copy the file to every machine of the mesh)",
+        description=(
+            "Write a new mesh key file (mode 0600). Every node and client of one mesh uses the same file: "
+            "connections are encrypted with it (CURVE), and nodes refuse anyone who does not hold it."
+        ),
+    )
+    p.add_argument("path", nargs="?", help="where to write it (default: ~/.config/lanmesh/mesh.key)")
+    p.add_argument("--force", action="store_true", help="replace an existing key file (every node then needs it)")
+    p.set_defaults(func=_cmd_keygen)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from mesh._security import CurveUnavailable, MeshKey, default_key_path
+
+    path = args.path or default_key_path()
+    try:
+        written = MeshKey.generate().write(path, force=args.force)
+    except (FileExistsError, CurveUnavailable) as exc:
+        print(f"lanmesh keygen: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"lanmesh keygen: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    key = MeshKey.load(written)
+    print(f"wrote mesh key {key.fingerprint} to {written} (mode 0600)")
+    print("copy this file to every machine of the mesh, e.g. to ~/.config/lanmesh/mesh.key, and keep it secret")
+    return 0
 
 
 # ---------------------------------------------------------------- lanmesh models / bench
@@ -285,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_parser(sub)
     _add_request_parser(sub)
     _add_status_parser(sub)
+    _add_keygen_parser(sub)
     _add_models_parser(sub)
     _add_bench_parser(sub)
     return parser

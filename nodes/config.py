@@ -53,6 +53,18 @@ class NodeConfig:
     http_port: int = DEFAULT_HTTP_PORT  # 0 turns the gateway off (unlike --port, where 0 means any free port)
     api_key: str = field(default="", repr=False)  # bearer key for the gateway (env LANMESH_API_KEY); never logged
     api_key_file: str = ""  # file holding the key (first line), instead of api_key
+    # Security (see docs/ARCHITECTURE.md, Security): the mesh key, or an explicitly open mesh.
+    key_file: str = ""  # mesh key from `lanmesh keygen`; default: $LANMESH_KEY_FILE, then ~/.config/lanmesh/mesh.key
+    insecure: bool = False  # plaintext, no authentication: anyone on the LAN can join and read the traffic
+    # Limits on what one request, client or peer may ask of this node (beyond them: BAD_REQUEST or OVERLOADED).
+    max_prompt_chars: int = 262_144  # characters of input (prompt, chat messages, texts to embed) per request
+    max_tokens: int = 4096  # highest max_tokens a request may ask for
+    max_embed_inputs: int = 256  # texts in one embed request
+    max_inflight_per_client: int = 1024  # requests one client connection may have in flight here
+    max_inflight_per_peer: int = 2048  # requests one peer may have forwarded here at once
+    max_frame_bytes: int = 8 * 1024 * 1024  # largest ZeroMQ frame accepted (larger ones are dropped unread)
+    max_items: int = 100_000  # longest msgpack array (maps: at most 10,000 keys) in one frame
+    max_depth: int = 32  # deepest nesting of lists and maps in one frame
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +88,12 @@ class NodeConfig:
             parse_hostport(seed)
         if not 0 <= self.http_port <= 65535:
             raise ValueError("http_port must be between 0 and 65535 (0 = no HTTP gateway)")
+        limits = ("max_prompt_chars", "max_tokens", "max_embed_inputs", "max_inflight_per_client")
+        for name in (*limits, "max_inflight_per_peer", "max_items", "max_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_frame_bytes < 64 * 1024:
+            raise ValueError("max_frame_bytes must be at least 65536 (64 KiB)")
         if self.http_port and not is_loopback(self.http_host) and not (self.api_key or self.api_key_file):
             raise ValueError(
                 f"--http-host {self.http_host} would expose the HTTP API beyond this machine without a key; "

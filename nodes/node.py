@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mesh._node import MeshNode, MeshSettings
+from mesh._security import MeshKey, RequestLimits, load_mesh_key, require_curve
+from protocol import Limits
 
 from .backends.base import Backend, ProgressFn
 from .config import NodeConfig, parse_hostport
@@ -28,6 +30,7 @@ class Node:
         self._backends = backends
         self.executor: Executor | None = None
         self.mesh: MeshNode | None = None
+        self.mesh_key: MeshKey | None = None  # None only when running --insecure
         self._stop = threading.Event()
 
     def _build_backends(self, progress: ProgressFn | None) -> list[Backend]:
@@ -54,6 +57,7 @@ class Node:
 
     def start(self, progress: ProgressFn | None = None) -> None:
         cfg = self.config
+        self.mesh_key = self._load_mesh_key()  # no key, no model load
         backends = self._backends if self._backends is not None else self._build_backends(progress)
         for b in backends:
             b.labels.update(cfg.labels)
@@ -78,6 +82,18 @@ class Node:
             try_timeout=cfg.try_timeout,
             max_tries=cfg.max_tries,
             routing=cfg.routing,
+            key=self.mesh_key,
+            fingerprint=self.mesh_key.fingerprint if self.mesh_key is not None else "",
+            limits=Limits(
+                max_frame_bytes=cfg.max_frame_bytes,
+                max_array_len=cfg.max_items,
+                max_map_len=min(cfg.max_items, 10_000),
+                max_str_len=min(cfg.max_frame_bytes, 4 * 1024 * 1024),
+                max_depth=cfg.max_depth,
+            ),
+            request_limits=RequestLimits(cfg.max_prompt_chars, cfg.max_tokens, cfg.max_embed_inputs),
+            max_inflight_per_client=cfg.max_inflight_per_client,
+            max_inflight_per_peer=cfg.max_inflight_per_peer,
         )
         self.mesh = MeshNode(self.executor, settings)
         try:
@@ -88,6 +104,21 @@ class Node:
         a = self.mesh.addr
         models = ", ".join(sorted(self.executor.lanes))
         log.info(f"serving {models} on {a.host}:{a.port} (gossip :{a.pub_port})", extra={"models": models})
+
+    def _load_mesh_key(self) -> MeshKey | None:
+        """The mesh key, or None with a loud warning under --insecure; raises when there is neither."""
+        if self.config.insecure:
+            log.warning(
+                "INSECURE: this node runs an OPEN mesh (--insecure): no encryption, no authentication. Anyone on "
+                "the LAN can read every prompt and answer, join the mesh and submit work. Create a key with "
+                "`lanmesh keygen` and drop --insecure to close it.",
+                extra={"security": "insecure"},
+            )
+            return None
+        require_curve()
+        key = load_mesh_key(self.config.key_file or None)
+        log.info("mesh key %s: CURVE on every connection", key.fingerprint, extra={"fingerprint": key.fingerprint})
+        return key
 
     def request_stop(self) -> None:
         self._stop.set()
