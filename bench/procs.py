@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 
+from mesh._security import MeshKey, Plaintext, client_security
 from protocol import Ping, Pong, decode, encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,11 +38,17 @@ def free_port_pair(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port pair found")
 
 
-def ping(address: str, timeout: float = 1.0, want_status: bool = False) -> Pong | None:
-    """One Ping over a fresh DEALER; the Pong, or None when nothing answered in time."""
+def ping(
+    address: str, timeout: float = 1.0, want_status: bool = False, security: MeshKey | Plaintext | None = None
+) -> Pong | None:
+    """One Ping over a fresh DEALER; the Pong, or None when nothing answered in time.
+
+    `security` None: the key this machine is set up with ($LANMESH_KEY_FILE, the default file), else plaintext.
+    """
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    (security or client_security()).configure_client(sock)
     try:
         sock.connect(f"tcp://{address}")
         sock.send(encode(Ping(uuid.uuid4().hex, "probe", want_status)))
@@ -54,7 +61,11 @@ def ping(address: str, timeout: float = 1.0, want_status: bool = False) -> Pong 
 
 
 class NodeProc:
-    """One `lanmesh node` process. `argv` are extra flags (models, seeds, ...)."""
+    """One `lanmesh node` process. `argv` are extra flags (models, seeds, ...).
+
+    `key_file` runs it with that mesh key, `insecure` as an open mesh; neither: the node finds its key itself
+    ($LANMESH_KEY_FILE, then the default path) and refuses to start without one.
+    """
 
     def __init__(
         self,
@@ -65,6 +76,8 @@ class NodeProc:
         spawn: Callable[[list[str], dict[str, str]], subprocess.Popen[bytes]] | None = None,
         log_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
     ) -> None:
         self.name = name
         self.host = host
@@ -74,6 +87,12 @@ class NodeProc:
         self.log_path = (log_dir or Path("/tmp")) / f"lanmesh-{name}-{os.getpid()}-{self.port}.log"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.key_file = key_file
+        self.insecure = insecure
+        # How this harness talks to the node (pings, status); None: as any client on this machine would.
+        self.security: MeshKey | Plaintext | None = (
+            Plaintext() if insecure else MeshKey.load(key_file) if key_file is not None else None
+        )
 
     @property
     def address(self) -> str:
@@ -82,8 +101,13 @@ class NodeProc:
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "nodes.cli", "node", "--name", self.name, "--port", str(self.port),
-            "--advertise", self.host, *self.argv,
+            "--advertise", self.host, *self._security_flags(), *self.argv,
         ]  # fmt: skip
+
+    def _security_flags(self) -> list[str]:
+        if self.insecure:
+            return ["--insecure"]
+        return ["--key-file", str(self.key_file)] if self.key_file is not None else []
 
     def start(self, wait: float = 30.0) -> NodeProc:
         env = dict(os.environ)
@@ -106,12 +130,12 @@ class NodeProc:
         while time.monotonic() < end:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if ping(self.address, 0.3) is not None:
+            if ping(self.address, 0.3, security=self.security) is not None:
                 return
         raise TimeoutError(f"node {self.name} did not answer within {timeout}s:\n{self.log_tail()}")
 
     def status(self, timeout: float = 1.0) -> list[dict[str, Any]]:
-        pong = ping(self.address, timeout, want_status=True)
+        pong = ping(self.address, timeout, want_status=True, security=self.security)
         if pong is None or pong.status is None:
             raise TimeoutError(f"node {self.name} did not answer a status ping")
         return pong.status
@@ -162,13 +186,19 @@ class NodeProc:
 
 
 class Cluster:
-    """Several node processes; stops every one of them (by PID) on exit."""
+    """Several node processes; stops every one of them (by PID) on exit. `key_file`/`insecure`: see NodeProc."""
 
-    def __init__(self, log_dir: Path | None = None) -> None:
+    def __init__(
+        self, log_dir: Path | None = None, key_file: str | os.PathLike[str] | None = None, insecure: bool = False
+    ) -> None:
         self.nodes: list[NodeProc] = []
         self.log_dir = log_dir
+        self.key_file = key_file
+        self.insecure = insecure
 
     def add(self, name: str, argv: Sequence[str] = (), wait: float = 30.0, **kw: Any) -> NodeProc:
+        kw.setdefault("key_file", self.key_file)
+        kw.setdefault("insecure", self.insecure)
         node = NodeProc(name, argv, log_dir=self.log_dir, **kw)
         self.nodes.append(node)
         node.start(wait)

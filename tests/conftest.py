@@ -1,4 +1,4 @@
-"""Shared fixtures: node processes on loopback, stopped by PID after each test."""
+"""Shared fixtures: node processes on loopback, stopped by PID after each test; the test mesh key."""
 
 from __future__ import annotations
 
@@ -8,13 +8,36 @@ from pathlib import Path
 import pytest
 
 from bench.procs import Cluster
+from mesh._security import INSECURE_ENV, KEY_ENV, MeshKey
 
 # Nodes in loopback tests never touch a real network: bound to 127.0.0.1, no mDNS.
 LOOPBACK = ["--bind", "127.0.0.1", "--no-mdns"]
 
 
+@pytest.fixture(autouse=True)
+def _plaintext_unless_keyed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests speak plaintext unless they ask for the mesh key (`keyed`, which `cluster` uses): a key file on
+    the developer's machine must not leak into them, and scripted stand-in nodes speak plaintext."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.setenv(INSECURE_ENV, "1")
+
+
+@pytest.fixture(scope="session")
+def mesh_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mesh key for the whole test session, written as `lanmesh keygen` would (mode 0600)."""
+    return MeshKey.generate().write(tmp_path_factory.mktemp("mesh-key") / "mesh.key")
+
+
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def keyed(mesh_key_file: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Nodes started and clients made in this test use the session's mesh key: CURVE on every connection."""
+    monkeypatch.delenv(INSECURE_ENV, raising=False)
+    monkeypatch.setenv(KEY_ENV, str(mesh_key_file))
+    return mesh_key_file
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, keyed: Path) -> Iterator[Cluster]:
     with Cluster(log_dir=tmp_path) as c:
         yield c
         for node in c.nodes:

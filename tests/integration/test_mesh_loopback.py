@@ -9,6 +9,7 @@ import zmq
 
 from bench.procs import Cluster, NodeProc
 from mesh import Client, Result
+from mesh._security import client_security
 from protocol import Chunk, Reply, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
 
@@ -118,6 +119,7 @@ def test_stream_continues_from_another_node_when_the_serving_node_dies(cluster: 
     words = " ".join(f"word{i}" for i in range(30))
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    client_security().configure_client(sock)  # the test mesh key (see tests/conftest.py)
     sock.connect(f"tcp://{entry.address}")
     chunks: list[Chunk] = []
     try:

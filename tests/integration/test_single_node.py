@@ -13,6 +13,7 @@ import zmq
 
 from bench.procs import Cluster
 from mesh import BadRequest, Client, DeadlineExceeded, ModelNotFound, Overloaded
+from mesh._security import client_security
 from protocol import VERSION, Error, ErrorCode, Reject, Reply, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
 
@@ -20,6 +21,7 @@ from tests.conftest import LOOPBACK
 def _dealer(address: str) -> zmq.Socket[bytes]:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    client_security().configure_client(sock)  # the test mesh key (see tests/conftest.py)
     sock.connect(f"tcp://{address}")
     return sock
 

@@ -87,7 +87,8 @@ class MeshLan:
 
 
 @pytest.fixture
-def mesh_lan(make_lan: Callable[[int], Lan], tmp_path: Path) -> Iterator[Callable[[int], MeshLan]]:
+def mesh_lan(make_lan: Callable[[int], Lan], tmp_path: Path, keyed: Path) -> Iterator[Callable[[int], MeshLan]]:
+    """Hosts 1..n run nodes with the test mesh key (`keyed`), so the load generator on host 0 uses it too."""
     made: list[MeshLan] = []
 
     def make(n_nodes: int) -> MeshLan:
