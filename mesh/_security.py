@@ -267,7 +267,10 @@ def handshake_failure(endpoint: str, event: int) -> str:
             f"without one (node started with --insecure, or no key file given to the client via --key-file / "
             f"${KEY_ENV})"
         )
-    return f"the encrypted handshake with {endpoint} failed: the node does not hold this client's mesh key"
+    return (
+        f"the encrypted handshake with {endpoint} failed: the node holds another mesh key than this client, "
+        "or runs an open mesh (--insecure)"
+    )
 
 
 # ----------------------------------------------------------------- ZAP (RFC 27)
