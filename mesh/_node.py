@@ -44,7 +44,7 @@ from protocol import (
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._peers import Peer, PeerTable
 from ._routing import POLICIES
-from ._security import Authenticator, MeshKey, Plaintext, RejectionLog, RequestLimits, same_host
+from ._security import Authenticator, MeshKey, Plaintext, RejectionLog, RequestLimits, same_host, valid_peer_host
 
 log = logging.getLogger("lanmesh.mesh")
 
@@ -624,6 +624,8 @@ class MeshNode:
     # ------------------------------------------------------------ replies from peers
 
     def _drain_dealer(self, sock: zmq.Socket[Any]) -> None:
+        if sock.closed:
+            return  # its peer was dropped (re-addressed, forgotten) earlier in this same poll round
         peer = self.peers.by_socket(sock)
         for _ in range(256):
             if not _readable(sock):
@@ -827,6 +829,12 @@ class MeshNode:
         """Add (or re-address) a peer: connect a DEALER and the SUB, and say hello."""
         if addr.node == self.node_id:
             return None
+        if not valid_peer_host(addr.host):
+            self.stats["bad_peer_address"] += 1
+            line = self._mismatch_log.note("bad peer address", source, f"{addr.node} claims host {addr.host[:64]!r}")
+            if line is not None:
+                log.warning("%s", line)
+            return None
         if self.s.fingerprint and fingerprint and fingerprint != self.s.fingerprint:
             self.stats["foreign_announcements"] += 1
             self._note_foreign(addr, fingerprint, source)
@@ -925,7 +933,12 @@ class MeshNode:
         dealer.setsockopt(zmq.SNDHWM, 100)  # only Hellos go out here, one a second
         dealer.setsockopt(zmq.RCVHWM, 100)
         self._security.configure_client(dealer)
-        dealer.connect(f"tcp://{host}:{int(port)}")
+        try:
+            dealer.connect(f"tcp://{host}:{int(port)}")
+        except zmq.ZMQError as exc:
+            log.error("seed %s is not a usable address (%s); ignoring it", seed, exc)
+            dealer.close(0)
+            return
         self._seeds[(host, int(port))] = dealer
         self._poller.register(dealer, zmq.POLLIN)
 

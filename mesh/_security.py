@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import queue
+import re
 import stat
 import threading
 import time
@@ -257,6 +258,19 @@ def same_host(claimed: str, seen: str | None) -> bool:
     return want == got
 
 
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
+
+
+def valid_peer_host(host: str) -> bool:
+    """Whether a claimed peer host is an IPv4 address or a DNS name: anything else would make ZeroMQ's
+    connect() raise on the mesh loop (or resolve garbage)."""
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return _HOSTNAME.fullmatch(host) is not None
+
+
 def handshake_failure(endpoint: str, event: int) -> str:
     """What a client tells its caller when its handshake with `endpoint` failed (a socket-monitor event)."""
     if event & zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -484,4 +498,5 @@ __all__ = [
     "load_mesh_key",
     "require_curve",
     "same_host",
+    "valid_peer_host",
 ]
