@@ -153,9 +153,7 @@ class Executor:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self.lanes = {b.name: ModelLane(b, max_queue, batch_wait) for b in backends}
-        self.labels: dict[str, str] = {}
-        for b in backends:
-            self.labels.update(b.labels)
+        self.labels: dict[str, str] = {}  # the node's labels (set by the node), matched against `require`
 
     def start(self) -> None:
         for lane in self.lanes.values():

@@ -1,0 +1,137 @@
+"""The real default models served by node processes, through the mesh: answers, streams, fail-over, placement."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from bench.procs import Cluster
+from mesh import Client
+from nodes.models import models_status
+from protocol import Chunk, Reply, Request, Task, decode, encode
+from tests.conftest import LOOPBACK
+
+pytestmark = [pytest.mark.models, pytest.mark.timeout(600)]
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+COUNTING = [{"role": "user", "content": "Write the numbers from one to twenty in words, separated by commas."}]
+
+
+def _have_default_models() -> str | None:
+    try:
+        import onnxruntime  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        return f"needs lanmesh[models]: {exc}"
+    status = models_status()
+    missing = [m["name"] for m in status.get("models", []) if not m.get("installed", True)]
+    return f"model packages not installed: {missing}" if missing else None
+
+
+@pytest.fixture(scope="module")
+def model_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    reason = _have_default_models()
+    if reason:
+        pytest.skip(reason)
+    # One cache for every node process of this module: the first converts, the others load the cache.
+    cache = os.environ.get("LANMESH_TEST_MODEL_CACHE") or str(tmp_path_factory.mktemp("model-cache"))
+    return {"LANMESH_CACHE_DIR": cache, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture
+def model_cluster(tmp_path: Path, model_env: dict[str, str]) -> Iterator[Cluster]:
+    with Cluster(log_dir=tmp_path) as c:
+        yield c
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_default_models_answer_stream_and_embed_through_a_node(
+    model_cluster: Cluster, model_env: dict[str, str]
+) -> None:
+    node = model_cluster.add("models", [*LOOPBACK, "--model", "smollm2", "--model", "minilm"], wait=300, env=model_env)
+    with Client(node.address, timeout=120) as client:
+        answer = client.chat("smollm2", QUESTION, max_tokens=24, temperature=0)
+        assert "Paris" in answer.text
+        assert answer.meta["usage"]["completion_tokens"] > 0
+        assert answer.meta["finish_reason"] in ("stop", "length")
+        streamed = "".join(client.chat("smollm2", QUESTION, max_tokens=24, temperature=0, stream=True))
+        assert streamed == answer.text
+        a, b, c = client.embed(
+            "minilm",
+            ["A man is playing the guitar.", "Someone plays a guitar.", "The stock market fell sharply today."],
+        )
+        assert _cosine(a, b) > _cosine(a, c) + 0.2
+        assert len(a) == 384
+
+
+def test_a_real_stream_continues_exactly_when_its_node_is_killed_mid_answer(
+    model_cluster: Cluster, model_env: dict[str, str]
+) -> None:
+    entry = model_cluster.add("entry", [*LOOPBACK, "--model", "echo"], env=model_env)
+    for name in ("s1", "s2"):
+        model_cluster.add(name, [*LOOPBACK, "--model", "smollm2", "--peer", entry.address], wait=300, env=model_env)
+    model_cluster.wait_converged(timeout=30)
+    params = {"max_tokens": 48, "temperature": 0}
+    with Client(entry.address, timeout=120) as client:
+        reference = client.chat("smollm2", COUNTING, **params).text  # type: ignore[arg-type]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{entry.address}")
+    chunks: list[Chunk] = []
+    final = None
+    try:
+        sock.send(encode(Request("take-over", "smollm2", Task.CHAT, COUNTING, params, 120_000, stream=True)))
+        while final is None:
+            assert sock.poll(60_000), "the stream stalled"
+            msg = decode(sock.recv())
+            if isinstance(msg, Chunk):
+                chunks.append(msg)
+                if len(chunks) == 4:
+                    next(n for n in model_cluster.nodes if n.name == msg.node).kill()
+            else:
+                final = msg
+    finally:
+        sock.close(0)
+    assert isinstance(final, Reply), final
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert len({c.node for c in chunks}) == 2, "the answer should have been finished by the other node"
+    assert "".join(c.data for c in chunks) == reference
+
+
+def test_a_model_that_requires_a_gpu_is_not_served_by_a_cpu_node(model_cluster: Cluster) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the CPU-only refusal cannot be observed here")
+    node = model_cluster.add(
+        "cpu", [*LOOPBACK, "--model", "echo", "--model", "name=gpu-echo,kind=echo,require.gpu=true"]
+    )
+    labels = node.status()[0]["labels"]
+    assert labels["gpu"] == "false" and labels["accelerator"] == "cpu"
+    assert "gpu-echo" not in node.status()[0]["models"]
+    assert "not serving gpu-echo" in node.log_tail(60)
+
+
+def test_on_a_cuda_machine_the_chat_model_lands_on_the_gpu_and_serves(
+    model_cluster: Cluster, model_env: dict[str, str]
+) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    node = model_cluster.add("gpu", [*LOOPBACK, "--model", "smollm2"], wait=300, env=model_env)
+    labels = node.status()[0]["labels"]
+    assert labels["gpu"] == "true" and labels["accelerator"] == "cuda"
+    with Client(node.address, timeout=120) as client:
+        answer = client.chat("smollm2", QUESTION, max_tokens=24, temperature=0, require={"gpu": "true"})
+    assert "Paris" in answer.text and answer.node == "gpu"
