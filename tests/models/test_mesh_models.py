@@ -72,6 +72,12 @@ def test_default_models_answer_stream_and_embed_through_a_node(
         )
         assert _cosine(a, b) > _cosine(a, c) + 0.2
         assert len(a) == 384
+        # Concurrent chats are batched by the node's executor, and each still gets its own answer.
+        prompts = [[{"role": "user", "content": f"Say the number {i}."}] for i in range(8)]
+        futures = [client.submit("smollm2", "chat", p, params={"max_tokens": 8, "temperature": 0}) for p in prompts]
+        assert all(f.result(timeout=300).text for f in futures)
+    executor = node.status()[0]["executor"]["smollm2"]
+    assert executor["batched_requests"] > executor["batches"], executor
 
 
 def test_a_real_stream_continues_exactly_when_its_node_is_killed_mid_answer(
