@@ -29,7 +29,7 @@ import zmq  # noqa: E402
 
 from bench.hosts import Lan  # noqa: E402
 from mesh._security import INSECURE_ENV, KEY_ENV, MeshKey  # noqa: E402
-from protocol import Hello, LoadReport, ModelLoad, PeerAddr, Ping, Request, Task, encode  # noqa: E402
+from protocol import Hello, LoadReport, ModelLoad, PeerAddr, Ping, Reply, Request, Task, decode, encode  # noqa: E402
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
@@ -124,6 +124,59 @@ def rogue_main(argv: list[str]) -> int:
     announce.stop()
     print(json.dumps({"event": "summary", **received, **sent}), flush=True)
     for sock in (*dealers, *subs, router, pub):
+        sock.close(0)
+    ctx.term()
+    return 0
+
+
+def liar_main(argv: list[str]) -> int:
+    """A member that holds the key but lies: it gossips as another node, and answers work in that node's name."""
+    p = argparse.ArgumentParser(prog="test_rogue.py liar")
+    p.add_argument("--ip", required=True)
+    p.add_argument("--target", required=True, help="host:port of the node to befriend")
+    p.add_argument("--victim", required=True, help="node:host:port of the node to impersonate")
+    p.add_argument("--key-file", required=True)
+    p.add_argument("--seconds", type=float, default=10.0)
+    args = p.parse_args(argv)
+    key = MeshKey.load(args.key_file)
+    victim, victim_host, victim_port = args.victim.split(":")
+    ctx = zmq.Context()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    for sock in (router, pub):  # a CURVE server with the real key (and no ZAP: it admits whoever comes)
+        sock.curve_server = True
+        sock.curve_publickey, sock.curve_secretkey = key.public, key.secret
+    router.bind(f"tcp://{args.ip}:{IMPOSTOR_PORT}")
+    pub.bind(f"tcp://{args.ip}:{IMPOSTOR_PORT + 1}")
+    dealer = ctx.socket(zmq.DEALER)
+    key.configure_client(dealer)
+    dealer.connect(f"tcp://{args.target}")
+    me = PeerAddr("liar", args.ip, IMPOSTOR_PORT, IMPOSTOR_PORT + 1)
+    them = PeerAddr(victim, victim_host, int(victim_port), int(victim_port) + 1)
+    inc = time.time_ns()
+    served = 0
+    end = time.monotonic() + args.seconds
+    seq = 0
+    while time.monotonic() < end:
+        seq += 1
+        if seq % 4 == 1:
+            dealer.send(encode(Hello(me, inc, key.fingerprint)))
+        # Truthful about itself (so work comes its way), lying about the victim: "it is leaving, nothing to serve".
+        honest = LoadReport("liar", inc, seq, me, {"sleep:50": ModelLoad(0, 0, 64)}, {}, (), False, key.fingerprint)
+        pub.send(encode(honest))
+        pub.send(encode(LoadReport(victim, inc * 2, seq, them, {}, {}, (), True, key.fingerprint)))
+        deadline = time.monotonic() + 0.25
+        while (left := deadline - time.monotonic()) > 0:
+            if not router.poll(int(left * 1000) + 1):
+                continue
+            ident, frame = router.recv_multipart()
+            msg = decode(frame)
+            if isinstance(msg, Request):
+                served += 1
+                router.send_multipart([ident, encode(Reply(msg.id, "forged", victim, "", 0))])
+        while dealer.poll(0):
+            dealer.recv()
+    print(json.dumps({"event": "summary", "requests_seen": served}), flush=True)
+    for sock in (router, pub, dealer):
         sock.close(0)
     ctx.term()
     return 0
@@ -274,6 +327,48 @@ def test_a_client_without_the_key_or_with_another_is_told_so(keyed_lan: KeyedLan
     assert right.returncode == 0 and right.stdout.strip() == "hello", right.stderr
 
 
+_CHECKED_LOAD = """
+import json, sys
+from mesh import Client
+with Client(sys.argv[1], timeout=40) as client:
+    futures = [client.submit("sleep:50", "complete", f"job {i}") for i in range(int(sys.argv[2]))]
+    results = [f.result(60) for f in futures]
+print(json.dumps({"outputs": [r.output for r in results], "nodes": [r.node for r in results]}))
+"""
+
+
+def test_a_member_claiming_to_be_another_node_is_not_believed(keyed_lan: KeyedLan, keyed: Path) -> None:
+    m = keyed_lan
+    for i in (1, 2, 3):
+        m.start_node(i, "--try-timeout", "2")
+    m.converge([1, 2, 3])
+    liar_host, h2 = m.lan.hosts[4], m.lan.hosts[2]
+    liar = m.lan.spawn(
+        liar_host,
+        [sys.executable, str(Path(__file__)), "liar", "--ip", liar_host.ip, "--target", m.addr(1),
+         "--victim", f"h2:{h2.ip}:{PORT}", "--key-file", str(keyed), "--seconds", "25"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO),
+    )  # fmt: skip
+    end = time.monotonic() + 15
+    while not any(r["node"] == "liar" and r["models"] for r in m.status(1)):
+        assert time.monotonic() < end, f"h1 never heard the liar's own gossip\n{m.logs()}"
+        time.sleep(0.3)
+    done = m.on_client(["-c", _CHECKED_LOAD, m.addr(1), "60"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    out, err = liar.communicate(timeout=60)
+    assert liar.returncode == 0, err[-2000:]
+    seen = json.loads(out.strip().splitlines()[-1])["requests_seen"]
+    # The liar was sent work (it looked idle) but its answers, in h2's name, were never taken.
+    assert got["outputs"] == [f"job {i}" for i in range(60)], got
+    assert "forged" not in got["outputs"]
+    status = {r["node"]: r for r in m.status(1)}
+    assert status["h2"]["state"] == "alive" and status["h2"]["models"], "forged gossip made h2 look gone"
+    mismatches = status["h1"]["stats"].get("identity_mismatch", 0)
+    assert mismatches > 0
+    print(f"\nliar: sent {seen} requests, none of its forged answers accepted; {mismatches} identity mismatches")
+
+
 _CAPTURE = """
 import signal, socket, struct, sys
 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
@@ -338,4 +433,6 @@ def test_traffic_between_hosts_carries_no_plaintext_prompt(keyed_lan: KeyedLan, 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["rogue"]:
         sys.exit(rogue_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["liar"]:
+        sys.exit(liar_main(sys.argv[2:]))
     sys.exit(f"usage: {sys.argv[0]} rogue --ip IP --targets H:P,... --mesh-public Z85 --fingerprint FP")
