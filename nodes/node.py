@@ -31,6 +31,8 @@ class Node:
         self.executor: Executor | None = None
         self.mesh: MeshNode | None = None
         self.mesh_key: MeshKey | None = None  # None only when running --insecure
+        self.metrics: Any = None  # nodes.metrics.NodeMetrics when the http extra is installed
+        self.gateway: Any = None  # nodes.gateway.Gateway while the HTTP gateway runs
         self._stop = threading.Event()
 
     def _build_backends(self, progress: ProgressFn | None) -> list[Backend]:
@@ -57,7 +59,8 @@ class Node:
 
     def start(self, progress: ProgressFn | None = None) -> None:
         cfg = self.config
-        self.mesh_key = self._load_mesh_key()  # no key, no model load
+        api_key = cfg.http_api_key()  # an unreadable key file fails now, not after a long model load
+        self.mesh_key = self._load_mesh_key()  # likewise: no key, no model load
         backends = self._backends if self._backends is not None else self._build_backends(progress)
         for b in backends:
             b.labels.update(cfg.labels)
@@ -96,6 +99,9 @@ class Node:
             max_inflight_per_peer=cfg.max_inflight_per_peer,
         )
         self.mesh = MeshNode(self.executor, settings)
+        self.metrics = _http_metrics(self.node_id) if cfg.http_port else None
+        if self.metrics is not None:
+            self.mesh.observer = self.metrics
         try:
             self.mesh.start()
         except BaseException:
@@ -104,6 +110,25 @@ class Node:
         a = self.mesh.addr
         models = ", ".join(sorted(self.executor.lanes))
         log.info(f"serving {models} on {a.host}:{a.port} (gossip :{a.pub_port})", extra={"models": models})
+        if self.metrics is not None:
+            self._start_gateway(api_key)
+
+    def _start_gateway(self, api_key: str) -> None:
+        from .gateway import Gateway, GatewaySettings, mesh_endpoint
+
+        assert self.mesh is not None
+        cfg = self.config
+        settings = GatewaySettings(
+            self.node_id, cfg.http_host, cfg.http_port, mesh_endpoint(cfg.bind, self.mesh.addr.port), api_key, cfg.grace
+        )
+        gateway = Gateway(settings, self.metrics)
+        try:
+            gateway.start()
+        except OSError as exc:
+            # The mesh node is useful without HTTP (ZeroMQ clients, peers): say so loudly and keep serving.
+            log.error("HTTP gateway not started: %s; pass --http-port PORT (0 = no gateway)", exc)
+            return
+        self.gateway = gateway
 
     def _load_mesh_key(self) -> MeshKey | None:
         """The mesh key, or None with a loud warning under --insecure; raises when there is neither."""
@@ -148,11 +173,31 @@ class Node:
         end = time.monotonic() + grace
         if self.mesh is not None:
             self.mesh.begin_leave()
+        if self.gateway is not None:
+            self.gateway.begin_stop()
         if self.executor is not None:
             self.executor.drain(grace)
+        if self.gateway is not None:
+            self.gateway.stop(max(0.5, end - time.monotonic()))
         if self.mesh is not None:
             self.mesh.wait_settled(max(0.0, end - time.monotonic()))
             self.mesh.stop()
         if self.executor is not None:
             self.executor.stop(max(0.5, end - time.monotonic()))
         log.info("left the mesh")
+
+
+_HTTP_EXTRA = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic", "h11"})
+
+
+def _http_metrics(node_id: str) -> Any:
+    """The node's metrics, or None (with one warning) when the http extra is not installed."""
+    try:
+        from . import gateway  # noqa: F401 - imported here to find out whether the web stack is installed
+        from .metrics import NodeMetrics
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _HTTP_EXTRA:
+            raise
+        log.warning("HTTP gateway disabled: pip install lanmesh[http] (missing %s)", exc.name)
+        return None
+    return NodeMetrics(node_id)
