@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -117,6 +118,14 @@ def _add_node_parser(sub: Any) -> None:
     p.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (~/.cache/lanmesh)")
     p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", dest="log_format", choices=["text", "json"])
+    p.add_argument(
+        "--http-host", dest="http_host", help="address of the HTTP API and /metrics (127.0.0.1); others need a key"
+    )
+    p.add_argument("--http-port", type=int, dest="http_port", help="port of the OpenAI-compatible API (8000; 0 = off)")
+    p.add_argument(
+        "--api-key", dest="api_key", help="key HTTP clients send as 'Authorization: Bearer KEY' (prefer the env/file)"
+    )
+    p.add_argument("--api-key-file", dest="api_key_file", metavar="FILE", help="file whose first line is the API key")
     p.set_defaults(func=_cmd_node)
 
 
@@ -233,6 +242,7 @@ def _add_status_parser(sub: Any) -> None:
     p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
     p.add_argument("--json", action="store_true", help="print the raw rows as JSON")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    p.add_argument("--once", action="store_true", help="at a terminal: print the table once instead of a live one")
     _add_key_file(p)
     p.set_defaults(func=_cmd_status)
 
@@ -271,6 +281,10 @@ def format_security(sec: dict[str, Any]) -> str:
 def _cmd_status(args: argparse.Namespace) -> int:
     from mesh import Client, LanmeshError
 
+    if sys.stdout.isatty() and not args.json and not args.once and importlib.util.find_spec("rich") is not None:
+        from .console import live_status
+
+        return live_status(args.node, args.watch or 1.0, getattr(args, "key_file", None))
     try:
         with Client(args.node, timeout=5.0, security=_client_key(args)) as client:
             while True:
@@ -345,6 +359,54 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- lanmesh chat / doctor
+
+
+def _add_chat_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal, streaming its answers",
+        description="Interactive chat through a node. /exit or Ctrl-D quits, Ctrl-C stops an answer, /reset forgets.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
+    p.add_argument("--model", default="smollm2", help="chat model")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, dest="max_tokens")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds an answer may take")
+    p.set_defaults(func=_cmd_chat)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .console import chat_command
+
+    return chat_command(args)
+
+
+def _add_doctor_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="explain what this machine and a node see, and why a peer is missing",
+        description=(
+            "Interfaces, the node's peers and how each was found, mDNS announcements, and for every node announced "
+            "but not connected the reason: version, mesh key, closed port, no route. Takes a few seconds."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
+    p.add_argument("--mdns-timeout", type=float, default=2.0, dest="mdns_timeout", help="seconds to listen to mDNS")
+    p.add_argument("--no-mdns", action="store_false", dest="mdns", help="skip the mDNS check")
+    p.add_argument("--interface", help="interface (name or IPv4) to listen for mDNS on (default: all)")
+    p.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .console import doctor_command
+
+    return doctor_command(args)
+
+
 # ---------------------------------------------------------------- lanmesh models / bench
 
 
@@ -385,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_parser(sub)
     _add_request_parser(sub)
     _add_status_parser(sub)
+    _add_chat_parser(sub)
+    _add_doctor_parser(sub)
     _add_keygen_parser(sub)
     _add_models_parser(sub)
     _add_bench_parser(sub)
