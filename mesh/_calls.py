@@ -54,6 +54,7 @@ _REFUSALS_FOR_UNAUTHORIZED = 2
 _SEND_RETRY_S = 0.002
 # Below this budget a request cannot be stamped (deadline_ms must be >= 1) and has expired.
 _MIN_BUDGET_S = 0.001
+_TASKS: dict[str, Task] = {t.value: t for t in Task}  # a Task is a str, so members find themselves too
 
 # ----------------------------------------------------------------- results
 
@@ -203,6 +204,10 @@ class CallTable:
     def pending(self) -> int:
         return len(self._calls)
 
+    def active(self, key: int) -> bool:
+        """Whether call `key` is still in flight (or waiting to be sent)."""
+        return key in self._calls
+
     def start(self, call: Call, now: float) -> None:
         self._calls[call.key] = call
         self._dispatch(call, now)
@@ -266,10 +271,10 @@ class CallTable:
                 self.protocol_errors += 1
                 log.warning("ignored a %s from %s: a client expects only replies", type(msg).__name__, endpoint)
             return
-        if isinstance(msg, Chunk):
-            self._on_chunk(call, msg, endpoint)
-        elif isinstance(msg, Reply):
+        if type(msg) is Reply:  # the common case first
             self._on_reply(call, msg)
+        elif isinstance(msg, Chunk):
+            self._on_chunk(call, msg, endpoint)
         elif isinstance(msg, Error):
             self._on_error(call, msg, endpoint, now)
         elif isinstance(msg, Reject):
@@ -385,7 +390,8 @@ class CallTable:
     # ------------------------------------------------------------- sending
 
     def _dispatch(self, call: Call, now: float, *, avoid: str | None = None) -> None:
-        self._waiting.pop(call.key, None)
+        if self._waiting:
+            self._waiting.pop(call.key, None)
         if now >= call.deadline - _MIN_BUDGET_S:
             self._expire(call)
             return
@@ -426,23 +432,19 @@ class CallTable:
     def _message(self, call: Call, wire: str, now: float) -> Request | Ping:
         if call.kind != "request":
             return Ping(id=wire, node=self.client_id, want_status=call.kind == "status")
+        deadline_ms = int((call.deadline - now) * 1000)
+        # Positional (in Request's field order): noticeably cheaper than keywords on this per-request path.
         return Request(
-            id=wire,
-            model=call.model,
-            task=call.task,
-            input=call.input,
-            params=call.params,
-            deadline_ms=max(1, int((call.deadline - now) * 1000)),
-            priority=call.priority,
-            origin=self.client_id,
-            stream=call.stream,
-            require=call.require,
-            prefix="".join(call.text),
-        )
+            wire, call.model, call.task, call.input, call.params, deadline_ms if deadline_ms > 0 else 1,
+            call.priority, 0, self.client_id, call.stream, call.require, "".join(call.text) if call.text else "",
+        )  # fmt: skip
 
     def _pick(self, call: Call, avoid: str | None) -> str | None:
         """Round-robin over connected nodes that have not refused this call (any node routes inside the mesh)."""
         up = self._up
+        if len(up) == 1:  # one node: no rotation; the node to avoid is still better than none
+            ep = up[0]
+            return None if ep in call.declined or ep in call.unavailable else ep
         fallback = None
         for i in range(len(up)):
             ep = up[(self._rr + i) % len(up)]
@@ -523,6 +525,12 @@ def request_call(
         raise ValueError(f"timeout must be positive, got {timeout}")
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
         raise ValueError(f"priority must be an integer 0..9, got {priority!r}")
+    try:
+        task_ = _TASKS.get(task)  # a dict lookup: Task(task) costs an enum call per request
+    except TypeError:  # unhashable
+        task_ = None
+    if task_ is None:
+        raise ValueError(f"task must be one of {list(_TASKS)}, got {task!r}")
     return Call(
         key=key,
         kind="request",
@@ -530,11 +538,11 @@ def request_call(
         deadline=now + timeout,
         sink=sink,
         model=model,
-        task=Task(task),
+        task=task_,
         input=input,
-        params=dict(params or {}),
+        params=dict(params) if params else {},
         priority=priority,
-        require=dict(require or {}),
+        require=dict(require) if require else {},
         stream=stream,
     )
 
