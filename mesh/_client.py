@@ -11,6 +11,7 @@ import math
 import os
 import queue
 import re
+import select
 import socket
 import threading
 import time
@@ -44,7 +45,13 @@ _MONITOR_EVENTS = (
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
-_DRAIN_BATCH = 512  # frames read from one socket before the others get a turn
+# Plain ints: zmq's flag enums cost an enum construction per `&` on the hot path.
+_EVENTS, _POLLIN, _DONTWAIT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.DONTWAIT)
+_DRAIN_BATCH = 512  # frames read in one go before the reader lets others have the lock
+# The I/O thread looks at its timers at least this often, so a new call whose deadline is later (almost all) need
+# not wake it.
+_IDLE_WAKE_S = 1.0
+_IDLE_WAKE_MS = int(_IDLE_WAKE_S * 1000)
 _CLOSE_JOIN_S = 2.0
 
 _HOST_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -170,26 +177,55 @@ def embeddings_of(result: Result) -> list[list[float]]:
 # ----------------------------------------------------------------- the threaded client
 
 
-class _FutureSink:
-    __slots__ = ("future",)
+# A future's outcome waits in its client's outbox until the client's lock is released: resolving a future runs
+# the caller's done-callbacks, and those may call back into the client.
+_Outcome = tuple[Future[Any], Any, bool]  # (future, value or error, failed)
 
-    def __init__(self, future: Future[Any]) -> None:
+
+class _RequestFuture(Future[Any]):
+    """A Future whose `cancel()` also stops the request (cheaper than a done-callback on every future)."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self._client = client
+        self._key = 0
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self._client._cancel(self._key)
+        return True
+
+
+class _FutureSink:
+    __slots__ = ("future", "outbox")
+
+    def __init__(self, future: Future[Any], outbox: list[_Outcome]) -> None:
         self.future = future
+        self.outbox = outbox
 
     def chunk(self, data: str, node: str) -> None:
         raise AssertionError("a future sink never streams")
 
     def done(self, value: Any) -> None:
-        try:
-            self.future.set_result(value)
-        except InvalidStateError:
-            pass  # the caller cancelled the future meanwhile; nobody is waiting for the value
+        self.outbox.append((self.future, value, False))
 
     def fail(self, exc: LanmeshError) -> None:
+        self.outbox.append((self.future, exc, True))
+
+
+_NO_OUTCOMES: list[_Outcome] = []  # never appended to
+
+
+def _resolve(outcomes: list[_Outcome]) -> None:
+    for future, value, failed in outcomes:
         try:
-            self.future.set_exception(exc)
+            if failed:
+                future.set_exception(value)
+            else:
+                future.set_result(value)
         except InvalidStateError:
-            pass  # as above: cancelled by the caller
+            pass  # the caller cancelled the future meanwhile; nobody is waiting for the value
 
 
 class _Waiter:
@@ -291,15 +327,26 @@ class Stream(Iterator[str]):
             self.close()
 
 
-_Command = tuple[Literal["start"], Call] | tuple[Literal["cancel"], int] | tuple[Literal["close"], None]
-
-
 class Client:
     """A thread-safe client for a lanmesh mesh: many requests may be in flight from many threads at once.
 
-    One I/O thread owns every ZeroMQ socket; callers hand it calls and wait on futures. When the node carrying a
-    request drops (crash, hang caught by heartbeats), the request is re-sent to another node, so a caller sees an
-    error only when its deadline passes, no node is reachable, or the mesh gives an answer a retry cannot change.
+    One I/O thread sends submitted requests (in batches), reads replies and watches connections and timers; a thread
+    blocked in `request()` sends and reads for itself (see below). When the node carrying a request drops (crash,
+    hang caught by heartbeats), the request is re-sent to another node, so a caller sees an error only when its
+    deadline passes, no node is reachable, or the mesh gives an answer a retry cannot change.
+
+    Threading: every socket and the CallTable are used only under `_lock` (a ZeroMQ socket may move between threads
+    behind a full memory barrier). The I/O thread sleeps in a poll on each DEALER's ZMQ_FD, never on the socket
+    itself, so a caller may send while it sleeps. ZMQ_FD is edge-triggered and any send may consume its signal, so
+    whoever releases the lock first reads every DEALER until ZMQ_EVENTS shows no input (`_settle`): replies that
+    arrive later then raise ZMQ_FD again and wake the I/O thread.
+
+    `submit()` only queues the call and wakes the I/O thread if it sleeps (no lock: a pipelining caller never waits
+    on the I/O thread's socket work). A thread blocked in `request()` instead sends its call itself and polls the
+    DEALERs while it waits (it "leads", one thread at a time), reading every reply that comes while the I/O thread
+    leaves the DEALERs to it: two thread wake-ups fewer per synchronous request. Whoever ends the leader's call
+    from another thread (a deadline, close) pokes it; a leader that leaves with calls still in flight hands the
+    DEALERs back to the I/O thread.
     """
 
     def __init__(
@@ -331,13 +378,32 @@ class Client:
             self._close_sockets()
             raise ValueError(f"cannot connect to {ep}: {exc}") from exc
         self._table = CallTable(endpoints, client_id=self.client_id, transmit=self._transmit, try_timeout=try_timeout)
-        self._commands: deque[_Command] = deque()
         self._lock = threading.Lock()
         self._closed = False
+        self._outbox: list[_Outcome] = []
+        self._queued: deque[Call] = deque()  # submitted, for the I/O thread to send
+        # Cancels may come from Stream.__del__ (the GC, maybe while this thread holds the lock): they queue here.
+        self._cancels: deque[int] = deque()
+        # When the sleeping I/O thread wakes on its own (-inf: it is awake and will look at the timers itself). A
+        # caller whose call needs the I/O thread sooner writes a byte to the wake-up socket.
+        self._io_wake_at = -math.inf
+        self._io_watching = True  # whether the I/O thread's poll includes the DEALERs
         self._wake_pending = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._dealer_list = list(self._dealers.items())
+        self._many = len(self._dealer_list) > 1
+        self._leader = 0  # key of the call whose thread reads the DEALERs now (0: none, the I/O thread does)
+        self._leader_poked = False
+        self._poke_r, self._poke_w = socket.socketpair()
+        self._poke_r.setblocking(False)
+        self._poke_w.setblocking(False)
+        self._pokes_open = True
+        self._lead_poll = select.poll()  # one syscall per wait, where zmq_poll makes two
+        for dealer in self._dealers.values():
+            self._lead_poll.register(cast(int, dealer.getsockopt(zmq.FD)), select.POLLIN)
+        self._lead_poll.register(self._poke_r.fileno(), select.POLLIN)
         self._thread = threading.Thread(target=self._run, name=f"lanmesh-{self.client_id}", daemon=True)
         self._thread.start()
 
@@ -369,13 +435,14 @@ class Client:
         require: dict[str, str] | None = None,
     ) -> Future[Result]:
         """Start a request and return at once; the future resolves to its Result or a LanmeshError."""
-        future: Future[Result] = Future()
+        future = _RequestFuture(self)
         call = request_call(
-            self._table.new_key(), _FutureSink(future), model, task, input, params=params,
+            self._table.new_key(), _FutureSink(future, self._outbox), model, task, input, params=params,
             timeout=self.timeout if timeout is None else timeout, priority=priority, require=require,
             stream=False, now=time.monotonic(),
         )  # fmt: skip
-        self._start(call, future)
+        future._key = call.key
+        self._enqueue(call)
         return future
 
     def request(
@@ -477,12 +544,9 @@ class Client:
     def close(self) -> None:
         """Stop the I/O thread; requests still pending fail with MeshUnavailable('client closed')."""
         with self._lock:
-            first = not self._closed  # False also when the I/O thread already stopped after a crash
-            self._closed = True
-            if first:
-                self._commands.append(("close", None))
-        if first:
-            self._wake()
+            if not self._closed:  # closed already also when the I/O thread stopped after a crash
+                self._closed = True
+                self._wake()
         if threading.current_thread() is self._thread:
             return  # close() from a done-callback: the I/O thread stops once this callback returns
         self._thread.join(_CLOSE_JOIN_S)
@@ -491,6 +555,9 @@ class Client:
             return
         self._wake_r.close()
         self._wake_w.close()
+        with self._lock:
+            if not self._leader:  # else the leader, poked by the I/O thread, closes them as it leaves
+                self._close_pokes()
 
     def __enter__(self) -> Client:
         return self
@@ -518,7 +585,7 @@ class Client:
             key, sink, model, task, input, params=params, timeout=self.timeout if timeout is None else timeout,
             priority=0, require=require, stream=True, now=time.monotonic(),
         )  # fmt: skip
-        self._send_command(("start", call))
+        self._enqueue(call)
         return Stream(sink, lambda: self._cancel(key))
 
     def _probe(self, kind: Literal["ping", "status"], timeout: float) -> PingReply:
@@ -527,14 +594,77 @@ class Client:
         call = Call(self._table.new_key(), kind, timeout, now + timeout, waiter)
         return cast(PingReply, self._run_call(call, waiter))
 
-    def _start(self, call: Call, future: Future[Any]) -> None:
-        self._send_command(("start", call))
-        key = call.key
-        future.add_done_callback(lambda f: self._cancel(key) if f.cancelled() else None)
+    def _enqueue(self, call: Call) -> None:
+        if self._closed:
+            raise MeshUnavailable("client closed")
+        self._queued.append(call)
+        if not self._closed:
+            self._wake()
+            return
+        with self._lock:  # closed meanwhile: the I/O thread's last sweep of the queue may have missed this call
+            self._fail_queued()
+            outcomes = self._take_outcomes()
+        _resolve(outcomes)
+
+    def _start(self, call: Call) -> bool:
+        """Send the call's first try from this thread; True if this thread is now the leader and must read."""
+        with self._lock:
+            if self._closed:
+                raise MeshUnavailable("client closed")
+            table = self._table
+            table.start(call, time.monotonic())
+            lead = not self._leader and table.active(call.key)
+            if lead:
+                self._leader = call.key
+            self._settle(leading=lead)
+            if lead and not table.active(call.key):  # answered already, while this thread read the sockets
+                self._leader = 0
+                lead = False
+                self._hand_over()
+            outcomes = self._take_outcomes()
+        if outcomes:
+            _resolve(outcomes)
+        return lead
+
+    def _lead(self, key: int) -> None:
+        """Read the DEALERs from this thread until call `key` has ended; then hand them back."""
+        poll = self._lead_poll.poll
+        try:
+            while True:
+                poll(_IDLE_WAKE_MS)  # the I/O thread pokes on close or a deadline, so this cap is only a guard
+                with self._lock:
+                    if self._leader_poked:
+                        self._drain(self._poke_r)
+                        self._leader_poked = False
+                    if self._closed:
+                        self._leader = 0
+                        self._close_pokes()  # close() left them to the leader
+                        return
+                    self._settle(leading=True)
+                    ended = not self._table.active(key)
+                    if ended:
+                        self._leader = 0
+                        self._hand_over()
+                    outcomes = self._take_outcomes()
+                if outcomes:
+                    _resolve(outcomes)
+                if ended:
+                    return
+        except BaseException:
+            with self._lock:  # e.g. KeyboardInterrupt in the poll: another thread or the I/O thread takes over
+                if self._leader == key:
+                    self._leader = 0
+                    if self._closed:
+                        self._close_pokes()
+                    else:
+                        self._hand_over()
+            raise
 
     def _run_call(self, call: Call, waiter: _Waiter) -> Any:
-        self._send_command(("start", call))
+        lead = self._start(call)
         try:
+            if lead:
+                self._lead(call.key)
             return waiter.wait()
         except LanmeshError:
             raise
@@ -547,18 +677,13 @@ class Client:
         # A cancel that races with close() is harmless: close fails every pending call anyway.
         if self._closed:
             return
-        self._commands.append(("cancel", key))
-        self._wake()
-
-    def _send_command(self, command: _Command) -> None:
-        with self._lock:
-            if self._closed:
-                raise MeshUnavailable("client closed")
-            self._commands.append(command)
+        self._cancels.append(key)
         self._wake()
 
     def _wake(self) -> None:
-        # One pending wake-up byte is enough: the I/O thread clears the flag before it drains the commands.
+        """Make the I/O thread run a turn soon. Any thread, lock or not: the I/O thread drains the wake-up socket,
+        then clears the flag, then looks at its queues, so a byte is only skipped when one is on its way."""
+        self._io_wake_at = -math.inf  # awake from now on: no caller needs to write another byte
         if self._wake_pending:
             return
         self._wake_pending = True
@@ -569,74 +694,156 @@ class Client:
         except OSError:
             if not self._closed:
                 raise
-            # a cancel that raced with close(): the wake-up socket is gone along with the I/O thread
+            # raced with close(): the wake-up socket is gone along with the I/O thread, which failed every call
 
-    # ------------------------------------------------------------- the I/O thread
+    # ------------------------------------------------------------- under the lock, from any thread
 
     def _transmit(self, endpoint: str, frame: bytes) -> bool:
         try:
-            self._dealers[endpoint].send(frame, zmq.DONTWAIT)
+            self._dealers[endpoint].send(frame, _DONTWAIT)
         except zmq.Again:
             return False
         return True
 
+    def _settle(self, *, leading: bool = False) -> None:
+        """Leave the sockets and threads so that whoever must wake does; call last before releasing the lock."""
+        if self._read_replies(time.monotonic()):
+            self._wake()  # more waiting than one batch: the I/O thread reads on
+        else:
+            wake = self._table.next_wake()
+            if wake is not None and wake < self._io_wake_at:
+                self._wake()  # a timer due before the sleeping I/O thread would look
+        if not leading:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Make sure someone reads the DEALERs: poke a leader whose call ended here, or wake the I/O thread."""
+        if self._leader:
+            if not self._leader_poked and not self._table.active(self._leader):
+                self._leader_poked = True
+                self._poke_w.send(b"\0")  # one byte at most: the socket buffer cannot fill
+        elif not self._io_watching and self._table.pending:
+            self._wake()  # calls in flight and nobody polling their DEALERs
+
+    def _close_pokes(self) -> None:
+        if self._pokes_open:
+            self._pokes_open = False
+            self._poke_r.close()
+            self._poke_w.close()
+
+    @staticmethod
+    def _drain(sock: socket.socket) -> None:
+        while True:
+            try:
+                if not sock.recv(4096):
+                    return
+            except BlockingIOError:
+                return
+
+    def _read_replies(self, now: float) -> bool:
+        """Read every DEALER until ZMQ_EVENTS shows no input; True when the batch limit left frames unread."""
+        receive = self._table.receive
+        budget = _DRAIN_BATCH
+        again = True
+        while again:
+            again = False
+            for ep, sock in self._dealer_list:
+                # Ask EVENTS rather than recv until zmq.Again: raising and catching that costs more than the check.
+                while cast(int, sock.get(_EVENTS)) & _POLLIN:
+                    if not budget:
+                        return True
+                    budget -= 1
+                    receive(ep, sock.recv(_DONTWAIT), now)
+                    # An answer can send a retry on a DEALER already read, which may consume its ZMQ_FD signal.
+                    again = self._many
+        return False
+
+    def _fail_queued(self) -> None:
+        closed = MeshUnavailable("client closed")
+        while self._queued:
+            self._queued.popleft().sink.fail(closed)
+
+    def _take_outcomes(self) -> list[_Outcome]:
+        outbox = self._outbox
+        if not outbox:
+            return _NO_OUTCOMES
+        taken = outbox[:]
+        outbox.clear()  # in place: every future sink holds this list
+        return taken
+
+    # ------------------------------------------------------------- the I/O thread
+
     def _run(self) -> None:
         table = self._table
-        poller = zmq.Poller()
-        readers: dict[Any, str] = {}
+        watching, quiet = zmq.Poller(), zmq.Poller()  # with the DEALERs, and without them (while a caller leads)
         watchers: dict[Any, str] = {}
-        for ep, dealer in self._dealers.items():
-            poller.register(dealer, zmq.POLLIN)
-            readers[dealer] = ep
-        for ep, monitor in self._monitors.items():
-            poller.register(monitor, zmq.POLLIN)
-            watchers[monitor] = ep
+        for dealer in self._dealers.values():
+            # Its ZMQ_FD, not the socket: zmq_poll on the socket would use it while a caller sends on it.
+            watching.register(cast(int, dealer.getsockopt(zmq.FD)), zmq.POLLIN)
         wake_fd = self._wake_r.fileno()
-        poller.register(wake_fd, zmq.POLLIN)
+        for poller in (watching, quiet):
+            for ep, monitor in self._monitors.items():
+                poller.register(monitor, zmq.POLLIN)  # monitor sockets are this thread's alone
+                watchers[monitor] = ep
+            poller.register(wake_fd, zmq.POLLIN)
+        ready: list[tuple[Any, int]] = []
         try:
             while True:
-                wake = table.next_wake()
-                timeout = None if wake is None else max(0, math.ceil((wake - time.monotonic()) * 1000.0))
-                ready = poller.poll(timeout)
-                now = time.monotonic()
-                # Replies first: an answer that arrived just before its node dropped is still an answer.
-                for sock, _ in ready:
-                    source = readers.get(sock)
-                    if source is not None:
-                        self._drain_replies(sock, source, now)
-                for sock, _ in ready:
-                    source = watchers.get(sock)
-                    if source is not None:
-                        self._drain_events(sock, source, now)
-                if any(sock == wake_fd for sock, _ in ready):
-                    # Drain before clearing the flag: a byte sent after the clear must stay in the socket, or a
-                    # caller that then finds the flag set would skip its wake-up and its command would wait forever.
-                    self._drain_wakeups()
-                    self._wake_pending = False
-                if self._commands and self._run_commands(now):
-                    break
-                table.expire(time.monotonic())
+                with self._lock:
+                    if self._closed:
+                        break
+                    timeout = self._turn(ready, watchers, wake_fd)
+                    outcomes = self._take_outcomes()
+                if outcomes:
+                    _resolve(outcomes)
+                ready = (watching if self._io_watching else quiet).poll(timeout)
         except Exception as exc:  # a bug in this client: fail every caller loudly instead of leaving them hanging
             log.exception("lanmesh client I/O thread crashed")
-            table.fail_all(InternalError(f"client I/O thread crashed: {type(exc).__name__}: {exc}"))
+            with self._lock:
+                table.fail_all(InternalError(f"client I/O thread crashed: {type(exc).__name__}: {exc}"))
+                outcomes = self._take_outcomes()
+            _resolve(outcomes)
         finally:
             with self._lock:
                 self._closed = True  # also after a crash: later calls must fail, not wait for a dead thread
-            closed = MeshUnavailable("client closed")
-            table.fail_all(closed)
-            for command in self._commands:
-                if command[0] == "start":
-                    command[1].sink.fail(closed)
-            self._commands.clear()
-            self._close_sockets()
+                table.fail_all(MeshUnavailable("client closed"))
+                self._fail_queued()  # after setting `_closed`: a call queued later is failed by its submitter
+                self._hand_over()  # wakes a leader, which then leaves the sockets alone: they close now
+                self._close_sockets()
+                outcomes = self._take_outcomes()
+            _resolve(outcomes)
 
-    def _drain_replies(self, sock: zmq.Socket[bytes], ep: str, now: float) -> None:
-        receive = self._table.receive
-        # Ask EVENTS rather than recv until zmq.Again: raising and catching that costs more than the check.
-        for _ in range(_DRAIN_BATCH):
-            if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                return
-            receive(ep, sock.recv(zmq.DONTWAIT), now)
+    def _turn(self, ready: list[tuple[Any, int]], watchers: dict[Any, str], wake_fd: int) -> int:
+        """One round of the I/O thread's work; returns how long it may then sleep (ms)."""
+        table = self._table
+        now = time.monotonic()
+        if any(sock == wake_fd for sock, _ in ready):
+            self._drain(self._wake_r)
+            self._wake_pending = False
+        # Replies first: an answer that arrived just before its node dropped is still an answer.
+        more = self._read_replies(now)
+        for sock, _ in ready:
+            source = watchers.get(sock)
+            if source is not None:
+                self._drain_events(sock, source, now)
+        queued = self._queued
+        while queued:
+            table.start(queued.popleft(), now)
+        cancels = self._cancels
+        while cancels:
+            table.cancel(cancels.popleft())
+        table.expire(time.monotonic())
+        # New calls, failovers and retries above sent frames, and a send may consume a ZMQ_FD signal: read again.
+        more = self._read_replies(now) or more
+        self._io_watching = not self._leader
+        self._hand_over()  # a leader's call may have ended here (deadline, error)
+        if more:
+            self._io_wake_at = -math.inf
+            return 0
+        now = time.monotonic()
+        wake = table.next_wake()
+        self._io_wake_at = now + _IDLE_WAKE_S if wake is None else min(wake, now + _IDLE_WAKE_S)
+        return max(0, math.ceil((self._io_wake_at - now) * 1000.0))
 
     def _drain_events(self, sock: zmq.Socket[bytes], ep: str, now: float) -> None:
         while True:
@@ -645,28 +852,6 @@ class Client:
             except zmq.Again:
                 return
             apply_monitor_event(self._table, ep, int(event["event"]), now)
-
-    def _drain_wakeups(self) -> None:
-        while True:
-            try:
-                if not self._wake_r.recv(4096):
-                    return
-            except BlockingIOError:
-                return
-
-    def _run_commands(self, now: float) -> bool:
-        """Run queued caller commands; True when one of them was `close`."""
-        table = self._table
-        commands = self._commands
-        while commands:
-            command = commands.popleft()
-            if command[0] == "start":
-                table.start(command[1], now)
-            elif command[0] == "cancel":
-                table.cancel(command[1])
-            else:
-                return True
-        return False
 
     def _close_sockets(self) -> None:
         for dealer in self._dealers.values():
