@@ -8,6 +8,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,17 @@ from typing import Any
 import psutil
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS_ENV = "LANMESH_BENCH_RESULTS"  # another folder for results (CI's smoke test must not overwrite ours)
+
+
+def results_dir() -> Path:
+    """Where results go: $LANMESH_BENCH_RESULTS, else bench/results/."""
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS)
 
 
 def machine() -> dict[str, Any]:
-    versions = {}
-    for pkg in ("lanmesh", "pyzmq", "msgpack", "zeroconf", "torch", "transformers", "onnxruntime"):
+    versions: dict[str, str | None] = {}
+    for pkg in ("lanmesh", "pyzmq", "msgpack", "zeroconf", "torch", "transformers", "onnxruntime", "ray"):
         try:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -47,9 +54,10 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def write(scenario: str, result: dict[str, Any]) -> Path:
-    """Write `<scenario>.json` (latest) and a timestamped copy under bench/results/."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(scenario: str, result: dict[str, Any], plot: Callable[[dict[str, Any], Path], None] | None = None) -> Path:
+    """Write `<scenario>.json` (latest), a timestamped copy under history/, and `plot(result, <scenario>.png)`."""
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     result = {
         "scenario": scenario,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -57,11 +65,13 @@ def write(scenario: str, result: dict[str, Any]) -> Path:
         **result,
     }
     text = json.dumps(result, indent=2, sort_keys=False)
-    latest = RESULTS / f"{scenario}.json"
+    latest = folder / f"{scenario}.json"
     latest.write_text(text + "\n")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    (RESULTS / "history").mkdir(exist_ok=True)
-    (RESULTS / "history" / f"{scenario}-{stamp}.json").write_text(text + "\n")
+    (folder / "history").mkdir(exist_ok=True)
+    (folder / "history" / f"{scenario}-{stamp}.json").write_text(text + "\n")
+    if plot is not None:
+        plot(result, folder / f"{scenario}.png")
     return latest
 
 

@@ -1,0 +1,178 @@
+"""One PNG per scenario, drawn from its result dict (matplotlib, imported only when a plot is drawn)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _subtitle(result: dict[str, Any]) -> str:
+    m = result.get("machine", {})
+    where = result.get("testbed", {}).get("mode", "?")
+    return f"{m.get('cores', '?')} cores, load {m.get('load_avg_1m', 0):.1f}, {where}, reps {result.get('repetitions')}"
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def plot_overhead(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    s, ray = result["summary"], result.get("ray_serve", {})
+    names = ["lanmesh direct", "lanmesh one hop"]
+    sync = [s["direct"]["sync_p50_us"], s["one_hop"]["sync_p50_us"]]
+    thr = [s["direct"]["pipelined_req_per_s"], s["one_hop"]["pipelined_req_per_s"]]
+    if "handle_pipelined_req_per_s" in ray:
+        names += ["Ray Serve handle", "Ray Serve HTTP"]
+        sync += [ray["handle_sync_p50_us"], ray["http_sync_p50_us"]]
+        thr += [ray["handle_pipelined_req_per_s"], ray["http_concurrent_req_per_s"]]
+    colors = ["#2b7bba", "#5aa6dd", "#d9822b", "#f0b36e"][: len(names)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar(names, [x / 1000 for x in sync], color=colors)
+    a.set_ylabel("ms (p50, one request at a time)")
+    a.set_title("sync latency, no-op request")
+    b.bar(names, thr, color=colors)
+    b.set_yscale("log")
+    b.set_ylabel("requests/s (64 in flight; Ray HTTP: 16 clients)")
+    b.set_title("throughput, no-op request")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.suptitle(f"overhead — {_subtitle(result)}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_scaling(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    pts = result["summary"]["points"]
+    n = [p["nodes"] for p in pts]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(n, [p["req_per_s"] for p in pts], "o-", label="measured")
+    a.plot(n, [p["ideal_req_per_s"] for p in pts], "--", color="grey", label="N x one node")
+    a.plot(n, [p["capacity_req_per_s"] for p in pts], ":", color="black", label="N x nominal capacity")
+    a.set_xlabel("nodes")
+    a.set_ylabel("requests/s")
+    a.set_xticks(n)
+    a.legend()
+    a.set_title(f"throughput, {result['model']['spec']} per node, saturated")
+    b.bar([str(x) for x in n], [p["efficiency"] * 100 for p in pts], color="#2b7bba")
+    b.axhline(95, color="red", linestyle="--", label="goal 95%")
+    b.set_ylim(0, 110)
+    b.set_xlabel("nodes")
+    b.set_ylabel("% of N x one node")
+    b.legend(loc="lower left")
+    b.set_title("scaling efficiency")
+    fig.suptitle(f"scaling — {_subtitle(result)}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_heterogeneous(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    pol = result["summary"]["policies"]
+    names = list(pol)
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    w = 0.38
+    ax.bar([i - w / 2 for i in x], [pol[k]["p50_ms"] for k in names], w, label="p50", color="#5aa6dd")
+    ax.bar([i + w / 2 for i in x], [pol[k]["p99_ms"] for k in names], w, label="p99", color="#2b7bba")
+    for i, k in enumerate(names):
+        ax.annotate(f"{pol[k]['p99_ms']:.0f}", (i + w / 2, pol[k]["p99_ms"]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency, ms (log)")
+    t = result["trace"]
+    load = f"{t['rate']:.0f} req/s = {t['utilisation'] * 100:.0f}% of capacity"
+    ax.set_title(f"the same Poisson trace for each, {load}; node speeds 1x/2x/4x")
+    ax.legend()
+    fig.suptitle(f"heterogeneous — {_subtitle(result)}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_failover(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    runs = result["runs"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 3.6 * len(runs)), squeeze=False)
+    for ax, (fault, r) in zip(axes[:, 0], runs.items(), strict=True):
+        tl = r["timeline"]
+        t = [row["t"] for row in tl]
+        ax.plot(t, [row["req_per_s"] for row in tl], color="#2b7bba", label="requests/s (1 s window)")
+        ax.set_ylabel("requests/s")
+        ax.set_xlabel("seconds from the fault")
+        ax2 = ax.twinx()
+        ax2.plot(t, [row["p99_ms"] for row in tl], color="#d9822b", label="p99 ms (1 s window)")
+        ax2.set_ylabel("p99 ms")
+        ax.set_ylim(bottom=0)
+        ax2.set_ylim(bottom=0)
+        ax.axvline(0, color="red", label=f"{fault}")
+        d = r["detection"]
+        if d.get("suspect_s") is not None:
+            ax.axvline(d["suspect_s"], color="purple", linestyle="--", label=f"all suspect {d['suspect_s']:.2f}s")
+        if d.get("dead_s") is not None:
+            ax.axvline(d["dead_s"], color="black", linestyle=":", label=f"all dead {d['dead_s']:.2f}s")
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower left", fontsize=8)
+        ax.set_title(f"{fault} of one of {result['nodes']} nodes: {r['lost']} lost of {r['requests']}")
+    fig.suptitle(f"failover — {_subtitle(result)}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_soak(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    tl = result["timeline"]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    ax.plot([r["second"] for r in tl], [r["ok"] for r in tl], color="#2b7bba", label="served per second")
+    failed = [(r["second"], r["failed"]) for r in tl if r["failed"]]
+    if failed:
+        ax.scatter(*zip(*failed, strict=True), color="red", marker="x", label="failed per second")
+    colors = {"kill -9": "red", "SIGSTOP": "purple", "loss": "orange", "slow link": "green", "delay": "brown"}
+    seen: set[str] = set()
+    for f in result["faults"]:
+        kind = f["kind"]
+        label = None if kind in seen else kind
+        seen.add(kind)
+        end = f.get("cleared_at") or f["at"] + 0.5
+        ax.axvspan(f["at"], end, color=colors.get(kind, "grey"), alpha=0.18, label=label)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("requests per second")
+    ax.set_ylim(bottom=0)
+    s = result["summary"]
+    ax.set_title(
+        f"soak: {s['ok']}/{s['requests']} served ({s['success_rate'] * 100:.3f}%), {len(result['faults'])} faults"
+    )
+    ax.legend(loc="lower left", fontsize=8, ncol=3)
+    fig.suptitle(f"soak — {_subtitle(result)}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_models(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    s = result["summary"]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
+    a.bar(["1 stream", "8 concurrent"], [s["chat_single_tok_per_s"], s["chat_aggregate_tok_per_s"]], color="#2b7bba")
+    a.set_ylabel("tokens/s")
+    a.set_title(f"chat decode ({s['aggregate_over_single']:.1f}x with 8)")
+    emb = s["embed"]
+    b.bar(list(emb), [v["sentences_per_s"] for v in emb.values()], color="#5aa6dd")
+    b.axhline(250, color="red", linestyle="--", label="goal 250/s")
+    b.set_ylabel("sentences/s")
+    b.set_title("embeddings, one node")
+    b.tick_params(axis="x", labelrotation=10)
+    b.legend()
+    starts = {"cold": s["cold_start_s"], "warm": s["warm_start_s"]}
+    c.bar(list(starts), list(starts.values()), color=["#d9822b", "#f0b36e"])
+    c.set_ylabel("seconds until both models answer")
+    c.set_title(f"node start; first token {s['ttft_ms']:.0f} ms")
+    fig.suptitle(f"models — {_subtitle(result)}", fontsize=9)
+    _save(fig, path)

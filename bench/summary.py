@@ -1,0 +1,310 @@
+"""`python -m bench report`: render bench/results/README.md from the scenarios' JSON results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .report import results_dir
+
+ORDER = ("overhead", "scaling", "heterogeneous", "failover", "soak", "models")
+
+
+def load_results(folder: Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    for name in ORDER:
+        path = folder / f"{name}.json"
+        if path.exists():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def _f(v: Any, fmt: str = ".1f", unit: str = "") -> str:
+    return "—" if v is None else f"{v:{fmt}}{unit}"
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+
+def goals(r: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(goal, measured, met) for every goal the scenarios check, from whatever results exist."""
+    rows: list[tuple[str, str, str]] = []
+    if "overhead" in r:
+        vs = r["overhead"]["summary"].get("vs_ray")
+        if vs:
+            x = vs["one_hop_req_per_s_over_ray_handle"]
+            rows.append(
+                (
+                    "overhead: >= 30x Ray Serve's requests/s",
+                    f"{x:.1f}x Ray's handle, {vs['one_hop_req_per_s_over_ray_http']:.1f}x its HTTP (lanmesh one hop,"
+                    " 64 in flight)",
+                    _met(x >= 30),
+                )
+            )
+        else:
+            rows.append(
+                (
+                    "overhead: >= 30x Ray Serve's requests/s",
+                    f"not measured: {r['overhead']['ray_serve'].get('skipped')}",
+                    "n/a",
+                )
+            )
+    if "scaling" in r:
+        s = r["scaling"]["summary"]
+        rows.append(
+            (
+                "scaling: >= 95% efficiency at 8 nodes",
+                f"{s['efficiency_at_max'] * 100:.1f}% at {s['nodes_at_max']} nodes",
+                _met(s["efficiency_at_max"] >= 0.95) if s["nodes_at_max"] >= 8 else "n/a (fewer nodes)",
+            )
+        )
+    if "heterogeneous" in r:
+        s = r["heterogeneous"]["summary"]
+        rows.append(
+            (
+                "heterogeneous: p2c p99 <= 1.3x the JSQ oracle's",
+                f"{s['p2c_p99_over_oracle']:.2f}x",
+                _met(s["p2c_p99_over_oracle"] <= 1.3),
+            )
+        )
+        rows.append(
+            (
+                "heterogeneous: least-loaded-on-gossip p99 >= 2x p2c's",
+                f"{s['least_loaded_p99_over_p2c']:.2f}x",
+                _met(s["least_loaded_p99_over_p2c"] >= 2.0),
+            )
+        )
+    if "failover" in r:
+        s = r["failover"]["summary"]
+        lost = s["lost"]
+        total = sum(v["requests"] for k, v in s.items() if isinstance(v, dict))
+        rows.append(("failover: 0 requests lost", f"{lost} of {total}", _met(lost == 0)))
+        for fault in ("kill -9", "SIGSTOP"):
+            if fault in s:
+                d = s[fault]
+                rows.append(
+                    (
+                        f"failover: {fault} detected within 1.5 s",
+                        f"every survivor: suspect {_f(d['suspect_s'], '.2f', ' s')},"
+                        f" dead {_f(d['dead_s'], '.2f', ' s')}",
+                        _met(d["suspect_s"] is not None and d["suspect_s"] <= 1.5),
+                    )
+                )
+    if "soak" in r:
+        s = r["soak"]["summary"]
+        rate = s["success_rate"]
+        rows.append(
+            (
+                "soak: 100% of requests succeed",
+                f"{s['ok']}/{s['requests']} ({_f(rate * 100 if rate is not None else None, '.3f', '%')}), "
+                f"{s['faults']} faults",
+                _met(s["failed"] == 0),
+            )
+        )
+    if "models" in r:
+        s = r["models"]["summary"]
+        rows.append(
+            (
+                "models: 8 concurrent chats >= 3.5x one stream's tokens/s",
+                f"{s['aggregate_over_single']:.2f}x ({s['chat_aggregate_tok_per_s']:.0f} vs"
+                f" {s['chat_single_tok_per_s']:.0f} tok/s)",
+                _met(s["aggregate_over_single"] >= 3.5),
+            )
+        )
+        best = max(v["sentences_per_s"] for v in s["embed"].values())
+        rows.append(
+            ("models: >= 250 embeddings/s per node", f"{best:.0f} sentences/s (the better batching)", _met(best >= 250))
+        )
+    return rows
+
+
+def _machine(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    t = res.get("testbed", {})
+    v = m.get("versions", {})
+    versions = ", ".join(f"{k} {x}" for k, x in v.items() if x)
+    mode = t.get("mode", "?")
+    sec = t.get("security", "")
+    quick = " — **quick mode: rough figures**" if res.get("quick") else ""
+    return (
+        f"_{res['when']}; {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, load average {m['load_avg_1m']:.2f}"
+        f" at the end (the machine is shared, so figures are noisy); {mode}: {t.get('detail', '')}; security:"
+        f" {sec}; repetitions: {res.get('repetitions')}; Python {m['python']}; {versions}_{quick}"
+    )
+
+
+def _overhead(res: dict[str, Any]) -> list[str]:
+    s, ray = res["summary"], res.get("ray_serve", {})
+    lines = [
+        "Echo model. *Direct*: the client sends to the node that serves echo. *One hop*: it enters at a node that "
+        "does not, which forwards. The client runs on a host of its own.",
+        "",
+        "| path | sync p50 | sync p99 | 64 in flight: req/s | p50 | p99 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, name in (("direct", "direct"), ("one_hop", "one hop")):
+        x = s[k]
+        lines.append(
+            f"| {name} | {x['sync_p50_us']:.0f} µs | {x['sync_p99_us']:.0f} µs | {x['pipelined_req_per_s']:.0f} |"
+            f" {x['pipelined_p50_us']:.0f} µs | {x['pipelined_p99_us']:.0f} µs |"
+        )
+    if "handle_pipelined_req_per_s" in ray:
+        lines.append(
+            f"| Ray Serve {ray['ray_version']} handle (no-op) | {ray['handle_sync_p50_us']:.0f} µs |"
+            f" {ray['handle_sync_p99_us']:.0f} µs | {ray['handle_pipelined_req_per_s']:.0f} |"
+            f" {ray['handle_pipelined_p50_us']:.0f} µs | {ray['handle_pipelined_p99_us']:.0f} µs |"
+        )
+        lines.append(
+            f"| Ray Serve HTTP (no-op; 16 clients) | {ray['http_sync_p50_us']:.0f} µs |"
+            f" {ray['http_sync_p99_us']:.0f} µs | {ray['http_concurrent_req_per_s']:.0f} | | |"
+        )
+    else:
+        lines += ["", f"Ray Serve anchor: {ray.get('skipped', 'not measured')}."]
+    lines += [
+        "",
+        f"One forwarding hop adds {s['hop_added_sync_p50_us']:.0f} µs at p50 and {s['hop_added_sync_p99_us']:.0f} µs"
+        " at p99.",
+    ]
+    return lines
+
+
+def _scaling(res: dict[str, Any]) -> list[str]:
+    lines = [
+        f"`{res['model']['spec']}` on every node; {res['load']['kind']}; {res['measured_window']}.",
+        "",
+        "| nodes | req/s | N x one node | efficiency | of nominal capacity | p50 | p99 | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in res["summary"]["points"]:
+        lines.append(
+            f"| {p['nodes']} | {p['req_per_s']:.1f} | {p['ideal_req_per_s']:.1f} | {p['efficiency'] * 100:.1f}% |"
+            f" {p['of_capacity'] * 100:.1f}% | {p['p50_ms']:.0f} ms | {p['p99_ms']:.0f} ms | {p['failed']} |"
+        )
+    return lines
+
+
+def _heterogeneous(res: dict[str, Any]) -> list[str]:
+    t = res["trace"]
+    speeds = ", ".join(f"{n['ms']} ms" for n in res["nodes"])
+    lines = [
+        f"Six nodes serving one model at {speeds} per request, capacity 2 each ({t['capacity_req_per_s']:.0f} req/s"
+        f" in all). {t['kind']}; {t['rate']:.0f} req/s for {t['seconds']:g} s. Oracle: {res['oracle']}.",
+        "",
+        "| policy | p50 | p99 | mean | req/s | rejected | failed | served by 1x/2x/4x nodes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, p in res["summary"]["policies"].items():
+        by = p["served_by_speed"]
+        lines.append(
+            f"| {name} | {p['p50_ms']:.0f} ms | {p['p99_ms']:.0f} ms | {p['mean_ms']:.0f} ms |"
+            f" {p['throughput_req_per_s']:.1f} | {p['rejected']} | {p['failed']} |"
+            f" {by.get('1x', 0)}/{by.get('2x', 0)}/{by.get('4x', 0)} |"
+        )
+    return lines
+
+
+def _failover(res: dict[str, Any]) -> list[str]:
+    d = res["definitions"]
+    lines = [
+        f"{res['nodes']} nodes of `{res['model']}`, {res['load']['kind']}, {res['load']['in_flight']} in flight. "
+        f"Detection: {d['suspect_s']} (suspect) / {d['dead_s']} (dead). p99 in the fault window: requests completing"
+        f" in the {d['window_s']:g} s after the fault. Recovery: {d['recovery_s']}.",
+        "",
+        "| fault | lost | suspect after | dead after | p99 before | p99 in fault window | req/s before -> after |"
+        " recovery |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for fault, s in res["summary"].items():
+        if not isinstance(s, dict):
+            continue
+        lines.append(
+            f"| {fault} | {s['lost']} of {s['requests']} | {_f(s['suspect_s'], '.2f', ' s')} |"
+            f" {_f(s['dead_s'], '.2f', ' s')} | {s['p99_before_ms']:.0f} ms | {s['p99_fault_window_ms']:.0f} ms |"
+            f" {s['req_per_s_before']:.0f} -> {s['req_per_s_after']:.0f} | {_f(s['recovery_s'], '.2f', ' s')} |"
+        )
+    return lines
+
+
+def _soak(res: dict[str, Any]) -> list[str]:
+    s = res["summary"]
+    kinds = ", ".join(f"{k} x{n}" for k, n in s["faults_by_kind"].items())
+    lines = [
+        f"{res['load']['seconds'] / 60:g} minutes, {res['nodes']} nodes of `{res['model']}`, {res['load']['kind']},"
+        f" {res['load']['in_flight']} in flight, fault schedule seed {res['seed']}.",
+        "",
+        f"- requests: {s['requests']}, served {s['ok']}, failed {s['failed']}"
+        f" (success rate {_f(s['success_rate'] * 100 if s['success_rate'] is not None else None, '.3f', '%')})",
+        f"- faults: {s['faults']} ({kinds}); every one is listed in soak.json",
+        f"- latency p50 {_f(s['p50_ms'], '.0f', ' ms')}, p99 {_f(s['p99_ms'], '.0f', ' ms')},"
+        f" max {_f(s['max_ms'], '.0f', ' ms')}",
+    ]
+    for note in res.get("skipped_faults", []):
+        lines.append(f"- not exercised: {note}")
+    return lines
+
+
+def _models(res: dict[str, Any]) -> list[str]:
+    s = res["summary"]
+    lines = [
+        f"{res['models']['chat']} and {res['models']['embed']} through one node on loopback;"
+        f" chat max_tokens {res['chat']['max_tokens']}.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| chat, one stream | {s['chat_single_tok_per_s']:.1f} tok/s (decode {s['chat_single_decode_tok_per_s']:.1f})"
+        " |",
+        f"| chat, 8 concurrent | {s['chat_aggregate_tok_per_s']:.1f} tok/s ({s['aggregate_over_single']:.2f}x) |",
+        f"| time to first token | {s['ttft_ms']:.0f} ms |",
+    ]
+    for k, v in s["embed"].items():
+        lines.append(f"| embeddings, {k} | {v['sentences_per_s']:.0f} sentences/s |")
+    lines += [
+        f"| cold start (empty cache) | {s['cold_start_s']:.1f} s |",
+        f"| warm start | {s['warm_start_s']:.1f} s |",
+    ]
+    return lines
+
+
+SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
+    "overhead": ("Overhead of the mesh", _overhead),
+    "scaling": ("Scaling out", _scaling),
+    "heterogeneous": ("Routing on nodes of different speeds", _heterogeneous),
+    "failover": ("Failover", _failover),
+    "soak": ("Soak (chaos)", _soak),
+    "models": ("Models", _models),
+}
+
+
+def render(folder: Path | None = None) -> Path:
+    """Write README.md beside the results; returns its path."""
+    folder = folder or results_dir()
+    res = load_results(folder)
+    out = [
+        "# lanmesh benchmark results",
+        "",
+        "Generated by `python -m bench report` from the JSON files in this folder; every figure is a measurement "
+        "from the run named under its section (`python -m bench SCENARIO` reproduces it). Nodes run as separate "
+        "processes, each in a network namespace of its own on a private bridge when run as root (else on "
+        "127.0.0.1), and the load generator on a host of its own.",
+        "",
+        "## Goals",
+        "",
+        "| goal | measured | met |",
+        "|---|---|---|",
+    ]
+    out += [f"| {g} | {m} | {ok} |" for g, m, ok in goals(res)]
+    missing = [n for n in ORDER if n not in res]
+    if missing:
+        out += ["", f"Not run yet: {', '.join(missing)}."]
+    for name, data in res.items():
+        title, section = SECTIONS[name]
+        out += ["", f"## {title}", "", _machine(data), ""]
+        out += section(data)
+        if (folder / f"{name}.png").exists():
+            out += ["", f"![{name}]({name}.png)"]
+    path = folder / "README.md"
+    path.write_text("\n".join(out) + "\n")
+    return path

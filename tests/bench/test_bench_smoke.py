@@ -1,0 +1,56 @@
+"""The benchmark harness runs end to end in its quick mode: overhead and failover complete and lose nothing.
+
+Not a timing test: the figures of a quick run on a busy CI machine mean little. Results go to a temporary
+folder (`--results-dir`), never over the committed ones in bench/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_bench(results: Path, *args: str, timeout: float = 200) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--results-dir", str(results), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"bench {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return dict(json.loads((results / f"{args[0]}.json").read_text()))
+
+
+def test_quick_overhead_run_measures_both_paths_and_writes_json_and_plot(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "overhead", "--quick")
+    for path in ("direct", "one_hop"):
+        assert result["summary"][path]["pipelined_req_per_s"] > 0
+        assert all(r["pipelined"]["requests"] == 2000 for r in result["runs"][path])
+    assert result["machine"]["cores"] and result["repetitions"] == 1
+    assert result["testbed"]["mode"] in ("netns", "loopback")
+    assert "skipped" in result["ray_serve"]  # never started in quick mode
+    assert (tmp_path / "overhead.png").stat().st_size > 0
+
+
+def test_quick_failover_run_loses_no_request_to_kill_or_sigstop(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "failover", "--quick")
+    assert result["summary"]["lost"] == 0, result["all_runs"]
+    for fault in ("kill -9", "SIGSTOP"):
+        run = result["runs"][fault]
+        assert run["requests"] > 0 and run["lost"] == 0, run["failures"]
+        assert run["detection"]["complete"], f"not every survivor saw the {fault} victim die: {run['detection']}"
+    assert (tmp_path / "failover.png").stat().st_size > 0
+    assert "README.md" not in os.listdir(tmp_path)  # only `bench report` writes the summary
