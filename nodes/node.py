@@ -99,9 +99,6 @@ class Node:
             max_inflight_per_peer=cfg.max_inflight_per_peer,
         )
         self.mesh = MeshNode(self.executor, settings)
-        self.metrics = _http_metrics(self.node_id) if cfg.http_port else None
-        if self.metrics is not None:
-            self.mesh.observer = self.metrics
         try:
             self.mesh.start()
         except BaseException:
@@ -110,7 +107,10 @@ class Node:
         a = self.mesh.addr
         models = ", ".join(sorted(self.executor.lanes))
         log.info(f"serving {models} on {a.host}:{a.port} (gossip :{a.pub_port})", extra={"models": models})
+        # The web stack takes ~1 s to import: only once the mesh already serves. Metrics start with the gateway.
+        self.metrics = _http_metrics(self.node_id) if cfg.http_port else None
         if self.metrics is not None:
+            self.mesh.observer = self.metrics
             self._start_gateway(api_key)
 
     def _start_gateway(self, api_key: str) -> None:

@@ -179,4 +179,4 @@ def test_a_node_without_the_web_stack_still_serves_and_says_why(cluster: Cluster
     node = cluster.add("no-http", [*LOOPBACK, "--model", "echo", "--http-port", str(free_port())], env=env)
     with Client(node.address, timeout=10) as client:
         assert client.request("echo", "complete", "still here").output == "still here"
-    assert "HTTP gateway disabled: pip install lanmesh[http]" in node.log_tail()
+    wait_until(lambda: "HTTP gateway disabled: pip install lanmesh[http]" in node.log_tail(), what="the warning")
