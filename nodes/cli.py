@@ -375,6 +375,7 @@ def _add_chat_parser(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, dest="max_tokens")
     p.add_argument("--temperature", type=float)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds an answer may take")
+    _add_key_file(p)
     p.set_defaults(func=_cmd_chat)
 
 
@@ -398,6 +399,7 @@ def _add_doctor_parser(sub: Any) -> None:
     p.add_argument("--mdns-timeout", type=float, default=2.0, dest="mdns_timeout", help="seconds to listen to mDNS")
     p.add_argument("--no-mdns", action="store_false", dest="mdns", help="skip the mDNS check")
     p.add_argument("--interface", help="interface (name or IPv4) to listen for mDNS on (default: all)")
+    _add_key_file(p)
     p.set_defaults(func=_cmd_doctor)
 
 
