@@ -16,6 +16,7 @@ from protocol import Limits
 from .backends.base import Backend, ProgressFn
 from .config import NodeConfig, parse_hostport
 from .executor import Executor
+from .hardware import detect_labels, unmet
 from .models import build_backend, default_models, estimate_memory, parse_model_arg
 
 log = logging.getLogger("lanmesh.node")
@@ -34,6 +35,7 @@ class Node:
         self.metrics: Any = None  # nodes.metrics.NodeMetrics when the http extra is installed
         self.gateway: Any = None  # nodes.gateway.Gateway while the HTTP gateway runs
         self._stop = threading.Event()
+        self.labels: dict[str, str] = {}
 
     def _build_backends(self, progress: ProgressFn | None) -> list[Backend]:
         specs = [parse_model_arg(m) for m in self.config.models] if self.config.models else default_models()
@@ -48,8 +50,18 @@ class Node:
                     f"models need about {need / 2**30:.1f} GiB but --max-memory is {limit / 2**30:.1f} GiB; "
                     "serve fewer models or raise the limit"
                 )
-        backends = []
+        self.labels = {**detect_labels(any(s.kind not in ("echo", "sleep") for s in specs)), **self.config.labels}
+        runnable = []
         for spec in specs:
+            missing = unmet(spec.requires, self.labels)
+            if missing:
+                log.warning("not serving %s: it requires %s, this node has %s", spec.name, missing, self.labels)
+            else:
+                runnable.append(spec)
+        if not runnable:
+            raise ValueError(f"none of the models can run here (node labels {self.labels})")
+        backends = []
+        for spec in runnable:
             backend = build_backend(spec)
             t0 = time.monotonic()
             backend.load(progress)
@@ -61,11 +73,10 @@ class Node:
         cfg = self.config
         api_key = cfg.http_api_key()  # an unreadable key file fails now, not after a long model load
         self.mesh_key = self._load_mesh_key()  # likewise: no key, no model load
+        self.labels = {**detect_labels(False), **cfg.labels}
         backends = self._backends if self._backends is not None else self._build_backends(progress)
-        for b in backends:
-            b.labels.update(cfg.labels)
         self.executor = Executor(backends, max_queue=cfg.max_queue, batch_wait=cfg.batch_wait_ms / 1000)
-        self.executor.labels.update(cfg.labels)
+        self.executor.labels = dict(self.labels)  # node labels: what routing's `require` matches
         self.executor.start()
         interfaces = [cfg.advertised_host()] if cfg.interface else None
         for seed in cfg.peers:

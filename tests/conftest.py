@@ -10,8 +10,9 @@ import pytest
 from bench.procs import Cluster
 from mesh._security import INSECURE_ENV, KEY_ENV, MeshKey
 
-# Nodes in loopback tests never touch a real network: bound to 127.0.0.1, no mDNS.
-LOOPBACK = ["--bind", "127.0.0.1", "--no-mdns"]
+# Nodes in loopback tests never touch a real network: bound to 127.0.0.1, no mDNS; no HTTP gateway
+# unless a test asks for one (a later --http-port wins).
+LOOPBACK = ["--bind", "127.0.0.1", "--no-mdns", "--http-port", "0"]
 
 
 @pytest.fixture(autouse=True)
