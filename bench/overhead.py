@@ -145,7 +145,7 @@ def _run_ray(bed: Testbed) -> dict[str, Any]:
         return {"skipped": f"Ray Serve failed to run: {str(exc)[-800:]}"}
 
 
-def ray_probe(sync_n: int = 500, pipe_n: int = 3000, window: int = 64, http_n: int = 2000) -> dict[str, Any]:
+def ray_probe(sync_n: int = 300, pipe_n: int = 2000, window: int = 64, http_n: int = 1600) -> dict[str, Any]:
     """Ray Serve's no-op deployment, measured like lanmesh's echo: sync and 64 in flight, via handle and HTTP.
 
     Runs in this process: call it inside a network namespace (Ray listens on every interface).
@@ -166,7 +166,8 @@ def ray_probe(sync_n: int = 500, pipe_n: int = 3000, window: int = 64, http_n: i
             async def __call__(self, *args: Any) -> str:
                 return "x"
 
-        deployment: Any = serve.deployment(Noop)
+        # Admission as wide as the window: Ray's default (5 ongoing) would make this a test of its queueing.
+        deployment: Any = serve.deployment(max_ongoing_requests=window)(Noop)
         handle = serve.run(deployment.bind(), route_prefix="/noop")
         for _ in range(100):
             handle.remote().result()
@@ -237,6 +238,7 @@ def ray_probe(sync_n: int = 500, pipe_n: int = 3000, window: int = 64, http_n: i
             "http_concurrent_req_per_s": per_thread * 16 / http_s,
             "http_concurrency": 16,
             "in_flight": window,
+            "max_ongoing_requests": window,
         }
     finally:
         serve.shutdown()
