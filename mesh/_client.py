@@ -338,15 +338,16 @@ class Client:
     Threading: every socket and the CallTable are used only under `_lock` (a ZeroMQ socket may move between threads
     behind a full memory barrier). The I/O thread sleeps in a poll on each DEALER's ZMQ_FD, never on the socket
     itself, so a caller may send while it sleeps. ZMQ_FD is edge-triggered and any send may consume its signal, so
-    whoever releases the lock first reads every DEALER until ZMQ_EVENTS shows no input (`_settle`): replies that
-    arrive later then raise ZMQ_FD again and wake the I/O thread.
+    whoever holds the lock reads every DEALER until ZMQ_EVENTS shows no input before releasing it (`_settle`):
+    replies that arrive later then raise ZMQ_FD again and wake the I/O thread.
 
     `submit()` only queues the call and wakes the I/O thread if it sleeps (no lock: a pipelining caller never waits
     on the I/O thread's socket work). A thread blocked in `request()` instead sends its call itself and polls the
     DEALERs while it waits (it "leads", one thread at a time), reading every reply that comes while the I/O thread
     leaves the DEALERs to it: two thread wake-ups fewer per synchronous request. Whoever ends the leader's call
     from another thread (a deadline, close) pokes it; a leader that leaves with calls still in flight hands the
-    DEALERs back to the I/O thread.
+    DEALERs back to the I/O thread. Futures are resolved outside the lock, on whichever of these threads read the
+    reply, so a done-callback may call the client again (even `request()`), but should not block for long.
     """
 
     def __init__(
@@ -873,7 +874,8 @@ def apply_monitor_event(table: CallTable, endpoint: str, event: int, now: float)
     elif event & _HANDSHAKE_FAILED:
         why = handshake_failure(endpoint, event)
         log.warning("%s", why)
-        table.node_refused(endpoint, why, now)
+        # After a protocol mismatch ZeroMQ does not reconnect: that refusal is final.
+        table.node_refused(endpoint, why, now, final=bool(event & zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL))
 
 
 __all__ = ["Call", "CallTable", "Client", "PingReply", "Result", "Sink", "Stream", "parse_endpoints"]
