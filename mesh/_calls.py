@@ -227,14 +227,18 @@ class CallTable:
             if call.not_before <= now:
                 self._dispatch(call, now)
 
-    def node_refused(self, endpoint: str, why: str, now: float) -> None:
+    def node_refused(self, endpoint: str, why: str, now: float, *, final: bool = False) -> None:
         """The handshake with `endpoint` failed (wrong or missing mesh key). When every node keeps refusing,
-        fail the calls now with Unauthorized: waiting for the deadline cannot fix a key."""
+        fail the calls now with Unauthorized: waiting for the deadline cannot fix a key. `final`: ZeroMQ will
+        not try this node again (a protocol mismatch), so one refusal is enough."""
         count = self._refused.get(endpoint, (0, ""))[0] + 1
-        self._refused[endpoint] = (count, why)
-        if self._up or any(self._refused.get(ep, (0, ""))[0] < _REFUSALS_FOR_UNAUTHORIZED for ep in self.endpoints):
-            return
-        self.fail_all(self._unauthorized())
+        self._refused[endpoint] = (max(count, _REFUSALS_FOR_UNAUTHORIZED) if final else count, why)
+        if self._every_node_refused():
+            self.fail_all(self._unauthorized())
+
+    def _every_node_refused(self) -> bool:
+        refused = self._refused
+        return not self._up and all(refused.get(ep, (0, ""))[0] >= _REFUSALS_FOR_UNAUTHORIZED for ep in self.endpoints)
 
     def _unauthorized(self) -> Unauthorized:
         reasons = "; ".join(why for _, why in self._refused.values())
@@ -409,6 +413,9 @@ class CallTable:
                 call.unavailable_rounds += 1
                 self._park(call, now + pause)
             else:
+                if self._refused and self._every_node_refused():
+                    self._fail(call, self._unauthorized())  # no node will ever take this client's key
+                    return
                 self._park(call, 0.0)  # no node connected: wait for one, until the deadline
             return
         wire = f"{self._wire_prefix}.{next(self._wire_seq)}"

@@ -10,6 +10,8 @@ import pytest
 import zmq
 from zmq.utils import z85
 
+from mesh import Unauthorized
+from mesh._calls import CallTable, request_call
 from mesh._discovery import parse_txt, txt_for
 from mesh._security import (
     INSECURE_ENV,
@@ -271,3 +273,67 @@ def test_key_files_are_never_group_or_world_readable_even_under_a_lax_umask(tmp_
     finally:
         os.umask(old)
     assert _mode(path) == 0o600
+
+
+# ----------------------------------------------------------------- a client whose key no node takes (sans-IO)
+
+
+class _Outcome:
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+        self.value: object = None
+
+    def chunk(self, data: str, node: str) -> None:
+        raise AssertionError("no stream here")
+
+    def done(self, value: object) -> None:
+        self.value = value
+
+    def fail(self, exc: Exception) -> None:
+        self.error = exc
+
+
+def _table(*endpoints: str) -> CallTable:
+    return CallTable(endpoints, client_id="c", transmit=lambda ep, frame: True)
+
+
+def _start(table: CallTable, now: float = 0.0) -> _Outcome:
+    out = _Outcome()
+    call = request_call(
+        table.new_key(), out, "echo", "complete", "x", params=None, timeout=30, priority=0, require=None,
+        stream=False, now=now,
+    )  # fmt: skip
+    table.start(call, now)
+    return out
+
+
+def test_a_final_refusal_at_every_node_fails_waiting_calls_at_once() -> None:
+    table = _table("tcp://a:1", "tcp://b:1")
+    out = _start(table)
+    table.node_refused("tcp://a:1", "a says no", 0.1, final=True)
+    assert out.error is None  # b may still take the key
+    table.node_refused("tcp://b:1", "b says no", 0.2, final=True)
+    assert isinstance(out.error, Unauthorized) and "a says no" in str(out.error) and "b says no" in str(out.error)
+    later = _start(table, 0.3)  # no node will take this key: no point waiting for the deadline
+    assert isinstance(later.error, Unauthorized)
+
+
+def test_a_failed_handshake_that_may_be_retried_must_fail_twice_in_a_row() -> None:
+    table = _table("tcp://a:1")
+    out = _start(table)
+    table.node_refused("tcp://a:1", "wrong key?", 0.1)
+    assert out.error is None
+    table.node_up("tcp://a:1", 0.2)  # it connected after all: the count starts over
+    table.node_down("tcp://a:1", 0.3)
+    table.node_refused("tcp://a:1", "wrong key?", 0.4)
+    assert out.error is None
+    table.node_refused("tcp://a:1", "wrong key?", 0.5)
+    assert isinstance(out.error, Unauthorized)
+
+
+def test_a_call_that_never_reached_a_node_after_refusals_expires_as_unauthorized() -> None:
+    table = _table("tcp://a:1")
+    out = _start(table)
+    table.node_refused("tcp://a:1", "wrong key?", 0.1)
+    table.expire(31.0)
+    assert isinstance(out.error, Unauthorized)
