@@ -139,7 +139,7 @@ def test_doctor_names_why_announced_nodes_are_not_peers(cluster: Cluster) -> Non
             return rows[0]["stats"].get("peer_suspect", 0) >= 2 and not alive
 
         wait_until(given_up, timeout=15, what="the ghosts seen silent")
-        out = lanmesh("doctor", "--node", node.address, "--mdns-timeout", "2")
+        out = lanmesh("doctor", "--node", node.address, "--mdns-timeout", "5")
     finally:
         for info in infos:
             zc.unregister_service(info)
@@ -153,7 +153,7 @@ def test_doctor_names_why_announced_nodes_are_not_peers(cluster: Cluster) -> Non
 
 
 def test_a_lan_wide_gateway_without_an_api_key_is_refused() -> None:
-    out = lanmesh("node", *LOOPBACK, "--model", "echo", "--http-host", "0.0.0.0", timeout=30)
+    out = lanmesh("node", *LOOPBACK, "--model", "echo", "--http-port", "8000", "--http-host", "0.0.0.0", timeout=30)
     assert out.returncode != 0
     assert "API key" in out.stderr or "api-key" in out.stderr
     assert "0.0.0.0" in out.stderr and "Traceback" not in out.stderr
