@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol import Request, Task
 
@@ -423,8 +424,6 @@ class Authenticator:
             self._rejected("auth_rejected", verdict.address, f"{verdict.mechanism} client refused ({verdict.reason})")
 
     def _read_monitor(self, mon: zmq.Socket[Any], name: str) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
         while True:
             try:
                 event = recv_monitor_message(mon, zmq.NOBLOCK)
