@@ -395,6 +395,11 @@ class Client:
         self._wake_w.setblocking(False)
         self._dealer_list = list(self._dealers.items())
         self._many = len(self._dealer_list) > 1
+        self._sends = 0  # frames sent so far: tells the I/O thread whether its turn sent any
+        # Each DEALER's ZMQ_FD, which the I/O thread and a leader poll instead of the socket: zmq_poll on the
+        # socket would use it while a caller sends on it.
+        self._dealer_fds = {cast(int, dealer.getsockopt(zmq.FD)) for dealer in self._dealers.values()}
+        self._unread = False  # a reader stopped at its batch limit with input left on a DEALER
         self._leader = 0  # key of the call whose thread reads the DEALERs now (0: none, the I/O thread does)
         self._leader_poked = False
         self._poke_r, self._poke_w = socket.socketpair()
@@ -402,8 +407,8 @@ class Client:
         self._poke_w.setblocking(False)
         self._pokes_open = True
         self._lead_poll = select.poll()  # one syscall per wait, where zmq_poll makes two
-        for dealer in self._dealers.values():
-            self._lead_poll.register(cast(int, dealer.getsockopt(zmq.FD)), select.POLLIN)
+        for fd in self._dealer_fds:
+            self._lead_poll.register(fd, select.POLLIN)
         self._lead_poll.register(self._poke_r.fileno(), select.POLLIN)
         self._thread = threading.Thread(target=self._run, name=f"lanmesh-{self.client_id}", daemon=True)
         self._thread.start()
@@ -704,6 +709,7 @@ class Client:
             self._dealers[endpoint].send(frame, _DONTWAIT)
         except zmq.Again:
             return False
+        self._sends += 1
         return True
 
     def _settle(self, *, leading: bool = False) -> None:
@@ -734,12 +740,11 @@ class Client:
 
     @staticmethod
     def _drain(sock: socket.socket) -> None:
-        while True:
-            try:
-                if not sock.recv(4096):
-                    return
-            except BlockingIOError:
-                return
+        # One read: bytes beyond it only cost a spare turn, where reading until EAGAIN costs an exception each time.
+        try:
+            sock.recv(4096)
+        except BlockingIOError:
+            pass  # already drained
 
     def _read_replies(self, now: float) -> bool:
         """Read every DEALER until ZMQ_EVENTS shows no input; True when the batch limit left frames unread."""
@@ -752,11 +757,13 @@ class Client:
                 # Ask EVENTS rather than recv until zmq.Again: raising and catching that costs more than the check.
                 while cast(int, sock.get(_EVENTS)) & _POLLIN:
                     if not budget:
+                        self._unread = True
                         return True
                     budget -= 1
                     receive(ep, sock.recv(_DONTWAIT), now)
                     # An answer can send a retry on a DEALER already read, which may consume its ZMQ_FD signal.
                     again = self._many
+        self._unread = False
         return False
 
     def _fail_queued(self) -> None:
@@ -778,9 +785,8 @@ class Client:
         table = self._table
         watching, quiet = zmq.Poller(), zmq.Poller()  # with the DEALERs, and without them (while a caller leads)
         watchers: dict[Any, str] = {}
-        for dealer in self._dealers.values():
-            # Its ZMQ_FD, not the socket: zmq_poll on the socket would use it while a caller sends on it.
-            watching.register(cast(int, dealer.getsockopt(zmq.FD)), zmq.POLLIN)
+        for fd in self._dealer_fds:
+            watching.register(fd, zmq.POLLIN)
         wake_fd = self._wake_r.fileno()
         for poller in (watching, quiet):
             for ep, monitor in self._monitors.items():
@@ -821,8 +827,13 @@ class Client:
         if any(sock == wake_fd for sock, _ in ready):
             self._drain(self._wake_r)
             self._wake_pending = False
-        # Replies first: an answer that arrived just before its node dropped is still an answer.
-        more = self._read_replies(now)
+        # Replies first: an answer that arrived just before its node dropped is still an answer. Read only when
+        # there can be input: every lock holder left the DEALERs read, so only a raised ZMQ_FD or a reader
+        # that stopped at its batch limit means there is.
+        more = False
+        if self._unread or any(sock in self._dealer_fds for sock, _ in ready):
+            more = self._read_replies(now)
+        sends = self._sends
         for sock, _ in ready:
             source = watchers.get(sock)
             if source is not None:
@@ -834,8 +845,8 @@ class Client:
         while cancels:
             table.cancel(cancels.popleft())
         table.expire(time.monotonic())
-        # New calls, failovers and retries above sent frames, and a send may consume a ZMQ_FD signal: read again.
-        more = self._read_replies(now) or more
+        if self._sends != sends:  # new calls, failovers or retries went out, and a send may consume ZMQ_FD's signal
+            more = self._read_replies(now) or more
         self._io_watching = not self._leader
         self._hand_over()  # a leader's call may have ended here (deadline, error)
         if more:
