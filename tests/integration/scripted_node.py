@@ -26,8 +26,10 @@ import argparse
 import heapq
 import itertools
 import os
+import random
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -243,6 +245,24 @@ def node_status(endpoint: str, timeout: float = 2.0) -> dict[str, Any]:
         return pong.status[0]
     finally:
         sock.close(0)
+
+
+def closed_port() -> int:
+    """A port nothing listens on, below the kernel's ephemeral range.
+
+    A client retrying a connection to a closed port in the ephemeral range can, now and then, be given
+    that very port as its own source port and connect to itself (TCP simultaneous open): the handshake
+    then fails as if a node had refused it. Below the range that cannot happen.
+    """
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    for port in random.sample(range(20_000, min(low, 32_768)), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no closed port found below the ephemeral range")
 
 
 def free_port() -> int:

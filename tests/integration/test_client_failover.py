@@ -10,7 +10,7 @@ from concurrent.futures import Future
 
 import pytest
 import zmq
-from scripted_node import ScriptedNode, SpawnedNode, free_port, node_status
+from scripted_node import ScriptedNode, SpawnedNode, closed_port, free_port, node_status
 
 import protocol
 from mesh import (
@@ -166,7 +166,7 @@ def test_deadline_passes_without_an_answer(node: ScriptedNode) -> None:
 
 
 def test_no_reachable_node_raises_mesh_unavailable_at_the_deadline() -> None:
-    with Client(f"127.0.0.1:{free_port()}", timeout=5) as client:
+    with Client(f"127.0.0.1:{closed_port()}", timeout=5) as client:
         started = time.monotonic()
         with pytest.raises(MeshUnavailable, match="no lanmesh node reachable"):
             client.request("echo", "infer", 1, timeout=0.5)

@@ -162,7 +162,9 @@ def test_sigterm_finishes_in_flight_work_then_exits_zero(cluster: Cluster) -> No
     node = cluster.add("solo", [*LOOPBACK, "--model", "sleep:600:cap=2", "--grace", "10"])
     with Client(node.address, timeout=15) as client:
         futures = [client.submit("sleep:600", "complete", f"w{i}") for i in range(2)]
-        time.sleep(0.2)
+        end = time.monotonic() + 10
+        while node.status()[0]["models"]["sleep:600"][0] < 2 and time.monotonic() < end:
+            time.sleep(0.01)  # until both are running: SIGTERM must find them in flight
         node.signal(signal.SIGTERM)
         assert sorted(f.result(timeout=15).output for f in futures) == ["w0", "w1"]
     assert node.proc is not None and node.proc.wait(15) == 0
