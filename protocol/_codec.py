@@ -337,7 +337,35 @@ def _rid(b: list[Any]) -> str:
     return _str(b[1], "id", _ID_LEN, None, empty=False)
 
 
+def _flat(v: Any) -> bool:
+    """A scalar, or a map/list of scalars: shallow enough to need no depth walk."""
+    t = type(v)
+    if t in _SCALAR_TYPES:
+        return True
+    if t is dict:
+        return all(type(x) in _SCALAR_TYPES for x in v.values())
+    if t is list:
+        return all(type(x) in _SCALAR_TYPES for x in v)
+    return False
+
+
 def _dec_reply(b: list[Any], lim: Limits) -> Reply:
+    if len(b) == 7:  # fast path, as for requests: plain shapes skip the generic checks
+        _, rid, output, node, route, queue, meta = b
+        if (
+            type(rid) is str
+            and 0 < len(rid) <= _ID_LEN
+            and type(node) is str
+            and len(node) <= _NAME_LEN
+            and type(route) is str
+            and len(route) <= _NAME_LEN
+            and type(queue) is int
+            and 0 <= queue <= 2**31
+            and type(meta) is dict
+            and _flat(output)
+            and all(_flat(x) for x in meta.values())
+        ):
+            return Reply(rid, output, node, route, queue, meta)
     f = _fields(b, 3, 6, "reply", None)
     rid = _rid(b)
     return Reply(
