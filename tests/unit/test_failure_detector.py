@@ -330,7 +330,10 @@ def test_a_refused_reconnect_makes_a_peer_dead_at_once_but_a_left_peer_stays_lef
     fd = FailureDetector(clock=clock)
     fd.heard("b", 1, 1)
     steps = fd.unreachable("b")
-    assert [(t.old, t.new) for t in steps] == [(PeerState.ALIVE, PeerState.SUSPECT), (PeerState.SUSPECT, PeerState.DEAD)]
+    assert [(t.old, t.new) for t in steps] == [
+        (PeerState.ALIVE, PeerState.SUSPECT),
+        (PeerState.SUSPECT, PeerState.DEAD),
+    ]
     assert fd.state("b") is PeerState.DEAD
     assert fd.unreachable("b") == []
     fd.heard("c", 1, 1)
