@@ -113,6 +113,9 @@ class RoutingPolicy:
         Candidates that cannot serve (capacity <= 0) are left out while any other can; if none can,
         one of them is still chosen and will answer with a Reject.
         """
+        if len(candidates) == 1:  # the common single-node case: nothing to compare
+            node = candidates[0]
+            return Choice(node, "local" if node == self.self_id else f"only:{node}")
         unique = list(dict.fromkeys(candidates))
         if not unique:
             raise ValueError(f"no candidate node for model {model!r}")
