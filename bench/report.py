@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_LOAD_AT_START = os.getloadavg()[0]  # this process starts with its scenario: the load before the run added any
 RESULTS_ENV = "LANMESH_BENCH_RESULTS"  # another folder for results (CI's smoke test must not overwrite ours)
 
 
@@ -36,6 +37,7 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "load_avg_1m": os.getloadavg()[0],
+        "load_avg_1m_at_start": _LOAD_AT_START,
         "python": sys.version.split()[0],
         "versions": versions,
     }

@@ -129,10 +129,13 @@ def _machine(res: dict[str, Any]) -> str:
     mode = t.get("mode", "?")
     sec = t.get("security", "")
     quick = " — **quick mode: rough figures**" if res.get("quick") else ""
+    start = f" {m['load_avg_1m_at_start']:.2f} at the start," if "load_avg_1m_at_start" in m else ""
+    load = f"load average{start} {m['load_avg_1m']:.2f} at the end"
+    noisy = "the machine is shared with other developers' tests, so figures are noisy"
     return (
-        f"_{res['when']}; {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, load average {m['load_avg_1m']:.2f}"
-        f" at the end (the machine is shared, so figures are noisy); {mode}: {t.get('detail', '')}; security:"
-        f" {sec}; repetitions: {res.get('repetitions')}; Python {m['python']}; {versions}_{quick}"
+        f"_{res['when']}; {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {load} ({noisy});"
+        f" {mode}: {t.get('detail', '')}; security: {sec}; repetitions: {res.get('repetitions')};"
+        f" Python {m['python']}; {versions}_{quick}"
     )
 
 
