@@ -151,7 +151,7 @@ def run(quick: bool = False, reps: int = 3) -> dict[str, Any] | None:
                 runs["embed_batched"].append(embed_rate(client, embed_n, 32, 2))
                 runs["embed_single"].append(embed_rate(client, embed_n * 8, 1, 64))
             progress(reps, reps, "embeddings")
-        where = bed.describe()
+        where = {**bed.describe(), "detail": "one node process on 127.0.0.1 (no mDNS); the client in the harness"}
     single = median([r["tok_per_s"] for r in runs["single"]])
     aggregate = median([r["tok_per_s"] for r in runs["aggregate"]])
     summary: dict[str, Any] = {
