@@ -45,7 +45,7 @@ def ping(
 
     `security` None: the key this machine is set up with ($LANMESH_KEY_FILE, the default file), else plaintext.
     """
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     (security or client_security()).configure_client(sock)
