@@ -151,7 +151,13 @@ class MeshNode:
         self.ctx = zmq.Context()
         self.detector = FailureDetector(settings.suspect_after, settings.dead_after, settings.forget_after)
         policy_class = POLICIES[settings.routing]
-        self.policy = policy_class(self.node_id, server.load, stale_after=3 * settings.gossip_interval, rng=rng)
+        self.policy = policy_class(
+            self.node_id,
+            server.load,
+            stale_after=3 * settings.gossip_interval,
+            rng=rng,
+            local_rate=getattr(server, "rate", None),
+        )
         self.peers = PeerTable()
         self.pending: dict[str, Pending] = {}
         # request id -> (reply-to, route, first chunk seq, arrival time, where), for work running here
@@ -791,7 +797,7 @@ class MeshNode:
         peer.labels = dict(r.labels)
         peer.leaving = r.leaving
         for model, load in r.models.items():
-            self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity)
+            self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, load.rate)
         for addr in r.peers:
             if addr.node != self.node_id and self.peers.get(addr.node) is None:
                 self._learn(addr, "gossip")

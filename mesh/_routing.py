@@ -37,6 +37,7 @@ class _PeerLoad:
     cap: int | None = None  # how many the peer runs at once, last gossiped
     at: float | None = None  # clock value when `g` arrived
     m0: int = 0  # `m` when `g` arrived: what was already counted in `g`
+    rate: float = 0.0  # requests/s the peer completes when busy, as it measured and gossiped (0: unknown)
 
 
 class RoutingPolicy:
@@ -64,22 +65,25 @@ class RoutingPolicy:
         stale_after: float = 0.75,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        local_rate: Callable[[str], float] | None = None,
     ) -> None:
         if not stale_after > 0:
             raise ValueError(f"stale_after must be > 0 seconds, got {stale_after!r}")
         self.self_id = self_id
         self.stale_after = stale_after
         self._local_load = local_load
+        self._local_rate = local_rate
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._peers: dict[str, dict[str, _PeerLoad]] = {}
 
-    def observe_gossip(self, node: str, model: str, load: int, capacity: int) -> None:
-        """A load report from `node`: `load` = in-flight + queued for `model`, `capacity` = how many it runs at once."""
-        if load < 0 or capacity < 0:
-            raise ValueError(f"load and capacity must be >= 0, got load={load}, capacity={capacity} from {node}")
+    def observe_gossip(self, node: str, model: str, load: int, capacity: int, rate: float = 0.0) -> None:
+        """A load report from `node`: `load` = in-flight + queued for `model`, `capacity` = how many it runs at once,
+        `rate` = requests/s it completes when busy (0: not measured yet)."""
+        if load < 0 or capacity < 0 or not rate >= 0:
+            raise ValueError(f"load, capacity and rate must be >= 0, got {load}, {capacity}, {rate} from {node}")
         entry = self._entry(node, model)
-        entry.g, entry.cap, entry.at, entry.m0 = load, capacity, self._clock(), entry.m
+        entry.g, entry.cap, entry.at, entry.m0, entry.rate = load, capacity, self._clock(), entry.m, rate
 
     def observe_queue(self, node: str, model: str, queue: int) -> None:
         """The queue length a peer's Reply, Reject or Error carried: as fresh as gossip, capacity unchanged."""
@@ -126,7 +130,12 @@ class RoutingPolicy:
             node = pool[0]
             return Choice(node, "local" if node == self.self_id else f"only:{node}")
         first, second = self._rng.sample(pool, 2)
-        if scores[second] < scores[first] or (scores[second] == scores[first] and second == self.self_id):
+        a, b = scores[first], scores[second]
+        rate_a, rate_b = self._rate(first, model), self._rate(second, model)
+        if rate_a > 0 and rate_b > 0 and math.isfinite(a) and math.isfinite(b):
+            # Both speeds are known: compare the time each needs to get through its load and this request.
+            a, b = a * self._cap(first, model) / rate_a, b * self._cap(second, model) / rate_b
+        if b < a or (b == a and second == self.self_id):
             first, second = second, first
         return Choice(first, f"p2c:{first}<{second}")
 
@@ -137,6 +146,18 @@ class RoutingPolicy:
     def inflight_to(self, node: str) -> int:
         """Requests this node has in flight to `node`, over all models (for status and metrics)."""
         return sum(entry.m for entry in self._peers.get(node, {}).values())
+
+    def _rate(self, node: str, model: str) -> float:
+        if node == self.self_id:
+            return self._local_rate(model) if self._local_rate is not None else 0.0
+        entry = self._peers.get(node, {}).get(model)
+        return 0.0 if entry is None else entry.rate
+
+    def _cap(self, node: str, model: str) -> int:
+        if node == self.self_id:
+            return self._local_load(model)[1]
+        entry = self._peers.get(node, {}).get(model)
+        return 1 if entry is None or entry.cap is None else entry.cap
 
     def _score(self, node: str, model: str) -> float:
         if node == self.self_id:

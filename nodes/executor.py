@@ -41,6 +41,7 @@ class ModelLane:
         self._workers: list[threading.Thread] = []
         self.batches = 0
         self.batched_jobs = 0
+        self.job_seconds = 0.0  # EWMA of busy time per request; 0 until the first batch is measured
 
     @property
     def capacity(self) -> int:
@@ -49,8 +50,12 @@ class ModelLane:
     def queued(self) -> int:
         return len(self._heap)
 
+    def rate(self) -> float:
+        """Requests per second this lane completes when busy (0 until measured)."""
+        return self.backend.concurrency / self.job_seconds if self.job_seconds > 0 else 0.0
+
     def load(self) -> ModelLoad:
-        return ModelLoad(self.inflight, len(self._heap), self.capacity)
+        return ModelLoad(self.inflight, len(self._heap), self.capacity, round(self.rate(), 3))
 
     def start(self) -> None:
         if self.inline:
@@ -117,8 +122,12 @@ class ModelLane:
             return
         self.batches += 1
         self.batched_jobs += len(live)
+        started = time.monotonic()
         try:
             self.backend.run(live)
+            per_job = (time.monotonic() - started) / len(live)
+            # A slow and a fast node with equal slots differ here; routing weighs load by it.
+            self.job_seconds = per_job if not self.job_seconds else 0.8 * self.job_seconds + 0.2 * per_job
         except Exception as exc:  # a model bug must not kill the worker or leak the jobs
             log.exception("model %s failed on a batch of %d", self.backend.name, len(live))
             for job in live:
@@ -172,6 +181,11 @@ class Executor:
         if lane is None or not lane.accepting:
             return (0, 0)
         return (lane.inflight + lane.queued(), lane.capacity)
+
+    def rate(self, model: str) -> float:
+        """Measured requests per second of `model` here (0: not served, or not measured yet)."""
+        lane = self.lanes.get(model)
+        return 0.0 if lane is None or not lane.accepting else lane.rate()
 
     def queue_length(self, model: str) -> int:
         lane = self.lanes.get(model)

@@ -91,7 +91,7 @@ def _enc_load(m: LoadReport) -> list[Any]:
         m.incarnation,
         m.seq,
         _addr(m.addr),
-        {k: [v.inflight, v.queued, v.capacity] for k, v in m.models.items()},
+        {k: [v.inflight, v.queued, v.capacity, v.rate] for k, v in m.models.items()},
         m.labels,
         [_addr(p) for p in m.peers],
         m.leaving,
@@ -307,10 +307,14 @@ def _dec_models(v: Any) -> dict[str, ModelLoad]:
     for name, load in v.items():
         if not isinstance(load, list) or len(load) < 3:
             raise _fail("model load must be [inflight, queued, capacity]")
+        rate = load[3] if len(load) > 3 else 0.0  # absent from older peers
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
+            raise _fail("model rate must be a number of requests per second >= 0")
         out[_str(name, "model", _NAME_LEN, None, empty=False)] = ModelLoad(
             _int(load[0], "inflight", 0, 2**31, None),
             _int(load[1], "queued", 0, 2**31, None),
             _int(load[2], "capacity", 0, 2**31, None),
+            float(rate),
         )
     return out
 

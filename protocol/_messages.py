@@ -98,11 +98,16 @@ class Reject:
 
 @dataclass(frozen=True, slots=True)
 class ModelLoad:
-    """Load of one model on one node: running, waiting, and how many may run."""
+    """Load of one model on one node: running, waiting, how many may run, and how fast it serves.
+
+    `rate` is the requests per second the node completes when busy, measured (0: not measured yet).
+    Capacity counts slots; rate tells a fast node from a slow one with the same number of slots.
+    """
 
     inflight: int
     queued: int
     capacity: int
+    rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,7 +76,7 @@ def requests(draw: st.DrawFn) -> Request:
 
 
 addrs = st.builds(PeerAddr, names, names, st.integers(1, 65535), st.integers(1, 65535))
-loads = st.builds(ModelLoad, small, small, small)
+loads = st.builds(ModelLoad, small, small, small, st.floats(0, 1e6))
 any_message = st.one_of(
     requests(),
     st.builds(Reply, ids, values, st.text(max_size=20), st.text(max_size=20), small, any_maps),

@@ -313,3 +313,25 @@ def test_choose_always_returns_one_of_the_candidates(
     choice = policy.choose(MODEL, candidates)
     assert choice.node in candidates
     assert choice.reason in ("local", f"only:{choice.node}") or choice.reason.startswith(f"p2c:{choice.node}<")
+
+
+def test_with_measured_speeds_a_fast_busy_peer_beats_a_slow_idle_one(clock: FakeClock) -> None:
+    # Both have two slots; "fast" completes 40 requests/s, "slow" 10/s. Fast has one request running.
+    p = RoutingPolicy("entry", lambda m: (0, 0), clock=clock, rng=random.Random(1))
+    p.observe_gossip("fast", "m", 1, 2, rate=40.0)
+    p.observe_gossip("slow", "m", 0, 2, rate=10.0)
+    assert {p.choose("m", ["fast", "slow"]).node for _ in range(10)} == {"fast"}
+    # Without speeds the same loads favour the idle node, as (est + 1) / cap says.
+    q = RoutingPolicy("entry", lambda m: (0, 0), clock=clock, rng=random.Random(1))
+    q.observe_gossip("fast", "m", 1, 2)
+    q.observe_gossip("slow", "m", 0, 2)
+    assert {q.choose("m", ["fast", "slow"]).node for _ in range(10)} == {"slow"}
+
+
+def test_speed_is_used_only_when_both_sampled_nodes_report_one(clock: FakeClock) -> None:
+    p = RoutingPolicy("a", lambda m: (0, 2), clock=clock, local_rate=lambda m: 0.0)
+    p.observe_gossip("b", "m", 1, 2, rate=1000.0)
+    # This node has not measured itself yet: plain (est + 1) / cap, where it is idle and wins.
+    assert p.choose("m", ["a", "b"]).node == "a"
+    with pytest.raises(ValueError):
+        p.observe_gossip("b", "m", 0, 2, rate=-1.0)
