@@ -162,8 +162,13 @@ def test_requests_are_routed_across_the_mesh_and_503_once_no_live_node_serves(cl
     cluster.add("worker", [*LOOPBACK, "--http-port", "0", "--model", "sleep:50", "--peer", entry.proc.address, *FAST])
     cluster.wait_converged()
     client = entry.openai()
-    models = {m.id: (m.model_extra or {})["nodes"] for m in client.models.list()}
-    assert models == {"echo": ["entry"], "sleep:50": ["worker"]}
+
+    def listed() -> dict[str, list[str]]:
+        return {m.id: (m.model_extra or {})["nodes"] for m in client.models.list()}
+
+    # The gateway answers /v1/models from a mesh view up to 0.5 s old: give it that long to catch up.
+    wait_until(lambda: "sleep:50" in listed(), what="the worker's model listed")
+    assert listed() == {"echo": ["entry"], "sleep:50": ["worker"]}
     raw = client.chat.completions.with_raw_response.create(model="sleep:50", messages=HELLO)  # type: ignore[arg-type]
     assert raw.parse().choices[0].message.content == "hello mesh"
     assert raw.headers["x-lanmesh-node"] == "worker" and raw.headers["x-lanmesh-route"] == "only:worker"
