@@ -47,6 +47,7 @@ from mesh import (
 from protocol import Task
 
 from .metrics import CONTENT_TYPE, NodeMetrics
+from .webconsole import VIEW_PATH, RequestFeed, install_console, note_error, note_model, note_served, note_unfinished
 
 if TYPE_CHECKING:
     from mesh._aclient import AsyncStream
@@ -72,6 +73,7 @@ WATCH_S = 0.5  # while a request waits, check this often whether any live node s
 STATUS_TIMEOUT_S = 2.0
 RETRY_AFTER_S = "1"
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
+_ENDPOINTS += (VIEW_PATH,)  # the web console's poll, so it is not lumped with unknown paths
 
 
 # ---------------------------------------------------------------- request and response bodies (OpenAI's shapes)
@@ -389,6 +391,7 @@ class MeshApi:
         self.node_id = node_id
         self.metrics = metrics
         self.view = MeshView()
+        self.feed = RequestFeed()  # the web console's "recent requests"
         self.leaving = False
         self._client: AsyncClient | None = None
 
@@ -427,16 +430,20 @@ class MeshApi:
                 task.cancel()
 
     async def serve(self, model: str, task: Task, payload: Any, params: dict[str, Any], timeout: float) -> Result:
+        note_model(model)
         try:
             future = self.client.submit(model, task, payload, params=params, timeout=timeout)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        return await self.watch(future, model)
+        result = await self.watch(future, model)
+        note_served(result)
+        return result
 
     async def open_stream(
         self, model: str, task: Task, payload: Any, params: dict[str, Any], timeout: float
     ) -> tuple[AsyncStream, str | None]:
         """Start a stream and wait for its first piece (None: it ended at once), so errors get their status."""
+        note_model(model, stream=True)
         client = self.client
         start = client.chat if task is Task.CHAT else client.complete
         try:
@@ -522,7 +529,8 @@ def _served_headers(response: Response, result: Result) -> None:
 
 
 def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
-    """The FastAPI app: OpenAI-compatible routes, /health and /metrics; every route but /health needs the key."""
+    """The FastAPI app: OpenAI-compatible routes, /health, /metrics and the web console; every route but /health
+    and the console's static files (which hold no data) needs the key."""
     app = FastAPI(
         title="lanmesh",
         version="1",
@@ -687,6 +695,7 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         return body if body.ready else JSONResponse(body.model_dump(), status_code=503)
 
     app.include_router(router)
+    install_console(app, api, guarded)  # the web console at / (nodes/webconsole.py)
     _install_error_handlers(app)
     _install_openapi(app)
     return app
@@ -719,12 +728,14 @@ async def _stream(
         return {**base, "choices": [choice]}
 
     async def events() -> AsyncIterator[str]:
+        pieces = 0
         try:
             if kind == "chat":
                 yield _sse(chunk(None, role=True))
             piece = first
             while piece is not None:
                 yield _sse(chunk(piece))
+                pieces += 1
                 piece = await api.next_piece(stream, model)
             result = stream.result
             meta = result.meta if result is not None else {}
@@ -732,14 +743,18 @@ async def _stream(
             if result is not None:
                 last["lanmesh"] = {"node": result.node, "route": result.route}
                 api.metrics.count_tokens(model, result.usage)
+                note_served(result, pieces)
             yield _sse(last)
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": _usage(meta).model_dump()})
             yield "data: [DONE]\n\n"
         except LanmeshError as exc:
             # The status line went out with the first event: a later failure can only be an error event.
+            note_error(str(exc))
             yield _sse(ErrorResponse(error=api_error(exc).detail).model_dump())
         finally:
+            if stream.result is None:
+                note_unfinished(stream.node, pieces)
             await stream.aclose()
 
     headers = {"X-Lanmesh-Node": stream.node, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -770,10 +785,12 @@ def _key_check(api_key: str) -> Callable[..., Awaitable[None]]:
 def _install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(_request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
+        note_error(exc.detail.message)
         return exc.response()
 
     async def on_mesh_error(_request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, LanmeshError)
+        note_error(str(exc))
         return api_error(exc).response()
 
     async def on_invalid(_request: HttpRequest, exc: Exception) -> Response:
@@ -789,6 +806,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"{param or 'body'}: {first.get('msg', 'invalid')}"
             if len(errors) > 1:
                 message += f" (and {len(errors) - 1} more problems)"
+        note_error(message)
         return ApiError(400, message, param=param or None, code="invalid_value").response()
 
     async def on_http(_request: HttpRequest, exc: Exception) -> Response:
@@ -831,9 +849,10 @@ class BodyGuard:
     an oversized or trickled body is refused before any handler runs.
     """
 
-    def __init__(self, app: ASGIApp, metrics: NodeMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: NodeMetrics, feed: RequestFeed | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.feed = feed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -842,6 +861,7 @@ class BodyGuard:
         started = time.monotonic()
         endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
         status = 500
+        entry = self.feed.open(scope["path"]) if self.feed is not None else None  # the web console's feed
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
@@ -866,6 +886,8 @@ class BodyGuard:
             await self.app(scope, replay, send_and_note)
         finally:
             self.metrics.http_done(endpoint, status, time.monotonic() - started)
+            if entry is not None and self.feed is not None:
+                self.feed.file(entry, status, time.monotonic() - started)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | ApiError:
         close = {"Connection": "close"}
@@ -989,7 +1011,7 @@ class Gateway:
         self.port = int(sock.getsockname()[1])
         _route_uvicorn_logs()
         config = uvicorn.Config(
-            BodyGuard(self.app, self.api.metrics),
+            BodyGuard(self.app, self.api.metrics, self.api.feed),
             http=HeaderDeadlineH11,
             loop="asyncio",  # zmq.asyncio needs a loop with add_reader; the stdlib one is the one it is tested on
             ws="none",
@@ -1011,7 +1033,7 @@ class Gateway:
                 self._server.should_exit = True
                 raise OSError("the HTTP gateway did not start; see the log above")
             time.sleep(0.01)
-        log.info("HTTP gateway on %s (OpenAI API under /v1, metrics at /metrics)", self.url)
+        log.info("HTTP gateway on %s (web console at /, OpenAI API under /v1, metrics at /metrics)", self.url)
 
     def begin_stop(self) -> None:
         """Stop accepting connections and say 'leaving' on /health; requests in flight go on."""

@@ -8,7 +8,8 @@ through a `Ping(want_status)` when `/metrics` is scraped, so no other thread rea
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -22,7 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "NodeMetrics", "PEER_STATES"]
+__all__ = ["CONTENT_TYPE", "NodeMetrics", "PEER_STATES", "RequestTimeline"]
 
 # No `*_created` series: they double the output and Prometheus derives resets without them. (Process-wide; the
 # node process has no other prometheus-client user.)
@@ -101,6 +102,7 @@ class NodeMetrics:
         )
         self._state = _MeshState(node_id)
         r.register(self._state)
+        self.timeline = RequestTimeline()
         self._render_lock = threading.Lock()
         # Label children cached per thread that uses them: the mesh loop (observer) and the gateway loop.
         self._done: dict[tuple[str, str, str], tuple[Any, Any]] = {}
@@ -120,6 +122,7 @@ class NodeMetrics:
             self._done[key] = children
         children[0].inc()
         children[1].observe(seconds)
+        self.timeline.add(where, outcome == "ok", seconds)
 
     def first_chunk(self, model: str, seconds: float) -> None:
         child = self._first.get(model)
@@ -156,6 +159,58 @@ class NodeMetrics:
         with self._render_lock:
             self._state.rows = rows
             return generate_latest(self.registry)
+
+
+TIMELINE_SECONDS = 300
+
+
+class RequestTimeline:
+    """Requests this node answered, per second, for the last `seconds` (the web console's chart).
+
+    Written on the mesh loop by `NodeMetrics.completed`, read by the gateway: the lock keeps one second's numbers
+    together. A ring of one slot per second, so memory and cost per request stay constant.
+    """
+
+    def __init__(self, seconds: int = TIMELINE_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Per slot: [second stamp, entered here, of which failed, latency sum, latency max, served for peers]
+        self._slots: list[list[float]] = [[-1.0, 0, 0, 0.0, 0.0, 0] for _ in range(seconds)]
+
+    def add(self, where: str, ok: bool, seconds: float) -> None:
+        now = int(self._clock())
+        with self._lock:
+            slot = self._slots[now % self.seconds]
+            if slot[0] != now:
+                slot[:] = [now, 0, 0, 0.0, 0.0, 0]
+            if where == "peer":
+                slot[5] += 1
+                return
+            slot[1] += 1
+            slot[2] += 0 if ok else 1
+            slot[3] += seconds
+            slot[4] = max(slot[4], seconds)
+
+    def series(self) -> dict[str, list[float]]:
+        """One value per second, oldest first, ending with the current (partial) second.
+
+        `entered`: requests that entered the mesh here (served here or forwarded), `failed`: of those, answered
+        with an error, `mean_ms`/`max_ms`: their latency, `for_peers`: requests served here for other entry nodes.
+        """
+        now = int(self._clock())
+        out: dict[str, list[float]] = {k: [] for k in ("entered", "failed", "mean_ms", "max_ms", "for_peers")}
+        with self._lock:
+            for second in range(now - self.seconds + 1, now + 1):
+                slot = self._slots[second % self.seconds]
+                live = slot[0] == second
+                entered = slot[1] if live else 0
+                out["entered"].append(entered)
+                out["failed"].append(slot[2] if live else 0)
+                out["mean_ms"].append(round(slot[3] / entered * 1000, 2) if entered else 0.0)
+                out["max_ms"].append(round(slot[4] * 1000, 2) if live else 0.0)
+                out["for_peers"].append(slot[5] if live else 0)
+        return out
 
 
 class _MeshState(Collector):
