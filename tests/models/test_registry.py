@@ -15,18 +15,14 @@ from typing import Any
 import pytest
 
 from nodes import models
+from nodes.model_cache import CACHE_MARKER, cache_entry, cache_ready, cache_root, publish_cache
 from nodes.models import (
-    CACHE_MARKER,
     ModelSpec,
     build_backend,
-    cache_entry,
-    cache_ready,
-    cache_root,
     default_models,
     estimate_memory,
     models_status,
     parse_model_arg,
-    publish_cache,
 )
 
 pytestmark = pytest.mark.models
