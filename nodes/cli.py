@@ -76,8 +76,16 @@ def _add_node_parser(sub: Any) -> None:
         dest="models",
         metavar="SPEC",
         help=(
-            "model to serve, repeatable: smollm2, minilm, echo, sleep:MS[:cap=N], or name=N,path=FILE[,task=embed]. "
-            "Default: smollm2 and minilm"
+            "model to serve, repeatable: smollm2, minilm, echo, sleep:MS[:cap=N], or name=N,path=FILE[,task=embed]"
+            "[,engine=onnx|transformers][,precision=int4|int8|fp32]. Default: smollm2 and minilm"
+        ),
+    )
+    p.add_argument(
+        "--precision",
+        choices=["int4", "int8", "fp16", "fp32"],
+        help=(
+            "weights of chat models built for the onnxruntime engine (int4; fp16 needs a GPU); "
+            "a model spec's precision=... overrides it"
         ),
     )
     p.add_argument("--label", action="append", dest="label_list", metavar="KEY=VALUE", help="node label, repeatable")

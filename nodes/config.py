@@ -35,6 +35,7 @@ class NodeConfig:
     peers: list[str] = field(default_factory=list)  # static seeds host:port
     mdns: bool = True
     models: list[str] = field(default_factory=list)  # model specs; empty: the default models
+    precision: str = "int4"  # chat models built for the onnxruntime engine: int4, int8, fp16 (GPU) or fp32
     labels: dict[str, str] = field(default_factory=dict)
     max_queue: int = 256
     batch_wait_ms: float = 5.0
@@ -82,6 +83,8 @@ class NodeConfig:
             raise ValueError("max_tries >= 1, try_timeout > 0 and grace >= 0 are required")
         if self.routing not in ("p2c", "round-robin", "random", "least-loaded"):
             raise ValueError(f"routing must be p2c, round-robin, random or least-loaded, not {self.routing!r}")
+        if self.precision not in ("int4", "int8", "fp16", "fp32"):
+            raise ValueError(f"precision must be int4, int8, fp16 or fp32, not {self.precision!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be text or json")
         for seed in self.peers:

@@ -25,12 +25,17 @@ DoneFn = Callable[[Job, Any, "dict[str, Any] | None", "ErrorCode | None", str], 
 
 
 class ModelLane:
-    """Queue and workers for one model."""
+    """Queue and workers for one model.
+
+    A job counts as in flight from the moment a worker takes it until it is answered, so a row that leaves a
+    batch early frees its slot at once.
+    """
 
     def __init__(self, backend: Backend, max_queue: int, batch_wait: float) -> None:
         self.backend = backend
         self.max_queue = max_queue
-        self.batch_wait = batch_wait if backend.max_batch > 1 else 0.0
+        self.continuous = backend.continuous
+        self.batch_wait = batch_wait if backend.max_batch > 1 and not self.continuous else 0.0
         self.inline = bool(getattr(backend, "inline", False))
         self._heap: list[tuple[int, int, Job]] = []
         self._order = itertools.count()
@@ -39,9 +44,12 @@ class ModelLane:
         self.accepting = True
         self._stopping = False
         self._workers: list[threading.Thread] = []
+        self._last_arrival = 0.0  # when the previous job was queued (a lone job is not held for batch mates)
+        self._burst = False  # the job at the head of the queue arrived within batch_wait of the one before
+        self._busy_mark = 0.0  # continuous lanes: start of the busy time not yet charged to a completed job
         self.batches = 0
         self.batched_jobs = 0
-        self.job_seconds = 0.0  # EWMA of busy time per request; 0 until the first batch is measured
+        self.job_seconds = 0.0  # EWMA of busy time per request; 0 until the first one is measured
 
     @property
     def capacity(self) -> int:
@@ -60,24 +68,67 @@ class ModelLane:
     def start(self) -> None:
         if self.inline:
             return
+        target = self._serve if self.continuous else self._work
         for i in range(self.backend.concurrency):
-            t = threading.Thread(target=self._work, name=f"model-{self.backend.name}-{i}", daemon=True)
+            t = threading.Thread(target=target, name=f"model-{self.backend.name}-{i}", daemon=True)
             t.start()
             self._workers.append(t)
+
+    def make_job(self, request: Request, deadline: float, on_chunk: ChunkFn, on_done: DoneFn) -> Job:
+        """A job for this lane: its answer also frees its slot here."""
+
+        def done(job: Job, output: Any, meta: dict[str, Any] | None, code: ErrorCode | None, message: str) -> None:
+            if job.started:
+                self._release()
+            on_done(job, output, meta, code, message)
+
+        return Job(request, deadline, on_chunk, done)
+
+    def _release(self) -> None:
+        with self._cond:
+            self.inflight -= 1
+            if self.continuous:
+                # Busy time since the last completion, charged to this one: requests/s completed while busy.
+                now = time.monotonic()
+                spent = now - self._busy_mark
+                self._busy_mark = now
+                self.job_seconds = spent if not self.job_seconds else 0.8 * self.job_seconds + 0.2 * spent
+            self._cond.notify_all()
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full or the lane is closing."""
         if self.inline:
             if not self.accepting:
                 return False
+            job.started = True
+            with self._cond:
+                self.inflight += 1
             self._run([job])
             return True
         with self._cond:
             if not self.accepting or len(self._heap) >= self.max_queue:
                 return False
+            now = time.monotonic()
+            if not self._heap:
+                self._burst = now - self._last_arrival < self.batch_wait
+            self._last_arrival = now
             heapq.heappush(self._heap, (-job.request.priority, next(self._order), job))
             self._cond.notify()
         return True
+
+    def _pop(self, limit: int) -> list[Job]:
+        """Up to `limit` jobs off the heap, counted in flight (holding the lock); expired ones are answered."""
+        batch: list[Job] = []
+        while self._heap and len(batch) < limit:
+            job = heapq.heappop(self._heap)[2]
+            if job.done:
+                continue  # answered while queued (cancelled)
+            if self.continuous and not self.inflight and not batch:
+                self._busy_mark = time.monotonic()
+            job.started = True
+            self.inflight += 1
+            batch.append(job)
+        return batch
 
     def _take_batch(self) -> list[Job] | None:
         with self._cond:
@@ -86,37 +137,51 @@ class ModelLane:
                     return None
                 self._cond.wait(0.5)
             limit = self.backend.max_batch
-            if self.batch_wait and len(self._heap) < limit:
-                # Dynamic batching: give concurrent requests a moment to join.
+            if self.batch_wait and len(self._heap) < limit and (self._burst or len(self._heap) > 1):
+                # Dynamic batching: requests are arriving together, give the rest of the burst a moment to join.
+                # A lone request (nothing arrived just before it) runs at once.
                 end = time.monotonic() + self.batch_wait
                 while len(self._heap) < limit and not self._stopping:
                     left = end - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            batch = []
-            while self._heap and len(batch) < limit:
-                batch.append(heapq.heappop(self._heap)[2])
-            self.inflight += len(batch)
-            return batch
+            return self._pop(limit)
+
+    # ---------------------------------------------------------------- the JobSource of continuous backends
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def take(self, limit: int, wait: float) -> list[Job]:
+        with self._cond:
+            if not self._heap and wait > 0 and not self._stopping:
+                self._cond.wait(wait)
+            return self._pop(limit) if limit > 0 else []
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            try:
+                self.backend.serve(self)
+            except Exception:  # an engine bug must not end the lane: its jobs are failed, the engine restarts
+                log.exception("model %s: engine failed; restarting it", self.backend.name)
+
+    # ---------------------------------------------------------------- batch backends
 
     def _work(self) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
-            try:
-                self._run(batch)
-            finally:
-                with self._cond:
-                    self.inflight -= len(batch)
+            self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
         live = []
         for job in batch:
             if job.expired():
                 job.fail(ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued; not run")
-            else:
+            elif not job.done:
                 live.append(job)
         if not live:
             return
@@ -130,12 +195,27 @@ class ModelLane:
             self.job_seconds = per_job if not self.job_seconds else 0.8 * self.job_seconds + 0.2 * per_job
         except Exception as exc:  # a model bug must not kill the worker or leak the jobs
             log.exception("model %s failed on a batch of %d", self.backend.name, len(live))
-            for job in live:
-                job.fail(ErrorCode.INTERNAL, f"model {self.backend.name} failed: {type(exc).__name__}: {exc}")
+            self._isolate([job for job in live if not job.done], exc)
         for job in live:
             if not job.done:
                 log.error("model %s left request %s unanswered", self.backend.name, job.request.id)
                 job.fail(ErrorCode.INTERNAL, f"model {self.backend.name} did not answer")
+
+    def _isolate(self, jobs: list[Job], exc: Exception) -> None:
+        """After a batch raised: run its unanswered jobs one by one, so only the one that breaks the model fails."""
+        why = f"model {self.backend.name} failed: {type(exc).__name__}: {exc}"
+        if len(jobs) == 1:
+            jobs[0].fail(ErrorCode.INTERNAL, why)
+            return
+        for job in jobs:
+            if job.emitted:
+                job.fail(ErrorCode.INTERNAL, why)  # half streamed: the entry resumes it after what was sent
+                continue
+            try:
+                self.backend.run([job])
+            except Exception as alone:
+                log.exception("model %s fails on request %s alone", self.backend.name, job.request.id)
+                job.fail(ErrorCode.INTERNAL, f"model {self.backend.name} failed: {type(alone).__name__}: {alone}")
 
     def close_queue(self) -> list[Job]:
         """Stop accepting and hand back everything not yet started."""
@@ -145,14 +225,17 @@ class ModelLane:
             self._heap.clear()
             return jobs
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float, close: bool = True) -> None:
+        """Stop the workers (once what they run is done, within `timeout`), then close the model."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         end = time.monotonic() + timeout
         for t in self._workers:
             t.join(max(0.0, end - time.monotonic()))
-        self.backend.close()
+        self._workers.clear()
+        if close:
+            self.backend.close()
 
 
 class Executor:
@@ -195,7 +278,7 @@ class Executor:
         lane = self.lanes.get(request.model)
         if lane is None:
             return False
-        return lane.submit(Job(request, deadline, on_chunk, on_done))
+        return lane.submit(lane.make_job(request, deadline, on_chunk, on_done))
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {

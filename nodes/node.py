@@ -17,7 +17,7 @@ from .backends.base import Backend, ProgressFn
 from .config import NodeConfig, parse_hostport
 from .executor import Executor
 from .hardware import detect_labels, unmet
-from .models import build_backend, default_models, estimate_memory, parse_model_arg
+from .models import default_models, estimate_memory, load_backend, parse_model_arg, with_precision
 
 log = logging.getLogger("lanmesh.node")
 
@@ -39,6 +39,7 @@ class Node:
 
     def _build_backends(self, progress: ProgressFn | None) -> list[Backend]:
         specs = [parse_model_arg(m) for m in self.config.models] if self.config.models else default_models()
+        specs = [with_precision(s, self.config.precision) for s in specs]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a name: {names}")
@@ -62,10 +63,10 @@ class Node:
             raise ValueError(f"none of the models can run here (node labels {self.labels})")
         backends = []
         for spec in runnable:
-            backend = build_backend(spec)
             t0 = time.monotonic()
-            backend.load(progress)
-            log.info("model %s ready in %.1fs", backend.name, time.monotonic() - t0)
+            backend = load_backend(spec, progress=progress)
+            engine = backend.describe().get("engine", type(backend).__name__)
+            log.info("model %s ready in %.1fs (%s)", backend.name, time.monotonic() - t0, engine)
             backends.append(backend)
         return backends
 

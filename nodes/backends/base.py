@@ -6,7 +6,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from protocol import ErrorCode, Request, Task
 
@@ -21,7 +21,7 @@ class Job:
     sends one stream chunk (only meaningful when `request.stream`).
     """
 
-    __slots__ = ("request", "deadline", "enqueued_at", "_on_chunk", "_on_done", "_lock", "done", "_seq")
+    __slots__ = ("request", "deadline", "enqueued_at", "_on_chunk", "_on_done", "_lock", "done", "_seq", "started")
 
     def __init__(
         self,
@@ -38,6 +38,12 @@ class Job:
         self._lock = threading.Lock()
         self.done = False
         self._seq = 0
+        self.started = False  # taken from the queue by a model (it then counts as in flight until it is done)
+
+    @property
+    def emitted(self) -> bool:
+        """Whether any stream chunk went out (a re-run from the start would repeat it)."""
+        return self._seq > 0
 
     def expired(self) -> bool:
         return time.monotonic() >= self.deadline
@@ -68,18 +74,34 @@ class Job:
             return True
 
 
+class JobSource(Protocol):
+    """Where a continuous backend takes its work from (the executor's queue for its model)."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def take(self, limit: int, wait: float) -> list[Job]:
+        """Up to `limit` queued jobs, highest priority first; waits up to `wait` s while none is queued."""
+        ...
+
+
 class Backend(ABC):
     """A model that can serve requests.
 
     `max_batch` is how many jobs the executor may hand to one `run()` call;
     `concurrency` how many `run()` calls may be in progress at once (each in
     its own worker thread). Capacity = max_batch * concurrency.
+
+    A `continuous` backend instead runs one long `serve(source)` per worker and takes jobs from the queue
+    whenever it has room (continuous batching: a request joins the running batch at the next step);
+    `max_batch` is then the number of requests it runs at once.
     """
 
     name: str
     tasks: frozenset[Task]
     max_batch: int = 1
     concurrency: int = 1
+    continuous: bool = False
     labels: dict[str, str]
 
     def __init__(self) -> None:
@@ -91,6 +113,10 @@ class Backend(ABC):
     @abstractmethod
     def run(self, batch: list[Job]) -> None:
         """Serve every job in `batch`, ending each with `finish()` or `fail()`."""
+
+    def serve(self, source: JobSource) -> None:
+        """Continuous backends: serve jobs from `source` until it is stopping and nothing is left running."""
+        raise NotImplementedError(f"{type(self).__name__} is not a continuous backend")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (threads, sessions, GPU memory)."""

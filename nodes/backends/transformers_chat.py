@@ -9,204 +9,85 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocol import ErrorCode, Task
 
-from ..models import cache_entry, cache_ready, discard_cache, publish_cache
+from ..model_cache import cache_entry, cache_ready, discard_cache, publish_cache
 from .base import Backend, Job, ProgressFn
+from .textgen import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MAX_TOKENS_LIMIT,
+    DEFAULT_TEMPERATURE,
+    Detokenizer,
+    Sampling,
+    TextRow,
+    chat_messages,
+    heal_prefix,
+    token_budget,
+)
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-# Sampling defaults. Greedy by default: the same request gives the same text on any node, which is what a
-# stream that fails over to another node needs to continue seamlessly. Ask for temperature > 0 to sample.
-DEFAULT_TEMPERATURE = 0.0
-DEFAULT_MAX_TOKENS = 256
-DEFAULT_MAX_TOKENS_LIMIT = 4096  # a node-side cap on max_tokens; requests above it are refused, not clamped
-MAX_STOP_STRINGS = 16
-MAX_STOP_LENGTH = 256
 _CACHE_FORMAT = "hf-safetensors-fp32-v1"  # bump when the cached layout changes: old entries are then ignored
-_DETOKENIZE_CONTEXT = 5  # tokens of context kept when decoding deltas (some tokenizers strip a leading space)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Per-request generation settings, validated from `Request.params` (unknown keys are ignored)."""
-
-    max_tokens: int | None  # None: DEFAULT_MAX_TOKENS, shortened to fit the context
-    temperature: float
-    top_p: float
-    top_k: int  # 0: no top-k cut
-    seed: int | None
-    stop: tuple[str, ...]
-
-    @classmethod
-    def from_params(cls, params: Any, max_tokens_limit: int) -> Sampling:
-        """Raises ValueError with a message fit for the client on any bad value."""
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            raise ValueError(f"params must be a map, got {type(params).__name__}")
-        max_tokens = _optional_int(params, "max_tokens")
-        if max_tokens is not None:
-            if max_tokens < 1:
-                raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-            if max_tokens > max_tokens_limit:
-                raise ValueError(f"max_tokens {max_tokens} is above this node's limit of {max_tokens_limit}")
-        temperature = _optional_float(params, "temperature")
-        temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
-        if not 0 <= temperature <= 100:
-            raise ValueError(f"temperature must be between 0 and 100, got {temperature:g}")
-        top_p = _optional_float(params, "top_p")
-        top_p = 1.0 if top_p is None else top_p
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p:g}")
-        top_k = _optional_int(params, "top_k")
-        top_k = 0 if top_k is None else top_k
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        seed = _optional_int(params, "seed")
-        return cls(max_tokens, temperature, top_p, top_k, seed, _stop_strings(params.get("stop")))
+def convert_gguf(name: str, gguf: Path, cache_dir: str | Path | None, report: ProgressFn) -> Path:
+    """The HF folder of a GGUF model, de-quantized to fp32 once and cached (what other engines build from)."""
+    entry = cache_entry(name, gguf, _CACHE_FORMAT, cache_dir)
+    if not cache_ready(entry):
+        model, tokenizer = _dequantize_gguf(name, gguf, report)
+        report(f"{name}: writing cache {entry}", 0.8)
+        publish_cache(entry, lambda tmp: _write_cache(model, tokenizer, gguf, tmp))
+    return entry
 
 
-def _optional_int(params: dict[str, Any], key: str) -> int | None:
-    value = params.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
-    return value
+def _dequantize_gguf(name: str, gguf: Path, report: ProgressFn) -> tuple[Any, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    report(f"{name}: reading GGUF tokenizer ({gguf.name})", 0.05)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    report(f"{name}: de-quantizing GGUF weights (first start only)", 0.3)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already de-quantized fp32 tensors, so dropping the marker makes them a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
 
 
-def _optional_float(params: dict[str, Any], key: str) -> float | None:
-    value = params.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:  # value != value: NaN
-        raise ValueError(f"{key} must be a number, got {type(value).__name__} {value!r}")
-    return float(value)
+def _write_cache(model: Any, tokenizer: Any, gguf: Path, folder: Path) -> dict[str, Any]:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # includes the chat template
+    return {"source": str(gguf), "format": _CACHE_FORMAT}
 
 
-def _stop_strings(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list | tuple) or not all(isinstance(s, str) for s in stops):
-        raise ValueError("stop must be a string or a list of strings")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
-    if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
-        raise ValueError(f"stop strings must be 1 to {MAX_STOP_LENGTH} characters long")
-    return tuple(stops)
+class _Row(TextRow):
+    """One job's progress through the decode loop: its text (`TextRow`) plus its own random stream."""
 
-
-class _Detokenizer:
-    """Turns tokens into text deltas whose concatenation is exactly the decoded text.
-
-    Decodes a small sliding window and holds text back while it ends in U+FFFD (a multi-byte character
-    split across tokens), so a delta never contains half a character.
-    """
-
-    def __init__(self, tokenizer: Any, context: list[int]) -> None:
-        self._tokenizer = tokenizer
-        self._ids = list(context[-_DETOKENIZE_CONTEXT:])
-        self._prefix_offset = 0
-        self._read_offset = len(self._ids)
-
-    def _text(self, ids: list[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-
-    def push(self, token: int) -> str:
-        self._ids.append(token)
-        before = self._text(self._ids[self._prefix_offset : self._read_offset])
-        after = self._text(self._ids[self._prefix_offset :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back (e.g. an incomplete character at the very end)."""
-        before = self._text(self._ids[self._prefix_offset : self._read_offset])
-        after = self._text(self._ids[self._prefix_offset :])
-        self._prefix_offset = self._read_offset = len(self._ids)
-        return after[len(before) :] if len(after) > len(before) else ""
-
-
-class _Row:
-    """One job's progress through the decode loop."""
-
-    def __init__(
-        self,
-        job: Job,
-        sampling: Sampling,
-        prompt_ids: list[int],
-        prefix_ids: list[int],
-        budget: int,
-        tokenizer: Any,
-        heal: tuple[str, list[int]] | None = None,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         import torch
 
-        self.job = job
-        self.sampling = sampling
-        self.context = prompt_ids + prefix_ids  # what the model reads before generating
-        self.prompt_tokens = len(prompt_ids)
-        self.prefix_tokens = len(prefix_ids)
-        self.budget = budget  # new tokens this node may still generate
-        self.generated = 0
-        self.text = ""  # newly generated text (after the prefix)
-        # Token healing: the prefix's last token was taken back; the first new token must re-produce its
-        # text (`heal[0]`, not emitted again) and is one of `heal[1]`.
-        self.heal_text = heal[0] if heal else ""
-        self.heal_ids = heal[1] if heal else None
-        self.skip = len(self.heal_text)
-        self.emitted = 0  # how much of `text` went out as stream chunks
-        self.detokenizer = _Detokenizer(tokenizer, self.context)
-        self.max_stop = max((len(s) for s in sampling.stop), default=0)
+        super().__init__(*args, **kwargs)
+        self.context: list[int] = []  # what the model reads before generating (prompt + prefix)
         self.generator: torch.Generator | None = None
-        if sampling.temperature > 0:
+        if not self.sampling.greedy:
             self.generator = torch.Generator()
-            if sampling.seed is None:
+            if self.sampling.seed is None:
                 self.generator.seed()
             else:
-                self.generator.manual_seed(sampling.seed % (2**63))
-
-    def add_text(self, delta: str) -> bool:
-        """Append decoded text; True if a stop string appeared (the text is then cut before it)."""
-        if self.skip and delta:
-            cut = min(self.skip, len(delta))
-            delta, self.skip = delta[cut:], self.skip - cut
-        if not delta:
-            return False
-        start = max(0, len(self.text) - self.max_stop + 1)
-        self.text += delta
-        hits = [i for i in (self.text.find(s, start) for s in self.sampling.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return True
-        return False
-
-    def stream_ready(self) -> None:
-        """Send what can no longer turn into a stop string."""
-        if not self.job.request.stream:
-            return
-        hold = 0
-        for stop in self.sampling.stop:
-            for k in range(min(len(stop) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(stop[:k]):
-                    hold = k
-                    break
-        end = len(self.text) - hold
-        if end > self.emitted:
-            self.job.emit(self.text[self.emitted : end])
-            self.emitted = end
+                self.generator.manual_seed(self.sampling.seed % (2**63))
 
 
 class TransformersChat(Backend):
@@ -330,35 +211,16 @@ class TransformersChat(Backend):
                 self.loaded_from = "cache"
                 return loaded
 
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        report(f"{self.name}: reading GGUF tokenizer ({gguf.name})", 0.05)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        report(f"{self.name}: de-quantizing GGUF weights (first start only)", 0.3)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
-        # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
-        # already de-quantized fp32 tensors, so dropping the marker makes them a plain model.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        model, tokenizer = _dequantize_gguf(self.name, gguf, report)
         self.loaded_from = "gguf"
         report(f"{self.name}: writing cache {entry}", 0.8)
         try:
-            publish_cache(entry, lambda tmp: self._write_cache(model, tokenizer, gguf, tmp))
+            publish_cache(entry, lambda tmp: _write_cache(model, tokenizer, gguf, tmp))
         except OSError as exc:
             log.warning("model %s: cannot write cache %s (%s); the next start converts again", self.name, entry, exc)
-        if dtype != torch.float32:
+        if dtype != model.dtype:
             model.to(dtype)
         return model, tokenizer
-
-    @staticmethod
-    def _write_cache(model: Any, tokenizer: Any, gguf: Path, folder: Path) -> dict[str, Any]:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)  # includes the chat template
-        return {"source": str(gguf), "format": _CACHE_FORMAT}
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -385,21 +247,16 @@ class TransformersChat(Backend):
             for job in batch:
                 job.fail(ErrorCode.UNAVAILABLE, f"model {self.name} is not loaded")
             return
-        try:
-            rows = []
-            for job in batch:
-                row = self._admit(job)
-                if row is not None:
-                    rows.append(row)
-            if rows:
-                import torch
+        rows = []
+        for job in batch:
+            row = self._admit(job)
+            if row is not None:
+                rows.append(row)
+        if rows:
+            import torch
 
-                with torch.inference_mode():
-                    self._decode(rows)
-        except Exception as exc:
-            log.exception("model %s failed on a batch of %d", self.name, len(batch))
-            for job in batch:
-                job.fail(ErrorCode.INTERNAL, f"model {self.name} failed: {type(exc).__name__}: {exc}")
+            with torch.inference_mode():
+                self._decode(rows)
 
     def _admit(self, job: Job) -> _Row | None:
         """Validate and tokenize one job; a job that is refused or needs no compute is answered here."""
@@ -414,7 +271,7 @@ class TransformersChat(Backend):
             job.fail(ErrorCode.BAD_REQUEST, str(exc))
             return None
         if row.budget <= 0:  # a failed-over stream that had already used its whole max_tokens
-            self._finish(row, "length")
+            row.finish("length", self.name)
             return None
         return row
 
@@ -431,42 +288,14 @@ class TransformersChat(Backend):
         if not isinstance(req.prefix, str):
             raise ValueError("prefix must be a string")
         prefix_ids = list(self._tokenizer.encode(req.prefix, add_special_tokens=False)) if req.prefix else []
-        heal = self._heal(req.prefix, prefix_ids)
+        heal = heal_prefix(req.prefix, prefix_ids, self._text, self._vocab_text)
         if heal is not None:
             prefix_ids.pop()
-        n_prompt, n_context = len(prompt_ids), len(prompt_ids) + len(prefix_ids)
-        if n_context >= self.context:
-            raise ValueError(f"prompt is {n_context} tokens; model context is {self.context}")
-        if sampling.max_tokens is None:
-            total = min(DEFAULT_MAX_TOKENS, self.context - n_prompt)
-        elif n_prompt + sampling.max_tokens > self.context:
-            raise ValueError(
-                f"prompt is {n_prompt} tokens and max_tokens is {sampling.max_tokens}; model context is {self.context}"
-            )
-        else:
-            total = sampling.max_tokens
-        # max_tokens counts the whole completion, including what a failed node already streamed.
-        budget = min(total - len(prefix_ids), self.context - n_context)
-        return _Row(job, sampling, prompt_ids, prefix_ids, budget, self._tokenizer, heal)
-
-    def _heal(self, prefix: str, prefix_ids: list[int]) -> tuple[str, list[int]] | None:
-        """Token healing for a taken-over stream: which text the prefix's last token stands for, and which
-        tokens may re-produce it.
-
-        The text a failed node streamed may end where its tokenizer would not cut (e.g. "is " before
-        " Paris"): re-tokenized, that ending is a token the model rarely saw there, and it derails. Taking
-        the last token back and letting the model choose any token that starts with its text continues as
-        if it had never stopped. None when healing does not apply (no prefix; a tokenizer whose single
-        tokens do not decode to their text in context, such as sentencepiece's leading spaces).
-        """
-        if not prefix_ids:
-            return None
-        head = self._text(prefix_ids[:-1])
-        tail = prefix[len(head) :]
-        if not prefix.startswith(head) or not tail or self._text(prefix_ids[-1:]) != tail:
-            return None
-        vocab = self._vocab_text()
-        return tail, [i for i, text in enumerate(vocab) if text.startswith(tail)]
+        budget = token_budget(sampling, len(prompt_ids), len(prefix_ids), self.context)
+        context = prompt_ids + prefix_ids
+        row = _Row(job, sampling, budget, Detokenizer(self._text, context), heal)
+        row.context = context
+        return row
 
     def _text(self, ids: list[int]) -> str:
         return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
@@ -484,13 +313,7 @@ class TransformersChat(Backend):
         return self._vocab
 
     def _chat_ids(self, messages: Any) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("chat input must be a non-empty list of {role, content} messages")
-        clean = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise ValueError(f"message {i} must be a map with a string 'role'")
-            clean.append({"role": message["role"], "content": _message_text(message.get("content"), i)})
+        clean = chat_messages(messages)
         if not getattr(self._tokenizer, "chat_template", None):
             raise ValueError(f"model {self.name} has no chat template; send task 'complete' with a prompt")
         from jinja2 import TemplateError
@@ -602,20 +425,7 @@ class TransformersChat(Backend):
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Take one new token into a row; False when the row is finished (and answered)."""
-        if token in self._eos:
-            row.add_text(row.detokenizer.flush())
-            self._finish(row, "stop")
-            return False
-        row.generated += 1
-        if row.add_text(row.detokenizer.push(token)):
-            self._finish(row, "stop")
-            return False
-        if row.generated >= row.budget:
-            stopped = row.add_text(row.detokenizer.flush())
-            self._finish(row, "stop" if stopped else "length")
-            return False
-        row.stream_ready()
-        return True
+        return row.advance(token, self._eos, self.name)
 
     @staticmethod
     def _still_wanted(row: _Row) -> bool:
@@ -626,41 +436,6 @@ class TransformersChat(Backend):
             row.job.fail(ErrorCode.DEADLINE_EXCEEDED, f"deadline passed after {row.generated} generated tokens")
             return False
         return True
-
-    def _finish(self, row: _Row, reason: str) -> None:
-        job = row.job
-        if job.request.stream and len(row.text) > row.emitted:
-            job.emit(row.text[row.emitted :])
-            row.emitted = len(row.text)
-        text = job.request.prefix + row.text
-        output: Any = {"role": "assistant", "content": text} if job.request.task is Task.CHAT else text
-        completion = row.prefix_tokens + row.generated
-        job.finish(
-            output,
-            {
-                "model": self.name,
-                "finish_reason": reason,
-                "usage": {
-                    "prompt_tokens": row.prompt_tokens,
-                    "completion_tokens": completion,
-                    "total_tokens": row.prompt_tokens + completion,
-                },
-            },
-        )
-
-
-def _message_text(content: Any, index: int) -> str:
-    """A message's text: a string, or OpenAI-style parts [{"type": "text", "text": ...}]."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"message {index}: only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ValueError(f"message {index} needs 'content' as a string")
 
 
 __all__ = ["DEFAULT_MAX_TOKENS", "DEFAULT_TEMPERATURE", "Sampling", "TransformersChat"]

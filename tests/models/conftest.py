@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from model_jobs import TINY_CONTEXT, requires
@@ -72,6 +74,18 @@ def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model.lm_head.weight[eos].zero_()
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The tiny Llama built by onnxruntime-genai's model builder (fp32) and served by the onnx engine."""
+    requires("onnxruntime", "onnxruntime_genai", "tokenizers", "jinja2")
+    from nodes.backends.onnx_chat import OnnxChat
+
+    backend = OnnxChat("tiny", tiny_chat_dir, cache_dir=tmp_path_factory.mktemp("onnx-cache"), precision="fp32")
+    backend.load()
+    yield backend
+    backend.close()
 
 
 @pytest.fixture(scope="session")

@@ -39,12 +39,17 @@ class Outcome:
         return str(self.output["content"] if isinstance(self.output, dict) else self.output)
 
 
-def make_job(
-    request: Request,
+ChunkFn = Callable[[Job, int, Any], None]
+DoneFn = Callable[[Job, Any, "dict[str, Any] | None", "ErrorCode | None", str], None]
+
+
+def recorders(
     outcome: Outcome,
-    timeout: float = 120.0,
     on_chunk: Callable[[Job, Outcome], None] | None = None,
-) -> Job:
+    on_done: Callable[[Job, Outcome], None] | None = None,
+) -> tuple[ChunkFn, DoneFn]:
+    """The chunk and done callbacks of a job whose answers `outcome` records."""
+
     def chunk(job: Job, seq: int, data: Any) -> None:
         assert seq == len(outcome.chunks), "chunks must be numbered 0, 1, 2, ..."
         outcome.chunks.append(data)
@@ -54,8 +59,19 @@ def make_job(
     def done(job: Job, output: Any, meta: dict[str, Any] | None, code: ErrorCode | None, message: str) -> None:
         outcome.output, outcome.meta, outcome.code, outcome.message = output, meta, code, message
         outcome.answers += 1
+        if on_done is not None:
+            on_done(job, outcome)
 
-    return Job(request, time.monotonic() + timeout, chunk, done)
+    return chunk, done
+
+
+def make_job(
+    request: Request,
+    outcome: Outcome,
+    timeout: float = 120.0,
+    on_chunk: Callable[[Job, Outcome], None] | None = None,
+) -> Job:
+    return Job(request, time.monotonic() + timeout, *recorders(outcome, on_chunk))
 
 
 def serve(backend: Backend, requests: list[Request], **job_args: Any) -> list[Outcome]:

@@ -1,0 +1,169 @@
+"""The onnxruntime chat engine's own promises: continuous batching, slots freed at once, its build cache, fallbacks.
+
+What both engines share (texts, streams, stops, limits) is in test_chat_engines.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from model_jobs import Outcome, chat, complete, requires, serve
+from test_chat_engines import LaneRun
+
+from nodes.backends.base import Job
+from nodes.backends.onnx_chat import OnnxChat
+from nodes.backends.transformers_chat import TransformersChat
+from nodes.model_cache import cache_ready
+from nodes.models import load_backend, parse_model_arg
+from protocol import ErrorCode
+
+pytestmark = pytest.mark.models
+
+
+def solo(backend: OnnxChat, request: Any) -> str:
+    (outcome,) = serve(backend, [request])
+    assert outcome.code is None, outcome.message
+    return outcome.text
+
+
+@pytest.fixture
+def two_slots(tiny_onnx: OnnxChat) -> OnnxChat:
+    """The same built model in an engine that runs at most two requests at once."""
+    assert tiny_onnx.model_dir is not None
+    engine = OnnxChat("tiny", tiny_onnx.model_dir, max_batch=2)
+    engine.load()
+    assert engine.loaded_from == "onnx"
+    return engine
+
+
+def test_a_request_joins_the_running_batch_without_waiting_for_it_to_finish(tiny_onnx: OnnxChat) -> None:
+    long, short = Outcome(), Outcome()
+    long_request = complete("Once upon a time", max_tokens=70, stream=True)
+    chunks_when_short_done: list[int] = []
+    with LaneRun(tiny_onnx) as run:
+
+        def join_at_five(_job: Job, outcome: Outcome) -> None:
+            if len(outcome.chunks) == 5:
+                run.submit(
+                    complete("hello", max_tokens=3),
+                    short,
+                    on_done=lambda *_: chunks_when_short_done.append(len(long.chunks)),
+                )
+
+        run.submit(long_request, long, on_chunk=join_at_five)
+        run.wait()
+    assert long.code is None and short.code is None
+    assert chunks_when_short_done[0] < len(long.chunks), "the newcomer waited for the running request to finish"
+    assert long.text == solo(tiny_onnx, long_request)  # joining did not disturb the running request
+
+
+def test_a_finished_request_frees_its_slot_for_the_next_at_once(two_slots: OnnxChat) -> None:
+    first = complete("hello", max_tokens=3)  # slot 0, done first: the long one moves into its slot
+    long = complete("The quick brown fox", max_tokens=60)
+    late = chat("hello, how are you?", max_tokens=20)  # waits for a free slot
+    outcomes = [Outcome(), Outcome(), Outcome()]
+    long_done_at: list[float] = []
+    late_done_at: list[float] = []
+    with LaneRun(two_slots) as run:
+        run.submit(first, outcomes[0])
+        run.submit(long, outcomes[1], on_done=lambda *_: long_done_at.append(time.monotonic()))
+        run.submit(late, outcomes[2], on_done=lambda *_: late_done_at.append(time.monotonic()))
+        run.wait()
+    assert late_done_at[0] < long_done_at[0], "the third request waited for the long one instead of the free slot"
+    for request, outcome in zip((first, long, late), outcomes, strict=True):
+        assert outcome.code is None, outcome.message
+        assert outcome.text == solo(two_slots, request)  # moving a request between slots keeps its cache intact
+
+
+def test_a_request_answered_elsewhere_leaves_the_batch_at_the_next_step(tiny_onnx: OnnxChat) -> None:
+    """What a cancel does to a running generation: it stops within a step and its slot is free again."""
+    cancelled, mate = Outcome(), Outcome()
+    mate_request = complete("The quick brown fox", max_tokens=30)
+    with LaneRun(tiny_onnx) as run:
+
+        def cancel_at_three(job: Job, outcome: Outcome) -> None:
+            if len(outcome.chunks) == 3:
+                job.fail(ErrorCode.UNAVAILABLE, "cancelled by the client")
+
+        run.submit(complete("hello", max_tokens=80, stream=True), cancelled, on_chunk=cancel_at_three)
+        run.submit(mate_request, mate)
+        run.wait()  # also checks that the lane counts nothing in flight afterwards
+    assert cancelled.code is ErrorCode.UNAVAILABLE and len(cancelled.chunks) == 3
+    assert mate.text == solo(tiny_onnx, mate_request)
+
+
+def test_the_build_is_cached_and_a_broken_cache_is_built_again(
+    tiny_chat_dir: Path, tmp_path: Path, tiny_onnx: OnnxChat
+) -> None:
+    request = chat("hello", max_tokens=8)
+    first = OnnxChat("tiny", tiny_chat_dir, cache_dir=tmp_path, precision="fp32")
+    first.load()
+    assert first.loaded_from == "build" and first.model_dir is not None and cache_ready(first.model_dir)
+    marker = json.loads((first.model_dir / "lanmesh-cache.json").read_text())
+    assert marker["precision"] == "fp32" and marker["builder"].startswith("onnxruntime-genai")
+    again = OnnxChat("tiny", tiny_chat_dir, cache_dir=tmp_path, precision="fp32")
+    started = time.monotonic()
+    again.load()
+    assert again.loaded_from == "cache" and again.model_dir == first.model_dir
+    assert time.monotonic() - started < 5
+    (first.model_dir / "model.onnx").write_bytes(b"not a model")  # a disk that lost the file's contents
+    rebuilt = OnnxChat("tiny", tiny_chat_dir, cache_dir=tmp_path, precision="fp32")
+    rebuilt.load()
+    assert rebuilt.loaded_from == "build"
+    assert solo(rebuilt, request) == solo(again, request) == solo(tiny_onnx, request)
+
+
+def test_int4_build_of_the_tiny_model_answers(tiny_chat_dir: Path, tmp_path: Path) -> None:
+    engine = OnnxChat("tiny", tiny_chat_dir, cache_dir=tmp_path, precision="int4")
+    engine.load()
+    (outcome,) = serve(engine, [chat("hello", max_tokens=6)])
+    assert outcome.code is None and outcome.meta is not None
+    assert outcome.meta["usage"]["completion_tokens"] == 6
+
+
+def test_fp16_on_a_cpu_is_refused_with_the_reason(tiny_chat_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fp16 runs on a GPU"):
+        OnnxChat("tiny", tiny_chat_dir, cache_dir=tmp_path, precision="fp16").load()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        OnnxChat("tiny", tiny_chat_dir, cache_dir=tmp_path, precision="int3").load()
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path) -> Path:
+    """A model architecture onnxruntime-genai's builder does not know (GPT-2), with the tiny tokenizer."""
+    requires("torch", "transformers")
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_chat_dir / name).exists():
+            shutil.copy(tiny_chat_dir / name, folder / name)
+    torch.manual_seed(7)
+    vocab = json.loads((tiny_chat_dir / "config.json").read_text())["vocab_size"]
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def test_a_model_the_builder_cannot_convert_is_served_by_transformers_with_one_line_saying_why(
+    tiny_gpt2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = parse_model_arg(f"name=gpt,path={tiny_gpt2_dir},task=chat")
+    with caplog.at_level(logging.WARNING, logger="nodes.models"):
+        backend = load_backend(spec, cache_dir=tmp_path)
+    assert isinstance(backend, TransformersChat)
+    why = [r.getMessage() for r in caplog.records if "transformers engine" in r.getMessage()]
+    assert len(why) == 1 and "onnxruntime-genai cannot build it" in why[0]
+    (outcome,) = serve(backend, [complete("hello", model="gpt", max_tokens=4)])
+    assert outcome.code is None and outcome.meta is not None and outcome.meta["usage"]["completion_tokens"] == 4
+    with pytest.raises(Exception, match="builder|supported|Error"):
+        load_backend(parse_model_arg(f"name=gpt,path={tiny_gpt2_dir},task=chat,engine=onnx"), cache_dir=tmp_path)
