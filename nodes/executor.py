@@ -281,10 +281,13 @@ class Executor:
         return lane.submit(lane.make_job(request, deadline, on_chunk, on_done))
 
     def stats(self) -> dict[str, dict[str, int]]:
-        return {
-            name: {"batches": lane.batches, "batched_requests": lane.batched_jobs, "max_batch": lane.backend.max_batch}
-            for name, lane in self.lanes.items()
-        }
+        """Per model: batches run and requests in them (continuous engines: decode steps and rows in them)."""
+        out = {}
+        for name, lane in self.lanes.items():
+            b = lane.backend
+            batches, jobs = (b.steps, b.row_steps) if lane.continuous else (lane.batches, lane.batched_jobs)
+            out[name] = {"batches": batches, "batched_requests": jobs, "max_batch": b.max_batch}
+        return out
 
     def drain(self, grace: float) -> None:
         """Stop taking work; let running and queued work finish within `grace`; hand back the rest."""

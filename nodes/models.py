@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .hardware import cuda_gpu_name
 from .model_cache import cache_ready, cache_root
 
 if TYPE_CHECKING:
@@ -333,9 +334,13 @@ def _chat_backend(spec: ModelSpec, cache_dir: str | Path | None) -> Backend:
     if spec.kind == "onnx-chat" and engine == "transformers":
         raise ValueError(f"model {spec.name}: {spec.path} is an ONNX build; only the onnx engine serves it")
     missing = _missing("onnxruntime", "tokenizers", "jinja2", "numpy")
-    if engine == "transformers" or (engine == "auto" and missing):
-        if engine == "auto":
+    gpu = cuda_gpu_name() if engine == "auto" and spec.kind != "onnx-chat" and not missing else None
+    if engine == "transformers" or (engine == "auto" and (missing or gpu)):
+        if missing and engine == "auto":
             log.warning("model %s: transformers engine, because %s is not installed", spec.name, ", ".join(missing))
+        elif gpu:
+            # The onnx engine's continuous batching runs on CPUs; on a GPU transformers (torch CUDA) is faster.
+            log.warning("model %s: transformers engine on the GPU (%s); the onnx engine runs on CPUs", spec.name, gpu)
         _require("torch", "transformers")
         if spec.kind == "gguf":
             _require("gguf", "accelerate")
@@ -406,7 +411,8 @@ def _require(*modules: str) -> None:
 # ---------------------------------------------------------------- memory
 
 _RUNTIME_HEADROOM = 1.2  # activations, KV cache of a full batch, allocator slack
-_PRECISION_SHARE = {"int4": 0.16, "int8": 0.28, "fp16": 0.5, "fp32": 1.0}  # of fp32 bytes, scales included
+# Share of the fp32 bytes a build holds, scales included (int4 keeps its sensitive layers at int8).
+_PRECISION_SHARE = {"int4": 0.21, "int8": 0.28, "fp16": 0.5, "fp32": 1.0}
 _GGUF_FALLBACK_EXPANSION = 7.0  # 4-bit file to fp32 weights, when the header cannot be read
 
 

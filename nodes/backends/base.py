@@ -102,6 +102,8 @@ class Backend(ABC):
     max_batch: int = 1
     concurrency: int = 1
     continuous: bool = False
+    steps = 0  # continuous backends: decode steps run, and requests advanced by them (summed over steps)
+    row_steps = 0
     labels: dict[str, str]
 
     def __init__(self) -> None:

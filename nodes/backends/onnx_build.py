@@ -22,7 +22,13 @@ from typing import Any
 from ..model_cache import cache_entry, publish_cache
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
-_BUILD_FORMAT = "ortgenai-v1"  # bump when what we put in an entry changes: old entries are then ignored
+_BUILD_FORMAT = "ortgenai-v2"  # bump when what we put in an entry changes: old entries are then ignored
+# int4 as llama.cpp's mixed strategy: the body at int4, the most quantization-sensitive matmuls (first and last
+# eighth of the layers, every third layer's qkv/v/down projections) and the output head at int8. Measured on
+# SmolLM2-135M (a Q4_1 GGUF, de-quantized), perplexity on unseen prose against fp32: 1.13x, where every plain
+# int4 build tried (rtn, k_quant, block 16/32, int8 head only, fp32 activations) was 1.23-1.34x. Decoding it
+# costs ~30% of plain int4's speed; the quality test (int4 <= 1.15x fp32) holds it.
+_EXTRA_OPTIONS = {"int4": ["algo_config=rtn", "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8"]}
 _GPU_ONLY = {"fp16": "fp16 runs on a GPU (CUDA) only; on a CPU use int4, int8 or fp32"}
 
 
@@ -120,6 +126,8 @@ def _run_builder(hf: Path, out: Path, precision: str, provider: str, layers: int
     with tempfile.TemporaryDirectory(prefix="lanmesh-build-") as scratch:
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out)]
         cmd += ["-p", precision, "-e", provider, "-c", scratch]
+        if precision in _EXTRA_OPTIONS:
+            cmd += ["--extra_options", *_EXTRA_OPTIONS[precision]]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         tail: list[str] = []

@@ -154,6 +154,17 @@ def test_max_tokens_ends_with_length_and_usage_counts_tokens(backend: Backend) -
     }
 
 
+def test_the_end_of_turn_token_ends_the_answer_with_stop(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    request = complete("The quick brown fox", max_tokens=12)
+    full = alone(backend, request)
+    tokens = encode(backend, full.text)
+    monkeypatch.setattr(backend, "_eos", frozenset({tokens[3]}))  # as if the model had ended its turn there
+    ended = alone(backend, request)
+    assert full.text.startswith(ended.text) and len(ended.text) < len(full.text)
+    assert ended.meta is not None and ended.meta["finish_reason"] == "stop"
+    assert ended.meta["usage"]["completion_tokens"] < 12
+
+
 def test_prompt_beyond_the_context_is_a_bad_request(backend: Backend) -> None:
     too_long, too_much, fits = serve(
         backend,

