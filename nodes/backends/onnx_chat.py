@@ -24,8 +24,10 @@ from protocol import ErrorCode, Task
 from ..model_cache import cache_ready, discard_cache
 from .base import Backend, Job, JobSource, ProgressFn
 from .chat_template import ChatTemplate, TemplateError, find_template, special_tokens
+from .guidance import GrammarTokenizer, Matcher, parse_guidance
 from .onnx_build import build_in_child, built_entry, check_precision
 from .textgen import DEFAULT_MAX_TOKENS_LIMIT, Detokenizer, Sampling, TextRow, chat_messages, heal_prefix, token_budget
+from .tools import check_tools, with_tools
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,6 +51,7 @@ class _Seq:
     next_token: int = 0  # fed at the next decode step
     rng: np.random.Generator | None = None
     heal_ids: list[int] | None = field(default=None)
+    matcher: Matcher | None = None  # the grammar the answer must follow (params["guidance"])
 
     @property
     def job(self) -> Job:
@@ -168,6 +171,7 @@ class OnnxChat(Backend):
         self._session: Any = None
         self._tokenizer: Any = None
         self._template: ChatTemplate | None = None
+        self._grammar: GrammarTokenizer | None = None
         self._eos: frozenset[int] = frozenset()
         self._names: list[tuple[str, str, str, str]] = []
         self._kv_shape: tuple[int, int, int] = (0, 0, 0)  # kv heads, max_len, head size
@@ -250,6 +254,7 @@ class OnnxChat(Backend):
         self._tokenizer.no_truncation()
         template = find_template(folder)
         self._template = ChatTemplate(template, special_tokens(folder)) if template else None
+        self._grammar = GrammarTokenizer(self._tokenizer.to_str(), self._eos, self._vocab_size)
         self._session = session
         self.labels.update({"device": "cpu", "gpu": "false", "engine": "onnxruntime"})
 
@@ -317,8 +322,10 @@ class OnnxChat(Backend):
 
         req = job.request
         sampling = Sampling.from_params(req.params, self.max_tokens_limit)
+        guidance = parse_guidance(req.params)
         if req.task is Task.CHAT:
-            prompt_ids = self._chat_ids(req.input)
+            tools = check_tools(req.params["tools"]) if req.params.get("tools") is not None else None
+            prompt_ids = self._chat_ids(req.input, tools)
         elif req.task is Task.COMPLETE:
             if not isinstance(req.input, str):
                 raise ValueError(f"complete input must be a prompt string, got {type(req.input).__name__}")
@@ -334,18 +341,26 @@ class OnnxChat(Backend):
         assert self.context is not None
         budget = token_budget(sampling, len(prompt_ids), len(prefix_ids), self.context)
         context = prompt_ids + prefix_ids
+        matcher = None
+        if guidance is not None:
+            assert self._grammar is not None
+            matcher = self._grammar.matcher(*guidance)
+            if prefix_ids:  # a taken-over stream: the grammar is already that far
+                matcher.consume(prefix_ids)
         text = TextRow(job, sampling, budget, Detokenizer(self._decode, context), heal)
         rng = None
         if not sampling.greedy:
             rng = np.random.default_rng(sampling.seed % (2**63) if sampling.seed is not None else None)
-        return _Seq(text, context, rng=rng, heal_ids=heal[1] if heal else None)
+        return _Seq(text, context, rng=rng, heal_ids=heal[1] if heal else None, matcher=matcher)
 
-    def _chat_ids(self, messages: Any) -> list[int]:
-        clean = chat_messages(messages)
+    def _chat_ids(self, messages: Any, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        clean: list[dict[str, Any]] = chat_messages(messages)
         if self._template is None:
             raise ValueError(f"model {self.name} has no chat template; send task 'complete' with a prompt")
+        if tools and "tools" not in self._template.source:  # the template cannot show them: say it in words
+            clean, tools = with_tools(clean, tools), None
         try:
-            prompt = self._template.render(clean)
+            prompt = self._template.render(clean, tools=tools)
         except TemplateError as exc:
             raise ValueError(f"the chat template of {self.name} refused these messages: {exc}") from None
         ids = self._encode(prompt, special=False)
@@ -411,7 +426,7 @@ class OnnxChat(Backend):
             return  # more of the prompt next step; running requests advance meanwhile
         self._waiting.pop(0)
         token = self._pick_one(seq, logits[0, -1])
-        if seq.text.advance(token, self._eos, self.name):
+        if self._advance(seq, token):
             seq.next_token = token
             self._rows.append(seq)
         else:
@@ -435,7 +450,7 @@ class OnnxChat(Backend):
         done = []
         for seq, token in zip(rows, tokens, strict=True):
             seq.cached += 1
-            if seq.text.advance(token, self._eos, self.name) and seq.cached < self.context:
+            if self._advance(seq, token) and seq.cached < self.context:
                 seq.next_token = token
             else:
                 if not seq.job.done:  # the context is full: the answer ends here
@@ -443,6 +458,15 @@ class OnnxChat(Backend):
                 done.append(seq)
         if done:
             self._remove(done)
+
+    def _advance(self, seq: _Seq, token: int) -> bool:
+        """Take one chosen token; False when the request is finished (and answered)."""
+        if not seq.text.advance(token, self._eos, self.name):
+            return False
+        if seq.matcher is not None and seq.matcher.finished:  # the grammar is complete: nothing may follow
+            seq.text.end(self.name)
+            return False
+        return True
 
     def _remove(self, gone: list[_Seq]) -> None:
         """Free the slots of finished requests, moving the last running ones into the holes."""
@@ -509,13 +533,16 @@ class OnnxChat(Backend):
     def _pick(self, rows: list[_Seq], logits: np.ndarray) -> list[int]:
         greedy = logits.argmax(axis=-1)
         return [
-            int(greedy[i]) if seq.rng is None and seq.heal_ids is None else self._pick_one(seq, logits[i])
+            int(greedy[i])
+            if seq.rng is None and seq.heal_ids is None and seq.matcher is None
+            else self._pick_one(seq, logits[i])
             for i, seq in enumerate(rows)
         ]
 
     @staticmethod
     def _pick_one(seq: _Seq, scores: np.ndarray) -> int:
-        """The next token of one request: argmax when greedy, else seeded sampling with top-k/top-p."""
+        """The next token of one request: argmax when greedy, else seeded sampling with top-k/top-p; only
+        tokens its grammar allows, and after a healed prefix only tokens that re-produce its end."""
         import numpy as np
 
         scores = scores.astype(np.float64)
@@ -523,6 +550,17 @@ class OnnxChat(Backend):
             allowed = np.full_like(scores, -np.inf)
             allowed[seq.heal_ids] = scores[seq.heal_ids]
             scores, seq.heal_ids = allowed, None
+        if seq.matcher is not None:
+            scores[~seq.matcher.allowed()[: len(scores)]] = -np.inf
+            token = OnnxChat._choose(seq, scores)
+            seq.matcher.consume([token])
+            return token
+        return OnnxChat._choose(seq, scores)
+
+    @staticmethod
+    def _choose(seq: _Seq, scores: np.ndarray) -> int:
+        import numpy as np
+
         if seq.rng is None:
             return int(scores.argmax())
         s = seq.text.sampling

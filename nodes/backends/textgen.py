@@ -251,11 +251,15 @@ class TextRow:
             return True
         return False
 
+    def end(self, model: str) -> None:
+        """The answer is complete (end of turn, or its grammar allows nothing more): send what is held back."""
+        self.add_text(self.detokenizer.flush())
+        self.finish("stop", model)
+
     def advance(self, token: int, eos: frozenset[int], model: str) -> bool:
         """Take one new token; False when the row is finished (and answered)."""
         if token in eos:
-            self.add_text(self.detokenizer.flush())
-            self.finish("stop", model)
+            self.end(model)
             return False
         self.generated += 1
         if self.add_text(self.detokenizer.push(token)):

@@ -16,6 +16,7 @@ from protocol import ErrorCode, Task
 
 from ..model_cache import cache_entry, cache_ready, discard_cache, publish_cache
 from .base import Backend, Job, ProgressFn
+from .guidance import GrammarTokenizer, Matcher, parse_guidance
 from .textgen import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MAX_TOKENS_LIMIT,
@@ -27,6 +28,7 @@ from .textgen import (
     heal_prefix,
     token_budget,
 )
+from .tools import check_tools, with_tools
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +83,7 @@ class _Row(TextRow):
 
         super().__init__(*args, **kwargs)
         self.context: list[int] = []  # what the model reads before generating (prompt + prefix)
+        self.matcher: Matcher | None = None  # the grammar the answer must follow (params["guidance"])
         self.generator: torch.Generator | None = None
         if not self.sampling.greedy:
             self.generator = torch.Generator()
@@ -129,6 +132,7 @@ class TransformersChat(Backend):
         self._pad_id = 0
         self._cache_kwarg = "past_key_values"
         self._vocab: list[str] | None = None
+        self._grammar: GrammarTokenizer | None = None
 
     # ------------------------------------------------------------ loading
 
@@ -279,8 +283,10 @@ class TransformersChat(Backend):
         req = job.request
         assert self.context is not None
         sampling = Sampling.from_params(req.params, self.max_tokens_limit)
+        guidance = parse_guidance(req.params)
         if req.task is Task.CHAT:
-            prompt_ids = self._chat_ids(req.input)
+            tools = check_tools(req.params["tools"]) if req.params.get("tools") is not None else None
+            prompt_ids = self._chat_ids(req.input, tools)
         elif req.task is Task.COMPLETE:
             prompt_ids = self._complete_ids(req.input)
         else:
@@ -295,6 +301,13 @@ class TransformersChat(Backend):
         context = prompt_ids + prefix_ids
         row = _Row(job, sampling, budget, Detokenizer(self._text, context), heal)
         row.context = context
+        if guidance is not None:
+            if self._grammar is None:
+                vocab = int(self._model.config.vocab_size)
+                self._grammar = GrammarTokenizer(self._tokenizer.backend_tokenizer.to_str(), self._eos, vocab)
+            row.matcher = self._grammar.matcher(*guidance)
+            if prefix_ids:
+                row.matcher.consume(prefix_ids)
         return row
 
     def _text(self, ids: list[int]) -> str:
@@ -312,14 +325,17 @@ class TransformersChat(Backend):
             ]
         return self._vocab
 
-    def _chat_ids(self, messages: Any) -> list[int]:
-        clean = chat_messages(messages)
-        if not getattr(self._tokenizer, "chat_template", None):
+    def _chat_ids(self, messages: Any, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        clean: list[dict[str, Any]] = chat_messages(messages)
+        template = getattr(self._tokenizer, "chat_template", None)
+        if not template:
             raise ValueError(f"model {self.name} has no chat template; send task 'complete' with a prompt")
+        if tools and "tools" not in str(template):  # the template cannot show them: say it in words
+            clean, tools = with_tools(clean, tools), None
         from jinja2 import TemplateError
 
         try:
-            text = self._tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+            text = self._tokenizer.apply_chat_template(clean, tools=tools, tokenize=False, add_generation_prompt=True)
         except TemplateError as exc:
             raise ValueError(f"the chat template of {self.name} refused these messages: {exc}") from None
         ids = list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -403,6 +419,10 @@ class TransformersChat(Backend):
                 allowed[row.heal_ids] = scores[row.heal_ids]
                 scores, row.heal_ids = allowed, None
                 greedy[i] = int(scores.argmax())
+            if row.matcher is not None:  # only what the grammar allows next
+                allowed = torch.from_numpy(row.matcher.allowed()[: scores.shape[-1]])
+                scores = scores.masked_fill(~allowed, float("-inf"))
+                greedy[i] = int(scores.argmax())
             if row.generator is None:
                 picks.append(int(greedy[i]))
                 continue
@@ -421,11 +441,19 @@ class TransformersChat(Backend):
             else:
                 probs = torch.softmax(scores, dim=-1)
                 picks.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        for row, token in zip(rows, picks, strict=True):
+            if row.matcher is not None:
+                row.matcher.consume([token])
         return picks
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Take one new token into a row; False when the row is finished (and answered)."""
-        return row.advance(token, self._eos, self.name)
+        if not row.advance(token, self._eos, self.name):
+            return False
+        if row.matcher is not None and row.matcher.finished:  # the grammar is complete: nothing may follow
+            row.end(self.name)
+            return False
+        return True
 
     @staticmethod
     def _still_wanted(row: _Row) -> bool:

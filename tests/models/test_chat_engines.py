@@ -6,6 +6,8 @@ onnxruntime-genai's model builder, with continuous batching. What a caller sees 
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -163,6 +165,58 @@ def test_the_end_of_turn_token_ends_the_answer_with_stop(backend: Backend, monke
     assert full.text.startswith(ended.text) and len(ended.text) < len(full.text)
     assert ended.meta is not None and ended.meta["finish_reason"] == "stop"
     assert ended.meta["usage"]["completion_tokens"] < 12
+
+
+def test_a_regex_grammar_shapes_the_whole_answer(backend: Backend) -> None:
+    for stream in (False, True):
+        outcome = alone(
+            backend, chat("hello", max_tokens=20, stream=stream, guidance={"type": "regex", "grammar": "[a-z]{5}!"})
+        )
+        assert re.fullmatch("[a-z]{5}!", outcome.text), outcome.text
+        assert outcome.meta is not None and outcome.meta["finish_reason"] == "stop"  # the grammar was complete
+        if stream:
+            assert "".join(outcome.chunks) == outcome.text
+
+
+def test_a_json_schema_grammar_gives_json_that_validates(backend: Backend) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9},
+                       "tag": {"enum": ["red", "green"]}},
+        "required": ["ok", "n", "tag"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    outcome = alone(
+        backend,
+        chat("hello", max_tokens=40, temperature=1.0, seed=4, guidance={"type": "json_schema", "grammar": schema}),
+    )
+    value = json.loads(outcome.text)
+    assert set(value) == {"ok", "n", "tag"} and isinstance(value["ok"], bool) and 0 <= value["n"] <= 9
+    assert value["tag"] in ("red", "green")
+
+
+@pytest.mark.parametrize(
+    ("guidance", "complaint"),
+    [
+        ({"type": "yaml", "grammar": "x"}, "guidance must be {type: json_schema | regex | lark"),
+        ({"type": "lark", "grammar": "start: ("}, "guidance: invalid lark"),
+        ({"type": "regex", "grammar": ""}, "guidance.grammar must be a non-empty string"),
+        ({"type": "json_schema", "grammar": "{not json"}, "guidance: not a JSON schema"),
+    ],
+)
+def test_a_bad_grammar_is_a_bad_request(backend: Backend, guidance: dict[str, Any], complaint: str) -> None:
+    (outcome,) = serve(backend, [chat("hello", max_tokens=5, guidance=guidance)])
+    assert outcome.code is ErrorCode.BAD_REQUEST
+    assert complaint in outcome.message
+
+
+def test_tools_are_described_to_a_model_whose_template_has_none(backend: Backend) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with_tools = decode(backend, backend._chat_ids([{"role": "user", "content": "hi"}], tools))  # type: ignore[attr-defined]
+    plain = decode(backend, backend._chat_ids([{"role": "user", "content": "hi"}]))  # type: ignore[attr-defined]
+    assert "get_weather" in with_tools and "<tool_call>" in with_tools and "get_weather" not in plain
+    (bad,) = serve(backend, [chat("hi", tools=[{"type": "function", "function": {"name": ""}}])])
+    assert bad.code is ErrorCode.BAD_REQUEST and "tools[0].function.name" in bad.message
 
 
 def test_prompt_beyond_the_context_is_a_bad_request(backend: Backend) -> None:
