@@ -42,7 +42,11 @@ _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by RFC 27: libzmq asks whateve
 _ZAP_VERSION = b"1.0"
 _TRUE = ("1", "true", "yes", "on")
 # Server-side handshake events worth counting: ZAP denials are counted by the handler itself (with the address).
-_WATCHED_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+# Only protocol failures (a plaintext peer, a wrong server key) are refusals. NO_DETAIL is libzmq's word for a
+# connection that ended or timed out mid-handshake: every short-lived client whose close races its handshake
+# makes one, so counting it drowned real attacks (992 "refusals" for 2,000 legitimate clients).
+# LISTENING tells which endpoints are our own (libzmq names those, not the peer, on an accepted connection).
+_WATCHED_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_LISTENING
 _LOG_EVERY_S = 10.0  # per (kind, source): the first rejection is logged at once, repeats once per this period
 
 
@@ -355,8 +359,9 @@ class Authenticator:
 
     `start()` returns once the handler is bound, so binding CURVE sockets after it is safe. `on_reject(kind,
     source)` is called on this thread for every refused connection: kind `auth_rejected` (ZAP said no; source
-    is the peer's IP) or `handshake_failed` (wrong server key, or a plaintext peer; libzmq's stable API does
-    not say who, so source names our socket).
+    is the peer's IP) or `handshake_failed` (wrong server key, or a plaintext peer; source is the endpoint the
+    monitor event names, which libzmq 4.3 makes the peer's address on a connecting socket but our own bound
+    address on an accepting one: its stable monitor API does not say who connected).
     """
 
     def __init__(self, ctx: zmq.Context[Any], key: MeshKey, on_reject: Callable[[str, str], None]) -> None:
@@ -365,6 +370,7 @@ class Authenticator:
         self._on_reject = on_reject
         self._log = RejectionLog()
         self._watches: queue.SimpleQueue[tuple[zmq.Socket[Any], str]] = queue.SimpleQueue()
+        self._own_endpoints: set[str] = set()  # where our watched sockets listen
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._error: zmq.ZMQError | None = None
@@ -429,8 +435,15 @@ class Authenticator:
                 event = recv_monitor_message(mon, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            what = "plaintext or wrong-key peer" if event["event"] & zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else "peer"
-            self._rejected("handshake_failed", name, f"{what}: handshake failed (zmq error {event['value']})")
+            raw = event.get("endpoint", b"")
+            endpoint = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            if event["event"] & zmq.EVENT_LISTENING:
+                self._own_endpoints.add(endpoint)
+                continue
+            # The peer where libzmq names it; else our socket (the log then says who cannot be known).
+            peer = endpoint if endpoint and endpoint not in self._own_endpoints else None
+            detail = f"plaintext or wrong-key peer on {name}: handshake failed (zmq protocol error {event['value']:#x})"
+            self._rejected("handshake_failed", peer or f"an unknown peer (libzmq does not say) on {name}", detail)
 
     def _rejected(self, kind: str, source: str, detail: str) -> None:
         self._on_reject(kind, source)
