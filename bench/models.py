@@ -1,11 +1,16 @@
-"""`models`: the default models (SmolLM2 chat, MiniLM embeddings) through one node on loopback.
+"""`models`: the default models (SmolLM2 chat, MiniLM embeddings) through one node on loopback, against what a
+user would run instead on the same machine, in the same run.
 
-Chat tokens/s for one stream and for 8 at once, time to first token, embeddings/s, and how long a node takes
-to start with an empty model cache (conversion included) and with a warm one.
+Chat tokens/s for one stream and for 8 at once, time to first token, embeddings/s, the node's memory, and how
+long a node takes to start with an empty model cache (build included) and with a warm one. Then, with the node
+stopped: onnxruntime-genai's own Generator on the very model the node built, llama.cpp on the packaged GGUF
+(when llama-cpp-python is installed), and onnxruntime on the very embedding model the node exported.
+Reported as ratios (lanmesh / anchor) next to the goals.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -13,13 +18,29 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from mesh import Client, MeshKey
 from mesh._security import KEY_ENV
-from nodes.models import models_status
+from nodes.model_cache import cache_ready
+from nodes.models import models_status, smollm2_gguf
 
+from .anchors import run_anchor
 from .plots import plot_models
 from .report import median, progress, write
 from .testbed import Testbed
+
+# Goals on this machine (issue: chat engine as fast as llama.cpp on every node).
+GOALS = {
+    "over_raw_single": 0.85,  # lanmesh / onnxruntime-genai, one stream
+    "over_raw_batch": 0.85,  # lanmesh / onnxruntime-genai, 8 streams
+    "over_llama_cpp_single": 1.0,
+    "aggregate_tok_per_s": 350.0,
+    "ttft_ms": 40.0,
+    "rss_mib": 500.0,
+    "embed_over_raw": 0.95,
+    "warm_start_s": 3.0,
+}
 
 PROMPTS = [
     "Write a long story about a dragon who learns to bake bread.",
@@ -51,15 +72,24 @@ def _both_answer(client: Client, timeout: float) -> None:
     client.embed("minilm", "hello", timeout=timeout)
 
 
-def _start(bed: Testbed, cache: Path, security: MeshKey) -> tuple[float, Client]:
-    """Start the node and wait until both models have answered once; seconds from spawn, and a client."""
+def _start(bed: Testbed, cache: Path, security: MeshKey) -> tuple[float, float, Client]:
+    """Start the node; seconds from spawn until it serves, until both models have answered, and a client."""
     t0 = time.monotonic()
     node = bed.start_node(1, ["--model", "smollm2", "--model", "minilm", "--cache-dir", str(cache), "--grace", "5"])
     node.security = security
-    node.wait_ready(timeout=600)
+    node.wait_ready(timeout=900)
+    ready = time.monotonic() - t0
     client = Client(node.address, timeout=300, security=security)
     _both_answer(client, 300)
-    return time.monotonic() - t0, client
+    return ready, time.monotonic() - t0, client
+
+
+def _built(cache: Path, prefix: str) -> Path:
+    """The cache entry the node made (its ONNX chat build, or its embedding export)."""
+    entries = [p for p in (cache / "models").glob(f"{prefix}-*") if p.is_dir() and cache_ready(p)]
+    if not entries:
+        raise RuntimeError(f"no {prefix} entry in {cache}/models")
+    return max(entries, key=lambda p: p.stat().st_mtime)
 
 
 def chat_stream(client: Client, prompt: str, max_tokens: int) -> dict[str, float]:
@@ -97,6 +127,10 @@ def chat_concurrent(client: Client, n: int, max_tokens: int) -> dict[str, float]
     return {"streams": n, "tokens": tokens, "seconds": wall, "tok_per_s": tokens / wall}
 
 
+def sentences(n: int) -> list[str]:
+    return [SENTENCE.format(i) for i in range(n)]
+
+
 def embed_rate(client: Client, requests: int, per_request: int, in_flight: int) -> dict[str, float]:
     pending: list[Future[Any]] = []
     sent = done = 0
@@ -128,13 +162,14 @@ def run(quick: bool = False, reps: int = 3) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory(prefix="lanmesh-models-cache-") as tmp, Testbed(1, "loopback") as bed:
         security = MeshKey.load(bed.env[KEY_ENV])
         cache = Path(tmp)
-        print("models: cold start (empty model cache: GGUF conversion and ONNX export included)")
-        cold, client = _start(bed, cache, security)
+        print("models: cold start (empty model cache: GGUF conversion, ONNX build and export included)")
+        cold_ready, cold, client = _start(bed, cache, security)
         print(f"  cold start {cold:.1f}s")
         client.close()
         bed.nodes["n1"].stop(timeout=30)
-        warm, client = _start(bed, cache, security)
-        print(f"  warm start {warm:.1f}s")
+        warm_ready, warm, client = _start(bed, cache, security)
+        print(f"  warm start: serving after {warm_ready:.1f}s, both models answered after {warm:.1f}s")
+        node_pid = bed.nodes["n1"].pid
         with client:
             chat_stream(client, PROMPTS[0], 16)  # warm-up
             for rep in range(reps):
@@ -145,55 +180,128 @@ def run(quick: bool = False, reps: int = 3) -> dict[str, Any] | None:
                 progress(rep, reps, "chat, 8 concurrent")
                 runs["aggregate"].append(chat_concurrent(client, 8, max_tokens))
             progress(reps, reps, "chat, 8 concurrent")
-            embed_rate(client, 4, 32, 2)  # warm-up
+            embed_rate(client, 4, 32, 1)  # warm-up
             for rep in range(reps):
                 progress(rep, reps, "embeddings")
-                runs["embed_batched"].append(embed_rate(client, embed_n, 32, 2))
+                runs["embed_batched"].append(embed_rate(client, embed_n, 32, 1))
                 runs["embed_single"].append(embed_rate(client, embed_n * 8, 1, 64))
             progress(reps, reps, "embeddings")
+            rss = psutil.Process(node_pid).memory_info().rss / 2**20
+        bed.nodes["n1"].stop(timeout=30)
         where = {**bed.describe(), "detail": "one node process on 127.0.0.1 (no mDNS); the client in the harness"}
+        print("anchors (the node stopped): onnxruntime-genai, llama.cpp, onnxruntime")
+        built, exported = _built(cache, "smollm2-onnx"), _built(cache, "minilm")
+        anchors = {
+            "onnxruntime_genai": run_anchor(
+                "ortgenai", str(built), "--texts", json.dumps(PROMPTS), "--max-tokens", str(max_tokens),
+                "--reps", str(reps),
+            ),
+            "llama_cpp": run_anchor(
+                "llama-cpp", str(smollm2_gguf()), "--texts", json.dumps(PROMPTS), "--max-tokens", str(max_tokens),
+                "--reps", str(reps),
+            ),
+            "onnxruntime_embed": run_anchor(
+                "onnx-embed", str(exported), "--texts", json.dumps(sentences(embed_n * 32)), "--batch", "32",
+                "--reps", str(reps),
+            ),
+        }  # fmt: skip
+        build_facts = json.loads((built / "lanmesh-cache.json").read_text())
+    summary = _summary(runs, anchors, cold, warm, warm_ready, rss)
+    result = {
+        "quick": quick,
+        "repetitions": reps,
+        "testbed": where,
+        "models": {
+            "chat": f"smollm2 (SmolLM2-135M-Instruct, GGUF -> onnxruntime-genai build, {build_facts['precision']})",
+            "embed": "minilm (all-MiniLM-L6-v2, onnxruntime)",
+        },
+        "build": {k: build_facts.get(k) for k in ("precision", "builder", "provider")},
+        "chat": {"max_tokens": max_tokens, "seed": "fixed per request", "tokens_from": "usage.completion_tokens"},
+        "definitions": {
+            "tok_per_s": "completion tokens / wall time from send to the last token",
+            "decode_tok_per_s": "(completion tokens - 1) / time from the first to the last token",
+            "cold_start_s": "spawn to both models' first reply, empty model cache",
+            "warm_start_s": "spawn until the node serves, with the cache the cold start filled",
+            "rss_mib": "resident memory of the node serving smollm2 + minilm, after the runs",
+            "ratios": "lanmesh through its client / the anchor alone on the same machine, same run",
+        },
+        "anchors": anchors,
+        "goals": GOALS,
+        "summary": summary,
+        "runs": runs,
+        "token_counts": {"single": statistics.mean([r["tokens"] for r in runs["single"]])},
+    }
+    path = write("models", result, plot=plot_models)
+    _print(summary, anchors)
+    print(f"written to {path}")
+    return result
+
+
+def _ratio(ours: float, theirs: Any) -> float | None:
+    return ours / theirs if isinstance(theirs, int | float) and theirs > 0 else None
+
+
+def _summary(
+    runs: dict[str, list[dict[str, Any]]], anchors: dict[str, dict[str, Any]], cold: float, warm: float,
+    warm_ready: float, rss: float,
+) -> dict[str, Any]:  # fmt: skip
     single = median([r["tok_per_s"] for r in runs["single"]])
     aggregate = median([r["tok_per_s"] for r in runs["aggregate"]])
-    summary: dict[str, Any] = {
+    batched = median([r["sentences_per_s"] for r in runs["embed_batched"]])
+    raw, llama, raw_embed = anchors["onnxruntime_genai"], anchors["llama_cpp"], anchors["onnxruntime_embed"]
+    return {
         "chat_single_tok_per_s": single,
         "chat_single_decode_tok_per_s": median([r["decode_tok_per_s"] for r in runs["single"]]),
         "chat_aggregate_tok_per_s": aggregate,
         "aggregate_over_single": aggregate / single,
         "ttft_ms": median([r["ttft_ms"] for r in runs["single"]]),
         "embed": {
-            "32 sentences per request, 2 in flight": {
-                "sentences_per_s": median([r["sentences_per_s"] for r in runs["embed_batched"]])
-            },
+            "32 sentences per request, 1 in flight": {"sentences_per_s": batched},
             "1 sentence per request, 64 in flight": {
                 "sentences_per_s": median([r["sentences_per_s"] for r in runs["embed_single"]])
             },
         },
         "cold_start_s": cold,
-        "warm_start_s": warm,
-        "goals": "aggregate chat tokens/s with 8 concurrent >= 3.5x one stream; >= 250 sentences/s per node",
+        "warm_start_s": warm_ready,
+        "warm_both_answered_s": warm,
+        "rss_mib": rss,
+        "over_raw_single": _ratio(single, raw.get("single_tok_per_s")),
+        "over_raw_batch": _ratio(aggregate, raw.get("batch_tok_per_s")),
+        "over_llama_cpp_single": _ratio(single, llama.get("single_tok_per_s")),
+        "embed_over_raw": _ratio(batched, raw_embed.get("sentences_per_s")),
     }
-    result = {
-        "quick": quick,
-        "repetitions": reps,
-        "testbed": where,
-        "models": {"chat": "smollm2 (SmolLM2-135M-Instruct, GGUF)", "embed": "minilm (all-MiniLM-L6-v2, onnxruntime)"},
-        "chat": {"max_tokens": max_tokens, "seed": "fixed per request", "tokens_from": "usage.completion_tokens"},
-        "definitions": {
-            "tok_per_s": "completion tokens / wall time from send to the last token",
-            "decode_tok_per_s": "(completion tokens - 1) / time from the first to the last token",
-            "cold_start_s": "spawn to both models' first reply, empty model cache",
-            "warm_start_s": "the same with the cache the cold start filled",
-        },
-        "summary": summary,
-        "runs": runs,
-        "token_counts": {"single": statistics.mean([r["tokens"] for r in runs["single"]])},
-    }
-    path = write("models", result, plot=plot_models)
-    print(
-        f"chat: {single:.1f} tok/s one stream, {aggregate:.1f} tok/s with 8 ({summary['aggregate_over_single']:.2f}x),"
-        f" first token {summary['ttft_ms']:.0f} ms"
-    )
-    for k, v in summary["embed"].items():
+
+
+def _print(s: dict[str, Any], anchors: dict[str, dict[str, Any]]) -> None:
+    def ratio(key: str) -> str:
+        value = s[key]
+        if value is None:
+            return "n/a"
+        return f"{value:.2f}x (goal >= {GOALS[key]}x: {'met' if value >= GOALS[key] else 'NOT met'})"
+
+    raw, llama, raw_embed = anchors["onnxruntime_genai"], anchors["llama_cpp"], anchors["onnxruntime_embed"]
+    print(f"chat, one stream: lanmesh {s['chat_single_tok_per_s']:.1f} tok/s, first token {s['ttft_ms']:.0f} ms")
+    print(f"chat, 8 streams:  lanmesh {s['chat_aggregate_tok_per_s']:.1f} tok/s ({s['aggregate_over_single']:.2f}x)")
+    if "skipped" in raw:
+        print(f"  onnxruntime-genai: skipped ({raw['skipped']})")
+    else:
+        print(f"  onnxruntime-genai: {raw['single_tok_per_s']:.1f} tok/s one stream, {raw['batch_tok_per_s']:.1f}"
+              f" with {raw['batch']}")  # fmt: skip
+        print(f"  lanmesh/raw: one stream {ratio('over_raw_single')}, 8 streams {ratio('over_raw_batch')}")
+    if "skipped" in llama:
+        print(f"  llama.cpp: skipped ({llama['skipped']})")
+    else:
+        print(f"  llama.cpp: {llama['single_tok_per_s']:.1f} tok/s one stream, first token"
+              f" {llama['single_ttft_ms']:.0f} ms; lanmesh/llama.cpp {ratio('over_llama_cpp_single')}")  # fmt: skip
+    goal = GOALS["aggregate_tok_per_s"]
+    fast_first = s["ttft_ms"] <= GOALS["ttft_ms"]
+    print(f"  8 streams >= {goal:.0f} tok/s: {'met' if s['chat_aggregate_tok_per_s'] >= goal else 'NOT met'};"
+          f" first token <= {GOALS['ttft_ms']:.0f} ms: {'met' if fast_first else 'NOT met'}")  # fmt: skip
+    for k, v in s["embed"].items():
         print(f"embeddings, {k}: {v['sentences_per_s']:.0f} sentences/s")
-    print(f"start: cold {cold:.1f}s, warm {warm:.1f}s; written to {path}")
-    return result
+    if "skipped" not in raw_embed:
+        print(f"  onnxruntime alone, batches of 32: {raw_embed['sentences_per_s']:.0f}/s; lanmesh/raw"
+              f" {ratio('embed_over_raw')}")  # fmt: skip
+    print(f"node memory (smollm2 + minilm): {s['rss_mib']:.0f} MiB (goal <= {GOALS['rss_mib']:.0f})")
+    print(f"start: cold {s['cold_start_s']:.1f}s; warm {s['warm_start_s']:.1f}s until serving (goal <="
+          f" {GOALS['warm_start_s']:.0f}), {s['warm_both_answered_s']:.1f}s until both models answered")  # fmt: skip

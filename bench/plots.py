@@ -159,20 +159,35 @@ def plot_soak(result: dict[str, Any], path: Path) -> None:
 def plot_models(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     s = result["summary"]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
-    a.bar(["1 stream", "8 concurrent"], [s["chat_single_tok_per_s"], s["chat_aggregate_tok_per_s"]], color="#2b7bba")
+    anchors = result.get("anchors", {})
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
+    raw, llama = anchors.get("onnxruntime_genai", {}), anchors.get("llama_cpp", {})
+    labels = ["lanmesh\n1 stream", "lanmesh\n8 streams"]
+    values = [s["chat_single_tok_per_s"], s["chat_aggregate_tok_per_s"]]
+    colors = ["#2b7bba", "#2b7bba"]
+    if "single_tok_per_s" in raw:
+        labels += ["ort-genai\n1 stream", f"ort-genai\n{raw['batch']} batched"]
+        values += [raw["single_tok_per_s"], raw["batch_tok_per_s"]]
+        colors += ["#9aa5b1", "#9aa5b1"]
+    if "single_tok_per_s" in llama:
+        labels.append("llama.cpp\n1 stream")
+        values.append(llama["single_tok_per_s"])
+        colors.append("#d9822b")
+    a.bar(labels, values, color=colors)
     a.set_ylabel("tokens/s")
-    a.set_title(f"chat decode ({s['aggregate_over_single']:.1f}x with 8)")
-    emb = s["embed"]
-    b.bar(list(emb), [v["sentences_per_s"] for v in emb.values()], color="#5aa6dd")
-    b.axhline(250, color="red", linestyle="--", label="goal 250/s")
+    a.set_title(f"chat, SmolLM2 ({result.get('build', {}).get('precision', '?')}); first token {s['ttft_ms']:.0f} ms")
+    a.tick_params(axis="x", labelsize=8)
+    emb = dict(s["embed"])
+    raw_embed = anchors.get("onnxruntime_embed", {})
+    if "sentences_per_s" in raw_embed:
+        emb["onnxruntime alone, batches of 32"] = {"sentences_per_s": raw_embed["sentences_per_s"]}
+    b.bar(list(emb), [v["sentences_per_s"] for v in emb.values()], color=["#5aa6dd"] * len(s["embed"]) + ["#9aa5b1"])
     b.set_ylabel("sentences/s")
     b.set_title("embeddings, one node")
-    b.tick_params(axis="x", labelrotation=10)
-    b.legend()
+    b.tick_params(axis="x", labelrotation=10, labelsize=7)
     starts = {"cold": s["cold_start_s"], "warm": s["warm_start_s"]}
     c.bar(list(starts), list(starts.values()), color=["#d9822b", "#f0b36e"])
-    c.set_ylabel("seconds until both models answer")
-    c.set_title(f"node start; first token {s['ttft_ms']:.0f} ms")
+    c.set_ylabel("seconds")
+    c.set_title(f"node start (warm: until it serves); memory {s.get('rss_mib', float('nan')):.0f} MiB")
     fig.suptitle(f"models — {_subtitle(result)}", fontsize=9)
     _save(fig, path)

@@ -97,7 +97,8 @@ class _KVCache:
             raise ValueError(f"{length} tokens do not fit the model's context of {self.max_length}")
         shape = (self.slots, self.heads, new, self.size)
         arrays = []
-        for old in self.arrays or [None] * len(self.names):
+        olds: list[Any] = list(self.arrays) or [None] * len(self.names)
+        for old in olds:
             pair = (np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))
             if old is not None:
                 pair[0][:, :, : self.length] = old[0]
@@ -450,7 +451,7 @@ class OnnxChat(Backend):
         done = []
         for seq, token in zip(rows, tokens, strict=True):
             seq.cached += 1
-            if self._advance(seq, token) and seq.cached < self.context:
+            if self._advance(seq, token) and seq.cached < self._kv_shape[1]:
                 seq.next_token = token
             else:
                 if not seq.job.done:  # the context is full: the answer ends here

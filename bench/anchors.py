@@ -1,0 +1,187 @@
+"""What a user would run instead of lanmesh on one machine, measured in the same run as lanmesh.
+
+- chat: onnxruntime-genai's own `Generator` on the very model lanmesh built (the raw library, in one
+  process), and llama.cpp (llama-cpp-python) on the packaged GGUF when it is installed (extra `anchors`);
+- embeddings: onnxruntime on the very ONNX file lanmesh exported, batches of 32, pooled like lanmesh.
+
+Each anchor runs in a process of its own (`python -m bench.anchors ...`), after lanmesh's node has stopped,
+so nothing else competes for the two cores and each has its memory to itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .procs import ROOT
+
+
+def run_anchor(kind: str, *args: str, timeout: float = 900) -> dict[str, Any]:
+    """Run one anchor in a child process; its figures, or {"skipped": why}."""
+    cmd = [sys.executable, "-m", "bench.anchors", kind, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"skipped": f"{kind} failed: {' | '.join(tail)}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+# ---------------------------------------------------------------- the children
+
+
+def _chat_prompts(template: Any, prompts: list[str]) -> list[str]:
+    return [template.render([{"role": "user", "content": p}]) for p in prompts]
+
+
+def ortgenai(model_dir: str, prompts: list[str], max_tokens: int, reps: int) -> dict[str, Any]:
+    """onnxruntime-genai's Generator, greedy: one stream, and a batch of len(prompts) (its static batching)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    from nodes.backends.chat_template import ChatTemplate, find_template, special_tokens
+
+    folder = Path(model_dir)
+    template = ChatTemplate(find_template(folder) or "", special_tokens(folder))
+    model = og.Model(model_dir)
+    tokenizer = og.Tokenizer(model)
+    texts = _chat_prompts(template, prompts)
+
+    def generate(batch: list[str]) -> tuple[float, float, int]:
+        params = og.GeneratorParams(model)
+        longest = max(len(tokenizer.encode(t)) for t in batch)
+        params.set_search_options(max_length=longest + max_tokens, do_sample=False, batch_size=len(batch))
+        generator = og.Generator(model, params)
+        t0 = time.monotonic()
+        if len(batch) == 1:
+            generator.append_tokens(tokenizer.encode(batch[0]))
+        else:
+            generator.append_tokens(tokenizer.encode_batch(batch))
+        first = 0.0
+        tokens = 0
+        for step in range(max_tokens):
+            if generator.is_done():
+                break
+            generator.generate_next_token()
+            tokens += len(batch)
+            if step == 0:
+                first = time.monotonic() - t0
+        return time.monotonic() - t0, first, tokens
+
+    generate(texts[:1])  # warm-up
+    single = [generate([texts[r % len(texts)]]) for r in range(reps)]
+    batch = [generate(texts) for _ in range(reps)]
+    del np
+    return {
+        "engine": f"onnxruntime-genai {og.__version__} Generator (greedy), on lanmesh's build",
+        "single_tok_per_s": _median([t / w for w, _, t in single]),
+        "single_ttft_ms": _median([f * 1000 for _, f, _ in single]),
+        "batch": len(texts),
+        "batch_tok_per_s": _median([t / w for w, _, t in batch]),
+    }
+
+
+def llama_cpp(gguf: str, prompts: list[str], max_tokens: int, reps: int) -> dict[str, Any]:
+    """llama.cpp through llama-cpp-python on the packaged GGUF, greedy, one stream (it serves one at a time)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"skipped": "llama-cpp-python is not installed (pip install -e '.[anchors]'; it builds llama.cpp)"}
+    import os
+
+    import llama_cpp
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=2048, n_threads=threads, verbose=False)
+
+    def one(prompt: str) -> tuple[float, float, int]:
+        t0 = time.monotonic()
+        first = 0.0
+        out = llm.create_chat_completion(
+            [{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
+        )
+        tokens = 0
+        for chunk in out:
+            delta: Any = chunk["choices"][0]["delta"]  # type: ignore[index]
+            if delta.get("content"):
+                tokens += 1  # llama-cpp-python streams one token per chunk
+                first = first or time.monotonic() - t0
+        return time.monotonic() - t0, first, tokens
+
+    one(prompts[0])  # warm-up
+    runs = [one(prompts[r % len(prompts)]) for r in range(reps)]
+    return {
+        "engine": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}, {Path(gguf).name}, {threads} threads",
+        "single_tok_per_s": _median([t / w for w, _, t in runs]),
+        "single_ttft_ms": _median([f * 1000 for _, f, _ in runs]),
+    }
+
+
+def onnx_embed(model_dir: str, sentences: list[str], batch: int, reps: int) -> dict[str, Any]:
+    """onnxruntime on lanmesh's exported MiniLM: tokenize, run, mean-pool, normalise; one batch at a time."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    folder = Path(model_dir)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.enable_padding()
+    tokenizer.enable_truncation(256)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def embed(texts: list[str]) -> None:
+        enc = tokenizer.encode_batch(texts)
+        feed = {
+            "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64),
+        }
+        hidden = session.run(None, {n: feed[n] for n in names})[0]
+        mask = feed["attention_mask"][..., None]
+        pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1)
+        _ = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+    embed(sentences[:batch])  # warm-up
+    rates = []
+    for _ in range(reps):
+        t0 = time.monotonic()
+        for start in range(0, len(sentences), batch):
+            embed(sentences[start : start + batch])
+        rates.append(len(sentences) / (time.monotonic() - t0))
+    return {"engine": f"onnxruntime {ort.__version__}, batches of {batch}", "sentences_per_s": _median(rates)}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.anchors", description=__doc__)
+    parser.add_argument("kind", choices=["ortgenai", "llama-cpp", "onnx-embed"])
+    parser.add_argument("path", help="built model folder (ortgenai, onnx-embed) or GGUF file (llama-cpp)")
+    parser.add_argument("--texts", required=True, help="JSON list of prompts or sentences")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    texts = json.loads(args.texts)
+    if args.kind == "ortgenai":
+        result = ortgenai(args.path, texts, args.max_tokens, args.reps)
+    elif args.kind == "llama-cpp":
+        result = llama_cpp(args.path, texts, args.max_tokens, args.reps)
+    else:
+        result = onnx_embed(args.path, texts, args.batch, args.reps)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
