@@ -1,8 +1,9 @@
 """lanmesh wire protocol: messages, the codec and error codes. Pure code: no I/O."""
 
 from ._codec import DEFAULT_LIMITS, MAX_DEADLINE_MS, MAX_HOPS, VERSION, Limits, decode, encode, error_code_name
-from ._errors import DecodeError, ErrorCode
+from ._errors import RETRYABLE, DecodeError, ErrorCode
 from ._messages import (
+    Cancel,
     Chunk,
     Error,
     Hello,
@@ -23,7 +24,9 @@ __all__ = [
     "DEFAULT_LIMITS",
     "MAX_DEADLINE_MS",
     "MAX_HOPS",
+    "RETRYABLE",
     "VERSION",
+    "Cancel",
     "Chunk",
     "DecodeError",
     "Error",

@@ -15,6 +15,7 @@ import msgpack
 
 from ._errors import DecodeError, ErrorCode
 from ._messages import (
+    Cancel,
     Chunk,
     Error,
     Hello,
@@ -36,6 +37,7 @@ VERSION = 1
 # Type tags on the wire. Never reuse a number.
 _T_REQUEST, _T_REPLY, _T_CHUNK, _T_ERROR, _T_REJECT = 1, 2, 3, 4, 5
 _T_LOAD, _T_HELLO, _T_LEAVE, _T_PING, _T_PONG = 6, 7, 8, 9, 10
+_T_CANCEL = 11
 
 MAX_DEADLINE_MS = 86_400_000  # one day; anything longer is a bug on the caller's side
 MAX_HOPS = 8
@@ -110,6 +112,7 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Leave: lambda m: [_T_LEAVE, m.node, m.incarnation],
     Ping: lambda m: [_T_PING, m.id, m.node, m.want_status],
     Pong: lambda m: [_T_PONG, m.id, m.node, m.status],
+    Cancel: lambda m: [_T_CANCEL, m.id, m.reason],
 }
 
 _VERSION_BYTE = bytes([VERSION])
@@ -459,6 +462,11 @@ def _dec_pong(b: list[Any], lim: Limits) -> Pong:
     )
 
 
+def _dec_cancel(b: list[Any], lim: Limits) -> Cancel:
+    f = _fields(b, 1, 2, "cancel", None)
+    return Cancel(id=_rid(b), reason=_str(_or(f[1], ""), "reason", 4096, None))
+
+
 _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     _T_REQUEST: _dec_request,
     _T_REPLY: _dec_reply,
@@ -470,6 +478,7 @@ _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     _T_LEAVE: _dec_leave,
     _T_PING: _dec_ping,
     _T_PONG: _dec_pong,
+    _T_CANCEL: _dec_cancel,
 }
 
 

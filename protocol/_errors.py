@@ -17,6 +17,13 @@ class ErrorCode(IntEnum):
     INTERNAL = 7  # a bug or a model failure on the serving node
 
 
+# Which failures another node (or another try) may fix: every retry decision in the mesh, its clients and the
+# HTTP gateway reads this one table. OVERLOADED: try a less busy node. UNAVAILABLE: the node is leaving, its model
+# engine failed as a whole, or it could not be reached. Not INTERNAL: a model that fails on one request (the
+# executor isolates it from its batch mates) fails on every node, and retrying would take it around the mesh.
+RETRYABLE: frozenset[ErrorCode] = frozenset({ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE})
+
+
 class DecodeError(ValueError):
     """Raised by the codec for any frame it refuses.
 

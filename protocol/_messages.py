@@ -97,6 +97,16 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
+class Cancel:
+    """Stop the request `id`: its caller is gone (closed connection, Ctrl-C, its deadline passed) or the try was
+    abandoned for another node. It travels like the request (client -> entry -> serving node); nobody answers it.
+    Queued work is dropped, running work stops at its next step. Peers older than this message ignore it."""
+
+    id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ModelLoad:
     """Load of one model on one node: running, waiting, how many may run, and how fast it serves.
 
@@ -176,9 +186,10 @@ class Pong:
     status: list[dict[str, Any]] | None = None
 
 
-Message = Request | Reply | Chunk | Error | Reject | LoadReport | Hello | Leave | Ping | Pong
+Message = Request | Reply | Chunk | Error | Reject | LoadReport | Hello | Leave | Ping | Pong | Cancel
 
 __all__ = [
+    "Cancel",
     "Chunk",
     "Error",
     "ErrorCode",

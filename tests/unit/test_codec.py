@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from protocol import (
     MAX_DEADLINE_MS,
+    RETRYABLE,
     VERSION,
+    Cancel,
     Chunk,
     DecodeError,
     Error,
@@ -101,6 +103,7 @@ any_message = st.one_of(
     st.builds(Leave, names, st.integers(0, 2**63 - 1)),
     st.builds(Ping, ids, st.text(max_size=20), st.booleans()),
     st.builds(Pong, ids, st.text(max_size=20), st.none() | st.lists(any_maps, max_size=3)),
+    st.builds(Cancel, ids, st.text(max_size=40)),
 )
 
 
@@ -123,7 +126,7 @@ def test_arbitrary_bytes_raise_only_the_codec_error(data: bytes) -> None:
 @settings(max_examples=1000, deadline=None)
 @given(st.lists(values, max_size=14))
 def test_well_formed_msgpack_of_the_wrong_shape_raises_only_the_codec_error(body: list[object]) -> None:
-    for tag in range(0, 12):
+    for tag in range(0, 13):
         try:
             decode(bytes([VERSION]) + msgpack.packb([tag, *body]))
         except DecodeError:
@@ -201,3 +204,16 @@ def test_optional_trailing_fields_take_defaults_and_extra_fields_are_ignored() -
 def test_encode_refuses_what_is_not_a_message() -> None:
     with pytest.raises(TypeError, match="not a lanmesh message"):
         encode("hello")  # type: ignore[arg-type]
+
+
+def test_a_peer_that_predates_cancel_refuses_it_as_an_unknown_type_not_a_crash() -> None:
+    """Old decoders raise DecodeError on type 11: the node drops and counts the frame, so Cancel is safe to send."""
+    frame = encode(Cancel("r1", "client went away"))
+    assert frame[0] == VERSION and msgpack.unpackb(frame[1:])[0] == 11
+    assert decode(frame) == Cancel("r1", "client went away")
+    assert decode(_frame([11, "r1"])) == Cancel("r1")  # the reason is optional
+
+
+def test_one_table_says_what_a_retry_can_fix() -> None:
+    assert RETRYABLE == {ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE}
+    assert ErrorCode.INTERNAL not in RETRYABLE  # a model that fails on a request fails on every node
