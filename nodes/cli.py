@@ -94,7 +94,20 @@ def _add_node_parser(sub: Any) -> None:
     p.add_argument("--gossip-interval", type=float, dest="gossip_interval", help="seconds between load reports (0.25)")
     p.add_argument("--suspect-after", type=float, dest="suspect_after", help="silence before a peer is suspect (1.0)")
     p.add_argument("--dead-after", type=float, dest="dead_after", help="silence before a peer is dead (3.0)")
-    p.add_argument("--try-timeout", type=float, dest="try_timeout", help="seconds before a forwarded try is re-sent")
+    p.add_argument(
+        "--try-timeout",
+        type=float,
+        dest="try_timeout",
+        help="re-send a forwarded request elsewhere after this many seconds without an answer, cancelling it where "
+        "it ran (0, the default: never; a request then runs as long as its deadline, moved only if its node fails)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        dest="stall_timeout",
+        help="exit (status 70, after an mDNS goodbye) when the mesh loop stops turning this long, so a supervisor "
+        "restarts the node (10; 0 = off)",
+    )
     p.add_argument("--grace", type=float, help="seconds to finish in-flight work when stopping (10)")
     p.add_argument(
         "--key-file",
@@ -141,7 +154,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     import os
 
     from . import logs
-    from .node import Node
+    from .node import Node, StartupInterrupted
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "config", "label_list", "command")}
     if args.label_list:
@@ -159,11 +172,16 @@ def _cmd_node(args: argparse.Namespace) -> int:
     elif cfg.key_file:
         os.environ["LANMESH_KEY_FILE"] = cfg.key_file
     node = Node(cfg)
+    node.install_signal_handlers()  # first: a signal at any moment from here on leaves gracefully
     logs.setup(node.node_id, cfg.log_level, cfg.log_format)
     try:
         node.start(progress=_progress_printer() if sys.stderr.isatty() else None)
+    except StartupInterrupted:
+        node.shutdown()  # whatever had started leaves the mesh (Leave, mDNS goodbye) and stops
+        return 0
     except (ValueError, OSError, MemoryError, ImportError) as exc:
         print(f"lanmesh node: cannot start: {exc}", file=sys.stderr)
+        node.shutdown()
         return 1
     return node.run_until_signal()
 

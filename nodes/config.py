@@ -42,7 +42,8 @@ class NodeConfig:
     gossip_interval: float = 0.25
     suspect_after: float = 1.0
     dead_after: float = 3.0
-    try_timeout: float = 30.0
+    try_timeout: float = 0.0  # 0: a forwarded try lasts as long as its request (re-sent only if its node fails)
+    stall_timeout: float = 10.0  # the watchdog exits the node when its mesh loop stops turning this long (0: off)
     max_tries: int = 4
     grace: float = 10.0  # seconds to finish in-flight work on SIGTERM
     routing: str = "p2c"  # p2c (power of two choices); round-robin, random, least-loaded are benchmark baselines
@@ -79,8 +80,8 @@ class NodeConfig:
             raise ValueError("need 0 < suspect_after < dead_after")
         if self.gossip_interval <= 0 or self.gossip_interval >= self.suspect_after:
             raise ValueError("gossip_interval must be positive and shorter than suspect_after")
-        if self.max_tries < 1 or self.try_timeout <= 0 or self.grace < 0:
-            raise ValueError("max_tries >= 1, try_timeout > 0 and grace >= 0 are required")
+        if self.max_tries < 1 or self.try_timeout < 0 or self.grace < 0 or self.stall_timeout < 0:
+            raise ValueError("max_tries >= 1, try_timeout >= 0, stall_timeout >= 0 and grace >= 0 are required")
         if self.routing not in ("p2c", "round-robin", "random", "least-loaded"):
             raise ValueError(f"routing must be p2c, round-robin, random or least-loaded, not {self.routing!r}")
         if self.precision not in ("int4", "int8", "fp16", "fp32"):

@@ -217,6 +217,14 @@ class ModelLane:
                 log.exception("model %s fails on request %s alone", self.backend.name, job.request.id)
                 job.fail(ErrorCode.INTERNAL, f"model {self.backend.name} failed: {type(alone).__name__}: {alone}")
 
+    def forget(self, job: Job) -> None:
+        """Take a queued job out of the queue (it was cancelled): its place counts for nothing any more."""
+        with self._cond:
+            kept = [entry for entry in self._heap if entry[2] is not job]
+            if len(kept) != len(self._heap):
+                self._heap = kept
+                heapq.heapify(self._heap)
+
     def close_queue(self) -> list[Job]:
         """Stop accepting and hand back everything not yet started."""
         with self._cond:
@@ -246,6 +254,7 @@ class Executor:
             raise ValueError("max_queue must be at least 1")
         self.lanes = {b.name: ModelLane(b, max_queue, batch_wait) for b in backends}
         self.labels: dict[str, str] = {}  # the node's labels (set by the node), matched against `require`
+        self._jobs: dict[str, Job] = {}  # by request id, from submit until answered: what `cancel` can stop
 
     def start(self) -> None:
         for lane in self.lanes.values():
@@ -278,7 +287,29 @@ class Executor:
         lane = self.lanes.get(request.model)
         if lane is None:
             return False
-        return lane.submit(lane.make_job(request, deadline, on_chunk, on_done))
+        jobs = self._jobs
+
+        def done(job: Job, output: Any, meta: dict[str, Any] | None, code: ErrorCode | None, message: str) -> None:
+            jobs.pop(job.request.id, None)
+            on_done(job, output, meta, code, message)
+
+        job = lane.make_job(request, deadline, on_chunk, done)
+        jobs[request.id] = job
+        if lane.submit(job):
+            return True
+        jobs.pop(request.id, None)
+        return False
+
+    def cancel(self, request_id: str, reason: str) -> bool:
+        """Stop a request: dropped if queued, stopped at its next step if running (its slot is free at once).
+        False when it is not here (answered already)."""
+        job = self._jobs.get(request_id)
+        if job is None:
+            return False
+        job.fail(ErrorCode.UNAVAILABLE, f"cancelled: {reason}")
+        if not job.started:
+            self.lanes[job.request.model].forget(job)
+        return True
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per model: batches run and requests in them (continuous engines: decode steps and rows in them)."""

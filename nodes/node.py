@@ -22,6 +22,13 @@ from .models import default_models, estimate_memory, load_backend, parse_model_a
 log = logging.getLogger("lanmesh.node")
 
 
+class StartupInterrupted(BaseException):
+    """SIGTERM/SIGINT arrived while the node was starting (loading models, binding): leave instead of starting.
+
+    A BaseException, like KeyboardInterrupt: it must unwind through model loaders that catch Exception.
+    """
+
+
 class Node:
     """A running node. `start()` returns once it serves; `run_until_signal()` blocks until SIGINT/SIGTERM."""
 
@@ -35,6 +42,8 @@ class Node:
         self.metrics: Any = None  # nodes.metrics.NodeMetrics when the http extra is installed
         self.gateway: Any = None  # nodes.gateway.Gateway while the HTTP gateway runs
         self._stop = threading.Event()
+        self._starting = False
+        self._handlers_installed = False
         self.labels: dict[str, str] = {}
 
     def _build_backends(self, progress: ProgressFn | None) -> list[Backend]:
@@ -70,7 +79,41 @@ class Node:
             backends.append(backend)
         return backends
 
+    def install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM leave gracefully at any moment: during start-up (model loading included) they stop it,
+        once serving they start the graceful leave; a second one exits at once. Call first thing (main thread)."""
+
+        def handler(signum: int, _frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if self._stop.is_set():
+                log.warning("second %s: exiting now", name)
+                raise SystemExit(1)
+            self._stop.set()
+            if self._starting:
+                log.info("%s received while starting: leaving", name)
+                raise StartupInterrupted(name)
+            log.info("%s received: leaving the mesh", name)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+        self._handlers_installed = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     def start(self, progress: ProgressFn | None = None) -> None:
+        """Load the models, join the mesh, start the gateway. Raises StartupInterrupted on a signal meanwhile
+        (then call `shutdown()`: it undoes whatever had started)."""
+        self._starting = True
+        try:
+            if self._stop.is_set():
+                raise StartupInterrupted("stop requested before start")
+            self._start(progress)
+        finally:
+            self._starting = False
+
+    def _start(self, progress: ProgressFn | None) -> None:
         cfg = self.config
         api_key = cfg.http_api_key()  # an unreadable key file fails now, not after a long model load
         self.mesh_key = self._load_mesh_key()  # likewise: no key, no model load
@@ -96,6 +139,7 @@ class Node:
             dead_after=cfg.dead_after,
             try_timeout=cfg.try_timeout,
             max_tries=cfg.max_tries,
+            stall_timeout=cfg.stall_timeout,
             routing=cfg.routing,
             key=self.mesh_key,
             fingerprint=self.mesh_key.fingerprint if self.mesh_key is not None else "",
@@ -113,8 +157,10 @@ class Node:
         self.mesh = MeshNode(self.executor, settings)
         try:
             self.mesh.start()
-        except BaseException:
+        except Exception:
             self.executor.stop(1.0)
+            self.mesh.stop()
+            self.mesh = None
             raise
         a = self.mesh.addr
         models = ", ".join(sorted(self.executor.lanes))
@@ -162,16 +208,8 @@ class Node:
 
     def run_until_signal(self, on_ready: Callable[[], Any] | None = None) -> int:
         """Serve until SIGINT/SIGTERM, then leave gracefully; returns the exit status."""
-
-        def _handler(signum: int, _frame: Any) -> None:
-            if self._stop.is_set():
-                log.warning("second signal: exiting now")
-                raise SystemExit(1)
-            log.info("%s received: leaving the mesh", signal.Signals(signum).name)
-            self._stop.set()
-
-        signal.signal(signal.SIGINT, _handler)
-        signal.signal(signal.SIGTERM, _handler)
+        if not self._handlers_installed:
+            self.install_signal_handlers()
         if on_ready is not None:
             on_ready()
         while not self._stop.wait(0.5):

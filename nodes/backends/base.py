@@ -21,7 +21,18 @@ class Job:
     sends one stream chunk (only meaningful when `request.stream`).
     """
 
-    __slots__ = ("request", "deadline", "enqueued_at", "_on_chunk", "_on_done", "_lock", "done", "_seq", "started")
+    __slots__ = (
+        "request",
+        "deadline",
+        "enqueued_at",
+        "_on_chunk",
+        "_on_done",
+        "_lock",
+        "done",
+        "_seq",
+        "started",
+        "_settled",
+    )
 
     def __init__(
         self,
@@ -39,6 +50,7 @@ class Job:
         self.done = False
         self._seq = 0
         self.started = False  # taken from the queue by a model (it then counts as in flight until it is done)
+        self._settled: threading.Event | None = None  # made by the first `sleep()`
 
     @property
     def emitted(self) -> bool:
@@ -66,11 +78,23 @@ class Job:
         if self._settle():
             self._on_done(self, None, None, code, message)
 
+    def sleep(self, seconds: float) -> bool:
+        """Wait up to `seconds`; True as soon as the job is answered meanwhile (e.g. cancelled by its caller)."""
+        with self._lock:
+            if self.done:
+                return True
+            if self._settled is None:
+                self._settled = threading.Event()
+            settled = self._settled
+        return settled.wait(seconds)
+
     def _settle(self) -> bool:
         with self._lock:
             if self.done:
                 return False
             self.done = True
+            if self._settled is not None:
+                self._settled.set()
             return True
 
 

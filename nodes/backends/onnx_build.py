@@ -82,15 +82,20 @@ def build_in_child(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     last: dict[str, Any] = {}
     assert proc.stdout is not None and proc.stderr is not None
-    for line in proc.stdout:
-        try:
-            last = json.loads(line)
-        except ValueError:
-            continue
-        if "stage" in last:
-            report(last["stage"], float(last.get("fraction", 0.0)))
-    errors = proc.stderr.read()
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            try:
+                last = json.loads(line)
+            except ValueError:
+                continue
+            if "stage" in last:
+                report(last["stage"], float(last.get("fraction", 0.0)))
+        errors = proc.stderr.read()
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted (the node is stopping): the half-built entry is never published
+            proc.kill()
+            proc.wait()
     if code == 0 and "built" in last:
         return Path(last["built"])
     reason = last.get("error") or _last_line(errors) or f"builder exited with status {code}"

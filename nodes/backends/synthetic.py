@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 from protocol import ErrorCode, Task
 
@@ -73,18 +72,19 @@ class SleepBackend(Backend):
         for job in batch:
             if job.remaining() * 1000 < self.ms:
                 # It cannot finish in time: say so now instead of burning the slot.
-                time.sleep(max(0.0, job.remaining()))
-                job.fail(ErrorCode.DEADLINE_EXCEEDED, f"{self.name} needs {self.ms:g} ms; the deadline came first")
+                if not job.sleep(max(0.0, job.remaining())):
+                    job.fail(ErrorCode.DEADLINE_EXCEEDED, f"{self.name} needs {self.ms:g} ms; the deadline came first")
                 continue
             if job.request.stream:
                 self._stream(job)
-            else:
-                time.sleep(self.ms / 1000)
+            elif job.sleep(self.ms / 1000):
+                continue  # cancelled: the slot is free at once, as a model's would be at its next step
             job.finish(_echo_output(job), {"model": self.name})
 
     def _stream(self, job: Job) -> None:
         pieces = _stream_pieces(job)
         step = self.ms / 1000 / max(1, len(pieces))
         for piece in pieces:
-            time.sleep(step)
+            if job.sleep(step):
+                return
             job.emit(piece)

@@ -1,0 +1,366 @@
+"""The entry node's side of a request: which node serves it, and what to do when that node answers, streams,
+refuses, fails, falls silent, or when the caller gives up.
+
+Sans-IO, like the routing policy and the failure detector: `EntryTable` is told what happened (a request came in,
+a peer answered, a peer was declared suspect, time passed, the caller cancelled) with the time it happened, and
+acts through the `EntryHost` it was given (send to a peer, answer a client, serve here). `MeshNode` owns the
+sockets and calls it; the unit tests drive it with a fake clock and no sockets.
+
+Rules:
+- A request lives as long as its deadline. A try is abandoned only when its node is suspected, dead, left or
+  restarted, refused it (Reject, or a retryable error: `protocol.RETRYABLE`), or, where a per-try timeout is set,
+  when that passes; never because the work takes long.
+- An abandoned try is cancelled on its node (a `Cancel` with the try's id) before the request goes elsewhere; each
+  try travels under an id of its own, so a late answer of an old try is recognised and dropped, and a node that gets
+  the request again never mistakes it for the one it was told to drop.
+- A stream that moves continues after what the caller already has: the new node gets it as `prefix`, and chunks
+  are renumbered so the caller sees 0, 1, 2, ... whatever the number of nodes.
+- The caller gets exactly one answer: a Reply or an Error; none after it cancelled.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from protocol import RETRYABLE, Cancel, Chunk, Error, ErrorCode, Reject, Reply, Request
+
+from ._routing import RoutingPolicy
+
+_BACKOFF_ROUNDS = 3  # times every eligible node may refuse a request before the client hears OVERLOADED
+_BACKOFF_BASE_S = 0.005  # first pause after a round of refusals; x4 per round (5, 20, 80 ms)
+_ID_LEN = 128  # the wire's limit on ids
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request this node took from a client and is getting served somewhere."""
+
+    client: bytes
+    request: Request
+    deadline: float
+    started: float  # when it arrived (monotonic)
+    target: str = ""  # node serving the current try; "" while none is
+    try_id: str = ""  # the id the current try travels under
+    try_started: float = 0.0
+    route: str = ""
+    tries: int = 0
+    outstanding: set[str] = field(default_factory=set)  # nodes the policy counts it on
+    excluded: set[str] = field(default_factory=set)
+    retry_at: float = 0.0  # > 0: waiting out a backoff before the next draw
+    rounds: int = 0
+    seq: int = 0  # next chunk number towards the client
+    streamed: list[str] = field(default_factory=list)
+    refused: bool = False  # some node said it was too busy
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+
+class EntryHost(Protocol):
+    """What the entry table needs from its node: who may serve, and the sockets and executor behind plain calls."""
+
+    node_id: str
+
+    def eligible(self, request: Request, excluded: set[str]) -> tuple[list[str], bool]:
+        """Node ids that may serve `request` now (self included), and whether any node serves its model at all."""
+        ...
+
+    def servers(self, model: str) -> list[str]:
+        """Every node (alive or not) that announced `model`, for the queue estimate of an OVERLOADED answer."""
+        ...
+
+    def serve_here(
+        self, client: bytes, request: Request, deadline: float, route: str, seq0: int, started: float
+    ) -> bool:
+        """Hand the request to this node's executor (answers go straight to `client`); False when it is full."""
+        ...
+
+    def send_peer(self, node: str, message: Request | Cancel) -> bool:
+        """Send to a peer's ROUTER; False when its socket cannot take it now (not connected)."""
+        ...
+
+    def send_client(self, client: bytes, message: Reply | Chunk | Error) -> None: ...
+
+    def finished(self, model: str, outcome: str, seconds: float) -> None:
+        """A request this node forwarded ended: `ok`, an error code in lower case, or `cancelled`."""
+        ...
+
+    def first_chunk(self, model: str, seconds: float) -> None: ...
+
+
+class EntryTable:
+    """Every request this node took from a client and is having served elsewhere (or will serve itself)."""
+
+    def __init__(
+        self,
+        host: EntryHost,
+        policy: RoutingPolicy,
+        *,
+        max_tries: int = 4,
+        try_timeout: float | None = None,
+        counts: collections.Counter[str] | None = None,
+    ) -> None:
+        if max_tries < 1:
+            raise ValueError("max_tries must be at least 1")
+        if try_timeout is not None and not try_timeout > 0:
+            raise ValueError("try_timeout must be positive (or None: tries last as long as the request)")
+        self.host = host
+        self.policy = policy
+        self.max_tries = max_tries
+        self.try_timeout = try_timeout
+        self._pending: dict[str, Pending] = {}  # by the caller's request id
+        self._by_try: dict[str, Pending] = {}  # by the id the current try travels under
+        # Events worth a counter (forwarded, retries, cancels_sent, ...); the node passes its own stats.
+        self.counts: collections.Counter[str] = counts if counts is not None else collections.Counter()
+
+    # ------------------------------------------------------------ views
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._pending
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __iter__(self) -> Iterator[Pending]:
+        return iter(list(self._pending.values()))
+
+    def get(self, request_id: str) -> Pending | None:
+        return self._pending.get(request_id)
+
+    def _count(self, what: str, n: int = 1) -> None:
+        self.counts[what] += n
+
+    # ------------------------------------------------------------ inputs
+
+    def take(self, client: bytes, request: Request, now: float, refused_here: bool = False) -> Pending:
+        """A request from a client that this node did not serve at once: find it a node."""
+        p = Pending(client, request, now + request.deadline_ms / 1000, now, refused=refused_here)
+        if refused_here:
+            p.excluded.add(self.host.node_id)
+        self._pending[request.id] = p
+        self._dispatch(p, "", now)
+        return p
+
+    def forward_first(self, client: bytes, request: Request, node: str, route: str, now: float) -> bool:
+        """The common case, decided by the node's fast path: send the first try straight to `node`."""
+        p = Pending(client, request, now + request.deadline_ms / 1000, now)
+        self._pending[request.id] = p
+        if self._forward(p, node, route, now):
+            return True
+        del self._pending[request.id]
+        return False
+
+    def on_reply(self, node: str, msg: Reply, now: float) -> None:
+        p = self._current(node, msg.id)
+        if p is None:
+            return
+        self.policy.observe_queue(node, p.request.model, msg.queue)
+        self._finish(p, replace(msg, id=p.id, route=p.route), "ok", now)
+
+    def on_chunk(self, node: str, msg: Chunk, now: float) -> None:
+        p = self._current(node, msg.id)
+        if p is None:
+            return
+        if isinstance(msg.data, str):
+            p.streamed.append(msg.data)
+        if p.seq == 0:
+            self.host.first_chunk(p.request.model, now - p.started)
+        self.host.send_client(p.client, Chunk(p.id, p.seq, msg.data, msg.node, p.route))
+        p.seq += 1
+
+    def on_reject(self, node: str, msg: Reject, now: float) -> None:
+        p = self._current(node, msg.id)
+        if p is None:
+            return
+        self._count("rejects_received")
+        p.refused = True
+        self._abandon(p, node, msg.queue, cancel=False)  # a refused request never started there
+        p.excluded.add(node)
+        self._dispatch(p, f"retry-after:reject({node}):", now)
+
+    def on_error(self, node: str, msg: Error, now: float) -> None:
+        p = self._current(node, msg.id)
+        if p is None:
+            return
+        if msg.code in RETRYABLE and p.tries < self.max_tries:
+            p.refused = p.refused or msg.code is ErrorCode.OVERLOADED
+            self._abandon(p, node, msg.queue, cancel=False)  # it answered: nothing runs there any more
+            p.excluded.add(node)
+            self._dispatch(p, f"retry-after:{msg.code.name.lower()}({node}):", now)
+            return
+        self.policy.observe_queue(node, p.request.model, msg.queue)
+        self._finish(p, replace(msg, id=p.id), msg.code.name.lower(), now)
+
+    def cancel(self, client: bytes, request_id: str, reason: str, now: float) -> bool:
+        """The caller gave up: stop the try where it runs, forget the request, answer nothing. False if unknown
+        (already answered, or not this caller's: a client can cancel only its own requests)."""
+        p = self._pending.get(request_id)
+        if p is None or p.client != client:
+            return False
+        self._count("cancelled")
+        if p.target:
+            self._abandon(p, p.target, cancel=True, reason=reason or "cancelled by the caller")
+        self._release(p)
+        self.host.finished(p.request.model, "cancelled", now - p.started)
+        return True
+
+    def node_gone(self, node: str, why: str, now: float) -> None:
+        """`node` is suspected, dead, left or restarted: re-send what runs there to other nodes."""
+        for p in list(self._pending.values()):
+            if p.target == node:
+                self._abandon(p, node, cancel=True, reason=f"moved to another node ({why})")
+                p.excluded.add(node)
+                self._dispatch(p, f"retry-after:{why}:", now)
+
+    def tick(self, now: float) -> None:
+        """Deadlines, backoffs that are over, and (where set) per-try timeouts."""
+        for p in list(self._pending.values()):
+            if now >= p.deadline:
+                if p.target:
+                    self._abandon(p, p.target, cancel=True, reason="deadline passed")
+                err = Error(p.id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed while being served", self.host.node_id)
+                self._finish(p, err, "deadline_exceeded", now)
+            elif p.retry_at and now >= p.retry_at:
+                p.retry_at = 0.0
+                self._dispatch(p, "retry-after:busy:", now)
+            elif self.try_timeout is not None and p.target and now - p.try_started > self.try_timeout:
+                self._count("try_timeouts")
+                node = p.target
+                self._abandon(p, node, cancel=True, reason=f"no answer within the {self.try_timeout:g}s try timeout")
+                p.excluded.add(node)
+                self._dispatch(p, "retry-after:timeout:", now)
+
+    def hand_back(self, why: str, now: float) -> None:
+        """This node is stopping: every caller hears UNAVAILABLE (its client retries elsewhere)."""
+        for p in list(self._pending.values()):
+            if p.target:
+                self._abandon(p, p.target, cancel=True, reason=why)
+            self._finish(p, Error(p.id, ErrorCode.UNAVAILABLE, why, self.host.node_id), "unavailable", now)
+
+    # ------------------------------------------------------------ deciding
+
+    def _dispatch(self, p: Pending, why: str, now: float) -> None:
+        """Pick a node for `p` and send it there; answer the client when nothing can serve it."""
+        req = p.request
+        if now >= p.deadline:
+            err = Error(p.id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before a node could serve it",
+                        self.host.node_id)  # fmt: skip
+            self._finish(p, err, "deadline_exceeded", now)
+            return
+        while True:
+            candidates, known = self.host.eligible(req, p.excluded)
+            if not candidates:
+                self._nobody(p, known, now)
+                return
+            choice = self.policy.choose(req.model, candidates)
+            route = f"{why}{choice.reason}" if why else choice.reason
+            if choice.node == self.host.node_id:
+                local = replace(req, prefix=req.prefix + "".join(p.streamed)) if p.streamed else req
+                if self.host.serve_here(p.client, local, p.deadline, route, p.seq, p.started):
+                    self._release(p)  # the executor answers the client from here on
+                    self._count("served_local")
+                    return
+                p.excluded.add(self.host.node_id)
+                p.refused = True
+                continue
+            if self._forward(p, choice.node, route, now):
+                return
+            p.excluded.add(choice.node)
+
+    def _nobody(self, p: Pending, known: bool, now: float) -> None:
+        req = p.request
+        node_id = self.host.node_id
+        if not known:
+            msg = f"no node in the mesh serves model {req.model!r}"
+            if req.require:
+                msg += f" with labels {req.require}"
+            self._finish(p, Error(p.id, ErrorCode.UNKNOWN_MODEL, msg, node_id), "unknown_model", now)
+        elif p.rounds < _BACKOFF_ROUNDS:
+            # Everyone said no, failed, or is suspect: a short backoff, then try them all again.
+            p.rounds += 1
+            p.excluded.clear()
+            p.retry_at = now + _BACKOFF_BASE_S * (4**p.rounds)
+        else:
+            code = ErrorCode.OVERLOADED if p.refused else ErrorCode.UNAVAILABLE
+            msg = "every node serving this model is busy" if p.refused else "no live node serves this model now"
+            queue = min((self.policy.estimate(n, req.model) for n in self.host.servers(req.model)), default=0)
+            self._finish(p, Error(p.id, code, msg, node_id, int(queue)), code.name.lower(), now)
+
+    def _forward(self, p: Pending, node: str, route: str, now: float) -> bool:
+        left_ms = int((p.deadline - now) * 1000)
+        if left_ms <= 0:
+            return False
+        try_id = _try_id(p.id, p.tries + 1)
+        req = p.request
+        fwd = replace(req, id=try_id, hops=req.hops + 1, deadline_ms=left_ms, origin=req.origin or self.host.node_id)
+        if p.streamed:
+            fwd = replace(fwd, prefix=req.prefix + "".join(p.streamed))
+        if not self.host.send_peer(node, fwd):
+            self._count("forward_unreachable")
+            return False
+        p.target, p.route, p.try_id, p.try_started = node, route, try_id, now
+        p.tries += 1
+        p.retry_at = 0.0
+        p.outstanding.add(node)
+        self._by_try[try_id] = p
+        self.policy.dispatched(node, req.model)
+        self._count("forwarded")
+        if p.tries > 1:
+            self._count("retries")
+        return True
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _current(self, node: str, try_id: str) -> Pending | None:
+        """The request whose current try on `node` this answer belongs to; None for a late or stray answer."""
+        p = self._by_try.get(try_id)
+        if p is None or p.target != node:
+            self._count("duplicate_replies")
+            return None
+        return p
+
+    def _abandon(self, p: Pending, node: str, queue: int | None = None, *, cancel: bool, reason: str = "") -> None:
+        if node in p.outstanding:
+            p.outstanding.discard(node)
+            self.policy.completed(node, p.request.model)
+        if queue is not None:
+            self.policy.observe_queue(node, p.request.model, queue)
+        if p.target == node:
+            if cancel:
+                self.host.send_peer(node, Cancel(p.try_id, reason))
+                self._count("cancels_sent")
+            self._by_try.pop(p.try_id, None)
+            p.target = ""
+
+    def _release(self, p: Pending) -> None:
+        """Forget `p`, and release what the policy counts for it."""
+        self._pending.pop(p.id, None)
+        if p.try_id:
+            self._by_try.pop(p.try_id, None)
+        for node in p.outstanding:
+            self.policy.completed(node, p.request.model)
+        p.outstanding.clear()
+        p.target = ""
+
+    def _finish(self, p: Pending, msg: Reply | Error, outcome: str, now: float) -> None:
+        """Give the client its one answer."""
+        self._release(p)
+        if outcome != "ok":
+            self._count(f"errors_{outcome}")
+        self.host.finished(p.request.model, outcome, now - p.started)
+        self.host.send_client(p.client, msg)
+
+
+def _try_id(request_id: str, attempt: int) -> str:
+    """The id of a request's `attempt`-th try: its own id first, then `<id>#<n>` (hashed when it would be too long)."""
+    if attempt == 1:
+        return request_id
+    suffix = f"#{attempt}"
+    if len(request_id) + len(suffix) > _ID_LEN:
+        request_id = hashlib.sha256(request_id.encode()).hexdigest()[:32]
+    return request_id + suffix

@@ -1,0 +1,310 @@
+"""Membership, as the mesh loop carries it out: gossip sent and heard, peers' states and what follows from them
+(fail-over, forgetting), transport events, hellos and announcements, and the node's view of the mesh.
+
+A mixin of `MeshNode` (one loop, one set of sockets); the decisions themselves are the failure detector's
+(`_failure`), the entry table's (`_entry`) and the links' identity rule (`_links`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, decode, encode
+
+from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
+from ._peers import Peer
+
+if TYPE_CHECKING:
+    from ._admission import Admission
+    from ._entry import EntryTable
+    from ._links import PeerLinks
+    from ._node import LocalServer, MeshSettings
+    from ._routing import RoutingPolicy
+
+log = logging.getLogger("lanmesh.mesh")
+
+DRAIN = 256  # messages read from one socket per turn: gossip and replies keep their rhythm under load
+
+
+class Membership:
+    """Gossip and peer-state handling of `MeshNode` (see the module docstring)."""
+
+    node_id: str
+    incarnation: int
+    addr: PeerAddr
+    s: MeshSettings
+    server: LocalServer
+    stats: collections.Counter[str]
+    detector: FailureDetector
+    policy: RoutingPolicy
+    links: PeerLinks
+    entry: EntryTable
+    admission: Admission
+    pub: zmq.Socket[Any]
+    sub: zmq.Socket[Any]
+    _leaving: bool
+    _seq: int
+    _next_admission_sweep: float
+
+    def _guarded(self, what: str, handler: Callable[..., Any], *args: Any) -> None:
+        raise NotImplementedError
+
+    def _send_client(self, ident: bytes, msg: Any) -> None:
+        raise NotImplementedError
+
+    def _in_flight_for(self, ident: bytes, rid: str) -> bool:
+        raise NotImplementedError
+
+    def _drain_monitor(self, sock: zmq.Socket[Any]) -> None:
+        peer = self.links.monitors.get(sock)
+        while True:
+            try:
+                event = recv_monitor_message(sock, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if peer is not None:
+                self._guarded("a transport event", self._on_transport_event, peer, event)
+
+    def _on_transport_event(self, peer: Peer, event: int) -> None:
+        if event == zmq.EVENT_DISCONNECTED:
+            peer.disconnected = True
+            for t in self.detector.connection_lost(peer.node, "connection closed"):
+                self._on_transition(t)
+        elif event == zmq.EVENT_CONNECT_RETRIED and peer.disconnected:
+            for t in self.detector.unreachable(peer.node, "reconnect failed"):
+                self._on_transition(t)
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            peer.disconnected = False
+            # Back after an outage (or new): ask at once rather than wait for its next gossip to route to it.
+            self._ping(peer)
+            if not peer.last_report:
+                self.links.hello(peer.dealer)
+
+    def _on_hello(self, ident: bytes, msg: Hello) -> None:
+        self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
+        # Tell the newcomer who we are, so a seed contact learns our id and gossip port.
+        self._send_client(ident, Hello(self.addr, self.incarnation, self.s.fingerprint))
+
+    def _on_announcement(self, ann: Any) -> None:
+        if ann.fingerprint != self.s.fingerprint:
+            # mDNS is anyone on the LAN: another mesh, an open (--insecure) node, or an impostor. Never connect.
+            self.stats["foreign_announcements"] += 1
+            self.links.note_foreign(ann.addr, ann.fingerprint, "mdns")
+            return
+        self.links.learn(ann.addr, "mdns", 0, ann.fingerprint)
+
+    def _ping(self, peer: Peer) -> None:
+        self._seq += 1
+        try:
+            peer.dealer.send(encode(Ping(f"ping-{self._seq}", self.node_id)), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected: silence will make it dead
+
+    # ------------------------------------------------------------ gossip
+
+    def _gossip(self) -> None:
+        self._seq += 1
+        digest = tuple(
+            p.addr for p in self.links.peers if self.detector.state(p.node) is PeerState.ALIVE and not p.leaving
+        )
+        report = LoadReport(
+            node=self.node_id,
+            incarnation=self.incarnation,
+            seq=self._seq,
+            addr=self.addr,
+            models={} if self._leaving else self.server.models(),
+            labels=dict(self.server.labels),
+            peers=digest,
+            leaving=self._leaving,
+            fingerprint=self.s.fingerprint,
+        )
+        try:
+            self.pub.send(encode(report), zmq.NOBLOCK)
+        except zmq.Again:
+            self.stats["gossip_dropped"] += 1
+
+    def _drain_sub(self) -> None:
+        for _ in range(DRAIN):
+            try:
+                frame = self.sub.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._guarded("gossip", self._on_gossip_frame, frame)
+
+    def _on_gossip_frame(self, frame: zmq.Frame) -> None:
+        try:
+            msg = decode(frame.bytes, self.s.limits)
+        except DecodeError as exc:
+            self.stats["bad_frames"] += 1
+            log.debug("bad gossip frame: %s", exc)
+            return
+        if not isinstance(msg, LoadReport | Leave):
+            self.stats["bad_frames"] += 1
+            return
+        if not self.links.gossip_from_claimed_host(msg, frame):
+            return
+        if isinstance(msg, LoadReport):
+            self._on_report(msg)
+        else:
+            self._on_leave(msg)
+
+    def _on_report(self, r: LoadReport) -> None:
+        if r.node == self.node_id:
+            return
+        if self.s.fingerprint and r.fingerprint != self.s.fingerprint:
+            self.stats["foreign_gossip"] += 1
+            return
+        peer = self.links.peers.get(r.node)
+        if peer is not None and peer.addr == r.addr and (r.incarnation, r.seq) <= (peer.incarnation, peer.seq):
+            self.stats["stale_gossip"] += 1
+            return  # an older incarnation's late gossip, or a repeat
+        if peer is None or peer.addr != r.addr:
+            if peer is not None:
+                self.entry.node_gone(peer.node, "peer-moved", time.monotonic())
+            peer = self.links.learn(r.addr, "gossip", r.incarnation, r.fingerprint)
+            if peer is None:
+                return
+        t = self.detector.heard(r.node, r.incarnation, r.seq)
+        if t is not None:
+            self._on_transition(t)
+        now = time.monotonic()
+        peer.last_heard = peer.last_report = now
+        peer.incarnation, peer.seq = r.incarnation, r.seq
+        peer.models = dict(r.models)
+        peer.labels = dict(r.labels)
+        peer.leaving = r.leaving
+        for model, load in r.models.items():
+            self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, load.rate)
+        for addr in r.peers:
+            if addr.node != self.node_id and self.links.peers.get(addr.node) is None:
+                self.links.learn(addr, "gossip")
+
+    def _on_leave(self, msg: Leave) -> None:
+        peer = self.links.peers.get(msg.node)
+        if peer is None:
+            return
+        peer.leaving = True
+        t = self.detector.left(msg.node, msg.incarnation)
+        if t is not None:
+            self._on_transition(t)
+        log.info("peer %s is leaving", msg.node)
+
+    def _heard(self, node: str) -> None:
+        t = self.detector.heard(node)
+        if t is not None:
+            self._on_transition(t)
+
+    def _on_transition(self, t: Transition) -> None:
+        if t.reason == FORGOTTEN:
+            peer = self.links.peers.get(t.node)
+            if peer is not None:
+                log.info("forgetting peer %s", t.node)
+                self._drop_peer(peer, "peer-gone")
+            return
+        log.info("peer %s: %s -> %s (%s)", t.node, t.old.value if t.old else "-", t.new.value, t.reason)
+        self.stats[f"peer_{t.new.value}"] += 1
+        if t.new in (PeerState.SUSPECT, PeerState.DEAD):
+            self.entry.node_gone(t.node, f"peer-{t.new.value}", time.monotonic())
+        elif t.reason == "restarted":
+            self.entry.node_gone(t.node, "peer-restarted", time.monotonic())
+
+    def _drop_peer(self, peer: Peer, why: str) -> None:
+        self.entry.node_gone(peer.node, why, time.monotonic())
+        self.policy.forget(peer.node)
+        self.links.drop(peer)
+
+    # ------------------------------------------------------------ housekeeping
+
+    def _housekeeping(self, now: float) -> None:
+        for t in self.detector.tick():
+            self._on_transition(t)
+        for peer in self.links.peers:
+            state = self.detector.state(peer.node)
+            if state is None:
+                log.info("forgetting peer %s", peer.node)
+                self._drop_peer(peer, "peer-gone")
+            elif state is PeerState.DEAD and not peer.last_report:
+                # Claimed (Hello, mDNS, digest) but never heard from: free its sockets now, not in forget_after.
+                log.info("dropping %s at %s:%d: never heard from it", peer.node, peer.addr.host, peer.addr.port)
+                self._drop_peer(peer, "peer-gone")
+            elif state is PeerState.SUSPECT:
+                self._ping(peer)
+            elif state is PeerState.LEFT and now - peer.last_heard > self.s.suspect_after:
+                self.entry.node_gone(peer.node, "peer-left", now)
+        self.entry.tick(now)
+        self.links.hello_seeds(now)
+        if now >= self._next_admission_sweep:
+            self.admission.sweep(self._in_flight_for)
+            self._next_admission_sweep = now + 5.0
+
+    def _leave(self) -> None:
+        self._leaving = True
+        for _ in range(2):
+            try:
+                self.pub.send(encode(Leave(self.node_id, self.incarnation)), zmq.NOBLOCK)
+            except zmq.Again:
+                self.stats["gossip_dropped"] += 1
+        self._gossip()
+
+    # ------------------------------------------------------------ views
+
+    def status(self) -> list[dict[str, Any]]:
+        """The nodes this node sees, itself first (for `lanmesh status`, clients learning the mesh, the console)."""
+        now = time.monotonic()
+        rows = [
+            {
+                "node": self.node_id,
+                "address": f"{self.addr.host}:{self.addr.port}",
+                "state": "leaving" if self._leaving else "self",
+                "models": {m: [v.inflight, v.queued, v.capacity] for m, v in self.server.models().items()},
+                "labels": dict(self.server.labels),
+                "last_heard_s": 0.0,
+                "inflight_to": 0,
+                "source": "self",
+                "stats": dict(self.stats),
+                "executor": self.server.stats(),
+                "security": self.security_view(now),
+            }
+        ]
+        for peer in self.links.peers:
+            state = self.detector.state(peer.node)
+            rows.append(
+                {
+                    "node": peer.node,
+                    "address": f"{peer.addr.host}:{peer.addr.port}",
+                    "state": "leaving" if peer.leaving else (state.value if state else "unknown"),
+                    "models": {m: [v.inflight, v.queued, v.capacity] for m, v in peer.models.items()},
+                    "labels": dict(peer.labels),
+                    "last_heard_s": round(now - peer.last_heard, 3),
+                    "inflight_to": self.policy.inflight_to(peer.node),
+                    "source": peer.source,
+                }
+            )
+        return rows
+
+    def _on_refused_connection(self, kind: str, source: str) -> None:
+        # Runs on the ZAP thread (which also logs it). Each of these counters has that one writer, and a
+        # dict store is atomic under the GIL, so the loop's own counters are not disturbed.
+        self.stats[kind] += 1
+
+    def security_view(self, now: float) -> dict[str, Any]:
+        """This node's security state for `lanmesh status` and `lanmesh doctor`."""
+        return {
+            "mode": "curve" if self.s.key is not None else "insecure",
+            "fingerprint": self.s.fingerprint,
+            "auth_rejected": self.stats["auth_rejected"],
+            "handshake_failed": self.stats["handshake_failed"],
+            "identity_mismatch": self.stats["identity_mismatch"],
+            "identity_conflict": self.stats["identity_conflict"],
+            "foreign": [
+                {k: v for k, v in e.items() if k != "last_seen"} | {"last_seen_s": round(now - e["last_seen"], 1)}
+                for e in self.links.foreign.values()
+            ],
+        }
