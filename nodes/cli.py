@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import signal
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -172,7 +173,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
     elif cfg.key_file:
         os.environ["LANMESH_KEY_FILE"] = cfg.key_file
     node = Node(cfg)
-    node.install_signal_handlers()  # first: a signal at any moment from here on leaves gracefully
+    node.install_signal_handlers()  # from here on a signal leaves gracefully, model loading included
+    if _early_signals:  # one came while this process was still starting up
+        node.request_stop()
     logs.setup(node.node_id, cfg.log_level, cfg.log_format)
     try:
         node.start(progress=_progress_printer() if sys.stderr.isatty() else None)
@@ -483,7 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_early_signals: list[int] = []
+
+
+def _note_early_signal(signum: int, _frame: Any) -> None:
+    _early_signals.append(signum)  # `lanmesh node` turns this into a graceful stop once its node exists
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "node":
+        # Before anything slow (imports, config, models): a SIGTERM from here on leaves gracefully, exit 0.
+        signal.signal(signal.SIGTERM, _note_early_signal)
+        signal.signal(signal.SIGINT, _note_early_signal)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

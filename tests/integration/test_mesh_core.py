@@ -1,0 +1,219 @@
+"""The mesh core under what broke it before: long forwarded work, cancels, a loop a message could kill, a member
+that takes another's name, signals during start-up. Node processes on loopback, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from bench.procs import ROOT, Cluster, NodeProc, free_port_pair
+from mesh import Client, MeshKey, Plaintext
+from protocol import Cancel, Hello, LoadReport, ModelLoad, PeerAddr, Request, Task, decode, encode
+from tests.conftest import LOOPBACK
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> float:
+    """Poll `check` until it holds; returns the seconds it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if check():
+            return time.monotonic() - t0
+        time.sleep(0.01)
+    raise AssertionError(f"{what} did not happen within {timeout}s")
+
+
+def _model_load(node: NodeProc, model: str) -> list[int]:
+    """[inflight, queued, capacity] of `model` on `node`, as it reports itself."""
+    return list(node.status()[0]["models"][model])
+
+
+def _dealer(address: str, security: Any) -> zmq.Socket[bytes]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    security.configure_client(sock)
+    sock.connect(f"tcp://{address}")
+    return sock
+
+
+@pytest.mark.timeout(180)
+def test_a_forwarded_request_of_40_seconds_is_served_once_with_default_settings(cluster: Cluster) -> None:
+    entry = cluster.add("entry", [*LOOPBACK, "--model", "echo"])
+    worker = cluster.add("worker", [*LOOPBACK, "--model", "sleep:40000", "--peer", entry.address])
+    cluster.wait_converged(timeout=15)
+    with Client(entry.address, timeout=120) as client:
+        result = client.request("sleep:40000", "complete", "a long answer")
+    assert result.node == "worker" and result.output == "a long answer" and result.tries == 1
+    assert worker.status()[0]["executor"]["sleep:40000"]["batched_requests"] == 1, "the work ran more than once"
+    assert entry.status()[0]["stats"].get("retries", 0) == 0
+
+
+@pytest.mark.parametrize("where", ["on a peer", "on the entry itself"])
+def test_a_cancel_frees_the_serving_node_within_half_a_second(cluster: Cluster, keyed: Path, where: str) -> None:
+    entry_models = ["--model", "echo"] if where == "on a peer" else ["--model", "sleep:20000:cap=2"]
+    entry = cluster.add("entry", [*LOOPBACK, *entry_models])
+    server = entry
+    if where == "on a peer":
+        server = cluster.add("worker", [*LOOPBACK, "--model", "sleep:20000:cap=2", "--peer", entry.address])
+        cluster.wait_converged(timeout=15)
+    sock = _dealer(entry.address, MeshKey.load(keyed))
+    try:
+        rid = f"cancel-{uuid.uuid4().hex[:8]}"
+        sock.send(encode(Request(rid, "sleep:20000", Task.COMPLETE, "stop me", deadline_ms=60_000)))
+        _eventually(lambda: _model_load(server, "sleep:20000")[0] == 1, what="the request to start")
+        sock.send(encode(Cancel(rid, "the caller went away")))
+        took = _eventually(lambda: _model_load(server, "sleep:20000")[0] == 0, timeout=5, what="the slot to free")
+        assert took < 0.5, f"the serving node still ran the cancelled request {took:.2f}s later"
+        assert not sock.poll(300), "nobody answers a cancelled request"
+    finally:
+        sock.close(0)
+    stats = entry.status()[0]["stats"]
+    assert stats["cancels_in"] == 1
+    if where == "on a peer":
+        assert stats["cancels_sent"] == 1  # the entry passed the cancel on to the node doing the work
+
+
+class FakePeer:
+    """A stand-in peer: a ROUTER and a PUB; answers the first Hello as itself at its real port, and a Hello on any
+    later connection (the DEALER the node opened to it) with a Hello that says it moved to another port."""
+
+    def __init__(self, name: str = "fake") -> None:
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.port = free_port_pair()
+        self.router.bind(f"tcp://127.0.0.1:{self.port}")
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(f"tcp://127.0.0.1:{self.port + 1}")
+        self.name = name
+        self.idents: list[bytes] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        moved = PeerAddr(self.name, "127.0.0.1", self.port + 10, self.port + 11)
+        real = PeerAddr(self.name, "127.0.0.1", self.port, self.port + 1)
+        while not self.stop.is_set():
+            if not self.router.poll(50):
+                continue
+            ident, frame = self.router.recv_multipart()
+            msg = decode(frame)
+            if isinstance(msg, Hello):
+                if ident not in self.idents:
+                    self.idents.append(ident)
+                addr = real if len(self.idents) == 1 else moved
+                self.router.send_multipart([ident, encode(Hello(addr, 1))])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.ctx.destroy(0)
+
+
+@pytest.fixture
+def fake_peer() -> Iterator[FakePeer]:
+    peer = FakePeer()
+    yield peer
+    peer.close()
+
+
+def test_a_hello_that_re_addresses_a_peer_on_its_own_connection_cannot_kill_the_loop(
+    tmp_path: Path, fake_peer: FakePeer
+) -> None:
+    with Cluster(log_dir=tmp_path, insecure=True) as cluster:
+        node = cluster.add("a", [*LOOPBACK, "--model", "echo", "--peer", f"127.0.0.1:{fake_peer.port}"])
+        # The node learns the fake from the seed's answer, opens a DEALER to it, says hello on it, and is told on
+        # that very connection that the fake moved: the peer (and the socket being read) is replaced.
+        _eventually(lambda: len(fake_peer.idents) >= 2, what="the node to say hello on its peer link")
+        _eventually(
+            lambda: any(
+                r["node"] == "fake" and r["address"].endswith(str(fake_peer.port + 10)) for r in node.status()
+            ),  # fmt: skip
+            what="the node to follow the move",
+        )
+        with Client(node.address, timeout=10, security=Plaintext()) as client:
+            assert client.request("echo", "complete", "still serving").output == "still serving"
+        stats = node.status()[0]["stats"]
+        assert stats.get("handler_errors", 0) == 0
+        assert "mesh loop crashed" not in node.log_tail(200)
+
+
+def test_a_member_cannot_take_a_live_nodes_name(cluster: Cluster, keyed: Path) -> None:
+    a = cluster.add("a", [*LOOPBACK, "--model", "echo"])
+    b = cluster.add("b", [*LOOPBACK, "--model", "sleep:5", "--peer", a.address])
+    cluster.wait_converged(timeout=15)
+    key = MeshKey.load(keyed)
+    # The impostor holds the mesh key. It joins as "imp" (so `a` subscribes to its gossip), then publishes reports
+    # that say it is "b", with a huge incarnation, from its own address.
+    ctx = zmq.Context()
+    port = free_port_pair()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    for sock in (router, pub):
+        sock.setsockopt(zmq.LINGER, 0)
+        key.configure_server(sock)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    pub.bind(f"tcp://127.0.0.1:{port + 1}")
+    hello = _dealer(a.address, key)
+    try:
+        hello.send(encode(Hello(PeerAddr("imp", "127.0.0.1", port, port + 1), 1, key.fingerprint)))
+        forged = PeerAddr("b", "127.0.0.1", port, port + 1)
+        deadline = time.monotonic() + 10
+        seq = 0
+        while time.monotonic() < deadline:
+            seq += 1
+            report = LoadReport("b", 2**62, seq, forged, {"sleep:5": ModelLoad(0, 0, 64)}, {}, (), False,
+                                key.fingerprint)  # fmt: skip
+            pub.send(encode(report))
+            time.sleep(0.05)  # an impostor's pace: 20 reports a second, for a few seconds
+            if a.status()[0]["security"].get("identity_conflict", 0) >= 3:
+                break
+        rows = {r["node"]: r for r in a.status()}
+        assert rows["b"]["address"] == b.address, "a live node was re-pointed to the impostor"
+        assert rows["b"]["state"] == "alive"
+        assert a.status()[0]["security"]["identity_conflict"] >= 1
+        assert "identity conflict" in a.log_tail(200)
+        with Client(a.address, timeout=10) as client:
+            assert client.request("sleep:5", "complete", "x").node == "b"
+    finally:
+        hello.close(0)
+        ctx.destroy(0)
+
+
+def _spawn_node(tmp_path: Path, name: str, argv: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp_path / f"{name}.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LANMESH_INSECURE": "1"}
+    env.pop("LANMESH_KEY_FILE", None)
+    port = free_port_pair()
+    cmd = [sys.executable, "-m", "nodes.cli", "node", "--name", name, "--port", str(port), "--insecure", *argv]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return proc, log
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5, 3.0])
+def test_sigterm_at_any_moment_of_start_up_leaves_gracefully_with_status_0(tmp_path: Path, delay: float) -> None:
+    proc, log = _spawn_node(tmp_path, f"early-{delay}", [*LOOPBACK, "--model", "echo"])
+    try:
+        time.sleep(delay)  # the moment under test: some point of start-up (imports, config, binding, serving)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    if "node up" in text:  # it had joined: it left as a member does
+        assert "left the mesh" in text
