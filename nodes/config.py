@@ -20,6 +20,7 @@ import psutil
 
 DEFAULT_PORT = 5555
 DEFAULT_HTTP_PORT = 8000
+MIN_API_KEY_CHARS = 16  # a shorter HTTP API key is refused at start: the gateway may face the whole LAN
 
 
 @dataclass
@@ -103,6 +104,8 @@ class NodeConfig:
                 f"--http-host {self.http_host} would expose the HTTP API beyond this machine without a key; "
                 "give one with --api-key, LANMESH_API_KEY or --api-key-file (or keep --http-host 127.0.0.1)"
             )
+        if self.api_key:
+            check_api_key(self.api_key, "--api-key (or LANMESH_API_KEY)")
 
     @classmethod
     def load(
@@ -137,7 +140,17 @@ class NodeConfig:
             raise ValueError(f"cannot read the API key file {self.api_key_file}: {exc.strerror}") from None
         if not key or not key[0].strip():
             raise ValueError(f"the API key file {self.api_key_file} is empty")
-        return key[0].strip()
+        return check_api_key(key[0].strip(), f"the API key in {self.api_key_file}")
+
+
+def check_api_key(key: str, where: str) -> str:
+    """`key`, or a ValueError saying it is too short to guess safely (the message never shows the key)."""
+    if len(key) < MIN_API_KEY_CHARS:
+        raise ValueError(
+            f"{where} has {len(key)} characters; an API key needs at least {MIN_API_KEY_CHARS} so it cannot be "
+            "guessed (make one: python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
+        )
+    return key
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
