@@ -1,13 +1,18 @@
 """The OpenAI-compatible HTTP gateway of a node: FastAPI served by uvicorn in a thread of the node's own process.
 
-Every HTTP request enters the mesh through one `AsyncClient` connected to this node's ROUTER, so it is routed,
-forwarded and retried exactly like a ZeroMQ request; the gateway never touches the mesh loop's state.
+Every HTTP request enters the mesh through an `AsyncClient` connected to this node's ROUTER, one per caller
+(`mesh_callers.py`), so it is routed, forwarded and retried exactly like a ZeroMQ request, and the mesh's
+per-client limits see each caller apart; the gateway never touches the mesh loop's state. The bodies and what
+each field means are in `openai_bodies.py`, tools and structured output in `structured_output.py`, connection
+caps and deadlines in `http_guard.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -16,7 +21,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -26,10 +31,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mesh import (
     AsyncClient,
@@ -44,9 +48,36 @@ from mesh import (
     Result,
     Unauthorized,
 )
+from mesh._security import RejectionLog
 from protocol import Task
 
+from .config import check_api_key
+from .http_guard import KEEP_ALIVE_S, BodyGuard, ConnectionBook, GuardedH11
+from .mesh_callers import CallerClients, Lease
 from .metrics import CONTENT_TYPE, NodeMetrics
+from .openai_bodies import (
+    ApiError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
+    ErrorResponse,
+    FinishReason,
+    FunctionCallOut,
+    Health,
+    ModelCard,
+    ModelList,
+    ToolCall,
+    Usage,
+)
+from .structured_output import AnswerReader, AnswerShape, ArgumentsDelta, CallStart, ContentDelta, Delta, read_answer
 from .webconsole import VIEW_PATH, RequestFeed, install_console, note_error, note_model, note_served, note_unfinished
 
 if TYPE_CHECKING:
@@ -55,208 +86,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("lanmesh.gateway")
 
 T = TypeVar("T")
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-MAX_BODY_BYTES = 8 * 1024 * 1024  # the mesh's frame limit: a larger body could not travel anyway
-HEADER_TIMEOUT_S = 10.0  # request line + headers must arrive within this (uvicorn alone has no such limit)
-BODY_TIMEOUT_S = 30.0  # the whole body must arrive within this after the headers
-KEEP_ALIVE_S = 5.0  # an idle keep-alive connection is closed after this
-MAX_CONNECTIONS = 512  # uvicorn answers 503 past this many connections
 DEFAULT_TIMEOUT_S = 300.0  # a request's deadline when the caller sets no X-Lanmesh-Timeout
 MAX_TIMEOUT_S = 86_400.0  # the wire's limit (one day)
 MIN_TIMEOUT_S = 0.1
 WATCH_S = 0.5  # while a request waits, check this often whether any live node still serves its model
 STATUS_TIMEOUT_S = 2.0
 RETRY_AFTER_S = "1"
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
-_ENDPOINTS += (VIEW_PATH,)  # the web console's poll, so it is not lumped with unknown paths
-
-
-# ---------------------------------------------------------------- request and response bodies (OpenAI's shapes)
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """Every error, in OpenAI's shape."""
-
-    error: ErrorDetail
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-Stop = str | Annotated[list[str], Field(max_length=4)]
-
-
-class _Sampling(BaseModel):
-    """What chat and completions share. Unknown fields (presence_penalty, logit_bias, ...) are ignored."""
-
-    model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, le=2**31)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    stop: Stop | None = None
-    n: int | None = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = Field(default=None, description="Ignored.")
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=2**31, description="Wins over max_tokens.")
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)] = Field(
-        description="One prompt, or several (one choice each; streaming takes one)."
-    )
-
-
-class EmbeddingRequest(BaseModel):
-    model: str = Field(min_length=1, max_length=256)
-    input: str | Annotated[list[str], Field(min_length=1, max_length=2048)]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1, description="Must equal the model's own size if given.")
-    user: str | None = Field(default=None, description="Ignored.")
-
-
-FinishReason = Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: FinishReason
-    logprobs: None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: FinishReason
-    logprobs: None = None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class Embedding(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str = Field(description="Floats, or base64 of little-endian float32 values.")
-
-
-class EmbeddingUsage(BaseModel):
-    prompt_tokens: int = 0
-    total_tokens: int = 0
-
-
-class EmbeddingList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Embedding]
-    model: str
-    usage: EmbeddingUsage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = "lanmesh"
-    nodes: list[str] = Field(description="Live nodes serving this model (this node included).")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class Health(BaseModel):
-    status: Literal["ready", "unavailable", "leaving"]
-    ready: bool
-    node: str
-    models: list[str] = Field(description="Models this node serves.")
+_ENDPOINTS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics", VIEW_PATH}
+)
 
 
 # ---------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    """An HTTP error answered in OpenAI's JSON shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = ErrorResponse(error=self.detail).model_dump()
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
 
 # Mesh error -> (HTTP status, OpenAI error type, code). A retry cannot fix 400/404; 429/503 say when to retry.
 _MESH_ERRORS: dict[type[LanmeshError], tuple[int, str, str]] = {
@@ -269,18 +111,28 @@ _MESH_ERRORS: dict[type[LanmeshError], tuple[int, str, str]] = {
     InternalError: (500, "server_error", "internal_error"),
     ProtocolError: (502, "server_error", "bad_reply"),
 }
+# A node's BAD_REQUEST names the param it refused first in its message (`max_tokens 5000 is over ...`).
+_NAMED_PARAMS = ("max_tokens", "temperature", "top_p", "seed", "stop", "tools", "guidance")
 
 
-def api_error(exc: LanmeshError) -> ApiError:
+def api_error(exc: LanmeshError, guidance_param: str | None = None) -> ApiError:
+    """The HTTP error for a mesh error; `guidance_param` names the field a refused grammar came from."""
     status, kind, code = next(
         (v for cls, v in _MESH_ERRORS.items() if isinstance(exc, cls)), (500, "server_error", "internal_error")
     )
     headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
-    return ApiError(status, str(exc), kind, "model" if status == 404 else None, code, headers)
+    param = "model" if status == 404 else None
+    if status == 400:
+        message = str(exc)
+        param = next((p for p in _NAMED_PARAMS if message.startswith(p)), None)
+        if param == "guidance":
+            param = guidance_param
+    return ApiError(status, str(exc), kind, param, code, headers)
 
 
 _DESCRIPTIONS = {
-    400: "Bad input: invalid JSON, a field of the wrong type or range, or a model that cannot do this task.",
+    400: "Bad input: invalid JSON, a field of the wrong type or range, a field lanmesh does not support "
+    "(`code: unsupported_parameter`), or a model that cannot do this task.",
     401: "Missing or wrong API key (`Authorization: Bearer KEY`).",
     404: "No node in the mesh serves this model (or no such path).",
     408: "The request body did not arrive in time.",
@@ -385,7 +237,8 @@ async def _next_piece(stream: AsyncStream) -> str | None:
 
 
 class MeshApi:
-    """What the HTTP handlers need: the client, the status view, the metrics, and the watch on waiting requests."""
+    """What the HTTP handlers need: the callers' clients, the status view, the metrics, the watch on waiting
+    requests."""
 
     def __init__(self, node_id: str, metrics: NodeMetrics) -> None:
         self.node_id = node_id
@@ -393,7 +246,8 @@ class MeshApi:
         self.view = MeshView()
         self.feed = RequestFeed()  # the web console's "recent requests"
         self.leaving = False
-        self._client: AsyncClient | None = None
+        self._client: AsyncClient | None = None  # the gateway's own: status pings, and callers past the LRU
+        self._callers: CallerClients | None = None
 
     @property
     def client(self) -> AsyncClient:
@@ -401,8 +255,15 @@ class MeshApi:
             raise MeshUnavailable("the gateway is not connected to its node")
         return self._client
 
-    def connect(self, client: AsyncClient | None) -> None:
+    @property
+    def callers(self) -> CallerClients:
+        if self._callers is None:
+            raise MeshUnavailable("the gateway is not connected to its node")
+        return self._callers
+
+    def connect(self, client: AsyncClient | None, callers: CallerClients | None = None) -> None:
         self._client = client
+        self._callers = callers
 
     async def rows(self, max_age: float) -> list[dict[str, Any]] | None:
         return await self.view.rows(self.client, max_age)
@@ -427,58 +288,65 @@ class MeshApi:
                     raise MeshUnavailable(f"no live node serves model {model!r} now")
         finally:
             if not task.done():
-                task.cancel()
+                task.cancel()  # also when the caller went away: the request's future is cancelled with it
 
-    async def serve(self, model: str, task: Task, payload: Any, params: dict[str, Any], timeout: float) -> Result:
+    async def serve(
+        self, caller: str, model: str, task: Task, payload: Any, params: dict[str, Any], timeout: float
+    ) -> Result:
         note_model(model)
-        try:
-            future = self.client.submit(model, task, payload, params=params, timeout=timeout)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        result = await self.watch(future, model)
+        with self.callers.lease(caller) as lease:
+            try:
+                future = lease.client.submit(model, task, payload, params=params, timeout=timeout)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            result = await self.watch(future, model)
         note_served(result)
         return result
 
     async def open_stream(
-        self, model: str, task: Task, payload: Any, params: dict[str, Any], timeout: float
-    ) -> tuple[AsyncStream, str | None]:
-        """Start a stream and wait for its first piece (None: it ended at once), so errors get their status."""
+        self, caller: str, model: str, task: Task, payload: Any, params: dict[str, Any], timeout: float
+    ) -> tuple[AsyncStream, str | None, Lease]:
+        """Start a stream and wait for its first piece (None: it ended at once), so errors get their status.
+
+        The caller's lease travels with the stream: release it when the stream ends.
+        """
         note_model(model, stream=True)
-        client = self.client
-        start = client.chat if task is Task.CHAT else client.complete
+        lease = self.callers.lease(caller)
         try:
-            stream = await start(model, payload, stream=True, timeout=timeout, **params)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        try:
-            first = await self.watch(_next_piece(stream), model)
+            try:
+                stream = await _start_stream(lease.client, model, task, payload, params, timeout)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            try:
+                first = await self.watch(_next_piece(stream), model)
+            except BaseException:
+                await stream.aclose()
+                raise
         except BaseException:
-            await stream.aclose()
+            lease.release()
             raise
-        return stream, first
+        return stream, first, lease
 
     async def next_piece(self, stream: AsyncStream, model: str) -> str | None:
         return await self.watch(_next_piece(stream), model)
 
 
-_ROLES = {"developer": "system"}
+async def _start_stream(
+    client: AsyncClient, model: str, task: Task, payload: Any, params: dict[str, Any], timeout: float
+) -> AsyncStream:
+    """A streamed request with any params (tools, guidance): `AsyncClient.chat(stream=True)` takes only the
+    sampling keywords, so this uses the client's own stream start (`_generate`) until it takes `params=`."""
+    stream = await client._generate(model, task, payload, params, True, timeout, None)
+    assert not isinstance(stream, Result)
+    return stream
 
 
-def _params(body: _Sampling, max_completion_tokens: int | None = None) -> dict[str, Any]:
-    """OpenAI sampling fields -> the mesh's params (unset ones are left to the model's defaults)."""
-    given = {
-        "max_tokens": max_completion_tokens or body.max_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "seed": body.seed,
-    }
-    params: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    if body.stop is not None:
-        params["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-    return params
+def _caller(request: HttpRequest) -> str:
+    """Who is asking, for the mesh's per-client limits: the peer address (all callers share the node's key)."""
+    return request.client.host if request.client is not None else "?"
 
 
-def _finish_reason(meta: dict[str, Any]) -> FinishReason:
+def _finish_reason(meta: dict[str, Any]) -> Literal["stop", "length"]:
     return "length" if meta.get("finish_reason") == "length" else "stop"
 
 
@@ -525,12 +393,45 @@ def _served_headers(response: Response, result: Result) -> None:
     response.headers["X-Lanmesh-Route"] = result.route
 
 
+def _guidance_param(shape: AnswerShape) -> str:
+    """The request field a grammar the node refused came from."""
+    return "tools" if shape.expects_calls else "response_format"
+
+
+def _chat_answer(reader: AnswerReader, meta: dict[str, Any], legacy: bool) -> tuple[AssistantMessage, FinishReason]:
+    """A whole chat answer in OpenAI's shape: content, or tool calls (or the deprecated function_call)."""
+    cut = _finish_reason(meta) == "length"
+    if not reader.calls:
+        return AssistantMessage(content=reader.content), _finish_reason(meta)
+    calls = [ToolCall(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in reader.calls]
+    content = reader.content or None
+    if legacy:
+        message = AssistantMessage(content=content, function_call=calls[0].function)
+        return message, "length" if cut else "function_call"
+    return AssistantMessage(content=content, tool_calls=calls), "length" if cut else "tool_calls"
+
+
+def _delta(delta: Delta, legacy: bool) -> dict[str, Any]:
+    """One piece of a streamed chat answer as OpenAI's `delta`."""
+    if isinstance(delta, ContentDelta):
+        return {"content": delta.text}
+    if legacy:
+        if isinstance(delta, CallStart):
+            return {"function_call": {"name": delta.name, "arguments": ""}}
+        return {"function_call": {"arguments": delta.text}}
+    if isinstance(delta, CallStart):
+        start = {"index": delta.index, "id": delta.id, "type": "function"}
+        return {"tool_calls": [{**start, "function": {"name": delta.name, "arguments": ""}}]}
+    assert isinstance(delta, ArgumentsDelta)
+    return {"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]}
+
+
 # ---------------------------------------------------------------- the app
 
 
 def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
     """The FastAPI app: OpenAI-compatible routes, /health, /metrics and the web console; every route but /health
-    and the console's static files (which hold no data) needs the key."""
+    and the console's static files (which hold no data) needs the key, and /health says more with it."""
     app = FastAPI(
         title="lanmesh",
         version="1",
@@ -538,7 +439,7 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    guarded: list[Any] = [Depends(_key_check(api_key))] if api_key else []
+    guarded: list[Any] = [Depends(_key_check(api_key, api.metrics))] if api_key else []
     auth = (401,) if api_key else ()
     router = APIRouter(dependencies=guarded)
     inference = _errors(400, *auth, 404, 408, 413, 429, 500, 502, 503, 504)
@@ -554,28 +455,33 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         "/v1/chat/completions",
         response_model=ChatCompletion,
         responses={**_served(ChatCompletion, True), **inference},
-        summary="Chat with a model served anywhere in the mesh",
+        summary="Chat with a model served anywhere in the mesh (tools and JSON output included)",
     )
     async def chat_completions(
-        body: ChatCompletionRequest, response: Response, timeout: float | None = timeout_header
+        body: ChatCompletionRequest, request: HttpRequest, response: Response, timeout: float | None = timeout_header
     ) -> Any:
-        # OpenAI's newer "developer" role is what models know as "system".
-        messages = [{"role": _ROLES.get(m.role, m.role), "content": m.text()} for m in body.messages]
-        params = _params(body, body.max_completion_tokens)
+        body.check()
+        shape = body.answer_shape()
+        params = {**body.mesh_params(body.max_completion_tokens), **shape.params()}
+        messages = body.wire_messages()
         seconds = timeout or DEFAULT_TIMEOUT_S
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(api, "chat", body.model, Task.CHAT, messages, params, seconds, include_usage)
-        result = await api.serve(body.model, Task.CHAT, messages, params, seconds)
-        text = _text(result, body.model)
+        caller = _caller(request)
+        if body.streams:
+            chat = ChatStream(shape.expects_calls, body.legacy_functions)
+            return await _stream(api, chat, caller, body.model, Task.CHAT, messages, params, seconds, body, shape)
+        try:
+            result = await api.serve(caller, body.model, Task.CHAT, messages, params, seconds)
+        except BadRequest as exc:
+            raise api_error(exc, _guidance_param(shape)) from None
+        reader = read_answer(_text(result, body.model), shape.expects_calls)
+        message, finish = _chat_answer(reader, result.meta, body.legacy_functions)
         api.metrics.count_tokens(body.model, result.usage)
         _served_headers(response, result)
-        choice = ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=_finish_reason(result.meta))
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=body.model,
-            choices=[choice],
+            choices=[ChatChoice(index=0, message=message, finish_reason=finish)],
             usage=_usage(result.meta),
         )
 
@@ -585,28 +491,33 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         responses={**_served(Completion, True), **inference},
         summary="Continue a prompt",
     )
-    async def completions(body: CompletionRequest, response: Response, timeout: float | None = timeout_header) -> Any:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        params = _params(body)
+    async def completions(
+        body: CompletionRequest, request: HttpRequest, response: Response, timeout: float | None = timeout_header
+    ) -> Any:
+        body.check()
+        prompts = body.prompts()
+        params = body.mesh_params()
         seconds = timeout or DEFAULT_TIMEOUT_S
-        if body.stream:
-            if len(prompts) != 1:
-                raise ApiError(400, "streaming takes one prompt", param="prompt")
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(api, "text", body.model, Task.COMPLETE, prompts[0], params, seconds, include_usage)
-        tasks = [asyncio.ensure_future(api.serve(body.model, Task.COMPLETE, p, params, seconds)) for p in prompts]
+        caller = _caller(request)
+        if body.max_tokens == 0:  # nothing to generate: the prompt (with echo) or nothing, from a known model
+            return await _no_new_tokens(api, body, prompts)
+        if body.streams:
+            shaper = TextStream(prompts[0] if body.echo else "")
+            return await _stream(api, shaper, caller, body.model, Task.COMPLETE, prompts[0], params, seconds, body)
+        tasks = [
+            asyncio.ensure_future(api.serve(caller, body.model, Task.COMPLETE, p, params, seconds)) for p in prompts
+        ]
         try:
             results = await asyncio.gather(*tasks)
         finally:
             for t in tasks:
                 if not t.done():
-                    t.cancel()  # one prompt failed: the others' answers would be thrown away
+                    t.cancel()  # one prompt failed (or the caller left): the others' answers would be thrown away
         usage = Usage()
         choices = []
-        for i, result in enumerate(results):
-            choices.append(
-                CompletionChoice(index=i, text=_text(result, body.model), finish_reason=_finish_reason(result.meta))
-            )
+        for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
+            text = (prompt if body.echo else "") + _text(result, body.model)
+            choices.append(CompletionChoice(index=i, text=text, finish_reason=_finish_reason(result.meta)))
             api.metrics.count_tokens(body.model, result.usage)
             u = _usage(result.meta)
             usage.prompt_tokens += u.prompt_tokens
@@ -623,9 +534,11 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         responses={**_served(EmbeddingList, False), **inference},
         summary="Embed one text or a list of texts",
     )
-    async def embeddings(body: EmbeddingRequest, response: Response, timeout: float | None = timeout_header) -> Any:
-        batch = [body.input] if isinstance(body.input, str) else list(body.input)
-        result = await api.serve(body.model, Task.EMBED, batch, {}, timeout or DEFAULT_TIMEOUT_S)
+    async def embeddings(
+        body: EmbeddingRequest, request: HttpRequest, response: Response, timeout: float | None = timeout_header
+    ) -> Any:
+        batch = body.texts()
+        result = await api.serve(_caller(request), body.model, Task.EMBED, batch, {}, timeout or DEFAULT_TIMEOUT_S)
         vectors = _vectors(result.output, len(batch))
         if vectors is None:
             raise ApiError(
@@ -680,19 +593,23 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
     @app.get(
         "/health",
         response_model=Health,
+        response_model_exclude_none=True,
         responses={503: {"model": Health, "description": "Not ready: the mesh loop does not answer, or leaving."}},
-        summary="Liveness and readiness (no key needed)",
+        summary="Up or down (no key needed); with the key (or on a node without one) also the node and its models",
     )
-    async def health() -> Any:
+    async def health(request: HttpRequest) -> Any:
         rows = await api.rows(max_age=0.5)
         me = rows[0] if rows else {}
-        models = sorted(me.get("models") or {})
         if api.leaving or me.get("state") == "leaving":
             status: Literal["ready", "unavailable", "leaving"] = "leaving"
         else:
             status = "ready" if me.get("state") == "self" else "unavailable"
-        body = Health(status=status, ready=status == "ready", node=api.node_id, models=models)
-        return body if body.ready else JSONResponse(body.model_dump(), status_code=503)
+        body = Health(status=status, ready=status == "ready")
+        # Read by hand, not through BEARER: /health declares no security, since it answers without a key.
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if not api_key or (scheme.lower() == "bearer" and _key_matches(given.strip(), api_key)):
+            body.node, body.models = api.node_id, sorted(me.get("models") or {})
+        return body if body.ready else JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
     app.include_router(router)
     install_console(app, api, guarded)  # the web console at / (nodes/webconsole.py)
@@ -701,51 +618,130 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
     return app
 
 
+async def _no_new_tokens(api: MeshApi, body: CompletionRequest, prompts: list[str]) -> Any:
+    """A completion with max_tokens 0 (scoring a prompt, in OpenAI's use): no model runs; the model must exist."""
+    note_model(body.model)
+    rows = await api.rows(max_age=0.5)
+    known, _live = live_servers(rows or [], body.model)
+    if not known:
+        raise ApiError(404, f"no node serves model {body.model!r}", param="model", code="model_not_found")
+    texts = [p if body.echo else "" for p in prompts]
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if not body.streams:
+        choices = [CompletionChoice(index=i, text=t, finish_reason="length") for i, t in enumerate(texts)]
+        return Completion(id=ident, created=created, model=body.model, choices=choices, usage=Usage())
+    base = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
+
+    async def events() -> AsyncIterator[str]:
+        choice = {"index": 0, "text": texts[0], "finish_reason": "length", "logprobs": None}
+        yield _sse({**base, "choices": [choice]})
+        if body.include_usage:
+            yield _sse({**base, "choices": [], "usage": Usage().model_dump()})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ---------------------------------------------------------------- streams
+
+
+class ChatStream:
+    """Turns a chat model's text pieces into OpenAI chat.completion.chunk deltas (tool calls included)."""
+
+    kind = "chat"
+
+    def __init__(self, expects_calls: bool, legacy: bool) -> None:
+        self.reader = AnswerReader(expects_calls)
+        self.legacy = legacy
+        self._role_sent = False
+
+    def deltas(self, piece: str | None) -> list[dict[str, Any]]:
+        """The deltas for one piece; None: the answer has ended (flush what was held back)."""
+        found = self.reader.feed(piece) if piece is not None else self.reader.finish()
+        out = [_delta(d, self.legacy) for d in found]
+        if piece is None and not self._role_sent:
+            out.append({"content": ""})  # an empty answer still says who spoke
+        if out and not self._role_sent:
+            self._role_sent = True
+            out[0] = {"role": "assistant", **out[0]}
+            if "content" not in out[0]:
+                out[0]["content"] = None  # a call begins the answer: no content, as OpenAI sends it
+        return out
+
+    def finish(self, meta: dict[str, Any]) -> str:
+        cut = _finish_reason(meta) == "length"
+        if cut or not self.reader.calls:
+            return _finish_reason(meta)
+        return "function_call" if self.legacy else "tool_calls"
+
+    def choice(self, delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
+
+
+class TextStream:
+    """Turns a completion's text pieces into OpenAI text_completion chunks (the prompt first, with echo)."""
+
+    kind = "text"
+
+    def __init__(self, echo: str) -> None:
+        self._echo = echo
+
+    def deltas(self, piece: str | None) -> list[dict[str, Any]]:
+        text = self._echo + (piece or "")
+        self._echo = ""
+        return [{"text": text}] if text else []
+
+    def finish(self, meta: dict[str, Any]) -> str:
+        return _finish_reason(meta)
+
+    def choice(self, delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": (delta or {}).get("text", ""), "finish_reason": finish, "logprobs": None}
+
+
 async def _stream(
     api: MeshApi,
-    kind: Literal["chat", "text"],
+    shaper: ChatStream | TextStream,
+    caller: str,
     model: str,
     task: Task,
     payload: Any,
     params: dict[str, Any],
     timeout: float,
-    include_usage: bool,
+    body: ChatCompletionRequest | CompletionRequest,
+    shape: AnswerShape | None = None,
 ) -> StreamingResponse:
-    stream, first = await api.open_stream(model, task, payload, params, timeout)
+    try:
+        stream, first, lease = await api.open_stream(caller, model, task, payload, params, timeout)
+    except BadRequest as exc:
+        raise api_error(exc, _guidance_param(shape) if shape is not None else None) from None
+    kind = shaper.kind
     ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    created = int(time.time())
-    base = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": created}
-    base["model"] = model
+    base: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+    base |= {"created": int(time.time()), "model": model}
 
-    def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
-        if kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if piece is not None:
-                delta["content"] = piece
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
-        return {**base, "choices": [choice]}
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [shaper.choice(delta, finish)]}
 
     async def events() -> AsyncIterator[str]:
         pieces = 0
         try:
-            if kind == "chat":
-                yield _sse(chunk(None, role=True))
             piece = first
             while piece is not None:
-                yield _sse(chunk(piece))
+                for delta in shaper.deltas(piece):
+                    yield _sse(chunk(delta))
                 pieces += 1
                 piece = await api.next_piece(stream, model)
+            for delta in shaper.deltas(None):
+                yield _sse(chunk(delta))
             result = stream.result
             meta = result.meta if result is not None else {}
-            last = chunk(None, finish=_finish_reason(meta))
+            last = chunk(None, shaper.finish(meta))
             if result is not None:
                 last["lanmesh"] = {"node": result.node, "route": result.route}
                 api.metrics.count_tokens(model, result.usage)
                 note_served(result, pieces)
             yield _sse(last)
-            if include_usage:
+            if body.include_usage:
                 yield _sse({**base, "choices": [], "usage": _usage(meta).model_dump()})
             yield "data: [DONE]\n\n"
         except LanmeshError as exc:
@@ -756,6 +752,7 @@ async def _stream(
             if stream.result is None:
                 note_unfinished(stream.node, pieces)
             await stream.aclose()
+            lease.release()
 
     headers = {"X-Lanmesh-Node": stream.node, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
@@ -765,19 +762,31 @@ def _b64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
+# ---------------------------------------------------------------- the key
+
 # Module level: FastAPI evaluates the string annotation below in this module's globals.
 BEARER = HTTPBearer(auto_error=False, description="The node's API key (--api-key, LANMESH_API_KEY or --api-key-file).")
 
 
-def _key_check(api_key: str) -> Callable[..., Awaitable[None]]:
-    expected = api_key.encode()
+def _key_matches(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
 
-    async def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
-        if credentials is None:
-            raise ApiError(401, "missing API key: send Authorization: Bearer KEY", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        if not hmac.compare_digest(credentials.credentials.encode(), expected):
-            raise ApiError(401, "wrong API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+def _key_check(api_key: str, metrics: NodeMetrics) -> Callable[..., Awaitable[None]]:
+    refusals = RejectionLog()  # the first refusal from an address is logged at once, then a count per period
+
+    async def check(
+        request: HttpRequest, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+    ) -> None:
+        if credentials is not None and _key_matches(credentials.credentials, api_key):
+            return
+        why = "no API key" if credentials is None else "wrong API key"
+        metrics.http_unauthorized.inc()
+        line = refusals.note("http_unauthorized", _caller(request), f"{why} for {request.method} {request.url.path}")
+        if line is not None:
+            log.warning("refused an HTTP request: %s", line, extra={"source": _caller(request)})
+        message = "missing API key: send Authorization: Bearer KEY" if credentials is None else "wrong API key"
+        raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     return check
 
@@ -839,123 +848,6 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-# ---------------------------------------------------------------- limits below the app
-
-
-class BodyGuard:
-    """ASGI middleware in front of the app: body size and read-time limits, and the HTTP metrics.
-
-    The body is read here in full (at most MAX_BODY_BYTES, within BODY_TIMEOUT_S) and replayed to the app, so
-    an oversized or trickled body is refused before any handler runs.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: NodeMetrics, feed: RequestFeed | None = None) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.feed = feed
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
-        status = 500
-        entry = self.feed.open(scope["path"]) if self.feed is not None else None  # the web console's feed
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            body = await self._read_body(scope, receive)
-            if isinstance(body, ApiError):
-                await body.response()(scope, receive, send_and_note)
-                return
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()  # after the body: only http.disconnect comes
-
-            await self.app(scope, replay, send_and_note)
-        finally:
-            self.metrics.http_done(endpoint, status, time.monotonic() - started)
-            if entry is not None and self.feed is not None:
-                self.feed.file(entry, status, time.monotonic() - started)
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | ApiError:
-        close = {"Connection": "close"}
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY_BYTES:
-                return ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", headers=close)
-        parts: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        break
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > MAX_BODY_BYTES:
-                        return ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", headers=close)
-                    parts.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
-            return ApiError(408, f"the body did not arrive within {BODY_TIMEOUT_S:g}s", headers=close)
-        return b"".join(parts)
-
-
-class HeaderDeadlineH11(H11Protocol):
-    """uvicorn's h11 protocol plus a deadline for the request line and headers.
-
-    uvicorn times out idle keep-alive connections only after a response; a client that connects and trickles
-    its headers would hold a connection (and a slot of MAX_CONNECTIONS) for ever.
-    """
-
-    _head_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_head_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
-        super().connection_lost(exc)
-
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self.cycle is not None and not self.cycle.response_complete:
-            self._cancel_head_timer()  # a request's headers are in: the body and the app have their own limits
-
-    def on_response_complete(self) -> None:
-        self._arm_head_timer()  # before super(): it may start a pipelined request, which cancels the timer
-        super().on_response_complete()
-
-    def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_timeout)
-
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timeout(self) -> None:
-        self._head_timer = None
-        waiting = self.cycle is None or self.cycle.response_complete
-        if waiting and not self.transport.is_closing():
-            self.transport.close()
-
-
 # ---------------------------------------------------------------- the server thread
 
 
@@ -994,9 +886,12 @@ class Gateway:
     """The HTTP server of one node: its own thread and event loop; `start()` returns once it accepts."""
 
     def __init__(self, settings: GatewaySettings, metrics: NodeMetrics) -> None:
+        if settings.api_key:
+            check_api_key(settings.api_key, "the gateway's API key")  # NodeConfig checks it at start already
         self.settings = settings
         self.api = MeshApi(settings.node_id, metrics)
         self.app = build_app(self.api, settings.api_key)
+        self.connections = ConnectionBook(metrics=metrics)
         self.port = settings.port
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -1011,8 +906,8 @@ class Gateway:
         self.port = int(sock.getsockname()[1])
         _route_uvicorn_logs()
         config = uvicorn.Config(
-            BodyGuard(self.app, self.api.metrics, self.api.feed),
-            http=HeaderDeadlineH11,
+            BodyGuard(self.app, self.api.metrics, self.api.feed, _ENDPOINTS),
+            http=functools.partial(GuardedH11, book=self.connections),  # type: ignore[arg-type]
             loop="asyncio",  # zmq.asyncio needs a loop with add_reader; the stdlib one is the one it is tested on
             ws="none",
             lifespan="off",
@@ -1021,7 +916,6 @@ class Gateway:
             proxy_headers=False,
             server_header=False,
             timeout_keep_alive=int(KEEP_ALIVE_S),
-            limit_concurrency=MAX_CONNECTIONS,
             timeout_graceful_shutdown=max(1, int(self.settings.grace)),
         )
         self._server = uvicorn.Server(config)
@@ -1060,15 +954,24 @@ class Gateway:
 
     async def _serve(self, sock: socket.socket) -> None:
         assert self._server is not None
-        client = AsyncClient(
-            self.settings.mesh_endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http@{self.api.node_id}"
-        )
-        self.api.connect(client)
+        endpoint, node = self.settings.mesh_endpoint, self.api.node_id
+        own = AsyncClient(endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http@{node}")
+
+        def caller_client(caller: str) -> AsyncClient:
+            return AsyncClient(endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http:{caller}@{node}")
+
+        callers = CallerClients(caller_client, own)
+        self.api.connect(own, callers)
+        sweeper = asyncio.ensure_future(callers.sweep_forever())
         try:
             await self._server.serve(sockets=[sock])
         finally:
             self.api.connect(None)
-            await client.close()
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await callers.close()
+            await own.close()
 
 
 def _route_uvicorn_logs() -> None:

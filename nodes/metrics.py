@@ -16,6 +16,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -98,6 +99,22 @@ class NodeMetrics:
             "Seconds from an HTTP request's arrival to the end of its response (streams: the last event).",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_connections = Gauge(
+            "lanmesh_http_connections", "HTTP connections open at the gateway now.", registry=r
+        )
+        self.http_connections_dropped = Counter(
+            "lanmesh_http_connections_dropped",
+            "HTTP connections the gateway closed or refused before a request was answered, by reason: "
+            "per_ip_limit (that address holds its share), full (every connection busy), shed (a connection "
+            "that had sent no request, closed to make room), header_timeout (no complete headers in time).",
+            ["reason"],
+            registry=r,
+        )
+        self.http_unauthorized = Counter(
+            "lanmesh_http_unauthorized",
+            "HTTP requests refused for a missing or wrong API key (logged with the address, rate-limited).",
             registry=r,
         )
         self._state = _MeshState(node_id)

@@ -159,6 +159,12 @@ def test_a_lan_wide_gateway_without_an_api_key_is_refused() -> None:
     assert "0.0.0.0" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_an_api_key_shorter_than_16_characters_stops_the_node_at_start() -> None:
+    out = lanmesh("node", *LOOPBACK, "--model", "echo", "--api-key", "short-key", timeout=30)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "at least 16" in out.stderr and "9 characters" in out.stderr and "short-key" not in out.stderr
+
+
 def test_an_unreadable_api_key_file_stops_the_node_before_it_loads_models(tmp_path: Path) -> None:
     out = lanmesh("node", *LOOPBACK, "--model", "echo", "--api-key-file", str(tmp_path / "missing"), timeout=30)
     assert out.returncode != 0 and "API key file" in out.stderr and "Traceback" not in out.stderr
@@ -166,9 +172,9 @@ def test_an_unreadable_api_key_file_stops_the_node_before_it_loads_models(tmp_pa
 
 def test_the_key_can_come_from_a_file(cluster: Cluster, tmp_path: Path) -> None:
     key_file = tmp_path / "api.key"
-    key_file.write_text("from-a-file\n")
+    key_file.write_text("from-a-file-sixteen-chars\n")
     node = start_gateway_node(cluster, "file-keyed", ["echo"], ["--api-key-file", str(key_file)])
-    assert node.openai("from-a-file").models.list().data[0].id == "echo"
+    assert node.openai("from-a-file-sixteen-chars").models.list().data[0].id == "echo"
 
 
 def test_a_node_without_the_web_stack_still_serves_and_says_why(cluster: Cluster, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from gateway_nodes import FAST, GatewayNode, start_gateway_node, wait_until
+from gateway_nodes import FAST, GatewayNode, scrape, start_gateway_node, value, wait_until
 
 from bench.procs import Cluster
 from tests.conftest import LOOPBACK
@@ -184,12 +184,32 @@ def test_requests_are_routed_across_the_mesh_and_503_once_no_live_node_serves(cl
 
 
 def test_with_an_api_key_every_route_but_health_needs_it(cluster: Cluster) -> None:
-    node = start_gateway_node(cluster, "keyed", ["echo"], key="s3cret-key")
+    key = "s3cret-key-of-16+chars"
+    node = start_gateway_node(cluster, "keyed", ["echo"], key=key)
     with pytest.raises(openai.AuthenticationError) as err:
         node.openai("wrong-key").chat.completions.create(model="echo", messages=HELLO)  # type: ignore[arg-type]
     assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
-    answer = node.openai("s3cret-key").chat.completions.create(model="echo", messages=HELLO)  # type: ignore[arg-type]
+    answer = node.openai(key).chat.completions.create(model="echo", messages=HELLO)  # type: ignore[arg-type]
     assert answer.choices[0].message.content == "hello mesh"
     assert httpx.get(f"{node.url}/metrics").status_code == 401
     assert httpx.get(f"{node.url}/v1/models").status_code == 401
-    assert httpx.get(f"{node.url}/health").status_code == 200
+    # /health answers anyone, but says who and what only to holders of the key.
+    assert httpx.get(f"{node.url}/health").json() == {"status": "ready", "ready": True}
+    assert httpx.get(f"{node.url}/health", headers={"Authorization": "Bearer nope"}).json() == {
+        "status": "ready",
+        "ready": True,
+    }
+    told = httpx.get(f"{node.url}/health", headers={"Authorization": f"Bearer {key}"}).json()
+    assert told == {"status": "ready", "ready": True, "node": "keyed", "models": ["echo"]}
+
+
+def test_refused_keys_are_logged_with_the_address_once_per_period(cluster: Cluster) -> None:
+    key = "another-key-of-16-chars"
+    node = start_gateway_node(cluster, "logged", ["echo"], key=key)
+    for _ in range(5):
+        assert httpx.get(f"{node.url}/v1/models", headers={"Authorization": "Bearer guess"}).status_code == 401
+    metrics = scrape(node, key)
+    assert value(metrics, "lanmesh_http_unauthorized_total") == 5
+    lines = [line for line in node.proc.log_path.read_text().splitlines() if "http_unauthorized" in line]
+    assert len(lines) == 1, lines  # the rest are counted, and said with the next line after the quiet period
+    assert "wrong API key for GET /v1/models from 127.0.0.1" in lines[0] and "guess" not in lines[0]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from gateway_nodes import free_port
 
-from nodes import gateway
+from nodes import http_guard
 from nodes.gateway import Gateway, GatewaySettings
 from nodes.metrics import NodeMetrics
 
@@ -19,8 +19,8 @@ from nodes.metrics import NodeMetrics
 @pytest.fixture
 def lonely_gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
     """A gateway whose node is not there (nothing listens on its ROUTER port), with short read deadlines."""
-    monkeypatch.setattr(gateway, "HEADER_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(gateway, "BODY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(http_guard, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(http_guard, "BODY_TIMEOUT_S", 0.5)
     settings = GatewaySettings("lonely", "127.0.0.1", free_port(), f"127.0.0.1:{free_port()}", grace=1.0)
     gw = Gateway(settings, NodeMetrics("lonely"))
     gw.start()
