@@ -27,7 +27,7 @@ import zmq
 
 from protocol import Hello, Leave, LoadReport, PeerAddr, encode
 
-from ._failure import FailureDetector, PeerState
+from ._failure import FailureDetector, PeerState, Transition
 from ._peers import Peer, PeerTable
 from ._security import MeshKey, Plaintext, RejectionLog, same_host, valid_peer_host
 
@@ -112,12 +112,14 @@ class PeerLinks:
         detector: FailureDetector,
         stats: collections.Counter[str],
         wake: Callable[[], None],
+        on_transition: Callable[[Transition], None],
     ) -> None:
         self.ctx = ctx
         self.poller = poller
         self.s = settings
         self.detector = detector
         self.stats = stats
+        self.on_transition = on_transition
         self.peers = PeerTable()
         self.monitors: dict[zmq.Socket[Any], Peer] = {}
         self.seeds: dict[tuple[str, int], zmq.Socket[Any]] = {}
@@ -198,6 +200,10 @@ class PeerLinks:
         self.poller.register(dealer, zmq.POLLIN)
         peer.last_heard = time.monotonic()
         self.peers.add(peer)
+        # Known now: silence from here on makes it suspect, then dead, then forgotten.
+        t = self.detector.heard(addr.node)
+        if t is not None and t.reason != "new":
+            self.on_transition(t)
         endpoint = f"tcp://{addr.host}:{addr.pub_port}"
         if endpoint not in self._sub_endpoints and self.sub is not None:
             self.sub.connect(endpoint)

@@ -156,7 +156,9 @@ class MeshNode(Membership):
         )
         self.stats: collections.Counter[str] = collections.Counter()
         self._poller = zmq.Poller()
-        self.links = PeerLinks(self.ctx, self._poller, settings, self.detector, self.stats, self._wake)
+        self.links = PeerLinks(
+            self.ctx, self._poller, settings, self.detector, self.stats, self._wake, lambda t: self._on_transition(t)
+        )
         self.entry = EntryTable(
             self, self.policy, max_tries=settings.max_tries, try_timeout=settings.try_timeout or None, counts=self.stats
         )

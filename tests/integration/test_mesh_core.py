@@ -19,6 +19,7 @@ import zmq
 
 from bench.procs import ROOT, Cluster, NodeProc, free_port_pair
 from mesh import Client, MeshKey, Plaintext
+from mesh._security import Authenticator
 from protocol import Cancel, Hello, LoadReport, ModelLoad, PeerAddr, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
 
@@ -158,6 +159,8 @@ def test_a_member_cannot_take_a_live_nodes_name(cluster: Cluster, keyed: Path) -
     # The impostor holds the mesh key. It joins as "imp" (so `a` subscribes to its gossip), then publishes reports
     # that say it is "b", with a huge incarnation, from its own address.
     ctx = zmq.Context()
+    auth = Authenticator(ctx, key, lambda _kind, _source: None)  # a member answers CURVE handshakes like a node
+    auth.start()
     port = free_port_pair()
     router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
     for sock in (router, pub):
@@ -182,12 +185,15 @@ def test_a_member_cannot_take_a_live_nodes_name(cluster: Cluster, keyed: Path) -
         rows = {r["node"]: r for r in a.status()}
         assert rows["b"]["address"] == b.address, "a live node was re-pointed to the impostor"
         assert rows["b"]["state"] == "alive"
-        assert a.status()[0]["security"]["identity_conflict"] >= 1
+        assert a.status()[0]["security"]["identity_conflict"] >= 1, a.status()[0]["stats"]
         assert "identity conflict" in a.log_tail(200)
         with Client(a.address, timeout=10) as client:
             assert client.request("sleep:5", "complete", "x").node == "b"
     finally:
         hello.close(0)
+        router.close(0)
+        pub.close(0)
+        auth.stop()
         ctx.destroy(0)
 
 
