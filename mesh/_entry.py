@@ -31,7 +31,8 @@ from protocol import RETRYABLE, Cancel, Chunk, Error, ErrorCode, Reject, Reply, 
 from ._routing import RoutingPolicy
 
 _BACKOFF_ROUNDS = 3  # times every eligible node may refuse a request before the client hears OVERLOADED
-_BACKOFF_BASE_S = 0.005  # first pause after a round of refusals; x4 per round (5, 20, 80 ms)
+_BACKOFF_BASE_S = 0.005  # first pause after a round of refusals; x4 per round (5, 20, 80 ms), then 100 ms
+_BACKOFF_MAX_S = 0.1
 _ID_LEN = 128  # the wire's limit on ids
 
 
@@ -103,6 +104,7 @@ class EntryTable:
         *,
         max_tries: int = 4,
         try_timeout: float | None = None,
+        wait_for_node: float = 3.0,
         counts: collections.Counter[str] | None = None,
     ) -> None:
         if max_tries < 1:
@@ -113,6 +115,10 @@ class EntryTable:
         self.policy = policy
         self.max_tries = max_tries
         self.try_timeout = try_timeout
+        # A request for a model whose nodes are all out of reach (suspect, dead: e.g. this node's own link was down)
+        # waits this long for one to come back before its client hears UNAVAILABLE: a node that rejoins the mesh
+        # then routes again the moment it sees a peer, instead of failing what arrived meanwhile.
+        self.wait_for_node = wait_for_node
         self._pending: dict[str, Pending] = {}  # by the caller's request id
         self._by_try: dict[str, Pending] = {}  # by the id the current try travels under
         # Events worth a counter (forwarded, retries, cancels_sent, ...); the node passes its own stats.
@@ -217,6 +223,13 @@ class EntryTable:
                 p.excluded.add(node)
                 self._dispatch(p, f"retry-after:{why}:", now)
 
+    def node_back(self, now: float) -> None:
+        """A node became reachable again: what waits for one goes out now, not at its next backoff."""
+        for p in list(self._pending.values()):
+            if p.retry_at and not p.target:
+                p.retry_at = 0.0
+                self._dispatch(p, "retry-after:node-back:", now)
+
     def tick(self, now: float) -> None:
         """Deadlines, backoffs that are over, and (where set) per-try timeouts."""
         for p in list(self._pending.values()):
@@ -280,11 +293,11 @@ class EntryTable:
             if req.require:
                 msg += f" with labels {req.require}"
             self._finish(p, Error(p.id, ErrorCode.UNKNOWN_MODEL, msg, node_id), "unknown_model", now)
-        elif p.rounds < _BACKOFF_ROUNDS:
-            # Everyone said no, failed, or is suspect: a short backoff, then try them all again.
+        elif p.rounds < _BACKOFF_ROUNDS or (not p.refused and now - p.started < self.wait_for_node):
+            # Everyone said no, failed, or is out of reach: a short backoff, then try them all again.
             p.rounds += 1
             p.excluded.clear()
-            p.retry_at = now + _BACKOFF_BASE_S * (4**p.rounds)
+            p.retry_at = now + min(_BACKOFF_BASE_S * (4**p.rounds), _BACKOFF_MAX_S)
         else:
             code = ErrorCode.OVERLOADED if p.refused else ErrorCode.UNAVAILABLE
             msg = "every node serving this model is busy" if p.refused else "no live node serves this model now"

@@ -35,8 +35,11 @@ log = logging.getLogger("lanmesh.mesh")
 
 PEER_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 MAX_UNVERIFIED_PEERS = 64  # peers learned from claims (Hello, mDNS, digests) whose own gossip has not arrived yet
-_CONNECT_TIMEOUT_MS = 1000  # a connect attempt into a silent network gives up after this and tries afresh
-_RECONNECT_MS, _RECONNECT_MAX_MS = 100, 1000
+# A connect attempt into a silent network gives up after this and tries afresh (a SYN the kernel keeps
+# retransmitting with backoff would reach a healed network seconds late): with the reconnect interval below,
+# a link that comes back is used again within about a second.
+_CONNECT_TIMEOUT_MS = 500
+_RECONNECT_MS, _RECONNECT_MAX_MS = 100, 500
 _SEED_HELLO_S = 1.0
 
 

@@ -214,6 +214,8 @@ class Membership:
             self.entry.node_gone(t.node, f"peer-{t.new.value}", time.monotonic())
         elif t.reason == "restarted":
             self.entry.node_gone(t.node, "peer-restarted", time.monotonic())
+        if t.new is PeerState.ALIVE:
+            self.entry.node_back(time.monotonic())
 
     def _drop_peer(self, peer: Peer, why: str) -> None:
         self.entry.node_gone(peer.node, why, time.monotonic())

@@ -160,7 +160,12 @@ class MeshNode(Membership):
             self.ctx, self._poller, settings, self.detector, self.stats, self._wake, lambda t: self._on_transition(t)
         )
         self.entry = EntryTable(
-            self, self.policy, max_tries=settings.max_tries, try_timeout=settings.try_timeout or None, counts=self.stats
+            self,
+            self.policy,
+            max_tries=settings.max_tries,
+            try_timeout=settings.try_timeout or None,
+            wait_for_node=settings.dead_after,
+            counts=self.stats,
         )
         self.admission = Admission(self.node_id, settings.request_limits, settings.max_inflight_per_client,
                                    settings.max_inflight_per_peer, self.stats)  # fmt: skip

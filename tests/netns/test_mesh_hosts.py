@@ -32,7 +32,7 @@ class MeshLan:
         self.log_dir = log_dir
         self.nodes: dict[str, NodeProc] = {}
 
-    def start_node(self, index: int, extra: list[str] | None = None) -> NodeProc:
+    def start_node(self, index: int, extra: list[str] | None = None, model: str = MODEL) -> NodeProc:
         host = self.lan.hosts[index]
         name = f"h{index}"
 
@@ -40,7 +40,7 @@ class MeshLan:
             log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
             return self.lan.spawn(host, cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), text=False)
 
-        node = NodeProc(name, ["--model", MODEL, "--grace", "5", *(extra or [])], host=host.ip, port=PORT, spawn=spawn)
+        node = NodeProc(name, ["--model", model, "--grace", "5", *(extra or [])], host=host.ip, port=PORT, spawn=spawn)
         node.log_path = self.log_dir / f"{name}.log"
         node.start(wait=0)
         self.nodes[name] = node
@@ -59,14 +59,18 @@ class MeshLan:
         assert s["converged"], f"no convergence: {s.get('views')}\n{self.logs()}"
         return float(s["seconds"])
 
+    def start_load(self, entry: list[str], count: int, in_flight: int) -> subprocess.Popen[Any]:
+        """A bounded closed-loop load from host 0 (`bench.loadgen load`), printing JSON events as it goes."""
+        addrs = ",".join(self.nodes[n].address for n in entry)
+        argv = [sys.executable, "-m", "bench.loadgen", "load", "--nodes", addrs, "--model", "sleep:100"]
+        argv += ["--count", str(count), "--in-flight", str(in_flight), "--timeout", "60"]
+        return self.lan.spawn(self.lan.hosts[0], argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+
     def load_with_fault(
         self, entry: list[str], count: int, in_flight: int, fault: Callable[[], None]
     ) -> dict[str, Any]:
         """Run a bounded load from host 0 and inject `fault` once a third of it is done."""
-        addrs = ",".join(self.nodes[n].address for n in entry)
-        argv = [sys.executable, "-m", "bench.loadgen", "load", "--nodes", addrs, "--model", "sleep:100"]
-        argv += ["--count", str(count), "--in-flight", str(in_flight), "--timeout", "60"]
-        proc = self.lan.spawn(self.lan.hosts[0], argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+        proc = self.start_load(entry, count, in_flight)
         assert proc.stdout is not None
         summary: dict[str, Any] | None = None
         injected = False

@@ -277,3 +277,29 @@ def test_stopping_hands_every_request_back_as_unavailable(clock: FakeClock) -> N
     (answer,) = host.to_client
     assert isinstance(answer, Error) and answer.code is ErrorCode.UNAVAILABLE
     assert host.cancels_to(node)[0].id == sent.id
+
+
+def test_a_request_waits_a_moment_for_an_unreachable_model_to_come_back(clock: FakeClock) -> None:
+    table, host = make(clock, alive=[])
+    host.servers = lambda model: ["b"]  # type: ignore[method-assign]
+    host.eligible = lambda request, excluded: ([n for n in host.alive if n not in excluded], True)  # type: ignore[method-assign]
+    table.take(CLIENT, request(), clock.now)
+    clock.now += 1.0
+    table.tick(clock.now)
+    assert host.to_client == [], "a node out of reach for a second must not fail the request yet"
+    host.alive = ["b"]
+    table.node_back(clock.now)
+    node, _ = host.last_try()
+    assert node == "b" and host.to_client == []
+
+
+def test_an_unreachable_model_is_unavailable_after_the_wait(clock: FakeClock) -> None:
+    table, host = make(clock, alive=[])
+    host.servers = lambda model: ["b"]  # type: ignore[method-assign]
+    host.eligible = lambda request, excluded: ([], True)  # type: ignore[method-assign]
+    table.take(CLIENT, request(), clock.now)
+    for _ in range(50):
+        clock.now += 0.1
+        table.tick(clock.now)
+    (answer,) = host.to_client
+    assert isinstance(answer, Error) and answer.code is ErrorCode.UNAVAILABLE
