@@ -353,8 +353,10 @@ class ChatCompletionRequest(_Sampling):
             shown = tuple(f.shown() for f in specs)
             choice = self.tool_choice or ("auto" if functions else "none")
             where, parallel = "tool_choice", self.parallel_tool_calls is not False
-        if not functions or choice == "none":
+        if not functions:
             return AnswerShape(json_schema=json_schema)
+        if choice == "none":
+            return AnswerShape(shown, (), "none", parallel, json_schema)
         by_name = {f.name: f for f in functions}
         if choice in ("auto", "required"):
             calls: Literal["optional", "required"] = "optional" if choice == "auto" else "required"

@@ -118,9 +118,13 @@ class AnswerShape:
 
     def guidance(self) -> dict[str, Any] | None:
         if not self.expects_calls:
-            if self.json_schema is None:
-                return None
-            return {"type": "json_schema", "grammar": closed_schema(dict(self.json_schema))}
+            if self.json_schema is not None:
+                return {"type": "json_schema", "grammar": closed_schema(dict(self.json_schema))}
+            if self.shown:
+                # Tools offered but not to be called now (tool_choice none): text, without the call a model that
+                # has seen calls in the conversation would otherwise imitate (and garble).
+                return {"type": "lark", "grammar": f"start: TEXT\nTEXT: {_FREE_TEXT}\n"}
+            return None
         lines = ["start: calls" if self.calls == "required" else "start: answer | calls"]
         lines.append("calls: call+" if self.parallel else "calls: call")
         names = [f"fn{i}" for i in range(len(self.callable))]

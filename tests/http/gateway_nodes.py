@@ -47,6 +47,7 @@ def start_gateway_node(
     extra: Sequence[str] = (),
     key: str | None = None,
     wait: float = 30.0,
+    env: dict[str, str] | None = None,
 ) -> GatewayNode:
     port = free_port()
     argv = [*LOOPBACK, "--http-port", str(port)]
@@ -54,7 +55,7 @@ def start_gateway_node(
         argv += ["--model", model]
     if key is not None:
         argv += ["--api-key", key]
-    proc = cluster.add(name, [*argv, *extra], wait=wait)
+    proc = cluster.add(name, [*argv, *extra], wait=wait, env=env)
     node = GatewayNode(proc, f"http://127.0.0.1:{port}")
     wait_healthy(node)
     return node

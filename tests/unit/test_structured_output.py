@@ -92,8 +92,12 @@ def test_json_answers_follow_the_schema_and_may_sit_beside_calls() -> None:
     assert not _accepts(with_tools, "forty-two")
 
 
-def test_no_calls_means_no_tools_and_no_grammar_unless_json_is_asked() -> None:
-    assert AnswerShape(SHOWN, (WEATHER,), "none").params() == {}
+def test_no_calls_means_no_tools_shown_and_text_without_calls() -> None:
+    assert AnswerShape().params() == {}
+    none = AnswerShape(SHOWN, (WEATHER,), "none")
+    assert "tools" not in none.params()
+    grammar = none.guidance()
+    assert grammar is not None and _accepts(grammar, "It is sunny.") and not _accepts(grammar, PARIS)
     shape = AnswerShape(SHOWN, (WEATHER,), "optional")
     assert shape.params()["tools"] == [dict(t) for t in SHOWN]
 
