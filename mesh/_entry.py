@@ -26,7 +26,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from protocol import RETRYABLE, Cancel, Chunk, Error, ErrorCode, Reject, Reply, Request
+from protocol import (
+    RETRYABLE,
+    Cancel,
+    Chunk,
+    Error,
+    ErrorCode,
+    Reject,
+    Reply,
+    Request,
+    encode,
+    restamp_reply,
+    restamp_request,
+)
 
 from ._routing import RoutingPolicy
 
@@ -44,6 +56,7 @@ class Pending:
     request: Request
     deadline: float
     started: float  # when it arrived (monotonic)
+    frame: bytes = b""  # the request as it arrived: tries are this frame re-stamped, never re-encoded
     target: str = ""  # node serving the current try; "" while none is
     try_id: str = ""  # the id the current try travels under
     try_started: float = 0.0
@@ -81,11 +94,13 @@ class EntryHost(Protocol):
         """Hand the request to this node's executor (answers go straight to `client`); False when it is full."""
         ...
 
-    def send_peer(self, node: str, message: Request | Cancel) -> bool:
-        """Send to a peer's ROUTER; False when its socket cannot take it now (not connected)."""
+    def send_peer(self, node: str, frame: bytes) -> bool:
+        """Send an encoded Request or Cancel to a peer's ROUTER; False when its socket cannot take it now."""
         ...
 
-    def send_client(self, client: bytes, message: Reply | Chunk | Error) -> None: ...
+    def send_client(self, client: bytes, frame: bytes) -> None:
+        """Send an encoded Reply, Chunk or Error to a client (or to the entry node that forwarded to us)."""
+        ...
 
     def finished(self, model: str, outcome: str, seconds: float) -> None:
         """A request this node forwarded ended: `ok`, an error code in lower case, or `cancelled`."""
@@ -143,30 +158,37 @@ class EntryTable:
 
     # ------------------------------------------------------------ inputs
 
-    def take(self, client: bytes, request: Request, now: float, refused_here: bool = False) -> Pending:
+    def take(
+        self, client: bytes, request: Request, now: float, refused_here: bool = False, frame: bytes = b""
+    ) -> Pending:
         """A request from a client that this node did not serve at once: find it a node."""
-        p = Pending(client, request, now + request.deadline_ms / 1000, now, refused=refused_here)
+        p = Pending(client, request, now + request.deadline_ms / 1000, now, frame, refused=refused_here)
         if refused_here:
             p.excluded.add(self.host.node_id)
         self._pending[request.id] = p
         self._dispatch(p, "", now)
         return p
 
-    def forward_first(self, client: bytes, request: Request, node: str, route: str, now: float) -> bool:
+    def forward_first(
+        self, client: bytes, request: Request, node: str, route: str, now: float, frame: bytes = b""
+    ) -> bool:
         """The common case, decided by the node's fast path: send the first try straight to `node`."""
-        p = Pending(client, request, now + request.deadline_ms / 1000, now)
+        p = Pending(client, request, now + request.deadline_ms / 1000, now, frame)
         self._pending[request.id] = p
         if self._forward(p, node, route, now):
             return True
         del self._pending[request.id]
         return False
 
-    def on_reply(self, node: str, msg: Reply, now: float) -> None:
+    def on_reply(self, node: str, msg: Reply, now: float, frame: bytes = b"") -> None:
         p = self._current(node, msg.id)
         if p is None:
             return
         self.policy.observe_queue(node, p.request.model, msg.queue)
-        self._finish(p, replace(msg, id=p.id, route=p.route), "ok", now)
+        out = (
+            restamp_reply(frame, msg, id=p.id, route=p.route) if frame else encode(replace(msg, id=p.id, route=p.route))
+        )
+        self._finish(p, out, "ok", now)
 
     def on_chunk(self, node: str, msg: Chunk, now: float) -> None:
         p = self._current(node, msg.id)
@@ -176,7 +198,7 @@ class EntryTable:
             p.streamed.append(msg.data)
         if p.seq == 0:
             self.host.first_chunk(p.request.model, now - p.started)
-        self.host.send_client(p.client, Chunk(p.id, p.seq, msg.data, msg.node, p.route))
+        self.host.send_client(p.client, encode(Chunk(p.id, p.seq, msg.data, msg.node, p.route)))
         p.seq += 1
 
     def on_reject(self, node: str, msg: Reject, now: float) -> None:
@@ -200,7 +222,7 @@ class EntryTable:
             self._dispatch(p, f"retry-after:{msg.code.name.lower()}({node}):", now)
             return
         self.policy.observe_queue(node, p.request.model, msg.queue)
-        self._finish(p, replace(msg, id=p.id), msg.code.name.lower(), now)
+        self._finish(p, encode(replace(msg, id=p.id)), msg.code.name.lower(), now)
 
     def cancel(self, client: bytes, request_id: str, reason: str, now: float) -> bool:
         """The caller gave up: stop the try where it runs, forget the request, answer nothing. False if unknown
@@ -310,10 +332,16 @@ class EntryTable:
             return False
         try_id = _try_id(p.id, p.tries + 1)
         req = p.request
-        fwd = replace(req, id=try_id, hops=req.hops + 1, deadline_ms=left_ms, origin=req.origin or self.host.node_id)
-        if p.streamed:
-            fwd = replace(fwd, prefix=req.prefix + "".join(p.streamed))
-        if not self.host.send_peer(node, fwd):
+        prefix = req.prefix + "".join(p.streamed) if p.streamed else req.prefix
+        origin = req.origin or self.host.node_id
+        if p.frame:
+            frame = restamp_request(p.frame, req, id=try_id, deadline_ms=left_ms, hops=req.hops + 1, origin=origin,
+                                    prefix=prefix)  # fmt: skip
+        else:
+            frame = encode(
+                replace(req, id=try_id, hops=req.hops + 1, deadline_ms=left_ms, origin=origin, prefix=prefix)
+            )
+        if not self.host.send_peer(node, frame):
             self._count("forward_unreachable")
             return False
         p.target, p.route, p.try_id, p.try_started = node, route, try_id, now
@@ -345,7 +373,7 @@ class EntryTable:
             self.policy.observe_queue(node, p.request.model, queue)
         if p.target == node:
             if cancel:
-                self.host.send_peer(node, Cancel(p.try_id, reason))
+                self.host.send_peer(node, encode(Cancel(p.try_id, reason)))
                 self._count("cancels_sent")
             self._by_try.pop(p.try_id, None)
             p.target = ""
@@ -360,13 +388,13 @@ class EntryTable:
         p.outstanding.clear()
         p.target = ""
 
-    def _finish(self, p: Pending, msg: Reply | Error, outcome: str, now: float) -> None:
-        """Give the client its one answer."""
+    def _finish(self, p: Pending, msg: Error | bytes, outcome: str, now: float) -> None:
+        """Give the client its one answer (an Error, or an encoded answer)."""
         self._release(p)
         if outcome != "ok":
             self._count(f"errors_{outcome}")
         self.host.finished(p.request.model, outcome, now - p.started)
-        self.host.send_client(p.client, msg)
+        self.host.send_client(p.client, msg if isinstance(msg, bytes) else encode(msg))
 
 
 def _try_id(request_id: str, attempt: int) -> str:

@@ -466,7 +466,7 @@ class MeshNode(Membership):
                 log.debug("dropped undecodable frame: %s", exc)
             return
         if type(msg) is Request:
-            self._on_request(ident, msg)
+            self._on_request(ident, msg, frame)
         elif isinstance(msg, Cancel):
             self._on_cancel(ident, msg)
         elif isinstance(msg, Ping):
@@ -479,7 +479,7 @@ class MeshNode(Membership):
                 err = f"{type(msg).__name__} is not accepted here"
                 self._send_client(ident, Error(msg.id, ErrorCode.BAD_REQUEST, err, self.node_id))
 
-    def _on_request(self, ident: bytes, req: Request) -> None:
+    def _on_request(self, ident: bytes, req: Request, frame: bytes) -> None:
         self.stats["requests_in"] += 1
         now = time.monotonic()
         if req.id in self.entry or req.id in self.local:
@@ -504,11 +504,11 @@ class MeshNode(Membership):
             if self._submit_local(ident, req, deadline, choice.reason, 0, now, "local"):
                 self.stats["served_local"] += 1
                 return
-            self.entry.take(ident, req, now, refused_here=True)
+            self.entry.take(ident, req, now, refused_here=True, frame=frame)
             return
-        if choice is not None and self.entry.forward_first(ident, req, choice.node, choice.reason, now):
+        if choice is not None and self.entry.forward_first(ident, req, choice.node, choice.reason, now, frame):
             return
-        self.entry.take(ident, req, now)
+        self.entry.take(ident, req, now, frame=frame)
 
     def _on_cancel(self, ident: bytes, msg: Cancel) -> None:
         """The sender gave up on one of its requests: stop it where it runs. Nobody answers a Cancel."""
@@ -563,18 +563,21 @@ class MeshNode(Membership):
     def serve_here(self, client: bytes, req: Request, deadline: float, route: str, seq0: int, started: float) -> bool:
         return self._submit_local(client, req, deadline, route, seq0, started, "local")
 
-    def send_peer(self, node: str, message: Request | Cancel) -> bool:
+    def send_peer(self, node: str, frame: bytes) -> bool:
         peer = self.links.peers.get(node)
         if peer is None:
             return False
         try:
-            peer.dealer.send(encode(message), zmq.NOBLOCK)
+            peer.dealer.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError:
             return False
         return True
 
-    def send_client(self, client: bytes, message: Reply | Chunk | Error) -> None:
-        self._send_client(client, message)
+    def send_client(self, client: bytes, frame: bytes) -> None:
+        try:
+            self.router.send_multipart([client, frame], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.stats["undeliverable"] += 1  # the client went away (or is not reading): it will retry elsewhere
 
     def finished(self, model: str, outcome: str, seconds: float) -> None:
         if self.observer is not None:
@@ -589,11 +592,7 @@ class MeshNode(Membership):
         return all(labels.get(k) == v for k, v in require.items())
 
     def _send_client(self, ident: bytes, msg: Any) -> None:
-        try:
-            self.router.send_multipart([ident, encode(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            # The client went away (or is not reading): it will retry elsewhere.
-            self.stats["undeliverable"] += 1
+        self.send_client(ident, encode(msg))
 
     # ------------------------------------------------------------ local service
 
@@ -668,16 +667,16 @@ class MeshNode(Membership):
                     self._guarded("a seed's hello", self.links.learn, msg.addr, "seed", msg.incarnation,
                                   msg.fingerprint)  # fmt: skip
                 continue
-            self._guarded("a message from a peer", self._on_peer_message, peer, msg)
+            self._guarded("a message from a peer", self._on_peer_message, peer, msg, frame)
 
-    def _on_peer_message(self, peer: Peer, msg: Any) -> None:
+    def _on_peer_message(self, peer: Peer, msg: Any, frame: bytes) -> None:
         now = time.monotonic()
         peer.last_heard = now
         self._heard(peer.node)
         if not self.links.speaks_for(peer, msg):
             return
         if type(msg) is Reply:
-            self.entry.on_reply(peer.node, msg, now)
+            self.entry.on_reply(peer.node, msg, now, frame)
         elif isinstance(msg, Chunk):
             self.entry.on_chunk(peer.node, msg, now)
         elif isinstance(msg, Reject):

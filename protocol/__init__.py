@@ -1,6 +1,17 @@
 """lanmesh wire protocol: messages, the codec and error codes. Pure code: no I/O."""
 
-from ._codec import DEFAULT_LIMITS, MAX_DEADLINE_MS, MAX_HOPS, VERSION, Limits, decode, encode, error_code_name
+from ._codec import (
+    DEFAULT_LIMITS,
+    MAX_DEADLINE_MS,
+    MAX_HOPS,
+    VERSION,
+    Limits,
+    decode,
+    encode,
+    error_code_name,
+    restamp_reply,
+    restamp_request,
+)
 from ._errors import RETRYABLE, DecodeError, ErrorCode
 from ._messages import (
     Cancel,
@@ -47,4 +58,6 @@ __all__ = [
     "decode",
     "encode",
     "error_code_name",
+    "restamp_reply",
+    "restamp_request",
 ]

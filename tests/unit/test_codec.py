@@ -30,6 +30,8 @@ from protocol import (
     Task,
     decode,
     encode,
+    restamp_reply,
+    restamp_request,
 )
 
 ids = st.text(min_size=1, max_size=40)
@@ -217,3 +219,31 @@ def test_a_peer_that_predates_cancel_refuses_it_as_an_unknown_type_not_a_crash()
 def test_one_table_says_what_a_retry_can_fix() -> None:
     assert RETRYABLE == {ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE}
     assert ErrorCode.INTERNAL not in RETRYABLE  # a model that fails on a request fails on every node
+
+
+def test_a_restamped_request_is_the_request_with_only_its_try_fields_changed() -> None:
+    for text in ("x", "long prompt " * 500):  # small ones are packed again, big ones spliced
+        req = Request("r1", "m", Task.COMPLETE, text, {"max_tokens": 7}, 9000, 2, 0, "", True, {"gpu": "true"}, "a")
+        out = decode(restamp_request(encode(req), req, id="r1#2", deadline_ms=4000, hops=1, origin="n1", prefix="ab"))
+        assert out == Request("r1#2", "m", Task.COMPLETE, text, {"max_tokens": 7}, 4000, 2, 1, "n1", True,
+                              {"gpu": "true"}, "ab")  # fmt: skip
+
+
+def test_a_restamped_reply_keeps_its_output_byte_for_byte() -> None:
+    vectors = [[0.125 * i] * 384 for i in range(32)]
+    reply = Reply("r1#2", vectors, "n2", "", 4, {"model": "minilm"})
+    frame = encode(reply)
+    out = restamp_reply(frame, reply, id="r1", route="p2c:n2<n3")
+    assert decode(out) == Reply("r1", vectors, "n2", "p2c:n2<n3", 4, {"model": "minilm"})
+    assert frame[20:-40] in out  # the vectors were copied, not packed again
+
+
+def test_a_frame_a_foreign_encoder_wrote_is_restamped_correctly_too() -> None:
+    # str16 for a short id (msgpack allows it; our encoder never writes it): the splice must not trust offsets.
+    body = msgpack.packb([1, "r1", "m", "complete", "p" * 400, {}, 9000, 0, 0, "", False, {}, ""])
+    long_form = body.replace(b"\xa2r1", b"\xda\x00\x02r1", 1)
+    frame = bytes([VERSION]) + long_form
+    req = decode(frame)
+    assert isinstance(req, Request)
+    out = decode(restamp_request(frame, req, id="r1#2", deadline_ms=100, hops=1, origin="n1", prefix=""))
+    assert isinstance(out, Request) and out.id == "r1#2" and out.input == "p" * 400 and out.hops == 1

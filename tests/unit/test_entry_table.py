@@ -10,7 +10,7 @@ import pytest
 
 from mesh._entry import EntryTable
 from mesh._routing import RoutingPolicy
-from protocol import Cancel, Chunk, Error, ErrorCode, Reject, Reply, Request, Task
+from protocol import Cancel, Chunk, Error, ErrorCode, Reject, Reply, Request, Task, decode, encode
 
 MODEL = "chat"
 CLIENT = b"client-1"
@@ -56,14 +56,18 @@ class Host:
         self.served_here.append(request)
         return True
 
-    def send_peer(self, node: str, message: Request | Cancel) -> bool:
+    def send_peer(self, node: str, frame: bytes) -> bool:
         if node in self.unreachable:
             return False
+        message = decode(frame)
+        assert isinstance(message, Request | Cancel)
         self.to_peers.append((node, message))
         return True
 
-    def send_client(self, client: bytes, message: Reply | Chunk | Error) -> None:
+    def send_client(self, client: bytes, frame: bytes) -> None:
         assert client == CLIENT
+        message = decode(frame)
+        assert isinstance(message, Reply | Chunk | Error)
         self.to_client.append(message)
 
     def finished(self, model: str, outcome: str, seconds: float) -> None:
@@ -303,3 +307,16 @@ def test_an_unreachable_model_is_unavailable_after_the_wait(clock: FakeClock) ->
         table.tick(clock.now)
     (answer,) = host.to_client
     assert isinstance(answer, Error) and answer.code is ErrorCode.UNAVAILABLE
+
+
+def test_big_answers_are_relayed_without_being_packed_again(clock: FakeClock) -> None:
+    table, host = make(clock)
+    big = Request("r1", MODEL, Task.COMPLETE, "p" * 5000, deadline_ms=60_000)
+    table.take(CLIENT, big, clock.now, frame=encode(big))
+    node, sent = host.last_try()
+    assert sent.input == big.input and sent.hops == 1 and sent.id == "r1"
+    answer = Reply(sent.id, [[0.25] * 64] * 8, node, "", 3, {"model": MODEL})
+    table.on_reply(node, answer, clock.now, encode(answer))
+    (relayed,) = host.to_client
+    assert isinstance(relayed, Reply) and relayed.id == "r1" and relayed.output == answer.output
+    assert relayed.route and relayed.node == node and relayed.queue == 3
