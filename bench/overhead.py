@@ -22,9 +22,12 @@ from typing import Any
 from mesh import Client
 
 from .plots import plot_overhead
+from .procs import free_port_pair
 from .report import median, percentile, progress, write
 from .testbed import Testbed, summary_of
 
+GOAL_DIRECT_OVER_RAW = 0.4  # lanmesh's req/s with 64 in flight, against raw pyzmq's on the same sockets
+GOAL_HOP_OVER_DIRECT = 0.6  # entering at a node that forwards, against entering at the serving node
 RAY_NOTE_MISSING = "ray[serve] is not installed (pip install 'lanmesh[ray]'); the Ray Serve anchor was skipped"
 
 
@@ -76,20 +79,31 @@ def measure(address: str, sync_n: int, pipe_n: int, window: int = 64) -> dict[st
 def run(quick: bool = False, reps: int = 3, mode: str = "auto", ray: bool = True) -> dict[str, Any]:
     sync_n, pipe_n = (300, 2000) if quick else (5000, 30000)
     reps = 1 if quick else reps
-    runs: dict[str, list[dict[str, Any]]] = {"direct": [], "one_hop": []}
+    runs: dict[str, list[dict[str, Any]]] = {"raw_pyzmq": [], "direct": [], "one_hop": []}
     with Testbed(2, mode) as bed:
-        print(f"overhead: {bed.mode} mode; starting an echo node and an entry node")
+        print(f"overhead: {bed.mode} mode; starting an echo node, an entry node and a raw pyzmq echo server")
         server = bed.start_node(1, ["--model", "echo", "--grace", "2"], name="echo-node")
         entry = bed.start_node(2, ["--model", "sleep:1", "--grace", "2"], name="entry-node")
+        raw, raw_address = bed.spawn_on(1, [sys.executable, "-m", "bench.rawzmq", "serve", "--bind", "{bind}"],
+                                        port=free_port_pair())  # fmt: skip
+        assert raw.stdout is not None
+        if raw.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the raw pyzmq echo server did not start: {raw.stderr.read() if raw.stderr else ''}")
         bed.converge()
         for rep in range(reps):
-            for path, node in (("direct", server), ("one_hop", entry)):
+            for path, node_address in (("raw_pyzmq", raw_address), ("direct", server.address),
+                                       ("one_hop", entry.address)):  # fmt: skip
                 print(f"rep {rep + 1}/{reps}: {path.replace('_', ' ')}")
-                args = ("overhead", "--node", node.address, "--sync", str(sync_n), "--pipelined", str(pipe_n))
-                proc = bed.spawn_tool(*args)
+                counts = ("--sync", str(sync_n), "--pipelined", str(pipe_n))
+                if path == "raw_pyzmq":
+                    argv = [sys.executable, "-m", "bench.rawzmq", "probe", "--node", node_address, *counts]
+                    proc = bed.spawn_client(argv)
+                else:
+                    proc = bed.spawn_tool("overhead", "--node", node_address, *counts)
                 out, err = proc.communicate(timeout=600)
                 sys.stderr.write(err[-2000:] if proc.returncode else "")
-                runs[path].append(summary_of(out, err, args))
+                runs[path].append(summary_of(out, err, (path, node_address)))
+        raw.terminate()
         where = bed.describe()
         if not ray:
             anchor: dict[str, Any] = {"skipped": "--no-ray"}
@@ -108,9 +122,16 @@ def run(quick: bool = False, reps: int = 3, mode: str = "auto", ray: bool = True
             "sync_p50_us": median([r["sync"]["p50_us"] for r in rs]),
             "sync_p99_us": median([r["sync"]["p99_us"] for r in rs]),
             "pipelined_req_per_s": median([r["pipelined"]["req_per_s"] for r in rs]),
-            "pipelined_p50_us": median([r["pipelined"]["p50_us"] for r in rs]),
-            "pipelined_p99_us": median([r["pipelined"]["p99_us"] for r in rs]),
         }
+        if path != "raw_pyzmq":
+            summary[path]["pipelined_p50_us"] = median([r["pipelined"]["p50_us"] for r in rs])
+            summary[path]["pipelined_p99_us"] = median([r["pipelined"]["p99_us"] for r in rs])
+    rate = {path: summary[path]["pipelined_req_per_s"] for path in runs}
+    summary["ratios"] = {
+        "direct_over_raw_pyzmq": rate["direct"] / rate["raw_pyzmq"],
+        "one_hop_over_direct": rate["one_hop"] / rate["direct"],
+        "goals": {"direct_over_raw_pyzmq": GOAL_DIRECT_OVER_RAW, "one_hop_over_direct": GOAL_HOP_OVER_DIRECT},
+    }
     summary["hop_added_sync_p50_us"] = summary["one_hop"]["sync_p50_us"] - summary["direct"]["sync_p50_us"]
     summary["hop_added_sync_p99_us"] = summary["one_hop"]["sync_p99_us"] - summary["direct"]["sync_p99_us"]
     if "handle_pipelined_req_per_s" in anchor:
@@ -125,6 +146,8 @@ def run(quick: bool = False, reps: int = 3, mode: str = "auto", ray: bool = True
         "repetitions": reps,
         "testbed": where,
         "requests": {"sync": sync_n, "pipelined": pipe_n, "in_flight": 64},
+        "raw_pyzmq": "a pyzmq ROUTER echoing each frame, on the echo node's host, with the same CURVE key; probed"
+        " with the same request frames, sync and 64 in flight (bench/rawzmq.py)",
         "summary": summary,
         "ray_serve": anchor,
         "runs": runs,
@@ -247,12 +270,17 @@ def ray_probe(sync_n: int = 300, pipe_n: int = 2000, window: int = 64, http_n: i
 
 def _print(s: dict[str, Any], anchor: dict[str, Any]) -> None:
     print(f"{'path':<10} {'sync p50':>10} {'sync p99':>10} {'64-in-flight req/s':>20} {'p50':>9} {'p99':>9}")
-    for path in ("direct", "one_hop"):
+    for path in ("raw_pyzmq", "direct", "one_hop"):
         r = s[path]
+        p50, p99 = r.get("pipelined_p50_us"), r.get("pipelined_p99_us")
+        tail = f" {p50:>7.0f}us {p99:>7.0f}us" if p50 is not None and p99 is not None else ""
         print(
-            f"{path:<10} {r['sync_p50_us']:>8.0f}us {r['sync_p99_us']:>8.0f}us {r['pipelined_req_per_s']:>20.0f}"
-            f" {r['pipelined_p50_us']:>7.0f}us {r['pipelined_p99_us']:>7.0f}us"
+            f"{path:<10} {r['sync_p50_us']:>8.0f}us {r['sync_p99_us']:>8.0f}us {r['pipelined_req_per_s']:>20.0f}{tail}"
         )
+    ratios = s["ratios"]
+    for key, goal in ratios["goals"].items():
+        value = ratios[key]
+        print(f"{key.replace('_', ' ')}: {value:.2f}x (goal >= {goal}x: {'met' if value >= goal else 'NOT met'})")
     print(
         f"one forwarding hop adds {s['hop_added_sync_p50_us']:.0f} us at p50,"
         f" {s['hop_added_sync_p99_us']:.0f} us at p99"

@@ -33,11 +33,16 @@ def plot_overhead(result: dict[str, Any], path: Path) -> None:
     names = ["lanmesh direct", "lanmesh one hop"]
     sync = [s["direct"]["sync_p50_us"], s["one_hop"]["sync_p50_us"]]
     thr = [s["direct"]["pipelined_req_per_s"], s["one_hop"]["pipelined_req_per_s"]]
+    if "raw_pyzmq" in s:
+        names.insert(0, "raw pyzmq echo")
+        sync.insert(0, s["raw_pyzmq"]["sync_p50_us"])
+        thr.insert(0, s["raw_pyzmq"]["pipelined_req_per_s"])
     if "handle_pipelined_req_per_s" in ray:
         names += ["Ray Serve handle", "Ray Serve HTTP"]
         sync += [ray["handle_sync_p50_us"], ray["http_sync_p50_us"]]
         thr += [ray["handle_pipelined_req_per_s"], ray["http_concurrent_req_per_s"]]
-    colors = ["#2b7bba", "#5aa6dd", "#d9822b", "#f0b36e"][: len(names)]
+    colors = (["#9aa5b1"] if "raw_pyzmq" in s else []) + ["#2b7bba", "#5aa6dd", "#d9822b", "#f0b36e"]
+    colors = colors[: len(names)]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.bar(names, [x / 1000 for x in sync], color=colors)
     a.set_ylabel("ms (p50, one request at a time)")

@@ -33,6 +33,12 @@ def goals(r: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(goal, measured, met) for every goal the scenarios check, from whatever results exist."""
     rows: list[tuple[str, str, str]] = []
     if "overhead" in r:
+        ratios = r["overhead"]["summary"].get("ratios")
+        if ratios:
+            for key, what in (("direct_over_raw_pyzmq", "direct >= {}x raw pyzmq's req/s"),
+                              ("one_hop_over_direct", "one hop >= {}x direct req/s")):  # fmt: skip
+                goal = ratios["goals"][key]
+                rows.append((f"overhead: {what.format(goal)}", f"{ratios[key]:.2f}x", _met(ratios[key] >= goal)))
         vs = r["overhead"]["summary"].get("vs_ray")
         if vs:
             x = vs["one_hop_req_per_s_over_ray_handle"]
@@ -164,6 +170,12 @@ def _overhead(res: dict[str, Any]) -> list[str]:
         "| path | sync p50 | sync p99 | 64 in flight: req/s | p50 | p99 |",
         "|---|---|---|---|---|---|",
     ]
+    if "raw_pyzmq" in s:
+        x = s["raw_pyzmq"]
+        lines.append(
+            f"| raw pyzmq echo (same sockets, CURVE) | {x['sync_p50_us']:.0f} µs | {x['sync_p99_us']:.0f} µs |"
+            f" {x['pipelined_req_per_s']:.0f} | | |"
+        )
     for k, name in (("direct", "direct"), ("one_hop", "one hop")):
         x = s[k]
         lines.append(

@@ -140,6 +140,21 @@ class Testbed:
     def logs(self, lines: int = 12) -> str:
         return "\n".join(f"--- {n}\n{p.log_tail(lines)}" for n, p in self.nodes.items())
 
+    def spawn_on(self, index: int, argv: list[str], port: int) -> tuple[subprocess.Popen[str], str]:
+        """Start `argv` (told to listen on HOST:PORT by `{bind}` in it) on node host `index`; its address."""
+        host = "127.0.0.1" if self.lan is None else self.lan.hosts[index].ip
+        bind = f"{host}:{port}"
+        argv = [a.replace("{bind}", bind) for a in argv]
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        if self.lan is not None:
+            proc: subprocess.Popen[str] = self.lan.spawn(
+                self.lan.hosts[index], argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT)
+            )
+        else:
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True)
+        self._tools.append(proc)
+        return proc, bind
+
     # ------------------------------------------------------------ tools on host 0
 
     def spawn_client(self, argv: list[str], stdout: int | IO[Any] | None = subprocess.PIPE) -> subprocess.Popen[str]:
