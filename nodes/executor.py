@@ -76,13 +76,14 @@ class ModelLane:
 
     def make_job(self, request: Request, deadline: float, on_chunk: ChunkFn, on_done: DoneFn) -> Job:
         """A job for this lane: its answer also frees its slot here."""
+        job = Job(request, deadline, on_chunk, on_done)
+        job.on_settled = self.settled
+        return job
 
-        def done(job: Job, output: Any, meta: dict[str, Any] | None, code: ErrorCode | None, message: str) -> None:
-            if job.started:
-                self._release()
-            on_done(job, output, meta, code, message)
-
-        return Job(request, deadline, on_chunk, done)
+    def settled(self, job: Job) -> None:
+        """A job of this lane was answered: its slot is free (if it had one yet)."""
+        if job.started:
+            self._release()
 
     def _release(self) -> None:
         with self._cond:
@@ -287,18 +288,18 @@ class Executor:
         lane = self.lanes.get(request.model)
         if lane is None:
             return False
-        jobs = self._jobs
-
-        def done(job: Job, output: Any, meta: dict[str, Any] | None, code: ErrorCode | None, message: str) -> None:
-            jobs.pop(job.request.id, None)
-            on_done(job, output, meta, code, message)
-
-        job = lane.make_job(request, deadline, on_chunk, done)
-        jobs[request.id] = job
+        job = Job(request, deadline, on_chunk, on_done)
+        job.on_settled = self._settled
+        self._jobs[request.id] = job
         if lane.submit(job):
             return True
-        jobs.pop(request.id, None)
+        self._jobs.pop(request.id, None)
         return False
+
+    def _settled(self, job: Job) -> None:
+        self._jobs.pop(job.request.id, None)
+        if job.started:
+            self.lanes[job.request.model]._release()
 
     def cancel(self, request_id: str, reason: str) -> bool:
         """Stop a request: dropped if queued, stopped at its next step if running (its slot is free at once).

@@ -32,6 +32,7 @@ class Job:
         "_seq",
         "started",
         "_settled",
+        "on_settled",
     )
 
     def __init__(
@@ -51,6 +52,8 @@ class Job:
         self._seq = 0
         self.started = False  # taken from the queue by a model (it then counts as in flight until it is done)
         self._settled: threading.Event | None = None  # made by the first `sleep()`
+        # Told first when the job is answered (the executor frees its slot); set once, before the job is queued.
+        self.on_settled: Callable[[Job], None] | None = None
 
     @property
     def emitted(self) -> bool:
@@ -72,10 +75,14 @@ class Job:
 
     def finish(self, output: Any, meta: dict[str, Any] | None = None) -> None:
         if self._settle():
+            if self.on_settled is not None:
+                self.on_settled(self)
             self._on_done(self, output, meta or {}, None, "")
 
     def fail(self, code: ErrorCode, message: str) -> None:
         if self._settle():
+            if self.on_settled is not None:
+                self.on_settled(self)
             self._on_done(self, None, None, code, message)
 
     def sleep(self, seconds: float) -> bool:
