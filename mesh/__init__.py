@@ -5,12 +5,13 @@ with Client("192.168.1.20:5555") as client:
     print(client.chat("smollm2", [{"role": "user", "content": "Hi"}]).text)
 """
 
-from ._aclient import AsyncClient
-from ._client import Client, Result
+from ._aclient import AsyncClient, AsyncStream
+from ._client import Client, Result, Stream
 from ._failure import FailureDetector, PeerState
-from ._node import LocalServer, MeshNode, MeshSettings
+from ._node import MeshNode
 from ._routing import Choice, RoutingPolicy
 from ._security import MeshKey, MeshKeyError, Plaintext
+from ._settings import LocalServer, MeshSettings
 from .errors import (
     BadRequest,
     DeadlineExceeded,
@@ -25,6 +26,7 @@ from .errors import (
 
 __all__ = [
     "AsyncClient",
+    "AsyncStream",
     "BadRequest",
     "Choice",
     "Client",
@@ -45,5 +47,6 @@ __all__ = [
     "ProtocolError",
     "Result",
     "RoutingPolicy",
+    "Stream",
     "Unauthorized",
 ]

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from ._admission import Admission
     from ._entry import EntryTable
     from ._links import PeerLinks
-    from ._node import LocalServer, MeshSettings
     from ._routing import RoutingPolicy
+    from ._settings import LocalServer, MeshSettings
 
 log = logging.getLogger("lanmesh.mesh")
 

@@ -13,26 +13,21 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import zmq
 
 from protocol import (
-    DEFAULT_LIMITS,
     Cancel,
     Chunk,
     DecodeError,
     Error,
     ErrorCode,
     Hello,
-    Limits,
-    ModelLoad,
     PeerAddr,
     Ping,
     Pong,
@@ -50,7 +45,9 @@ from ._links import PeerLinks
 from ._membership import DRAIN, Membership
 from ._peers import Peer
 from ._routing import POLICIES
-from ._security import Authenticator, MeshKey, RequestLimits
+from ._security import Authenticator
+from ._settings import LocalServer, MeshSettings, RequestObserver
+from ._watchdog import LoopWatchdog
 
 log = logging.getLogger("lanmesh.mesh")
 
@@ -67,34 +64,6 @@ def _bound_port(sock: zmq.Socket[Any]) -> int:
     return int(endpoint.rsplit(":", 1)[1])
 
 
-class LocalServer(Protocol):
-    """What the mesh needs of the models on this node (the node's executor)."""
-
-    labels: dict[str, str]
-
-    def serves(self, model: str) -> bool: ...
-    def models(self) -> dict[str, ModelLoad]: ...
-    def load(self, model: str) -> tuple[int, int]: ...
-    def queue_length(self, model: str) -> int: ...
-    def stats(self) -> dict[str, dict[str, int]]: ...
-    def submit(
-        self, request: Request, deadline: float, on_chunk: Callable[..., None], on_done: Callable[..., None]
-    ) -> bool: ...
-    def cancel(self, request_id: str, reason: str) -> bool: ...
-
-
-class RequestObserver(Protocol):
-    """Told about every request this node answers (metrics). Called on the mesh loop: keep it cheap.
-
-    `where`: `local` (this node was the entry and served it), `forwarded` (the entry sent it to a peer),
-    `peer` (served here for another entry node). `outcome`: `ok`, `cancelled`, or the error code's name in lower
-    case.
-    """
-
-    def completed(self, model: str, outcome: str, where: str, seconds: float) -> None: ...
-    def first_chunk(self, model: str, seconds: float) -> None: ...
-
-
 class _Local(NamedTuple):
     """A request running on this node's executor, and where its answer goes."""
 
@@ -103,35 +72,6 @@ class _Local(NamedTuple):
     seq0: int  # chunk number of its first chunk (after a stream moved here)
     started: float
     where: str  # local | peer
-
-
-@dataclass
-class MeshSettings:
-    """The mesh-layer part of a node's configuration (filled from `NodeConfig`)."""
-
-    node_id: str
-    bind: str = "0.0.0.0"
-    port: int = 5555
-    pub_port: int = 0  # 0: port + 1
-    advertise: str = "127.0.0.1"
-    seeds: Sequence[str] = ()
-    mdns: bool = True
-    interfaces: list[str] | None = None
-    gossip_interval: float = 0.25
-    suspect_after: float = 1.0
-    dead_after: float = 3.0
-    forget_after: float = 300.0
-    try_timeout: float = 0.0  # 0: a try lasts as long as its request (abandoned only when its node fails)
-    max_tries: int = 4
-    stall_timeout: float = 10.0  # the watchdog's limit on a loop that stops turning (0: no watchdog)
-    fingerprint: str = ""
-    limits: Limits = DEFAULT_LIMITS
-    hwm: int = 20_000
-    routing: str = "p2c"  # or a baseline for benchmarks: round-robin, random, least-loaded
-    key: MeshKey | None = None  # None: an open mesh (plaintext, anyone may join); see _security.py
-    request_limits: RequestLimits = field(default_factory=RequestLimits)
-    max_inflight_per_client: int = 1024  # requests one client connection may have here at once
-    max_inflight_per_peer: int = 2048  # requests one peer may have forwarded here at once
 
 
 class MeshNode(Membership):
@@ -193,7 +133,7 @@ class MeshNode(Membership):
         self._error_log: dict[str, float] = {}
         self.last_turn = time.monotonic()  # the watchdog reads it
         self._on_stall = on_stall
-        self._watchdog: threading.Thread | None = None
+        self._watchdog: LoopWatchdog | None = None
 
     @property
     def peers(self) -> Any:
@@ -214,7 +154,10 @@ class MeshNode(Membership):
         if self._start_error is not None:
             raise self._start_error
         if self.s.stall_timeout > 0:
-            self._watchdog = threading.Thread(target=self._watch, name=f"watchdog-{self.node_id}", daemon=True)
+            self._watchdog = LoopWatchdog(
+                self._thread, lambda: self.last_turn, self.s.stall_timeout, self._stopped,
+                goodbye=lambda: self.unregister(timeout=2.0), on_stall=self._on_stall,
+            )  # fmt: skip
             self._watchdog.start()
         if self.s.mdns:
             self._start_discovery()
@@ -286,24 +229,6 @@ class MeshNode(Membership):
                     self._wake_push.send(b"", zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass  # the loop is already flooded with wake-ups or closed; the inbox holds the event
-
-    # ------------------------------------------------------------ watchdog
-
-    def _watch(self) -> None:
-        limit = self.s.stall_timeout
-        while not self._stopped.wait(min(1.0, limit / 4)):
-            thread = self._thread
-            silent = time.monotonic() - self.last_turn
-            if thread is not None and not thread.is_alive():
-                reason = "the mesh loop died"
-            elif silent > limit:
-                reason = f"the mesh loop has not turned for {silent:.1f}s (--stall-timeout {limit:g})"
-            else:
-                continue
-            log.critical("%s: unregistering and exiting so a supervisor can restart this node", reason)
-            self.unregister(timeout=2.0)
-            (self._on_stall or _exit_now)(reason)
-            return
 
     # ------------------------------------------------------------ the loop
 
@@ -695,12 +620,6 @@ class MeshNode(Membership):
             self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
         elif not isinstance(msg, Pong):
             self.stats["bad_frames"] += 1
-
-
-def _exit_now(reason: str) -> None:
-    """What the watchdog does in a node process: exit non-zero at once (threads may be stuck holding locks)."""
-    logging.shutdown()
-    os._exit(70)
 
 
 __all__ = ["LocalServer", "MeshNode", "MeshSettings", "RequestObserver"]

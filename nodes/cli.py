@@ -460,9 +460,10 @@ def _add_bench_parser(sub: Any) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from bench.__main__ import main as bench_main
+    import subprocess
 
-    return bench_main(args.rest)
+    # The harness is a program of its own (it drives nodes, not the other way round): run it, do not import it.
+    return subprocess.run([sys.executable, "-m", "bench", *args.rest], check=False).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -223,3 +223,34 @@ def test_sigterm_at_any_moment_of_start_up_leaves_gracefully_with_status_0(tmp_p
     assert "Traceback" not in text, text
     if "node up" in text:  # it had joined: it left as a member does
         assert "left the mesh" in text
+
+
+def test_a_mesh_loop_stuck_in_a_handler_is_caught_by_the_watchdog() -> None:
+    """A loop that stops turning (here: the executor's load view blocks) makes the node leave and exit; the exit
+    itself is replaced by a recorder so this test's process lives on."""
+    from mesh import MeshNode, MeshSettings
+    from nodes.backends.synthetic import EchoBackend
+    from nodes.executor import Executor
+
+    stuck, release, fired = threading.Event(), threading.Event(), threading.Event()
+    reasons: list[str] = []
+
+    class Blocking(Executor):
+        def models(self) -> dict[str, ModelLoad]:
+            if stuck.is_set():
+                release.wait(30)
+            return super().models()
+
+    executor = Blocking([EchoBackend()])
+    executor.start()
+    settings = MeshSettings("stuck", bind="127.0.0.1", port=0, mdns=False, stall_timeout=0.5)
+    node = MeshNode(executor, settings, on_stall=lambda reason: (reasons.append(reason), fired.set()))
+    node.start()
+    try:
+        stuck.set()
+        assert fired.wait(10), "a stuck loop went unnoticed"
+        assert "has not turned" in reasons[0]
+    finally:
+        release.set()
+        node.stop()
+        executor.stop(1.0)

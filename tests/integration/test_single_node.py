@@ -134,7 +134,9 @@ def test_expired_deadline_is_dropped_not_run(cluster: Cluster) -> None:
     node = cluster.add("solo", [*LOOPBACK, "--model", "sleep:400:cap=1"])
     with Client(node.address, timeout=10) as client:
         first = client.submit("sleep:400", "complete", "slow")
-        time.sleep(0.05)  # let the first one occupy the only slot
+        deadline = time.monotonic() + 5
+        while node.status()[0]["models"]["sleep:400"][0] != 1:  # until the first one occupies the only slot
+            assert time.monotonic() < deadline, "the first request never started"
         with pytest.raises(DeadlineExceeded):
             client.request("sleep:400", "complete", "late", timeout=0.15)
         assert first.result(timeout=10).output == "slow"
