@@ -52,7 +52,7 @@ from mesh._security import RejectionLog
 from protocol import Task
 
 from .config import check_api_key
-from .http_guard import KEEP_ALIVE_S, BodyGuard, ConnectionBook, GuardedH11
+from .http_guard import KEEP_ALIVE_S, BodyGuard, ConnectionBook, GuardedH11, Listener
 from .mesh_callers import CallerClients, Lease
 from .metrics import CONTENT_TYPE, NodeMetrics
 from .openai_bodies import (
@@ -882,6 +882,33 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server with our `Listener` accepting on its socket (uvicorn itself listens on nothing)."""
+
+    def __init__(self, config: uvicorn.Config, sock: socket.socket, book: ConnectionBook) -> None:
+        super().__init__(config)
+        self.sock = sock
+        self.book = book
+        self.listener: Listener | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])
+        config = self.config
+        make = functools.partial(
+            config.http_protocol_class,  # type: ignore[call-arg]  # uvicorn's protocols take these, asyncio's not
+            config=config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
+        self.listener = Listener(self.sock, self.book, make)
+        self.listener.start()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.listener is not None:
+            self.listener.stop()  # accept nothing more; requests in flight get their grace
+        await super().shutdown()
+
+
 class Gateway:
     """The HTTP server of one node: its own thread and event loop; `start()` returns once it accepts."""
 
@@ -893,7 +920,7 @@ class Gateway:
         self.app = build_app(self.api, settings.api_key)
         self.connections = ConnectionBook(metrics=metrics)
         self.port = settings.port
-        self._server: uvicorn.Server | None = None
+        self._server: GatewayServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -918,7 +945,7 @@ class Gateway:
             timeout_keep_alive=int(KEEP_ALIVE_S),
             timeout_graceful_shutdown=max(1, int(self.settings.grace)),
         )
-        self._server = uvicorn.Server(config)
+        self._server = GatewayServer(config, sock, self.connections)
         self._thread = threading.Thread(target=self._run, args=(sock,), name="http-gateway", daemon=True)
         self._thread.start()
         end = time.monotonic() + timeout
@@ -964,7 +991,7 @@ class Gateway:
         self.api.connect(own, callers)
         sweeper = asyncio.ensure_future(callers.sweep_forever())
         try:
-            await self._server.serve(sockets=[sock])
+            await self._server.serve()
         finally:
             self.api.connect(None)
             sweeper.cancel()

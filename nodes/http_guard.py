@@ -1,10 +1,11 @@
 """What stands between the LAN and the gateway's app: connection caps, header and body deadlines, body size, and
 cancelling the request of a caller who went away.
 
-A hostile host must not be able to lock others out. Connections are capped per peer address below the global cap,
-and when the gateway is full a connection that is *waiting* (it has not sent a complete request: a slow or idle
-client, a keep-alive connection between requests) is closed to make room, taken from the address that holds the
-most connections. A connection that is sending or awaiting a response is never closed to make room.
+A hostile host must not be able to lock others out. Connections are capped per peer address below the global cap
+(past it, a new connection from that address is refused with a 429), and when the gateway is full a connection that
+is *waiting* (it has not sent a complete request: a slow or idle client, a keep-alive connection between requests)
+is closed to make room, taken from the address that holds the most connections. A connection that is sending or
+awaiting a response is never closed to make room.
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from mesh._security import RejectionLog
 
 from .metrics import NodeMetrics
 from .openai_bodies import ApiError
 from .webconsole import RequestFeed
+
+log = logging.getLogger("lanmesh.gateway")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -38,6 +45,12 @@ MAX_CONNECTIONS_PER_IP = 64  # open connections at most from one address (loopba
 DropReason = Literal["per_ip_limit", "full", "shed", "header_timeout"]
 
 
+class Connection(Protocol):
+    """What the book needs of a connection: to close it when room must be made."""
+
+    def close_quietly(self) -> None: ...
+
+
 class ConnectionBook:
     """Every open HTTP connection by peer address, and which are waiting; decides who gets in when it is full.
 
@@ -46,17 +59,14 @@ class ConnectionBook:
     """
 
     def __init__(
-        self,
-        max_total: int = MAX_CONNECTIONS,
-        max_per_ip: int = MAX_CONNECTIONS_PER_IP,
-        metrics: NodeMetrics | None = None,
+        self, max_total: int | None = None, max_per_ip: int | None = None, metrics: NodeMetrics | None = None
     ) -> None:
-        self.max_total = max_total
-        self.max_per_ip = max_per_ip
+        self.max_total = MAX_CONNECTIONS if max_total is None else max_total
+        self.max_per_ip = MAX_CONNECTIONS_PER_IP if max_per_ip is None else max_per_ip
         self.metrics = metrics
-        self._by_ip: dict[str, dict[GuardedH11, None]] = {}  # per address, in order of arrival
-        self._ip_of: dict[GuardedH11, str] = {}
-        self._waiting: set[GuardedH11] = set()
+        self._by_ip: dict[str, dict[Connection, None]] = {}  # per address, in order of arrival
+        self._ip_of: dict[Connection, str] = {}
+        self._waiting: set[Connection] = set()
 
     def __len__(self) -> int:
         return len(self._ip_of)
@@ -64,20 +74,23 @@ class ConnectionBook:
     def from_ip(self, ip: str) -> int:
         return len(self._by_ip.get(ip, ()))
 
-    def admit(self, conn: GuardedH11, ip: str) -> DropReason | None:
+    def refusal_for(self, ip: str) -> DropReason | None:
+        """Why a new connection from `ip` would be refused now, or None (room is there, or can be made)."""
+        if len(self._by_ip.get(ip, ())) >= self.max_per_ip:
+            return "per_ip_limit"  # refused outright, not room made among its own: cheapest for a host that reconnects
+        if len(self._ip_of) >= self.max_total and self._shed_candidate() is None:
+            return "full"
+        return None
+
+    def admit(self, conn: Connection, ip: str) -> DropReason | None:
         """Take `conn` in (closing a waiting one if that makes room), or say why it is refused."""
-        mine = self._by_ip.get(ip, {})
-        if len(mine) >= self.max_per_ip:
-            victim = next((c for c in mine if c in self._waiting), None)
-            if victim is None:
-                self.dropped("per_ip_limit")
-                return "per_ip_limit"
-            self._shed(victim)
+        refused = self.refusal_for(ip)
+        if refused is not None:
+            self.dropped(refused)
+            return refused
         if len(self._ip_of) >= self.max_total:
             victim = self._shed_candidate()
-            if victim is None:
-                self.dropped("full")
-                return "full"
+            assert victim is not None  # refusal_for found one
             self._shed(victim)
         self._by_ip.setdefault(ip, {})[conn] = None
         self._ip_of[conn] = ip
@@ -85,14 +98,14 @@ class ConnectionBook:
         self._count()
         return None
 
-    def busy(self, conn: GuardedH11) -> None:
+    def busy(self, conn: Connection) -> None:
         self._waiting.discard(conn)
 
-    def waiting(self, conn: GuardedH11) -> None:
+    def waiting(self, conn: Connection) -> None:
         if conn in self._ip_of:
             self._waiting.add(conn)
 
-    def remove(self, conn: GuardedH11) -> None:
+    def remove(self, conn: Connection) -> None:
         ip = self._ip_of.pop(conn, None)
         if ip is None:
             return
@@ -107,7 +120,7 @@ class ConnectionBook:
         if self.metrics is not None:
             self.metrics.http_connections_dropped.labels(reason).inc()
 
-    def _shed_candidate(self) -> GuardedH11 | None:
+    def _shed_candidate(self) -> Connection | None:
         """The oldest waiting connection of the address that holds the most connections."""
         for _ip, conns in sorted(self._by_ip.items(), key=lambda item: -len(item[1])):
             victim = next((c for c in conns if c in self._waiting), None)
@@ -115,7 +128,7 @@ class ConnectionBook:
                 return victim
         return None
 
-    def _shed(self, victim: GuardedH11) -> None:
+    def _shed(self, victim: Connection) -> None:
         self.remove(victim)
         self.dropped("shed")
         victim.close_quietly()
@@ -140,6 +153,91 @@ def refusal(reason: DropReason, book: ConnectionBook) -> bytes:
     return head.encode() + body
 
 
+ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket, so one flood cannot hog the loop
+ACCEPT_PAUSE_S = 0.1  # accepting pauses this long when accept() itself fails (out of file descriptors)
+
+
+class Listener:
+    """Accepts the gateway's connections itself, and refuses those the `ConnectionBook` turns away at the door.
+
+    asyncio's own accept path costs about 200 us of Python per connection (a task, a transport, a protocol)
+    before anyone can look at the address; a host reconnecting as fast as it can would spend that, under the
+    GIL the mesh loop shares, on every refusal. Here a refusal is an accept, a send and a close; an admitted
+    connection goes on to `loop.connect_accepted_socket` and the usual protocol.
+    """
+
+    def __init__(self, sock: socket.socket, book: ConnectionBook, make_protocol: Callable[[], asyncio.Protocol]):
+        self.sock = sock
+        self.book = book
+        self.make_protocol = make_protocol
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False
+        self._opening: set[asyncio.Task[Any]] = set()
+        self._errors = RejectionLog()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        self._resume()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._reading:
+            self._loop.remove_reader(self.sock.fileno())
+        self._reading = False
+        self._loop = None
+
+    def _resume(self) -> None:
+        if self._loop is not None and not self._reading:
+            self._loop.add_reader(self.sock.fileno(), self._accept)
+            self._reading = True
+
+    def _accept(self) -> None:
+        assert self._loop is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: let the backlog wait a moment
+                line = self._errors.note("http_accept_failed", "listener", str(exc))
+                if line is not None:
+                    log.warning("the HTTP gateway could not accept a connection: %s", line)
+                self._loop.remove_reader(self.sock.fileno())
+                self._reading = False
+                self._loop.call_later(ACCEPT_PAUSE_S, self._resume)
+                return
+            ip = str(addr[0]) if isinstance(addr, tuple) and addr else "?"
+            refused = self.book.refusal_for(ip)
+            if refused is not None:
+                self.book.dropped(refused)
+                _refuse(conn, refusal(refused, self.book))
+                continue
+            conn.setblocking(False)
+            task = self._loop.create_task(self._open(conn))
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
+
+    async def _open(self, conn: socket.socket) -> None:
+        assert self._loop is not None
+        try:
+            await self._loop.connect_accepted_socket(self.make_protocol, conn)
+        except OSError:
+            conn.close()  # it went away before it was set up
+
+
+def _refuse(conn: socket.socket, answer: bytes) -> None:
+    """Send a refusal on a just-accepted socket and close it (without a transport: nothing else to tear down)."""
+    try:
+        conn.setblocking(False)
+        conn.send(answer)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(65536)  # what the caller already sent: unread, it would turn our close into a reset
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
 class GuardedH11(H11Protocol):
     """uvicorn's h11 protocol, plus the `ConnectionBook`'s caps and a deadline for the request line and headers.
 
@@ -156,13 +254,16 @@ class GuardedH11(H11Protocol):
         self.book = book
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        refused = self.book.admit(self, self.client[0] if self.client else "?")
+        # Asked before uvicorn sets the connection up: a refusal costs as little as it can (a host may keep
+        # reconnecting as fast as it can), and uvicorn never learns of a refused connection.
+        peer = transport.get_extra_info("peername")
+        refused = self.book.admit(self, str(peer[0]) if isinstance(peer, tuple) and peer else "?")
         if refused is not None:
             self._refused = True
             transport.write(refusal(refused, self.book))
             transport.close()
             return
+        super().connection_made(transport)
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -170,6 +271,8 @@ class GuardedH11(H11Protocol):
             super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return
         self.book.remove(self)
         self._cancel_head_timer()
         super().connection_lost(exc)

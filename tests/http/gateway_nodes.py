@@ -86,10 +86,17 @@ def wait_until(predicate: object, timeout: float = 10.0, what: str = "condition"
     raise TimeoutError(f"{what} not reached within {timeout}s")
 
 
-def scrape(node: GatewayNode, api_key: str | None = None) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """family name -> {sorted labels: value}, samples under their own names (…_total, …_bucket) too."""
+def scrape(
+    node: GatewayNode, api_key: str | None = None, source: str | None = None
+) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """family name -> {sorted labels: value}, samples under their own names (…_total, …_bucket) too.
+
+    `source`: the local address to ask from (another loopback address is another caller to the gateway).
+    """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    r = httpx.get(f"{node.url}/metrics", timeout=10, headers=headers)
+    transport = httpx.HTTPTransport(local_address=source) if source else None
+    with httpx.Client(transport=transport, timeout=10, headers=headers) as client:
+        r = client.get(f"{node.url}/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(r.text):
