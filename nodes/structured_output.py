@@ -276,7 +276,10 @@ class AnswerReader:
         if self._mode == "head":
             head = _CALL_HEAD.match(pending)
             if head is not None:
-                call.name = json.loads(head.group(1))
+                try:
+                    call.name = json.loads(head.group(1))
+                except ValueError:  # a bad escape (no grammar held this model): the name as written
+                    call.name = head.group(1)[1:-1]
                 out.append(CallStart(call.index, call.id, call.name))
                 self._pending = pending[head.end() :]
                 self._mode, self._depth, self._in_string, self._escaped = "arguments", 0, False, False

@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from nodes.structured_output import (
     AnswerReader,
@@ -163,3 +165,40 @@ def test_earlier_calls_are_written_back_as_the_model_writes_them() -> None:
     assert call_text("get_weather", '{"city":"Paris"}') == PARIS
     assert call_text("get_weather", "not json").startswith('<tool_call>{"name": "get_weather", "arguments": "not')
     assert call_text("ping", "") == '<tool_call>{"name": "ping", "arguments": {}}</tool_call>'
+
+
+@settings(max_examples=500, deadline=None)
+@example(["<tool_call>", '{"name": ', '"\\q"', ', "arguments": ', "{", "}", "}", "</tool_call>"], 3)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "<tool_call>",
+                "</tool_call>",
+                '{"name": ',
+                '"get_weather"',
+                '"\\q"',
+                ', "arguments": ',
+                "{",
+                "}",
+                "[",
+                '"',
+                "\\",
+                " ",
+                "x",
+                "é",
+            ]
+        ),  # fmt: skip
+        max_size=30,
+    ),
+    st.integers(1, 7),
+)
+def test_any_answer_is_read_without_error_and_nothing_is_lost(parts: list[str], step: int) -> None:
+    # A model that ignored its grammar (or echo) may write anything: the reader never fails, and every character
+    # of text that is not a call reaches the content.
+    text = "".join(parts)
+    reader = AnswerReader(expects_calls=True)
+    deltas = [d for i in range(0, len(text), step) for d in reader.feed(text[i : i + step])] + reader.finish()
+    assert "".join(d.text for d in deltas if isinstance(d, ContentDelta)) == reader.content
+    if not reader.calls:
+        assert reader.content == text or not text.strip()
