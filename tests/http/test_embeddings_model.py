@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 from gateway_nodes import start_gateway_node
+from openai_spec import problems
 
 from bench.procs import Cluster
 from nodes.models import models_status
@@ -29,7 +31,9 @@ def test_openai_embeddings_from_minilm_are_unit_vectors_in_float_and_base64(clus
     node = start_gateway_node(cluster, "embedder", ["minilm"], wait=240)  # the first start exports to ONNX
     client = node.openai()
     texts = ["The cat sits on the mat.", "A cat is sitting on a mat.", "Quarterly tax returns are due."]
-    result = client.embeddings.create(model="minilm", input=texts, encoding_format="float")
+    raw = client.embeddings.with_raw_response.create(model="minilm", input=texts, encoding_format="float")
+    assert problems("CreateEmbeddingResponse", json.loads(raw.text)) == []  # OpenAI's published schema
+    result = raw.parse()
     assert result.object == "list" and result.model == "minilm"
     vectors = [d.embedding for d in result.data]
     assert [d.index for d in result.data] == [0, 1, 2]
