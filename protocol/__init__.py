@@ -2,6 +2,7 @@
 
 from ._codec import (
     DEFAULT_LIMITS,
+    MAX_CHUNK_BYTES,
     MAX_DEADLINE_MS,
     MAX_HOPS,
     VERSION,
@@ -14,9 +15,12 @@ from ._codec import (
 )
 from ._errors import RETRYABLE, DecodeError, ErrorCode
 from ._messages import (
+    Admin,
     Cancel,
     Chunk,
+    Data,
     Error,
+    Fetch,
     Hello,
     Leave,
     LoadReport,
@@ -33,15 +37,19 @@ from ._messages import (
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "MAX_CHUNK_BYTES",
     "MAX_DEADLINE_MS",
     "MAX_HOPS",
     "RETRYABLE",
     "VERSION",
+    "Admin",
     "Cancel",
     "Chunk",
+    "Data",
     "DecodeError",
     "Error",
     "ErrorCode",
+    "Fetch",
     "Hello",
     "Leave",
     "Limits",

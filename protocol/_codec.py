@@ -16,9 +16,12 @@ import msgpack
 
 from ._errors import DecodeError, ErrorCode
 from ._messages import (
+    Admin,
     Cancel,
     Chunk,
+    Data,
     Error,
+    Fetch,
     Hello,
     Leave,
     LoadReport,
@@ -38,7 +41,8 @@ VERSION = 1
 # Type tags on the wire. Never reuse a number.
 _T_REQUEST, _T_REPLY, _T_CHUNK, _T_ERROR, _T_REJECT = 1, 2, 3, 4, 5
 _T_LOAD, _T_HELLO, _T_LEAVE, _T_PING, _T_PONG = 6, 7, 8, 9, 10
-_T_CANCEL = 11
+_T_CANCEL, _T_ADMIN, _T_FETCH, _T_DATA = 11, 12, 13, 14
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # the most one Fetch may ask for (one Data frame, well under the frame limit)
 
 MAX_DEADLINE_MS = 86_400_000  # one day; anything longer is a bug on the caller's side
 MAX_HOPS = 8
@@ -94,7 +98,7 @@ def _enc_load(m: LoadReport) -> list[Any]:
         m.incarnation,
         m.seq,
         _addr(m.addr),
-        {k: [v.inflight, v.queued, v.capacity, v.rate] for k, v in m.models.items()},
+        {k: [v.inflight, v.queued, v.capacity, v.rate, v.version] for k, v in m.models.items()},
         m.labels,
         [_addr(p) for p in m.peers],
         m.leaving,
@@ -114,6 +118,9 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Ping: lambda m: [_T_PING, m.id, m.node, m.want_status],
     Pong: lambda m: [_T_PONG, m.id, m.node, m.status],
     Cancel: lambda m: [_T_CANCEL, m.id, m.reason],
+    Admin: lambda m: [_T_ADMIN, m.id, m.action, m.args],
+    Fetch: lambda m: [_T_FETCH, m.id, m.name, m.version, m.path, m.offset, m.length],
+    Data: lambda m: [_T_DATA, m.id, m.node, m.offset, m.data],
 }
 
 _VERSION_BYTE = bytes([VERSION])
@@ -380,11 +387,13 @@ def _dec_models(v: Any) -> dict[str, ModelLoad]:
         rate = load[3] if len(load) > 3 else 0.0  # absent from older peers
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
             raise _fail("model rate must be a number of requests per second >= 0")
+        version = _str(load[4], "model version", 64, None) if len(load) > 4 else ""
         out[_str(name, "model", _NAME_LEN, None, empty=False)] = ModelLoad(
             _int(load[0], "inflight", 0, 2**31, None),
             _int(load[1], "queued", 0, 2**31, None),
             _int(load[2], "capacity", 0, 2**31, None),
             float(rate),
+            version,
         )
     return out
 
@@ -534,6 +543,39 @@ def _dec_cancel(b: list[Any], lim: Limits) -> Cancel:
     return Cancel(id=_rid(b), reason=_str(_or(f[1], ""), "reason", 4096, None))
 
 
+_ACTIONS = frozenset({"models", "load", "unload", "switch", "pull"})
+
+
+def _dec_admin(b: list[Any], lim: Limits) -> Admin:
+    f = _fields(b, 2, 3, "admin", None)
+    rid = _rid(b)
+    action = _str(f[1], "action", 32, rid, empty=False)
+    if action not in _ACTIONS:
+        raise _fail(f"admin action must be one of {sorted(_ACTIONS)}, got {action!r}", rid)
+    return Admin(rid, action, _strmap(_or(f[2], {}), "args", rid, lim, str_values=False))
+
+
+def _dec_fetch(b: list[Any], lim: Limits) -> Fetch:
+    f = _fields(b, 3, 6, "fetch", None)
+    rid = _rid(b)
+    return Fetch(
+        id=rid,
+        name=_str(f[1], "name", _NAME_LEN, rid, empty=False),
+        version=_str(f[2], "version", 64, rid, empty=False),
+        path=_str(_or(f[3], ""), "path", 4096, rid),
+        offset=_int(_or(f[4], 0), "offset", 0, 2**62, rid),
+        length=_int(_or(f[5], 0), "length", 0, MAX_CHUNK_BYTES, rid),
+    )
+
+
+def _dec_data(b: list[Any], lim: Limits) -> Data:
+    f = _fields(b, 4, 4, "data", None)
+    rid = _rid(b)
+    if not isinstance(f[3], bytes):
+        raise _fail("data must be bytes", rid)
+    return Data(rid, _str(f[1], "node", _NAME_LEN, rid), _int(f[2], "offset", 0, 2**62, rid), f[3])
+
+
 _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     _T_REQUEST: _dec_request,
     _T_REPLY: _dec_reply,
@@ -546,6 +588,9 @@ _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     _T_PING: _dec_ping,
     _T_PONG: _dec_pong,
     _T_CANCEL: _dec_cancel,
+    _T_ADMIN: _dec_admin,
+    _T_FETCH: _dec_fetch,
+    _T_DATA: _dec_data,
 }
 
 

@@ -107,17 +107,53 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
+class Admin:
+    """An operator's command to one node, authenticated like all traffic (the mesh key): `action` is one of
+    models (what it has and serves), load, unload, switch, pull; `args` its arguments. Answered with a Reply whose
+    output says what was done, or an Error."""
+
+    id: str
+    action: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Ask a peer for part of a model's files: `length` bytes of `path` from `offset`, of the model `name` at
+    `version` (its content hash). An empty `path` asks for the manifest (a JSON list of files, sizes and hashes)."""
+
+    id: str
+    name: str
+    version: str
+    path: str = ""
+    offset: int = 0
+    length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """The bytes a `Fetch` asked for (fewer at the end of a file)."""
+
+    id: str
+    node: str
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ModelLoad:
     """Load of one model on one node: running, waiting, how many may run, and how fast it serves.
 
     `rate` is the requests per second the node completes when busy, measured (0: not measured yet).
     Capacity counts slots; rate tells a fast node from a slow one with the same number of slots.
+    `version` is the content hash of the model's files (hex; "" from older peers), so a request may pin one.
     """
 
     inflight: int
     queued: int
     capacity: int
     rate: float = 0.0
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,13 +222,18 @@ class Pong:
     status: list[dict[str, Any]] | None = None
 
 
-Message = Request | Reply | Chunk | Error | Reject | LoadReport | Hello | Leave | Ping | Pong | Cancel
+Message = (
+    Request | Reply | Chunk | Error | Reject | LoadReport | Hello | Leave | Ping | Pong | Cancel | Admin | Fetch | Data
+)
 
 __all__ = [
+    "Admin",
     "Cancel",
     "Chunk",
+    "Data",
     "Error",
     "ErrorCode",
+    "Fetch",
     "Hello",
     "Leave",
     "LoadReport",

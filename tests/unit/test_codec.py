@@ -8,14 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import (
+    MAX_CHUNK_BYTES,
     MAX_DEADLINE_MS,
     RETRYABLE,
     VERSION,
+    Admin,
     Cancel,
     Chunk,
+    Data,
     DecodeError,
     Error,
     ErrorCode,
+    Fetch,
     Hello,
     Leave,
     Limits,
@@ -80,7 +84,7 @@ def requests(draw: st.DrawFn) -> Request:
 
 
 addrs = st.builds(PeerAddr, names, names, st.integers(1, 65535), st.integers(1, 65535))
-loads = st.builds(ModelLoad, small, small, small, st.floats(0, 1e6))
+loads = st.builds(ModelLoad, small, small, small, st.floats(0, 1e6), st.text(alphabet="0123456789abcdef", max_size=64))
 any_message = st.one_of(
     requests(),
     st.builds(Reply, ids, values, st.text(max_size=20), st.text(max_size=20), small, any_maps),
@@ -106,6 +110,17 @@ any_message = st.one_of(
     st.builds(Ping, ids, st.text(max_size=20), st.booleans()),
     st.builds(Pong, ids, st.text(max_size=20), st.none() | st.lists(any_maps, max_size=3)),
     st.builds(Cancel, ids, st.text(max_size=40)),
+    st.builds(Admin, ids, st.sampled_from(["models", "load", "unload", "switch", "pull"]), any_maps),
+    st.builds(
+        Fetch,
+        ids,
+        names,
+        st.text(min_size=1, max_size=64),
+        st.text(max_size=40),
+        st.integers(0, 2**40),
+        st.integers(0, MAX_CHUNK_BYTES),
+    ),  # fmt: skip
+    st.builds(Data, ids, st.text(max_size=20), st.integers(0, 2**40), st.binary(max_size=200)),
 )
 
 
@@ -128,7 +143,7 @@ def test_arbitrary_bytes_raise_only_the_codec_error(data: bytes) -> None:
 @settings(max_examples=1000, deadline=None)
 @given(st.lists(values, max_size=14))
 def test_well_formed_msgpack_of_the_wrong_shape_raises_only_the_codec_error(body: list[object]) -> None:
-    for tag in range(0, 13):
+    for tag in range(0, 16):
         try:
             decode(bytes([VERSION]) + msgpack.packb([tag, *body]))
         except DecodeError:
