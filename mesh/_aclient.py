@@ -1,7 +1,8 @@
 """`AsyncClient`: the lanmesh client for asyncio programs, on zmq.asyncio sockets.
 
 The failover logic is `_calls.CallTable`'s (shared with `Client`); this module only feeds it socket events, frames and
-timers from the event loop, and turns its outcomes into asyncio futures and async iterators.
+timers from the event loop, opens and closes the connections to nodes it learns of, and turns its outcomes into
+asyncio futures and async iterators.
 """
 
 from __future__ import annotations
@@ -20,18 +21,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from protocol import Task
 
-from ._calls import Call, CallTable, PingReply, Result, request_call
-from ._client import (
-    _MONITOR_EVENTS,
-    ClientSecurity,
-    apply_monitor_event,
-    check_client_options,
-    configure_dealer,
-    discover_endpoints,
-    embeddings_of,
-    generation_params,
-    parse_endpoints,
-)
+from ._call import Call, generation_params, request_call
+from ._calls import CallTable
+from ._dealers import ClientSecurity, DealerOptions, apply_monitor_event, check_client_options, close_all, close_dealer
+from ._directory import NodeDirectory
+from ._endpoints import discover_endpoints, parse_endpoints
+from ._results import PingReply, Result, embeddings_of
 from .errors import InternalError, LanmeshError, MeshUnavailable
 
 log = logging.getLogger(__name__)
@@ -75,7 +70,8 @@ class AsyncStream(AsyncIterator[str]):
     """A streamed answer: `async for` over text deltas, in order, across node failovers.
 
     `node` names the node that sent the latest delta; `result` is set once the stream has ended. Leaving early?
-    Call `aclose()` (or use `async with`) so the request stops counting as in flight.
+    Call `aclose()` (or use `async with`): the node serving it is told to stop. A stream dropped unread is closed
+    when it is garbage-collected.
     """
 
     def __init__(self, sink: _QueueSink, client: AsyncClient, key: int) -> None:
@@ -105,7 +101,16 @@ class AsyncStream(AsyncIterator[str]):
     async def aclose(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            client._cancel(self._key)
+            client._cancel(self._key, "stream closed")
+
+    def __del__(self) -> None:
+        client = getattr(self, "_client", None)
+        if client is not None and client._loop is not None:
+            # The GC may run this on any thread; the table belongs to the loop.
+            try:
+                client._loop.call_soon_threadsafe(client._cancel, self._key, "stream closed")
+            except RuntimeError:
+                pass  # the loop is closed: so is the client, which cancelled everything in flight
 
     async def __aenter__(self) -> AsyncStream:
         return self
@@ -115,9 +120,12 @@ class AsyncStream(AsyncIterator[str]):
 
 
 class AsyncClient:
-    """The asyncio twin of `Client`: same failover, same errors; use it from one event loop.
+    """The asyncio twin of `Client`: same failover, same learning of the mesh, same errors; use it from one event
+    loop. A call that ends without an answer (its future or awaiting task cancelled, a stream closed, its deadline,
+    `close()`) is cancelled on the node running it.
 
-    Sockets are made at construction; the reader tasks start with the first call (they need the running loop).
+    Sockets are made at construction; the reader tasks start with the first call (they need the running loop). If a
+    reader stops on an error, every pending call fails with InternalError and new calls are refused.
     """
 
     def __init__(
@@ -130,30 +138,35 @@ class AsyncClient:
         try_timeout: float | None = None,
         security: ClientSecurity | None = None,
         client_id: str | None = None,
+        learn: bool = True,
     ) -> None:
         endpoints = parse_endpoints(nodes)
         check_client_options(timeout, heartbeat, dead_after, try_timeout)
         self.timeout = timeout
         self.client_id = client_id or f"client-{os.urandom(4).hex()}"
+        self._dealer_options = DealerOptions(heartbeat=heartbeat, dead_after=dead_after, security=security)
         self._ctx = zmq.asyncio.Context()
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
         self._monitors: dict[str, zmq.asyncio.Socket] = {}
         try:
             for ep in endpoints:
-                dealer = self._ctx.socket(zmq.DEALER)
-                self._dealers[ep] = dealer
-                configure_dealer(dealer, ep, heartbeat=heartbeat, dead_after=dead_after, security=security)
-                self._monitors[ep] = dealer.get_monitor_socket(_MONITOR_EVENTS)
-                dealer.connect(ep)
+                self._dealers[ep], self._monitors[ep] = self._dealer_options.open(self._ctx, ep)
         except zmq.ZMQError as exc:
             self._close_sockets()
             raise ValueError(f"cannot connect to {ep}: {exc}") from exc
-        self._table = CallTable(endpoints, client_id=self.client_id, transmit=self._transmit, try_timeout=try_timeout)
+        self._table = CallTable(
+            endpoints, client_id=self.client_id, transmit=self._transmit, try_timeout=try_timeout,
+            directory=NodeDirectory(endpoints) if learn else None, on_nodes_changed=self._nodes_changed,
+        )  # fmt: skip
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}  # each node's reader and monitor watcher
+        self._retiring: set[asyncio.Task[None]] = set()  # closing the sockets of nodes dropped
+        self._changes_due = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
-        self._closed = False
+        self._closed = False  # no new calls: closed, or a reader died
+        self._broken = ""  # why a reader died
+        self._shut = False  # close() has run
 
     @classmethod
     async def discover(cls, timeout: float = 2.0, *, interfaces: list[str] | None = None, **kwargs: Any) -> AsyncClient:
@@ -170,6 +183,11 @@ class AsyncClient:
     def connected(self) -> tuple[str, ...]:
         """The node endpoints this client has a live connection to right now."""
         return self._table.connected
+
+    @property
+    def learned(self) -> tuple[str, ...]:
+        """The node endpoints this client learned from the mesh, besides `endpoints`."""
+        return self._table.learned
 
     # ------------------------------------------------------------- requests
 
@@ -286,17 +304,20 @@ class AsyncClient:
     # ------------------------------------------------------------- lifecycle
 
     async def close(self) -> None:
-        """Stop reading; requests still pending fail with MeshUnavailable('client closed')."""
-        if self._closed:
+        """Stop reading; requests still pending fail with MeshUnavailable('client closed') and are cancelled on
+        their nodes."""
+        if self._shut:
             return
-        self._closed = True
+        self._shut = self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        for task in self._tasks:
+        tasks = [task for per_node in self._tasks.values() for task in per_node]
+        self._tasks.clear()
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._table.fail_all(MeshUnavailable("client closed"))
+        if tasks or self._retiring:
+            await asyncio.gather(*tasks, *self._retiring, return_exceptions=True)
+        self._table.fail_all(MeshUnavailable("client closed"))  # cancels their tries: sent as the sockets close
         self._close_sockets()
 
     async def __aenter__(self) -> AsyncClient:
@@ -340,25 +361,74 @@ class AsyncClient:
         key = call.key
         self._table.start(call, time.monotonic())
         self._rearm()
-        future.add_done_callback(lambda f: self._cancel(key) if f.cancelled() else None)
+        # Cancelling the future, or the task awaiting it, cancels the request on its node.
+        future.add_done_callback(lambda f: self._cancel(key, "cancelled") if f.cancelled() else None)
 
-    def _cancel(self, key: int) -> None:
+    def _cancel(self, key: int, reason: str) -> None:
         if not self._closed:
-            self._table.cancel(key)
+            self._table.cancel(key, reason)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._closed:
-            raise MeshUnavailable("client closed")
+            raise MeshUnavailable(f"client closed: {self._broken}" if self._broken else "client closed")
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            for ep, dealer in self._dealers.items():
-                self._tasks.append(loop.create_task(self._read_replies(ep, dealer), name=f"lanmesh-replies {ep}"))
-            for ep, monitor in self._monitors.items():
-                self._tasks.append(loop.create_task(self._watch(ep, monitor), name=f"lanmesh-monitor {ep}"))
+            for ep in self._dealers:
+                self._watch_node(ep)
         elif loop is not self._loop:
             raise RuntimeError("an AsyncClient belongs to the event loop it was first used in")
         return loop
+
+    def _watch_node(self, ep: str) -> None:
+        """Start reading node `ep`'s replies and connection events."""
+        assert self._loop is not None
+        tasks = [
+            self._loop.create_task(self._read_replies(ep, self._dealers[ep]), name=f"lanmesh-replies {ep}"),
+            self._loop.create_task(self._watch(ep, self._monitors[ep]), name=f"lanmesh-monitor {ep}"),
+        ]
+        self._tasks[ep] = tasks
+        for task in tasks:
+            task.add_done_callback(self._reader_stopped)
+
+    def _reader_stopped(self, task: asyncio.Task[None]) -> None:
+        # A reader ends only when the client closes or drops its node (both untrack it first), or when it crashed
+        # (handled where it crashed): anything else, e.g. a cancel from outside, leaves calls that nobody reads.
+        if self._closed or not any(task in tasks for tasks in self._tasks.values()):
+            return
+        self._crash(RuntimeError(f"{task.get_name()} stopped"))
+
+    # ------------------------------------------------------------- learned nodes
+
+    def _nodes_changed(self) -> None:
+        if not self._changes_due and self._loop is not None:
+            self._changes_due = True
+            self._loop.call_soon(self._change_nodes)  # not inside the table's own call stack
+
+    def _change_nodes(self) -> None:
+        self._changes_due = False
+        if self._closed:
+            return
+        for opened, ep in self._table.take_node_changes():
+            if opened:
+                try:
+                    self._dealers[ep], self._monitors[ep] = self._dealer_options.open(self._ctx, ep)
+                except zmq.ZMQError as exc:
+                    log.warning("cannot connect to %s, learned from the mesh: %s", ep, exc)
+                    continue
+                self._watch_node(ep)
+            elif ep in self._dealers:
+                retire = self._retire(self._tasks.pop(ep, []), self._dealers.pop(ep), self._monitors.pop(ep))
+                task = asyncio.ensure_future(retire)
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _retire(tasks: list[asyncio.Task[None]], dealer: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        close_dealer(dealer, monitor)
 
     def _transmit(self, endpoint: str, frame: bytes) -> bool:
         # With DONTWAIT and no send queued (we never queue one), zmq.asyncio sends at once and returns a done future.
@@ -398,6 +468,17 @@ class AsyncClient:
             self._crash(exc)
 
     def _crash(self, exc: Exception) -> None:
+        """A reader died: fail every pending call, and refuse new ones (nobody would read their answers)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._broken = f"its reader stopped ({type(exc).__name__}: {exc})"
+        if self._timer is not None:
+            self._timer.cancel()
+        current = asyncio.current_task()
+        for task in [task for per_node in self._tasks.values() for task in per_node]:
+            if task is not current:
+                task.cancel()
         self._table.fail_all(InternalError(f"client reader crashed: {type(exc).__name__}: {exc}"))
 
     def _rearm(self) -> None:
@@ -416,14 +497,7 @@ class AsyncClient:
         self._rearm()
 
     def _close_sockets(self) -> None:
-        for dealer in self._dealers.values():
-            if not dealer.closed:
-                dealer.disable_monitor()
-        for monitor in self._monitors.values():
-            monitor.close(0)
-        for dealer in self._dealers.values():
-            dealer.close(0)
-        self._ctx.term()
+        close_all(self._ctx, self._dealers.values(), self._monitors.values())
 
 
 __all__ = ["AsyncClient", "AsyncStream"]

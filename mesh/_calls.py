@@ -1,8 +1,8 @@
-"""What one logical request is (`Call`), what it ends as (`Result`), and `CallTable`: the client's failover logic.
+"""`CallTable`: the client's fail-over, retry, cancel and mesh-learning logic, over the calls in flight.
 
-`CallTable` is sans-IO: it is told what happened (a node connected or dropped, a frame arrived, time passed) and
-sends frames through the `transmit` callable it was given. Each runtime (`Client`, `AsyncClient`) only moves bytes,
-events and timers to it.
+`CallTable` is sans-IO: it is told what happened (a node connected or dropped, a frame arrived, time passed), sends
+frames through the `transmit` callable it was given, and says which node connections to open or close
+(`take_node_changes`). Each runtime (`Client`, `AsyncClient`) only moves bytes, events and timers to it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from protocol import (
+    RETRYABLE,
+    Cancel,
     Chunk,
     DecodeError,
     Error,
@@ -25,11 +26,13 @@ from protocol import (
     Reject,
     Reply,
     Request,
-    Task,
     decode,
     encode,
 )
 
+from ._call import Call, Sink, generation_params, request_call
+from ._directory import NodeDirectory
+from ._results import PingReply, Result, text_of
 from .errors import (
     BadRequest,
     DeadlineExceeded,
@@ -54,114 +57,23 @@ _REFUSALS_FOR_UNAUTHORIZED = 2
 _SEND_RETRY_S = 0.002
 # Below this budget a request cannot be stamped (deadline_ms must be >= 1) and has expired.
 _MIN_BUDGET_S = 0.001
-_TASKS: dict[str, Task] = {t.value: t for t in Task}  # a Task is a str, so members find themselves too
-
-# ----------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class Result:
-    """A served request: the model's `output`, which `node` served it and why it went there (`route`).
-
-    `id` is the wire id of the try that was answered (what that node's logs show); `tries` counts the sends the
-    client needed (more than one after a failover or a refusal).
-    """
-
-    output: Any
-    node: str
-    route: str
-    meta: dict[str, Any]
-    id: str
-    tries: int = 1
-
-    @property
-    def text(self) -> str:
-        """The generated text of a chat or completion result."""
-        text = text_of(self.output)
-        if text is None:
-            raise TypeError(f"this result carries no text (its output is a {type(self.output).__name__})")
-        return text
-
-    @property
-    def usage(self) -> dict[str, Any]:
-        """Token counts as the serving node reported them (empty when it did not)."""
-        usage = self.meta.get("usage")
-        return dict(usage) if isinstance(usage, dict) else {}
-
-
-def text_of(output: Any) -> str | None:
-    """The text in a chat/completion output: a string, or a map with `content`, `text` or `message.content`."""
-    if isinstance(output, str):
-        return output
-    if isinstance(output, dict):
-        for key in ("content", "text"):
-            if isinstance(output.get(key), str):
-                return str(output[key])
-        message = output.get("message")
-        if isinstance(message, dict) and isinstance(message.get("content"), str):
-            return str(message["content"])
-    return None
-
-
-@dataclass(frozen=True)
-class PingReply:
-    """A node's answer to a ping: the Pong and the round trip measured at the socket."""
-
-    pong: Pong
-    rtt: float
-
-
-class Sink(Protocol):
-    """Where a call's outcome goes: a future, or a stream's queue. Called on the runtime's I/O thread or loop."""
-
-    def chunk(self, data: str, node: str) -> None: ...
-
-    def done(self, value: Any) -> None: ...
-
-    def fail(self, exc: LanmeshError) -> None: ...
-
-
-# ----------------------------------------------------------------- the failover logic
-
-
-@dataclass(eq=False, slots=True)
-class Call:
-    """One logical request and where its current try stands. Built by a client, then owned by the CallTable."""
-
-    key: int
-    kind: Literal["request", "ping", "status"]
-    timeout: float
-    deadline: float
-    sink: Sink
-    model: str = ""
-    task: Task = Task.INFER
-    input: Any = None
-    params: dict[str, Any] = field(default_factory=dict)
-    priority: int = 0
-    require: dict[str, str] = field(default_factory=dict)
-    stream: bool = False
-    # The current try; `node` is None while the call waits (for a node, or out a backoff).
-    node: str | None = None
-    wire: str = ""
-    sent_at: float = 0.0
-    tries: int = 0
-    seen: set[int] = field(default_factory=set)
-    # Text the caller has been given, and how much of it the current try was given as its prefix.
-    text: list[str] = field(default_factory=list)
-    prefix_parts: int = 0
-    declined: dict[str, int] = field(default_factory=dict)
-    unavailable: set[str] = field(default_factory=set)
-    unavailable_rounds: int = 0
-    not_before: float = 0.0
-    wake: float = 0.0
-    last_error: LanmeshError | None = None
+# How long a node may take to answer the status ping that tells this client about the rest of the mesh.
+_LEARN_TIMEOUT_S = 2.0
+# Cancels for tries on a node that dropped are sent if it comes back (a hung node resumes its work otherwise);
+# at most this many per node are remembered.
+_MAX_OWED_CANCELS = 1024
 
 
 class CallTable:
     """Every call in flight, which node each is on, and what to do when something happens to a node.
 
+    Nodes: the `endpoints` given, plus, with a `directory`, the live nodes the mesh reports (learned). Calls go to
+    the given nodes while one of them is connected and takes them; learned ones are the stand-ins, so the mesh is
+    entered where the caller chose while that node lives, and elsewhere at once when it does not.
+
     Not thread-safe: one thread (or one event loop) drives it. `transmit(endpoint, frame)` must not block and
-    returns False when the socket cannot take the frame now.
+    returns False when the socket cannot take the frame now. `on_nodes_changed()` is called when
+    `take_node_changes()` has connections for the runtime to open or close.
     """
 
     def __init__(
@@ -171,17 +83,22 @@ class CallTable:
         client_id: str,
         transmit: Callable[[str, bytes], bool],
         try_timeout: float | None = None,
+        directory: NodeDirectory | None = None,
+        on_nodes_changed: Callable[[], None] | None = None,
     ) -> None:
         self.endpoints = tuple(endpoints)
         self.client_id = client_id
         self._transmit = transmit
         self._try_timeout = try_timeout
-        self._up: list[str] = []
+        self._given = frozenset(self.endpoints)
+        self._up: list[str] = []  # every connected node
+        self._up_given: list[str] = []
+        self._up_learned: list[str] = []
         self._rr = 0
         self._calls: dict[int, Call] = {}
         self._waiting: dict[int, Call] = {}
         self._by_wire: dict[str, Call] = {}
-        self._on_node: dict[str, set[int]] = {ep: set() for ep in self.endpoints}
+        self._on_node: dict[str, set[int]] = {ep: set() for ep in self.endpoints}  # every node held, by endpoint
         self._timers: list[tuple[float, int]] = []
         self._wire_prefix = os.urandom(6).hex()
         self._wire_seq = itertools.count(1)
@@ -189,6 +106,11 @@ class CallTable:
         self.stale_replies = 0  # answers to tries that were abandoned (failover, cancel, deadline)
         self.protocol_errors = 0  # frames that could not be decoded or matched to any call
         self._refused: dict[str, tuple[int, str]] = {}  # endpoint -> (handshakes failed in a row, why)
+        self._owed: dict[str, list[tuple[str, str, float]]] = {}  # endpoint -> (wire id, reason, until) to cancel
+        self._directory = directory
+        self._on_nodes_changed = on_nodes_changed
+        self._node_changes: list[tuple[bool, str]] = []  # (open?, endpoint), for the runtime's sockets
+        self._learn_key = 0  # the status ping out now (0: none)
 
     # ------------------------------------------------------------- inputs
 
@@ -199,6 +121,11 @@ class CallTable:
     @property
     def connected(self) -> tuple[str, ...]:
         return tuple(self._up)
+
+    @property
+    def learned(self) -> tuple[str, ...]:
+        """The nodes this table holds besides the given ones: learned from the mesh, not yet forgotten."""
+        return self._directory.learned if self._directory is not None else ()
 
     @property
     def pending(self) -> int:
@@ -212,20 +139,31 @@ class CallTable:
         self._calls[call.key] = call
         self._dispatch(call, now)
 
-    def cancel(self, key: int) -> None:
+    def cancel(self, key: int, reason: str = "cancelled") -> None:
+        """The caller gave up on call `key`: forget it, and tell the node carrying its live try to stop."""
         call = self._calls.get(key)
         if call is not None:
+            self._cancel_try(call, reason)
             self._finish(call)
 
     def node_up(self, endpoint: str, now: float) -> None:
-        if endpoint in self._up:
-            return
+        if endpoint in self._up or endpoint not in self._on_node:
+            return  # up already, or a node dropped while its socket's last events were on their way
         self._up.append(endpoint)
+        given = endpoint in self._given
+        (self._up_given if given else self._up_learned).append(endpoint)
         self._refused.pop(endpoint, None)
         log.debug("connected to %s", endpoint)
+        owed = self._owed.pop(endpoint, None)
+        if owed:
+            self._send_owed_cancels(endpoint, owed, now)
         for call in list(self._waiting.values()):
             if call.not_before <= now:
                 self._dispatch(call, now)
+        if self._directory is not None:
+            if given:  # first contact, or back after an outage: the mesh may have changed meanwhile
+                self._directory.ask_soon(now)
+            self._learn(now)
 
     def node_refused(self, endpoint: str, why: str, now: float, *, final: bool = False) -> None:
         """The handshake with `endpoint` failed (wrong or missing mesh key). When every node keeps refusing,
@@ -248,12 +186,18 @@ class CallTable:
         if endpoint not in self._up:
             return
         self._up.remove(endpoint)
+        (self._up_given if endpoint in self._given else self._up_learned).remove(endpoint)
         moved = [self._calls[key] for key in self._on_node[endpoint]]
         if moved:
             log.info("lost %s with %d requests in flight; re-sending them", endpoint, len(moved))
         for call in moved:
+            # The connection is gone, so the Cancel waits: a node that only hung resumes its work when it wakes.
+            self._owe_cancel(endpoint, call, "node lost")
             self._drop_try(call)
             self._dispatch(call, now)
+        if self._directory is not None:
+            self._directory.ask_soon(now)  # which nodes are left, and are there others to connect to
+            self._learn(now)
 
     def receive(self, endpoint: str, frame: bytes, now: float) -> None:
         try:
@@ -264,7 +208,7 @@ class CallTable:
                 self.protocol_errors += 1
                 log.warning("dropped an undecodable frame from %s: %s", endpoint, exc)
                 return
-            self._fail(call, ProtocolError(f"undecodable reply from {endpoint}: {exc}"))
+            self._abort(call, ProtocolError(f"undecodable reply from {endpoint}: {exc}"), "undecodable reply")
             return
         wire = getattr(msg, "id", None)
         call = self._by_wire.get(wire) if isinstance(wire, str) else None
@@ -289,12 +233,16 @@ class CallTable:
             self._declined(call, endpoint, msg.queue, refusal, now)
         elif isinstance(msg, Pong) and call.kind != "request":
             self._finish(call)
-            call.sink.done(PingReply(msg, now - call.sent_at))
+            if call.kind == "learn":
+                self._learned(msg, endpoint, now)
+            else:
+                call.sink.done(PingReply(msg, now - call.sent_at))
         else:
-            self._fail(call, ProtocolError(f"{endpoint} answered a {call.kind} with a {type(msg).__name__}"))
+            what = f"{endpoint} answered a {call.kind} with a {type(msg).__name__}"
+            self._abort(call, ProtocolError(what), "unexpected reply")
 
     def expire(self, now: float) -> None:
-        """Act on every timer that is due: deadlines, backoffs, per-try timeouts."""
+        """Act on every timer that is due: deadlines, backoffs, per-try timeouts, asking the mesh for its nodes."""
         timers = self._timers
         while timers and timers[0][0] <= now:
             when, key = heapq.heappop(timers)
@@ -308,23 +256,39 @@ class CallTable:
             elif self._try_timeout is not None and now >= call.sent_at + self._try_timeout:
                 log.info("no answer from %s within the %gs try timeout; re-sending", call.node, self._try_timeout)
                 avoid = call.node
+                self._cancel_try(call, "try timeout")
                 self._drop_try(call)
                 self._dispatch(call, now, avoid=avoid)
+        if self._directory is not None:
+            self._learn(now)
 
     def next_wake(self) -> float | None:
         """When `expire` next has work (None: nothing timed is pending)."""
         timers = self._timers
+        wake = None
         while timers:
             when, key = timers[0]
             call = self._calls.get(key)
             if call is not None and call.wake == when:
-                return when
+                wake = when
+                break
             heapq.heappop(timers)
-        return None
+        directory = self._directory
+        if directory is not None and self._up and not self._learn_key and (wake is None or directory.next_ask < wake):
+            return directory.next_ask
+        return wake
 
     def fail_all(self, exc: LanmeshError) -> None:
+        """End every call with `exc` (the client closes or broke), cancelling their live tries."""
         for call in list(self._calls.values()):
-            self._fail(call, exc)
+            self._abort(call, exc, exc.message)
+
+    def take_node_changes(self) -> list[tuple[bool, str]]:
+        """Node connections for the runtime to open (True) or close (False), in order; each is handed out once."""
+        changes = self._node_changes
+        if changes:
+            self._node_changes = []
+        return changes
 
     # ------------------------------------------------------------- replies
 
@@ -337,7 +301,7 @@ class CallTable:
             return  # a duplicate within this try
         if not isinstance(chunk.data, str):
             what = type(chunk.data).__name__
-            self._fail(call, ProtocolError(f"stream chunk carries {what}, not text", node=chunk.node))
+            self._abort(call, ProtocolError(f"stream chunk carries {what}, not text", node=chunk.node), "bad chunk")
             return
         call.seen.add(chunk.seq)
         call.text.append(chunk.data)
@@ -371,15 +335,15 @@ class CallTable:
 
     def _on_error(self, call: Call, err: Error, endpoint: str, now: float) -> None:
         exc = error_from_wire(err)
-        if err.code is ErrorCode.OVERLOADED:
-            self._declined(call, endpoint, err.queue, exc, now)
-        elif err.code is ErrorCode.UNAVAILABLE:
+        if err.code not in RETRYABLE:  # protocol.RETRYABLE: the one table of what a retry can fix, mesh-wide
+            self._fail(call, exc)
+        elif err.code is ErrorCode.OVERLOADED:
+            self._declined(call, endpoint, err.queue, exc, now)  # busy: the next node after a short backoff
+        else:  # cannot serve now (e.g. shutting down): another node at once; when all said so, all again later
             call.unavailable.add(endpoint)
             call.last_error = exc
             self._drop_try(call)
             self._dispatch(call, now)
-        else:
-            self._fail(call, exc)  # a retry elsewhere cannot fix these
 
     def _declined(self, call: Call, endpoint: str, queue: int, exc: LanmeshError, now: float) -> None:
         call.declined[endpoint] = queue
@@ -390,6 +354,64 @@ class CallTable:
             return
         pause = min(_DECLINED_BACKOFF_S * 2 ** (len(call.declined) - 1), _DECLINED_BACKOFF_MAX_S)
         self._park(call, now + pause)
+
+    # ------------------------------------------------------------- learning the mesh
+
+    def _learn(self, now: float) -> None:
+        """Ask a connected node for its view of the mesh, when the directory says it is time."""
+        directory = self._directory
+        if directory is None or self._learn_key or not self._up or now < directory.next_ask:
+            return
+        call = Call(self.new_key(), "learn", _LEARN_TIMEOUT_S, now + _LEARN_TIMEOUT_S, _LearnSink(self))
+        self._learn_key = call.key
+        directory.asked(now, _LEARN_TIMEOUT_S)
+        self.start(call, now)
+
+    def _learned(self, pong: Pong, via: str, now: float) -> None:
+        assert self._directory is not None
+        self._learn_key = 0
+        changes = self._directory.answered(pong.status or [], via, now, self._up)
+        for ep in changes.opened:
+            log.info("learned node %s from %s", ep, via)
+            self._on_node[ep] = set()
+            self._node_changes.append((True, ep))
+        for ep in changes.closed:
+            log.info("forgetting node %s: the mesh reports it gone", ep)
+            self.node_down(ep, now)  # not connected (the directory keeps those), but be sure nothing is left on it
+            del self._on_node[ep]
+            self._owed.pop(ep, None)
+            self._refused.pop(ep, None)
+            self._node_changes.append((False, ep))
+        if changes and self._on_nodes_changed is not None:
+            self._on_nodes_changed()
+
+    def _learn_failed(self) -> None:
+        self._learn_key = 0
+        if self._directory is not None:
+            self._directory.failed()
+
+    # ------------------------------------------------------------- cancelling
+
+    def _cancel_try(self, call: Call, reason: str) -> None:
+        """Tell the node carrying the call's live try to stop it. Nobody answers a Cancel, and an older node
+        drops it: nothing waits for one."""
+        node = call.node
+        if node is None or call.kind != "request":
+            return
+        if not self._transmit(node, encode(Cancel(call.wire, reason))):
+            self._owe_cancel(node, call, reason)
+
+    def _owe_cancel(self, endpoint: str, call: Call, reason: str) -> None:
+        if call.kind != "request":
+            return
+        owed = self._owed.setdefault(endpoint, [])
+        if len(owed) < _MAX_OWED_CANCELS:
+            owed.append((call.wire, reason, call.deadline))
+
+    def _send_owed_cancels(self, endpoint: str, owed: list[tuple[str, str, float]], now: float) -> None:
+        for wire, reason, until in owed:
+            if until > now:  # past its deadline the node has dropped the work itself
+                self._transmit(endpoint, encode(Cancel(wire, reason)))
 
     # ------------------------------------------------------------- sending
 
@@ -438,7 +460,7 @@ class CallTable:
 
     def _message(self, call: Call, wire: str, now: float) -> Request | Ping:
         if call.kind != "request":
-            return Ping(id=wire, node=self.client_id, want_status=call.kind == "status")
+            return Ping(id=wire, node=self.client_id, want_status=call.kind != "ping")
         deadline_ms = int((call.deadline - now) * 1000)
         # Positional (in Request's field order): noticeably cheaper than keywords on this per-request path.
         return Request(
@@ -447,21 +469,27 @@ class CallTable:
         )  # fmt: skip
 
     def _pick(self, call: Call, avoid: str | None) -> str | None:
-        """Round-robin over connected nodes that have not refused this call (any node routes inside the mesh)."""
-        up = self._up
-        if len(up) == 1:  # one node: no rotation; the node to avoid is still better than none
-            ep = up[0]
-            return None if ep in call.declined or ep in call.unavailable else ep
+        """A connected node that has not refused this call: round-robin over the given nodes, then over the
+        learned ones (any node routes inside the mesh); the node to avoid only when there is no other."""
         fallback = None
-        for i in range(len(up)):
-            ep = up[(self._rr + i) % len(up)]
-            if ep in call.declined or ep in call.unavailable:
-                continue
-            if ep == avoid:
+        for up in (self._up_given, self._up_learned):
+            if len(up) == 1:  # the common case: no rotation
+                ep = up[0]
+                if ep in call.declined or ep in call.unavailable:
+                    continue
+                if ep != avoid:
+                    return ep
                 fallback = ep
                 continue
-            self._rr = (self._rr + i + 1) % len(up)
-            return ep
+            for i in range(len(up)):
+                ep = up[(self._rr + i) % len(up)]
+                if ep in call.declined or ep in call.unavailable:
+                    continue
+                if ep == avoid:
+                    fallback = ep
+                    continue
+                self._rr = (self._rr + i + 1) % len(up)
+                return ep
         return fallback
 
     # ------------------------------------------------------------- bookkeeping
@@ -492,8 +520,14 @@ class CallTable:
         self._calls.pop(call.key, None)
 
     def _fail(self, call: Call, exc: LanmeshError) -> None:
+        """End the call with `exc`; its try, if any, has ended too (its node answered with this error)."""
         self._finish(call)
         call.sink.fail(exc)
+
+    def _abort(self, call: Call, exc: LanmeshError, reason: str) -> None:
+        """End the call with `exc` while its try may still run: cancel that first."""
+        self._cancel_try(call, reason)
+        self._fail(call, exc)
 
     def _expire(self, call: Call) -> None:
         node = call.node
@@ -508,50 +542,25 @@ class CallTable:
             exc = MeshUnavailable(f"no lanmesh node reachable at {where} within {call.timeout:g}s")
         else:
             exc = DeadlineExceeded(f"the request was not served within {call.timeout:g}s")
-        self._fail(call, exc)
+        self._abort(call, exc, "deadline")
 
 
-def request_call(
-    key: int,
-    sink: Sink,
-    model: str,
-    task: str | Task,
-    input: Any,
-    *,
-    params: dict[str, Any] | None,
-    timeout: float,
-    priority: int,
-    require: dict[str, str] | None,
-    stream: bool,
-    now: float,
-) -> Call:
-    """A request Call, with the checks a caller should hear about at once rather than from a node."""
-    if not isinstance(model, str) or not model:
-        raise ValueError("model must be a non-empty string")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
-    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
-        raise ValueError(f"priority must be an integer 0..9, got {priority!r}")
-    try:
-        task_ = _TASKS.get(task)  # a dict lookup: Task(task) costs an enum call per request
-    except TypeError:  # unhashable
-        task_ = None
-    if task_ is None:
-        raise ValueError(f"task must be one of {list(_TASKS)}, got {task!r}")
-    return Call(
-        key=key,
-        kind="request",
-        timeout=timeout,
-        deadline=now + timeout,
-        sink=sink,
-        model=model,
-        task=task_,
-        input=input,
-        params=dict(params) if params else {},
-        priority=priority,
-        require=dict(require) if require else {},
-        stream=stream,
-    )
+class _LearnSink:
+    """Where the table's own status ping ends when it fails (its answer is taken in `CallTable.receive`)."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: CallTable) -> None:
+        self.table = table
+
+    def chunk(self, data: str, node: str) -> None:
+        raise AssertionError("a status ping never streams")
+
+    def done(self, value: Any) -> None:
+        raise AssertionError("the table takes its status answers itself")
+
+    def fail(self, exc: LanmeshError) -> None:
+        self.table._learn_failed()
 
 
-__all__ = ["Call", "CallTable", "PingReply", "Result", "Sink", "request_call", "text_of"]
+__all__ = ["Call", "CallTable", "PingReply", "Result", "Sink", "generation_params", "request_call", "text_of"]

@@ -137,7 +137,7 @@ class ChatSession:
                 self.out.flush()
             self.out.write("\n")
         except KeyboardInterrupt:
-            stream.close()  # the mesh stops counting it; the node finishes or drops the work
+            stream.close()  # sends a Cancel: the node serving the answer stops generating it
             self.out.write(" [interrupted]\n")
         except LanmeshError as exc:
             stream.close()
