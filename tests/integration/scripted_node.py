@@ -14,7 +14,10 @@ What a request gets depends on its model name:
                   with a prefix continues after the words in it (and is refused if the prefix is not those words)
   stream-dup:N    as stream:N, but every chunk is sent twice
 The node-wide `mode` overrides that: `hold` never answers requests, `reject` rejects them all, `unavailable`
-answers UNAVAILABLE. A Ping is always answered; its status is [{"node": name, "held": n, "requests": n}].
+answers UNAVAILABLE. A Ping is always answered; its status is the node's own row, {"node": name, "address":
+"127.0.0.1:PORT", "state": "self", "held": n, "requests": n, "cancels": [[id, reason], ...]}, then one row per
+`peers` entry (`{"node", "address", "state"}`: what a client learns the mesh from). A `Cancel` is recorded (every
+one, in order, as are the ids of the requests received: `ids`) and drops what is still to be sent for it.
 
 Run in a thread (`ScriptedNode`) or as a subprocess that can be killed or stopped (`SpawnedNode`;
 `python scripted_node.py --name A --mode hold --port 0` prints the bound port on its first line).
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,7 @@ import msgpack
 import zmq
 
 import protocol
-from protocol import Chunk, Error, ErrorCode, Ping, Pong, Reject, Reply, Request
+from protocol import Cancel, Chunk, Error, ErrorCode, Ping, Pong, Reject, Reply, Request
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODES = ("serve", "hold", "reject", "unavailable")
@@ -50,7 +54,9 @@ MODES = ("serve", "hold", "reject", "unavailable")
 class ScriptedRouter:
     """The node's socket and its rules; `serve_forever` runs until `stop` is set."""
 
-    def __init__(self, name: str, mode: str = "serve", port: int = 0) -> None:
+    def __init__(
+        self, name: str, mode: str = "serve", port: int = 0, peers: list[dict[str, str]] | None = None
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.name = name
@@ -63,6 +69,9 @@ class ScriptedRouter:
         self.port = int(self.sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.requests = 0
         self.held = 0
+        self.ids: list[str] = []  # every request id received, in order
+        self.cancels: list[tuple[str, str]] = []  # every Cancel received: (request id, reason)
+        self.peers = list(peers or [])
         self._later: list[tuple[float, int, bytes, bytes]] = []
         self._seq = itertools.count()
 
@@ -93,6 +102,12 @@ class ScriptedRouter:
             self.sock.close(0)
             self.ctx.term()
 
+    def own_row(self) -> dict[str, Any]:
+        return {
+            "node": self.name, "address": f"127.0.0.1:{self.port}", "state": "self", "held": self.held,
+            "requests": self.requests, "cancels": [list(c) for c in self.cancels[-256:]],
+        }  # fmt: skip
+
     def _send(self, ident: bytes, frame: bytes) -> None:
         try:
             self.sock.send_multipart([ident, frame], zmq.DONTWAIT)
@@ -106,11 +121,17 @@ class ScriptedRouter:
     def _handle(self, ident: bytes, frame: bytes) -> None:
         msg = protocol.decode(frame)
         if isinstance(msg, Ping):
-            status = [{"node": self.name, "held": self.held, "requests": self.requests}]
+            status = [self.own_row(), *self.peers]
             self._send(ident, protocol.encode(Pong(msg.id, self.name, status if msg.want_status else None)))
+            return
+        if isinstance(msg, Cancel):
+            self.cancels.append((msg.id, msg.reason))
+            self._later = [item for item in self._later if getattr(protocol.decode(item[3]), "id", "") != msg.id]
+            heapq.heapify(self._later)
             return
         assert isinstance(msg, Request), msg
         self.requests += 1
+        self.ids.append(msg.id)
         reply = self._answer(ident, msg)
         if reply is not None:
             self._send(ident, reply if isinstance(reply, bytes) else protocol.encode(reply))
@@ -168,8 +189,8 @@ class ScriptedRouter:
 class ScriptedNode:
     """A scripted node on a thread (for tests that do not kill it)."""
 
-    def __init__(self, name: str = "T", mode: str = "serve") -> None:
-        self.router = ScriptedRouter(name, mode)
+    def __init__(self, name: str = "T", mode: str = "serve", peers: list[dict[str, str]] | None = None) -> None:
+        self.router = ScriptedRouter(name, mode, peers=peers)
         self.endpoint = self.router.endpoint
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.router.serve_forever, args=(self._stop,), daemon=True)
@@ -245,6 +266,15 @@ def node_status(endpoint: str, timeout: float = 2.0) -> dict[str, Any]:
         return pong.status[0]
     finally:
         sock.close(0)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll `condition` every 10 ms until it holds; fail saying `what` was awaited once `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
 
 
 def closed_port() -> int:

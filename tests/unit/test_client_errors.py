@@ -6,10 +6,13 @@ import pickle
 from typing import Any
 
 import pytest
+from fake_wire import A, B, Outcome, answer, make_table, start
 
 import protocol
 from mesh import _client
-from mesh._client import Call, CallTable, PingReply, Result, parse_endpoints, request_call
+from mesh._call import Call, request_call
+from mesh._endpoints import parse_endpoints
+from mesh._results import PingReply, Result
 from mesh.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -23,68 +26,6 @@ from mesh.errors import (
     error_from_wire,
 )
 from protocol import Chunk, Error, ErrorCode, Ping, Pong, Reject, Reply, Request
-
-A, B = "tcp://10.0.0.1:7700", "tcp://10.0.0.2:7700"
-
-
-class Outcome:
-    """Records what the table tells one caller."""
-
-    def __init__(self) -> None:
-        self.chunks: list[str] = []
-        self.value: Any = None
-        self.error: LanmeshError | None = None
-
-    def chunk(self, data: str, node: str) -> None:
-        self.chunks.append(data)
-
-    def done(self, value: Any) -> None:
-        self.value = value
-
-    def fail(self, exc: LanmeshError) -> None:
-        self.error = exc
-
-
-class Wire:
-    """Stands in for the sockets: records every frame sent, decoded, per endpoint."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, Request | Ping]] = []
-        self.refuse: set[str] = set()
-
-    def transmit(self, endpoint: str, frame: bytes) -> bool:
-        if endpoint in self.refuse:
-            return False
-        msg = protocol.decode(frame)
-        assert isinstance(msg, (Request, Ping))
-        self.sent.append((endpoint, msg))
-        return True
-
-    def last(self) -> tuple[str, Any]:  # Any: tests know whether they sent a Request or a Ping
-        return self.sent[-1]
-
-
-def make_table(*up: str, try_timeout: float | None = None) -> tuple[CallTable, Wire]:
-    wire = Wire()
-    table = CallTable([A, B], client_id="client-test", transmit=wire.transmit, try_timeout=try_timeout)
-    for ep in up:
-        table.node_up(ep, 0.0)
-    return table, wire
-
-
-def start(table: CallTable, model: str = "m", *, stream: bool = False, timeout: float = 10.0, now: float = 0.0):
-    out = Outcome()
-    call = request_call(
-        table.new_key(), out, model, "complete" if stream else "infer", "hello", params=None, timeout=timeout,
-        priority=0, require=None, stream=stream, now=now,
-    )  # fmt: skip
-    table.start(call, now)
-    return out
-
-
-def answer(table: CallTable, endpoint: str, msg: protocol.Message, now: float = 0.0) -> None:
-    table.receive(endpoint, protocol.encode(msg), now)
-
 
 # ----------------------------------------------------------------- error types
 
@@ -158,6 +99,17 @@ def test_errors_a_retry_cannot_fix_are_raised_at_once_without_a_second_try(code:
     assert type(out.error) is EXPECTED[code]
     assert len(wire.sent) == 1
     assert table.pending == 0
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_a_second_try_is_sent_exactly_for_the_codes_protocol_calls_retryable(code: ErrorCode) -> None:
+    table, wire = make_table(A, B)
+    out = start(table)
+    ep, req = wire.last()
+    answer(table, ep, Error(req.id, code, "no", "n1"), now=0.0)
+    table.expire(1.0)  # past any backoff
+    assert (len(wire.sent) == 2) == (code in protocol.RETRYABLE)
+    assert code is not ErrorCode.INTERNAL or type(out.error) is InternalError, "a model failure is not retried"
 
 
 def test_unavailable_answer_is_retried_on_another_node() -> None:
