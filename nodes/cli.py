@@ -136,7 +136,12 @@ def _add_node_parser(sub: Any) -> None:
         choices=["p2c", "round-robin", "random", "least-loaded"],
         help="routing policy (p2c = power of two choices; the others are baselines for benchmarks)",
     )
-    p.add_argument("--max-memory", dest="max_memory", help="refuse to load models needing more than this, e.g. 8G")
+    p.add_argument(
+        "--max-memory",
+        dest="max_memory",
+        help="refuse to start when the models would take this process past this, e.g. 8G (the cgroup's memory "
+        "limit, such as systemd's MemoryMax=, is always respected)",
+    )
     p.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (~/.cache/lanmesh)")
     p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", dest="log_format", choices=["text", "json"])

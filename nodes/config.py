@@ -48,7 +48,7 @@ class NodeConfig:
     max_tries: int = 4
     grace: float = 10.0  # seconds to finish in-flight work on SIGTERM
     routing: str = "p2c"  # p2c (power of two choices); round-robin, random, least-loaded are benchmark baselines
-    max_memory: str = ""  # e.g. "8G": refuse to load models past this
+    max_memory: str = ""  # e.g. "8G": refuse models that would take the process past this (and the cgroup's limit)
     cache_dir: str = ""
     log_level: str = "info"
     log_format: str = "text"  # text (key=value) or json

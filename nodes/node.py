@@ -17,7 +17,8 @@ from .backends.base import Backend, ProgressFn
 from .config import NodeConfig, parse_hostport
 from .executor import Executor
 from .hardware import detect_labels, unmet
-from .models import default_models, estimate_memory, load_backend, parse_model_arg, with_precision
+from .memory_budget import check_models_fit, describe_limits, node_memory_limits
+from .models import ModelSpec, default_models, estimate_memory, load_backend, parse_model_arg, with_precision
 
 log = logging.getLogger("lanmesh.node")
 
@@ -52,14 +53,6 @@ class Node:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a name: {names}")
-        limit = self.config.max_memory_bytes()
-        if limit is not None:
-            need = sum(estimate_memory(s) for s in specs)
-            if need > limit:
-                raise MemoryError(
-                    f"models need about {need / 2**30:.1f} GiB but --max-memory is {limit / 2**30:.1f} GiB; "
-                    "serve fewer models or raise the limit"
-                )
         self.labels = {**detect_labels(any(s.kind not in ("echo", "sleep") for s in specs)), **self.config.labels}
         runnable = []
         for spec in specs:
@@ -70,6 +63,7 @@ class Node:
                 runnable.append(spec)
         if not runnable:
             raise ValueError(f"none of the models can run here (node labels {self.labels})")
+        self._check_memory(runnable)
         backends = []
         for spec in runnable:
             t0 = time.monotonic()
@@ -78,6 +72,22 @@ class Node:
             log.info("model %s ready in %.1fs (%s)", backend.name, time.monotonic() - t0, engine)
             backends.append(backend)
         return backends
+
+    def _check_memory(self, specs: list[ModelSpec]) -> None:
+        """Refuse, with an error naming the model and the limit, models that would not fit under the cgroup's
+        memory limit or --max-memory: better than an OOM kill halfway through loading them."""
+        limits = node_memory_limits(self.config.max_memory_bytes())
+        if not limits:
+            return
+        needs = []
+        for spec in specs:
+            try:
+                needs.append((spec.name, estimate_memory(spec)))
+            except (OSError, ValueError) as exc:  # loading it will say what is wrong, if anything is
+                log.warning("cannot estimate the memory model %s needs (%s): loading it unchecked", spec.name, exc)
+        check_models_fit(needs, limits)
+        log.info("memory: %s; the models need about %.2f GiB", describe_limits(limits),
+                 sum(n for _, n in needs) / 2**30)  # fmt: skip
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM leave gracefully at any moment: during start-up (model loading included) they stop it,
