@@ -157,10 +157,12 @@ def _add_node_parser(sub: Any) -> None:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
+    import faulthandler
     import os
 
     from . import logs
     from .node import Node, StartupInterrupted
+    from .systemd import ServiceNotifier
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "config", "label_list", "command")}
     if args.label_list:
@@ -177,7 +179,10 @@ def _cmd_node(args: argparse.Namespace) -> int:
         os.environ["LANMESH_INSECURE"] = "1"
     elif cfg.key_file:
         os.environ["LANMESH_KEY_FILE"] = cfg.key_file
-    node = Node(cfg)
+    notifier = ServiceNotifier.from_environment()  # run by systemd (Type=notify): tell it how the node is doing
+    if notifier.watchdog_s is not None:
+        faulthandler.enable()  # systemd's watchdog sends SIGABRT: every thread's stack goes to the journal first
+    node = Node(cfg, notifier=notifier)
     node.install_signal_handlers()  # from here on a signal leaves gracefully, model loading included
     if _early_signals:  # one came while this process was still starting up
         node.request_stop()
@@ -190,6 +195,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     except (ValueError, OSError, MemoryError, ImportError) as exc:
         print(f"lanmesh node: cannot start: {exc}", file=sys.stderr)
         node.shutdown()
+        notifier.status(f"cannot start: {exc}")  # what `systemctl status` shows
         return 1
     return node.run_until_signal()
 

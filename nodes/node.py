@@ -19,6 +19,7 @@ from .executor import Executor
 from .hardware import detect_labels, unmet
 from .memory_budget import check_models_fit, describe_limits, node_memory_limits
 from .models import ModelSpec, default_models, estimate_memory, load_backend, parse_model_arg, with_precision
+from .systemd import ServiceNotifier
 
 log = logging.getLogger("lanmesh.node")
 
@@ -33,8 +34,11 @@ class StartupInterrupted(BaseException):
 class Node:
     """A running node. `start()` returns once it serves; `run_until_signal()` blocks until SIGINT/SIGTERM."""
 
-    def __init__(self, config: NodeConfig, backends: list[Backend] | None = None) -> None:
+    def __init__(
+        self, config: NodeConfig, backends: list[Backend] | None = None, notifier: ServiceNotifier | None = None
+    ) -> None:
         self.config = config
+        self.notifier = notifier or ServiceNotifier()  # systemd's notify socket; by default nobody listens
         self.node_id = config.node_id()
         self._backends = backends
         self.executor: Executor | None = None
@@ -64,8 +68,11 @@ class Node:
         if not runnable:
             raise ValueError(f"none of the models can run here (node labels {self.labels})")
         self._check_memory(runnable)
+        if self.notifier.enabled:  # systemd hears of the progress too (STATUS=, and more time to start)
+            progress = _both(progress, self.notifier.progress)
         backends = []
-        for spec in runnable:
+        for number, spec in enumerate(runnable, 1):
+            self.notifier.status(f"loading model {spec.name} ({number}/{len(runnable)})")
             t0 = time.monotonic()
             backend = load_backend(spec, progress=progress)
             engine = backend.describe().get("engine", type(backend).__name__)
@@ -220,6 +227,7 @@ class Node:
         """Serve until SIGINT/SIGTERM, then leave gracefully; returns the exit status."""
         if not self._handlers_installed:
             self.install_signal_handlers()
+        self._tell_systemd_ready()
         if on_ready is not None:
             on_ready()
         while not self._stop.wait(0.5):
@@ -227,8 +235,26 @@ class Node:
         self.shutdown()
         return 0
 
+    def _tell_systemd_ready(self) -> None:
+        """READY=1 (the models are loaded and the mesh is up), then watchdog pings while the mesh loop turns."""
+        if self.mesh is None or not self.notifier.enabled:
+            return
+        mesh, a = self.mesh, self.mesh.addr
+        models = ", ".join(sorted(self.executor.lanes)) if self.executor is not None else ""
+        http = f", HTTP on {self.config.http_host}:{self.config.http_port}" if self.gateway is not None else ""
+        self.notifier.ready(f"serving {models} on {a.host}:{a.port}{http}")
+        watchdog_s, stall = self.notifier.watchdog_s, self.config.stall_timeout
+        if watchdog_s is not None and stall and watchdog_s < stall + 3:
+            # Its own watchdog exits at --stall-timeout (checked every second) after an mDNS goodbye of up to 2 s.
+            log.warning(
+                "systemd's WatchdogSec=%g is not above --stall-timeout %g + 3 s: systemd may kill a stuck node "
+                "before the node's own watchdog says goodbye on mDNS", watchdog_s, stall,
+            )  # fmt: skip
+        self.notifier.watch_loop(lambda: mesh.last_turn)
+
     def shutdown(self) -> None:
         """Graceful leave: unregister and gossip 'leaving', finish or hand back work, then close."""
+        self.notifier.stopping()
         grace = self.config.grace
         end = time.monotonic() + grace
         if self.mesh is not None:
@@ -244,7 +270,19 @@ class Node:
             self.mesh.stop()
         if self.executor is not None:
             self.executor.stop(max(0.5, end - time.monotonic()))
+        self.notifier.close()
         log.info("left the mesh")
+
+
+def _both(first: ProgressFn | None, second: ProgressFn) -> ProgressFn:
+    if first is None:
+        return second
+
+    def report(what: str, fraction: float) -> None:
+        first(what, fraction)
+        second(what, fraction)
+
+    return report
 
 
 _HTTP_EXTRA = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic", "h11"})
