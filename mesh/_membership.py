@@ -291,6 +291,15 @@ class Membership:
             )
         return rows
 
+    def holders(self, name: str) -> list[tuple[str, str, str]]:
+        """(node, host:port, version) of every live peer serving `name`, as its gossip says (any thread)."""
+        out = []
+        for peer in self.links.peers:
+            load = peer.models.get(name)
+            if load is not None and load.version and self.detector.state(peer.node) is PeerState.ALIVE:
+                out.append((peer.node, f"{peer.addr.host}:{peer.addr.port}", load.version))
+        return out
+
     def _on_refused_connection(self, kind: str, source: str) -> None:
         # Runs on the ZAP thread (which also logs it). Each of these counters has that one writer, and a
         # dict store is atomic under the GIL, so the loop's own counters are not disturbed.

@@ -22,11 +22,13 @@ from typing import Any, NamedTuple
 import zmq
 
 from protocol import (
+    Admin,
     Cancel,
     Chunk,
     DecodeError,
     Error,
     ErrorCode,
+    Fetch,
     Hello,
     PeerAddr,
     Ping,
@@ -46,6 +48,7 @@ from ._membership import DRAIN, Membership
 from ._peers import Peer
 from ._routing import POLICIES
 from ._security import Authenticator
+from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
 from ._watchdog import LoopWatchdog
 
@@ -115,6 +118,8 @@ class MeshNode(Membership):
         self.local: dict[str, _Local] = {}  # request id -> where its answer goes, for work running here
         self._cancelled_here: set[str] = set()  # local work stopped by its caller: its answer goes nowhere
         self.observer: RequestObserver | None = None
+        # Operators' commands and model files (`Admin`, `Fetch`), answered on worker threads (the node sets the handler)
+        self.services = Services(self.node_id, self.post)
         self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1)
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._wake_lock = threading.Lock()
@@ -212,6 +217,7 @@ class MeshNode(Membership):
         if self._thread is not None and self._thread.is_alive():
             self.post("stop", None)
             self._thread.join(5.0)
+        self.services.close()
         if self._auth is not None:
             self._auth.stop()  # it closes its own sockets; destroy() must not close them under its feet
         self.ctx.destroy(linger=0)
@@ -360,6 +366,10 @@ class MeshNode(Membership):
                 self._guarded("a local answer", self._local_done, *payload)
             elif kind == "chunk":
                 self._guarded("a local chunk", self._local_chunk, *payload)
+            elif kind == "answer":
+                ident, frame, done = payload
+                self.services.done(done)
+                self.send_client(ident, frame)
             elif kind == "found":
                 self._guarded("an announcement", self._on_announcement, payload)
             elif kind == "lost":
@@ -404,6 +414,10 @@ class MeshNode(Membership):
             self._send_client(ident, Pong(msg.id, self.node_id, self.status() if msg.want_status else None))
         elif isinstance(msg, Hello):
             self._on_hello(ident, msg)
+        elif isinstance(msg, Admin | Fetch):
+            refused = self.services.submit(ident, msg)
+            if refused is not None:
+                self._send_client(ident, refused)
         else:
             self.stats["bad_frames"] += 1
             if hasattr(msg, "id"):

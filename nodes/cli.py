@@ -143,6 +143,13 @@ def _add_node_parser(sub: Any) -> None:
         "limit, such as systemd's MemoryMax=, is always respected)",
     )
     p.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (~/.cache/lanmesh)")
+    p.add_argument(
+        "--transfer-rate",
+        type=float,
+        dest="transfer_rate",
+        metavar="MBIT",
+        help="send model files to peers at most this fast, in Mbit/s, so serving goes on meanwhile (400; 0 = no cap)",
+    )
     p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     p.add_argument(
@@ -453,15 +460,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _add_models_parser(sub: Any) -> None:
-    p = sub.add_parser("models", help="show which default models are installed and cached")
-    p.set_defaults(func=_cmd_models)
+    from .model_commands import add_parsers
 
-
-def _cmd_models(args: argparse.Namespace) -> int:
-    from .models import models_status
-
-    print(json.dumps(models_status(), indent=2, default=str))
-    return 0
+    add_parsers(sub, _add_key_file)
 
 
 def _add_bench_parser(sub: Any) -> None:

@@ -50,6 +50,7 @@ class NodeConfig:
     routing: str = "p2c"  # p2c (power of two choices); round-robin, random, least-loaded are benchmark baselines
     max_memory: str = ""  # e.g. "8G": refuse models that would take the process past this (and the cgroup's limit)
     cache_dir: str = ""
+    transfer_rate: float = 400.0  # Mbit/s this node sends model files to peers at, at most (0: no cap)
     log_level: str = "info"
     log_format: str = "text"  # text (key=value) or json
     http_host: str = "127.0.0.1"  # OpenAI-compatible gateway and /metrics; non-loopback needs an API key
@@ -85,6 +86,8 @@ class NodeConfig:
             raise ValueError("max_tries >= 1, try_timeout >= 0, stall_timeout >= 0 and grace >= 0 are required")
         if self.routing not in ("p2c", "round-robin", "random", "least-loaded"):
             raise ValueError(f"routing must be p2c, round-robin, random or least-loaded, not {self.routing!r}")
+        if self.transfer_rate < 0:
+            raise ValueError("transfer_rate must be >= 0 Mbit/s (0: no cap)")
         if self.precision not in ("int4", "int8", "fp16", "fp32"):
             raise ValueError(f"precision must be int4, int8, fp16 or fp32, not {self.precision!r}")
         if self.log_format not in ("text", "json"):

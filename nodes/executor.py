@@ -47,6 +47,7 @@ class ModelLane:
         self._last_arrival = 0.0  # when the previous job was queued (a lone job is not held for batch mates)
         self._burst = False  # the job at the head of the queue arrived within batch_wait of the one before
         self._busy_mark = 0.0  # continuous lanes: start of the busy time not yet charged to a completed job
+        self.version = ""  # content hash of the model's files (set once known)
         self.batches = 0
         self.batched_jobs = 0
         self.job_seconds = 0.0  # EWMA of busy time per request; 0 until the first one is measured
@@ -63,7 +64,7 @@ class ModelLane:
         return self.backend.concurrency / self.job_seconds if self.job_seconds > 0 else 0.0
 
     def load(self) -> ModelLoad:
-        return ModelLoad(self.inflight, len(self._heap), self.capacity, round(self.rate(), 3))
+        return ModelLoad(self.inflight, len(self._heap), self.capacity, round(self.rate(), 3), self.version[:8])
 
     def start(self) -> None:
         if self.inline:
@@ -248,48 +249,147 @@ class ModelLane:
 
 
 class Executor:
-    """Runs requests on this node's models; implements what the mesh needs of a local server."""
+    """Runs requests on this node's models; implements what the mesh needs of a local server.
+
+    Models can come and go while the node serves (`add`, `switch`, `retire`): a model is served under its name, and
+    each loaded version also as `name@version` (what a request pins). Requests for `name` go to its current
+    version; a retired version takes no new work and leaves once what it runs is done. The lane tables are replaced,
+    never changed in place, so the mesh loop reads them without a lock.
+    """
 
     def __init__(self, backends: list[Backend], max_queue: int = 256, batch_wait: float = 0.005) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
-        self.lanes = {b.name: ModelLane(b, max_queue, batch_wait) for b in backends}
+        self.max_queue = max_queue
+        self.batch_wait = batch_wait
         self.labels: dict[str, str] = {}  # the node's labels (set by the node), matched against `require`
         self._jobs: dict[str, Job] = {}  # by request id, from submit until answered: what `cancel` can stop
+        self._write = threading.Lock()
+        self._started = False
+        lanes = [ModelLane(b, max_queue, batch_wait) for b in backends]
+        self._all: dict[tuple[str, str], ModelLane] = {(lane.backend.name, lane.version): lane for lane in lanes}
+        self.lanes: dict[str, ModelLane] = {lane.backend.name: lane for lane in lanes}  # current, by name
 
     def start(self) -> None:
-        for lane in self.lanes.values():
+        self._started = True
+        for lane in self._all.values():
             lane.start()
 
-    def serves(self, model: str) -> bool:
+    # ------------------------------------------------------------ models coming and going
+
+    def set_version(self, name: str, version: str) -> None:
+        """Record the version (content hash) of a lane loaded at start-up."""
+        with self._write:
+            lane = self.lanes[name]
+            del_key = (name, lane.version)
+            lane.version = version
+            table = dict(self._all)
+            table.pop(del_key, None)
+            table[(name, version)] = lane
+            self._all = table
+
+    def add(self, backend: Backend, version: str, current: bool) -> ModelLane:
+        """Serve a newly loaded model (a version beside the one serving, or a new name); started at once."""
+        lane = ModelLane(backend, self.max_queue, self.batch_wait)
+        lane.version = version
+        with self._write:
+            if (backend.name, version) in self._all:
+                raise ValueError(f"{backend.name}@{version[:8]} is loaded already")
+            if self._started:
+                lane.start()
+            self._all = {**self._all, (backend.name, version): lane}
+            if current or backend.name not in self.lanes:
+                self.lanes = {**self.lanes, backend.name: lane}
+        return lane
+
+    def switch(self, name: str, version: str) -> ModelLane:
+        """Requests for `name` go to `version` from now on."""
+        lane = self._find(name, version)
+        if lane is None or not lane.accepting:
+            raise ValueError(f"{name}@{version[:8]} is not loaded here")
+        with self._write:
+            self.lanes = {**self.lanes, name: lane}
+        return lane
+
+    def retire(self, name: str, version: str, grace: float) -> int:
+        """Stop routing to a version, let what it runs finish (within `grace` s), close it; returns the requests
+        handed back unfinished (0 when it drained)."""
+        lane = self._find(name, version)
+        if lane is None:
+            raise ValueError(f"{name}@{version[:8]} is not loaded here")
+        with self._write:
+            if self.lanes.get(name) is lane:  # it was the current one: another version (if any) takes over
+                others = [x for (n, _), x in self._all.items() if n == name and x is not lane and x.accepting]
+                lanes = dict(self.lanes)
+                if others:
+                    lanes[name] = others[0]
+                else:
+                    del lanes[name]
+                self.lanes = lanes
+            with lane._cond:
+                lane.accepting = False
+        end = time.monotonic() + grace
+        while time.monotonic() < end and (lane.inflight or lane.queued()):
+            time.sleep(0.02)
+        handed_back = 0
+        for job in lane.close_queue():
+            job.fail(ErrorCode.UNAVAILABLE, f"{name} is being unloaded here; request handed back")
+            handed_back += 1
+        lane.stop(max(0.5, end - time.monotonic()))
+        with self._write:
+            self._all = {k: v for k, v in self._all.items() if v is not lane}
+        return handed_back
+
+    def _find(self, name: str, version: str) -> ModelLane | None:
+        for (n, v), lane in self._all.items():
+            if n == name and v and v.startswith(version):
+                return lane
+        return None
+
+    def _lane(self, model: str) -> ModelLane | None:
+        """The lane a request for `model` (a name, or name@version) goes to."""
         lane = self.lanes.get(model)
+        if lane is not None or "@" not in model:
+            return lane
+        name, _, version = model.partition("@")
+        return self._find(name, version) if len(version) >= 8 else None
+
+    # ------------------------------------------------------------ what the mesh asks
+
+    def serves(self, model: str) -> bool:
+        lane = self._lane(model)
         return lane is not None and lane.accepting
 
     def models(self) -> dict[str, ModelLoad]:
-        return {name: lane.load() for name, lane in self.lanes.items() if lane.accepting}
+        out = {name: lane.load() for name, lane in self.lanes.items() if lane.accepting}
+        for (name, version), lane in self._all.items():
+            if version and lane.accepting:
+                out[f"{name}@{version[:8]}"] = lane.load()
+        return out
 
     def load(self, model: str) -> tuple[int, int]:
         """(in flight + queued, capacity) for the routing policy; (0, 0) when not served."""
-        lane = self.lanes.get(model)
+        lane = self._lane(model)
         if lane is None or not lane.accepting:
             return (0, 0)
         return (lane.inflight + lane.queued(), lane.capacity)
 
     def rate(self, model: str) -> float:
         """Measured requests per second of `model` here (0: not served, or not measured yet)."""
-        lane = self.lanes.get(model)
+        lane = self._lane(model)
         return 0.0 if lane is None or not lane.accepting else lane.rate()
 
     def queue_length(self, model: str) -> int:
-        lane = self.lanes.get(model)
+        lane = self._lane(model)
         return 0 if lane is None else lane.inflight + lane.queued()
 
     def submit(self, request: Request, deadline: float, on_chunk: ChunkFn, on_done: DoneFn) -> bool:
-        lane = self.lanes.get(request.model)
+        lane = self._lane(request.model)
         if lane is None:
             return False
         job = Job(request, deadline, on_chunk, on_done)
         job.on_settled = self._settled
+        job.lane = lane
         self._jobs[request.id] = job
         if lane.submit(job):
             return True
@@ -299,7 +399,7 @@ class Executor:
     def _settled(self, job: Job) -> None:
         self._jobs.pop(job.request.id, None)
         if job.started:
-            self.lanes[job.request.model]._release()
+            job.lane._release()
 
     def cancel(self, request_id: str, reason: str) -> bool:
         """Stop a request: dropped if queued, stopped at its next step if running (its slot is free at once).
@@ -309,7 +409,7 @@ class Executor:
             return False
         job.fail(ErrorCode.UNAVAILABLE, f"cancelled: {reason}")
         if not job.started:
-            self.lanes[job.request.model].forget(job)
+            job.lane.forget(job)
         return True
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -324,15 +424,16 @@ class Executor:
     def drain(self, grace: float) -> None:
         """Stop taking work; let running and queued work finish within `grace`; hand back the rest."""
         end = time.monotonic() + grace
-        for lane in self.lanes.values():
+        lanes = list(self._all.values())
+        for lane in lanes:
             with lane._cond:
                 lane.accepting = False
-        while time.monotonic() < end and any(lane.inflight or lane.queued() for lane in self.lanes.values()):
+        while time.monotonic() < end and any(lane.inflight or lane.queued() for lane in lanes):
             time.sleep(0.02)
-        for lane in self.lanes.values():
+        for lane in lanes:
             for job in lane.close_queue():
                 job.fail(ErrorCode.UNAVAILABLE, "node is shutting down; request handed back")
 
     def stop(self, timeout: float = 5.0) -> None:
-        for lane in self.lanes.values():
+        for lane in self._all.values():
             lane.stop(timeout)

@@ -20,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CACHE_MARKER = "lanmesh-cache.json"  # written last inside a cache entry; its presence means the entry is whole
+_PRIVATE = ("lanmesh-cache.json",)  # our own bookkeeping inside an entry: not part of the model's content
 _STALE_PARTIAL_S = 3600.0  # a half-written cache entry this old belongs to a crashed run
 _DIGESTS_FILE = "digests.json"  # content hashes of source files, so a warm start does not re-read them
 _digest_lock = threading.Lock()
@@ -42,10 +43,19 @@ def content_digest(source: Path, override: str | Path | None = None) -> str:
         raise FileNotFoundError(f"{source} does not exist")
     if source.is_file():
         return _file_digest(source, override)
+    files = [f for f in source.rglob("*") if f.is_file() and not f.name.startswith(_PRIVATE)]
+    return folder_digest(
+        [(f.relative_to(source).as_posix(), f.stat().st_size, _file_digest(f, override)) for f in files]
+    )
+
+
+def folder_digest(files: list[tuple[str, int, str]]) -> str:
+    """The content hash of a folder from its files' (relative posix path, size, sha256 hex): what a model's
+    version is, and what a manifest received from a peer must hash to."""
     total = hashlib.sha256()
-    for f in sorted(p for p in source.rglob("*") if p.is_file()):
-        total.update(f"{f.relative_to(source)}\0{f.stat().st_size}\0".encode())
-        total.update(bytes.fromhex(_file_digest(f, override)))
+    for path, size, sha in sorted(files):
+        total.update(f"{path}\0{size}\0".encode())
+        total.update(bytes.fromhex(sha))
     return total.hexdigest()
 
 

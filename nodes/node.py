@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mesh._node import MeshNode, MeshSettings
-from mesh._security import MeshKey, RequestLimits, load_mesh_key, require_curve
+from mesh._security import MeshKey, Plaintext, RequestLimits, load_mesh_key, require_curve
 from protocol import Limits
 
+from .admin import NodeAdmin, pulled_copy, spec_for_folder
 from .backends.base import Backend, ProgressFn
 from .config import NodeConfig, parse_hostport
 from .executor import Executor
 from .hardware import detect_labels, unmet
 from .memory_budget import check_models_fit, describe_limits, node_memory_limits
-from .models import ModelSpec, default_models, estimate_memory, load_backend, parse_model_arg, with_precision
+from .model_cache import CACHE_MARKER
+from .models import (
+    ModelSpec,
+    default_models,
+    estimate_memory,
+    load_backend,
+    parse_model_arg,
+    resolve_path,
+    with_precision,
+)
 from .systemd import ServiceNotifier
+from .transfer import PullError
 
 log = logging.getLogger("lanmesh.node")
 
@@ -50,6 +63,9 @@ class Node:
         self._starting = False
         self._handlers_installed = False
         self.labels: dict[str, str] = {}
+        self.admin: NodeAdmin | None = None
+        self._spec_text: dict[str, str] = {}  # model name -> the spec it was configured with
+        self._to_pull: list[ModelSpec] = []  # configured models whose files are not here: fetched from peers
 
     def _build_backends(self, progress: ProgressFn | None) -> list[Backend]:
         specs = [parse_model_arg(m) for m in self.config.models] if self.config.models else default_models()
@@ -57,6 +73,8 @@ class Node:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a name: {names}")
+        self._spec_text = dict(zip(names, self.config.models or names, strict=True))
+        specs = self._local_or_pulled(specs)
         self.labels = {**detect_labels(any(s.kind not in ("echo", "sleep") for s in specs)), **self.config.labels}
         runnable = []
         for spec in specs:
@@ -65,7 +83,7 @@ class Node:
                 log.warning("not serving %s: it requires %s, this node has %s", spec.name, missing, self.labels)
             else:
                 runnable.append(spec)
-        if not runnable:
+        if not runnable and not self._to_pull:
             raise ValueError(f"none of the models can run here (node labels {self.labels})")
         self._check_memory(runnable)
         if self.notifier.enabled:  # systemd hears of the progress too (STATUS=, and more time to start)
@@ -95,6 +113,48 @@ class Node:
         check_models_fit(needs, limits)
         log.info("memory: %s; the models need about %.2f GiB", describe_limits(limits),
                  sum(n for _, n in needs) / 2**30)  # fmt: skip
+
+    def _local_or_pulled(self, specs: list[ModelSpec]) -> list[ModelSpec]:
+        """The specs whose files are here (or were pulled before); the others are fetched from peers once joined."""
+        here = []
+        for spec in specs:
+            try:
+                if spec.kind not in ("echo", "sleep"):
+                    resolve_path(spec)
+            except FileNotFoundError as exc:
+                pulled = pulled_copy(spec.name, self.config.cache_dir or None)
+                if pulled is not None:
+                    log.info("model %s: serving the copy pulled from peers earlier (%s)", spec.name, pulled.name)
+                    here.append(spec_for_folder(spec.name, _pulled_kind(pulled), pulled))
+                else:
+                    log.warning("%s; it will be fetched from a peer that serves it", exc)
+                    self._to_pull.append(spec)
+                continue
+            here.append(spec)
+        return here
+
+    def _pull_missing(self) -> None:
+        """Fetch the configured models this node lacks from the peers that serve them, then serve them."""
+        assert self.admin is not None and self.mesh is not None
+        for spec in self._to_pull:
+            end = time.monotonic() + 300
+            while not self.mesh.holders(spec.name):
+                if self._stop.wait(1.0) or time.monotonic() > end:
+                    log.error("model %s: no peer serves it; not serving it", spec.name)
+                    break
+            else:
+                try:
+                    folder = self.admin.pull(spec.name)
+                    self.admin.handle_load(f"name={spec.name},path={folder}")
+                except (PullError, ValueError, OSError) as exc:
+                    log.error("model %s: cannot fetch it from peers: %s", spec.name, exc)
+
+    def with_node_defaults(self, spec: ModelSpec) -> ModelSpec:
+        """A spec as this node serves it (its precision, unless the spec names one)."""
+        return with_precision(spec, self.config.precision)
+
+    def mesh_security(self) -> MeshKey | Plaintext:
+        return self.mesh_key if self.mesh_key is not None else Plaintext()
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM leave gracefully at any moment: during start-up (model loading included) they stop it,
@@ -138,6 +198,10 @@ class Node:
         backends = self._backends if self._backends is not None else self._build_backends(progress)
         self.executor = Executor(backends, max_queue=cfg.max_queue, batch_wait=cfg.batch_wait_ms / 1000)
         self.executor.labels = dict(self.labels)  # node labels: what routing's `require` matches
+        self.admin = NodeAdmin(self, cfg.transfer_rate * 1e6 / 8 if cfg.transfer_rate else None)
+        for backend in backends:
+            entry = self.admin.register(backend, self._spec_text.get(backend.name, backend.name))
+            self.executor.set_version(backend.name, entry.version)
         self.executor.start()
         interfaces = [cfg.advertised_host()] if cfg.interface else None
         for seed in cfg.peers:
@@ -172,6 +236,7 @@ class Node:
             max_inflight_per_peer=cfg.max_inflight_per_peer,
         )
         self.mesh = MeshNode(self.executor, settings)
+        self.mesh.services.handler = self.admin.handle
         try:
             self.mesh.start()
         except Exception:
@@ -179,6 +244,8 @@ class Node:
             self.mesh.stop()
             self.mesh = None
             raise
+        if self._to_pull:
+            threading.Thread(target=self._pull_missing, name="lanmesh-pull", daemon=True).start()
         a = self.mesh.addr
         models = ", ".join(sorted(self.executor.lanes))
         log.info(f"serving {models} on {a.host}:{a.port} (gossip :{a.pub_port})", extra={"models": models})
@@ -283,6 +350,13 @@ def _both(first: ProgressFn | None, second: ProgressFn) -> ProgressFn:
         second(what, fraction)
 
     return report
+
+
+def _pulled_kind(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / CACHE_MARKER).read_text()).get("kind", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 _HTTP_EXTRA = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic", "h11"})

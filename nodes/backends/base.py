@@ -6,6 +6,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from protocol import ErrorCode, Request, Task
@@ -33,6 +34,7 @@ class Job:
         "started",
         "_settled",
         "on_settled",
+        "lane",
     )
 
     def __init__(
@@ -54,6 +56,7 @@ class Job:
         self._settled: threading.Event | None = None  # made by the first `sleep()`
         # Told first when the job is answered (the executor frees its slot); set once, before the job is queued.
         self.on_settled: Callable[[Job], None] | None = None
+        self.lane: Any = None  # the executor's queue the job is in
 
     @property
     def emitted(self) -> bool:
@@ -156,3 +159,8 @@ class Backend(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "tasks": sorted(t.value for t in self.tasks), "labels": dict(self.labels)}
+
+    def files(self) -> tuple[str, Path] | None:
+        """What another node needs to serve this model without building it: (the spec kind that loads them, the
+        folder of files this backend loaded). None for models without files (synthetic ones)."""
+        return None

@@ -263,6 +263,9 @@ class OnnxChat(Backend):
         self._session = None
         self._cache = None
 
+    def files(self) -> tuple[str, Path] | None:
+        return None if self.model_dir is None else ("onnx-chat", self.model_dir)
+
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"precision": self.precision, "engine": "onnxruntime-genai build, continuous"}
 

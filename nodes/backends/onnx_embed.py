@@ -72,6 +72,7 @@ class OnnxEmbedder(Backend):
         self.loaded_from = ""  # "onnx" (given file), "export" (exported now) or "cache"
         self.cache_path: Path | None = None
         self.dimension = 0
+        self.model_file: Path | None = None  # the ONNX file served
         self._session: Any = None
         self._tokenizer: Any = None
         self._inputs: list[str] = []
@@ -148,6 +149,7 @@ class OnnxEmbedder(Backend):
         if "input_ids" not in names or unknown:
             raise ValueError(f"{onnx_file}: expected inputs input_ids[, attention_mask, token_type_ids], got {names}")
         self._session, self._tokenizer, self._inputs = session, tokenizer, names
+        self.model_file = onnx_file
         self.max_length = max_length
         self.dimension = int(self._embed(["dimension probe"])[0][0].shape[-1])
         on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
@@ -212,6 +214,9 @@ class OnnxEmbedder(Backend):
 
     def close(self) -> None:
         self._session = None
+
+    def files(self) -> tuple[str, Path] | None:
+        return None if self.model_file is None else ("onnx-embed", self.model_file.parent)
 
     # ------------------------------------------------------------ serving
 

@@ -126,6 +126,7 @@ class TransformersChat(Backend):
         self.threads = threads
         self.loaded_from = ""  # "folder", "gguf" (converted now) or "cache" — for logs and tests
         self.cache_path: Path | None = None
+        self.model_dir: Path | None = None  # the HF folder the weights were read from
         self._model: Any = None
         self._tokenizer: Any = None
         self._eos: frozenset[int] = frozenset()
@@ -161,8 +162,10 @@ class TransformersChat(Backend):
             report(f"{self.name}: loading {self.path.name}", 0.1)
             model, tokenizer = self._from_folder(self.path, dtype)
             self.loaded_from = "folder"
+            self.model_dir = self.path
         else:
             model, tokenizer = self._from_gguf(gguf, dtype, report)
+            self.model_dir = self.cache_path if self.cache_path is not None and cache_ready(self.cache_path) else None
 
         report(f"{self.name}: moving to {device}", 0.95)
         model.to(device)
@@ -243,6 +246,9 @@ class TransformersChat(Backend):
     def close(self) -> None:
         self._model = None
         self._tokenizer = None
+
+    def files(self) -> tuple[str, Path] | None:
+        return None if self.model_dir is None else ("transformers", self.model_dir)
 
     # ------------------------------------------------------------ serving
 

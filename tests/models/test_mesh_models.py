@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import zmq
 
 from bench.procs import Cluster
 from mesh import Client
+from mesh._security import client_security
+from nodes.model_commands import admin_call
 from nodes.models import models_status
 from protocol import Chunk, Reply, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
@@ -112,6 +115,35 @@ def test_a_real_stream_continues_exactly_when_its_node_is_killed_mid_answer(
     assert [c.seq for c in chunks] == list(range(len(chunks)))
     assert len({c.node for c in chunks}) == 2, "the answer should have been finished by the other node"
     assert "".join(c.data for c in chunks) == reference
+
+
+def test_a_node_without_smollm2s_files_pulls_the_build_from_a_peer_and_answers_with_it(
+    model_cluster: Cluster, model_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A new machine configured for smollm2 without the model package: it fetches the built model from the peer
+    that serves it (no internet) and answers like that peer."""
+    a = model_cluster.add("a", [*LOOPBACK, "--model", "smollm2"], wait=300, env=model_env)
+    bare = {**model_env, "LANMESH_CACHE_DIR": str(tmp_path / "b-cache")}  # nothing converted, nothing pulled yet
+    b = model_cluster.add(
+        "b", [*LOOPBACK, "--model", "echo", "--model", "name=smollm2,path=/nonexistent/smollm2.gguf",
+              "--peer", a.address], env=bare,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        served = admin_call(b.address, "models", {}, client_security(), 5.0)["models"]
+        if any(m["name"] == "smollm2" and m["state"] == "ready" for m in served):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"b never served the pulled smollm2:\n{b.log_tail(30)}")
+    mine = next(m for m in served if m["name"] == "smollm2")
+    at_a = admin_call(a.address, "models", {}, client_security(), 5.0)["models"]
+    theirs = next(m for m in at_a if m["name"] == "smollm2")
+    assert mine["version"] == theirs["version"] and mine["bytes"] == theirs["bytes"] > 50_000_000
+    a.stop()  # the only other holder is gone: b answers with its own copy
+    with Client(b.address, timeout=120) as client:
+        answer = client.chat("smollm2", QUESTION, max_tokens=24, temperature=0)
+    assert answer.node == "b" and "Paris" in answer.text
 
 
 def test_a_model_that_requires_a_gpu_is_not_served_by_a_cpu_node(model_cluster: Cluster) -> None:

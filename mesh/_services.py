@@ -1,0 +1,68 @@
+"""Operators' commands and model files (`Admin`, `Fetch`): answered by the node on worker threads, never on the mesh
+loop, since a model load takes minutes and a file read waits out the sender's rate cap.
+
+The loop hands each message over with `submit` and sends the answer when the worker posts it back; `done` settles
+the count of pending work. Each kind has its own pool and its own bound, past which the caller hears `OVERLOADED`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from protocol import Admin, Error, ErrorCode, Fetch, encode
+
+log = logging.getLogger("lanmesh.mesh")
+
+# kind -> (worker threads, most pending at once)
+POOLS: dict[type, tuple[int, int]] = {Admin: (2, 16), Fetch: (3, 64)}
+
+
+class Services:
+    """The node's Admin/Fetch handler (`handler`, set by the node; None: it answers neither) and its pools."""
+
+    def __init__(self, node_id: str, post: Callable[[str, Any], None]) -> None:
+        self.node_id = node_id
+        self.handler: Callable[[Admin | Fetch], Any] | None = None
+        self.refused = 0
+        self._post = post
+        self._pools = {
+            kind: (ThreadPoolExecutor(threads, thread_name_prefix=f"lanmesh-{kind.__name__.lower()}"), bound)
+            for kind, (threads, bound) in POOLS.items()
+        }
+        self._pending: collections.Counter[type] = collections.Counter()
+
+    def submit(self, ident: bytes, msg: Admin | Fetch) -> Error | None:
+        """Queue `msg` for a worker (its answer is posted to the loop as ("answer", (ident, frame, kind))); or the
+        error to answer at once: nobody handles it here, or too many are pending."""
+        kind = type(msg)
+        handler = self.handler
+        if handler is None:
+            return Error(msg.id, ErrorCode.BAD_REQUEST, f"this node takes no {kind.__name__}", self.node_id)
+        pool, bound = self._pools[kind]
+        if self._pending[kind] >= bound:
+            self.refused += 1
+            return Error(msg.id, ErrorCode.OVERLOADED, f"too many {kind.__name__} requests here", self.node_id)
+        self._pending[kind] += 1
+
+        def run() -> None:
+            try:
+                answer = handler(msg)
+            except Exception as exc:  # a handler bug answers its caller; the pool thread lives on
+                log.exception("%s %s failed", kind.__name__, msg.id)
+                answer = Error(msg.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", self.node_id)
+            self._post("answer", (ident, encode(answer), kind))
+
+        pool.submit(run)
+        return None
+
+    def done(self, kind: type) -> None:
+        """An answer of `kind` was sent (on the loop)."""
+        self._pending[kind] -= 1
+
+    def close(self) -> None:
+        for pool, _ in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)

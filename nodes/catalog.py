@@ -1,0 +1,233 @@
+"""What models this node has: each loaded model's name, version (the content hash of its files), where those files
+are and their manifest; and the model pulls under way. What `lanmesh models` shows, and what peers may fetch.
+
+A manifest lists a model's files with their sizes and sha256, and the sha256 of each chunk of them; its version is
+the hash of that list (`model_cache.folder_digest`), so whoever receives one can check it against the version it
+asked for, and every chunk and file against the manifest, before a byte is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .model_cache import CACHE_MARKER, folder_digest
+
+CHUNK_BYTES = 1024 * 1024  # a transfer moves files in pieces this big, each hashed on its own
+SHORT = 8  # hex digits of a version shown and gossiped ("name@1a2b3c4d")
+MANIFEST_FORMAT = 1
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be trusted: it does not hash to its version, or names a path outside its folder."""
+
+
+@dataclass
+class ModelEntry:
+    """One model this node serves (or is loading, or draining)."""
+
+    name: str
+    version: str  # full hex content hash ("" while loading)
+    kind: str  # onnx-chat, onnx-embed, transformers, gguf, echo, sleep
+    spec: str  # what it was loaded from, as given
+    folder: Path | None  # its files (None: a synthetic model, nothing to share)
+    state: str = "loading"  # loading, ready, draining
+    current: bool = True  # what requests for `name` (unpinned) go to
+    info: dict[str, Any] = field(default_factory=dict)  # backend, precision, ...
+    _manifest: dict[str, Any] | None = None
+    _sizes: dict[str, int] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def short(self) -> str:
+        return self.version[:SHORT]
+
+    def manifest(self) -> dict[str, Any]:
+        """This model's manifest, made on first use (it hashes every file once; other askers wait for it)."""
+        with self._lock:
+            if self._manifest is None:
+                if self.folder is None:
+                    raise ManifestError(f"{self.name} is a synthetic model: it has no files to share")
+                self._manifest = make_manifest(self.name, self.kind, self.folder, self.info)
+            return self._manifest
+
+    def sizes(self) -> dict[str, int]:
+        """Each file's size by its path in the folder: what a chunk request is checked against (no hashing)."""
+        with self._lock:
+            if self._sizes is None:
+                self._sizes = {p: s for p, s, _ in _files(self.folder)} if self.folder is not None else {}
+            return self._sizes
+
+    def row(self) -> dict[str, Any]:
+        files = []
+        if self.folder is not None and self.folder.is_dir():
+            files = [{"path": p, "size": s} for p, s, _ in _files(self.folder)]
+        return {
+            "name": self.name,
+            "version": self.short,
+            "kind": self.kind,
+            "state": self.state,
+            "current": self.current,
+            "files": files,
+            "bytes": sum(f["size"] for f in files),
+            **self.info,
+        }
+
+
+@dataclass
+class PullProgress:
+    """A pull under way (or finished): how far it is, from whom."""
+
+    name: str
+    version: str
+    total: int = 0
+    done: int = 0
+    sources: list[str] = field(default_factory=list)
+    state: str = "pulling"  # pulling, done, failed
+    error: str = ""
+    started: float = field(default_factory=time.monotonic)
+    corrupt: int = 0  # chunks that failed their hash and were fetched again
+    dropped: dict[str, str] = field(default_factory=dict)  # sender -> why it was given up
+    ended: float | None = None
+
+    def finish(self, state: str, error: str = "") -> None:
+        self.state, self.error, self.ended = state, error, time.monotonic()
+        if state == "done":
+            self.done = self.total
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version[:SHORT],
+            "state": self.state,
+            "bytes": self.total,
+            "done": self.done,
+            "progress": round(self.done / self.total, 4) if self.total else 0.0,
+            "from": list(self.sources),
+            "seconds": round((self.ended or time.monotonic()) - self.started, 2),
+            "corrupt_chunks": self.corrupt,
+            "dropped": dict(self.dropped),
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+class Catalog:
+    """The node's models and pulls; safe to use from the mesh loop, admin threads and transfer threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, str], ModelEntry] = {}  # (name, full version)
+        self._pulls: dict[tuple[str, str], PullProgress] = {}
+
+    def add(self, entry: ModelEntry) -> None:
+        with self._lock:
+            self._entries[(entry.name, entry.version)] = entry
+
+    def remove(self, entry: ModelEntry) -> None:
+        with self._lock:
+            self._entries.pop((entry.name, entry.version), None)
+
+    def entries(self, name: str | None = None) -> list[ModelEntry]:
+        with self._lock:
+            return [e for e in self._entries.values() if name is None or e.name == name]
+
+    def find(self, name: str, version: str) -> ModelEntry | None:
+        """The entry for `name` at `version` (full or short hex)."""
+        with self._lock:
+            for (n, v), entry in self._entries.items():
+                if n == name and v.startswith(version) and len(version) >= SHORT:
+                    return entry
+        return None
+
+    def pull_started(self, progress: PullProgress) -> None:
+        with self._lock:
+            self._pulls[(progress.name, progress.version)] = progress
+
+    def rows(self) -> dict[str, Any]:
+        with self._lock:
+            entries, pulls = list(self._entries.values()), list(self._pulls.values())
+        return {"models": [e.row() for e in entries], "pulls": [p.row() for p in pulls]}
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def _files(folder: Path) -> list[tuple[str, int, Path]]:
+    out = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != CACHE_MARKER:
+            out.append((f.relative_to(folder).as_posix(), f.stat().st_size, f))
+    return out
+
+
+def make_manifest(name: str, kind: str, folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a model folder: every file's size, sha256 and chunk hashes; its version is their digest."""
+    files: list[dict[str, Any]] = []
+    for rel, size, path in _files(folder):
+        whole, chunks = hashlib.sha256(), []
+        with path.open("rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                whole.update(block)
+                chunks.append(hashlib.sha256(block).hexdigest())
+        files.append({"path": rel, "size": size, "sha256": whole.hexdigest(), "chunks": chunks})
+    version = folder_digest([(f["path"], f["size"], f["sha256"]) for f in files])
+    return {"format": MANIFEST_FORMAT, "name": name, "kind": kind, "version": version, "chunk": CHUNK_BYTES,
+            "files": files, "info": info}  # fmt: skip
+
+
+def check_manifest(raw: bytes, name: str, version: str) -> dict[str, Any]:
+    """A manifest received from a peer, checked: it parses, every path stays inside the model's folder, every file
+    has the chunks its size needs, and the whole hashes to the version asked for (full hex, or its first 8)."""
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise ManifestError(f"the manifest of {name} is not JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"the manifest of {name} has an unknown format")
+    chunk = manifest.get("chunk")
+    files = manifest.get("files")
+    if not isinstance(chunk, int) or not 0 < chunk <= 4 * 1024 * 1024 or not isinstance(files, list) or not files:
+        raise ManifestError(f"the manifest of {name} lists no files or has a bad chunk size")
+    seen = set()
+    for f in files:
+        if not isinstance(f, dict):
+            raise ManifestError(f"the manifest of {name} has a malformed file entry")
+        path, size, sha, chunks = f.get("path"), f.get("size"), f.get("sha256"), f.get("chunks")
+        safe_path(path)
+        if not isinstance(size, int) or size < 0 or not _hex64(sha) or not isinstance(chunks, list):
+            raise ManifestError(f"the manifest of {name} has a malformed entry for {path!r}")
+        if len(chunks) != -(-size // chunk):
+            raise ManifestError(f"the manifest of {name}: {path!r} has {len(chunks)} chunk hashes for {size} bytes")
+        if not all(_hex64(c) for c in chunks) or path in seen:
+            raise ManifestError(f"the manifest of {name} has bad chunk hashes or a repeated path {path!r}")
+        seen.add(path)
+    digest = folder_digest([(f["path"], f["size"], f["sha256"]) for f in files])
+    if not digest.startswith(version) or len(version) < SHORT:
+        raise ManifestError(
+            f"the manifest of {name} hashes to {digest[:SHORT]}, not the version asked for ({version[:SHORT]}): refused"
+        )
+    manifest["version"] = digest
+    return manifest
+
+
+def safe_path(path: Any) -> PurePosixPath:
+    """A manifest path that stays inside the model's folder (relative, no `..`, no drive), or ManifestError."""
+    if not isinstance(path, str) or not path or "\0" in path or "\\" in path:
+        raise ManifestError(f"refused a manifest path {path!r}: not a plain relative path")
+    p = PurePosixPath(path)
+    if p.is_absolute() or any(part in ("..", "") for part in p.parts) or ":" in p.parts[0]:
+        raise ManifestError(f"refused a manifest path {path!r}: it points outside the model's folder")
+    if p.as_posix() != path:  # "a//b", "./a", "a/": two spellings of one file could overwrite each other
+        raise ManifestError(f"refused a manifest path {path!r}: not in its plain form ({p.as_posix()!r})")
+    if p.name == CACHE_MARKER:
+        raise ManifestError(f"refused a manifest path {path!r}: that name is the cache's own")
+    return p
+
+
+def _hex64(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
