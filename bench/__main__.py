@@ -17,6 +17,8 @@ SCENARIOS = {
     "failover": "kill -9 and SIGSTOP of one of 4 nodes under load: lost requests, detection, p99, recovery",
     "soak": "a bounded chaos run: kills, restarts, hangs, packet loss and a slow link under steady load",
     "models": "the default models through one node: tokens/s, time to first token, embeddings/s, start times",
+    "transfer": "a >= 100 MB model pulled from 3 peers over a 200 Mbit/s link: clean, a sender killed, rotten chunks",
+    "rollout": "every node of a 4-node mesh moves to a new model version under steady load: failures, step times",
 }
 
 
@@ -97,6 +99,16 @@ def _run(args: argparse.Namespace) -> int:
         from . import models
 
         models.run(quick=args.quick, reps=args.reps)  # prints why and writes nothing when the models are missing
+    elif args.scenario == "transfer":
+        from . import transfer
+
+        result = transfer.run(quick=args.quick, mode=args.mode)
+        return 0 if result["summary"]["all_intact"] else 1
+    elif args.scenario == "rollout":
+        from . import rollout
+
+        result = rollout.run(quick=args.quick, mode=args.mode)
+        return 0 if result["summary"]["failed"] == 0 else 1
     return 0
 
 

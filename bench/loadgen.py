@@ -202,6 +202,8 @@ def trace(
     seed: int,
     timeout: float,
     jsq_caps: list[int] | None = None,
+    task: str = "complete",
+    samples: str | None = None,
 ) -> dict[str, Any]:
     """Open loop: Poisson arrivals at `rate`/s for `duration` s, each entering at a uniformly drawn node.
 
@@ -254,7 +256,7 @@ def trace(
                     best = min((outstanding[i] + 1) / jsq_caps[i] for i in range(len(nodes)))
                     ties = [i for i in range(len(nodes)) if (outstanding[i] + 1) / jsq_caps[i] == best]
                     target, hops = tie_rng.choice(ties), 1
-                req = Request(rid, model, Task.COMPLETE, f"request {nxt}", deadline_ms=int(timeout * 1000), hops=hops)
+                req = Request(rid, model, Task(task), f"request {nxt}", deadline_ms=int(timeout * 1000), hops=hops)
                 socks[target].send(encode(req))
                 outstanding[target] += 1
                 pending[rid] = (now, target)
@@ -298,6 +300,8 @@ def trace(
         dispatch="jsq-oracle" if jsq_caps else "uniform-entry",
     )
     summary["throughput_req_per_s"] = out.ok / duration
+    if samples:
+        out.write_samples(samples)
     emit("summary", **summary)
     return summary
 
@@ -422,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=1)
     t.add_argument("--timeout", type=float, default=30.0)
     t.add_argument("--jsq", help="be the central JSQ oracle instead; comma-separated capacity of each node")
+    t.add_argument("--task", default="complete", choices=[x.value for x in Task])
+    t.add_argument("--samples", help="write every request's (start, end, ok, node) to this JSON file")
     o = sub.add_parser("overhead", help="sync latency and pipelined throughput of echo through one node")
     o.add_argument("--node", required=True)
     o.add_argument("--sync", type=int, default=5000)
@@ -450,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes = args.nodes.split(",")
         if caps is not None and len(caps) != len(nodes):
             parser.error("--jsq needs one capacity per node")
-        trace(nodes, args.model, args.rate, args.duration, args.seed, args.timeout, caps)
+        trace(nodes, args.model, args.rate, args.duration, args.seed, args.timeout, caps, args.task, args.samples)
         return 0
     if args.cmd == "overhead":
         overhead_probe(args.node, args.sync, args.pipelined, args.window)

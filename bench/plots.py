@@ -196,3 +196,56 @@ def plot_models(result: dict[str, Any], path: Path) -> None:
     c.set_title(f"node start (warm: until it serves); memory {s.get('rss_mib', float('nan')):.0f} MiB")
     fig.suptitle(f"models — {_subtitle(result)}", fontsize=9)
     _save(fig, path)
+
+
+def plot_transfer(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    runs, s = result["runs"], result["summary"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
+    colors = {"clean": "#2b7bba", "sender killed": "#d9822b", "corrupted chunks": "#7b3294"}
+    for name, r in runs.items():
+        curve = r.get("curve") or []
+        if curve:
+            a.plot([t for t, _ in curve], [d / 1e6 for _, d in curve], color=colors.get(name), label=name)
+    if s.get("link_mbit"):
+        top = s["bytes"] / 1e6
+        a.plot([0, top * 8 / s["link_mbit"]], [0, top], color="grey", linestyle=":", label=f"{s['link_mbit']} Mbit/s")
+    a.set_xlabel("seconds from the pull's start")
+    a.set_ylabel("MB fetched and checked")
+    a.set_title(f"{s['bytes'] / 1e6:.0f} MB model; clean {s['clean_mbit_per_s'] or 0:.0f} Mbit/s")
+    a.legend(fontsize=8)
+    load = runs["clean"]["load"]
+    tl = load["timeline"]
+    b.plot([r["second"] for r in tl], [r["p99_ms"] for r in tl], color="#2b7bba", label="p99 ms (1 s)")
+    lo, hi = load["pull_window_s"]
+    b.axvspan(lo, hi, color="#f0b36e", alpha=0.3, label="the sources send the model")
+    b.set_xlabel("seconds")
+    b.set_ylabel("ms")
+    b.set_ylim(bottom=0)
+    ratio = s.get("sender_p99_ratio")
+    b.set_title(f"sources' serving p99 while sending: {ratio or 0:.2f}x before")
+    b.legend(fontsize=8)
+    fig.suptitle(f"transfer — {_subtitle(result)}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_rollout(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    tl, s = result["timeline"], result["summary"]
+    fig, ax = plt.subplots(figsize=(12, 4.2))
+    ax.plot([r["second"] for r in tl], [r["ok"] for r in tl], color="#2b7bba", label="served per second")
+    failed = [(r["second"], r["failed"]) for r in tl if r["failed"]]
+    if failed:
+        ax.scatter(*zip(*failed, strict=True), color="red", marker="x", label="failed per second")
+    palette = ["#d9822b", "#7b3294", "#1a9850", "#b2182b", "#4d4d4d"]
+    for i, st in enumerate(result["steps"]):
+        ax.axvspan(st["start_s"], st["end_s"], color=palette[i % len(palette)], alpha=0.2,
+                   label=f"{st['node']}: {st['old']} -> {st['new']}")  # fmt: skip
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("requests per second")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"rollout under load: {s['failed']} failed of {s['requests']}, {s['nodes_on_new_version']}/"
+                 f"{result['nodes']} nodes on the new version, {s['rollout_s']:.1f} s in all")  # fmt: skip
+    ax.legend(fontsize=8, loc="lower left", ncol=3)
+    fig.suptitle(f"rollout — {_subtitle(result)}", fontsize=9)
+    _save(fig, path)

@@ -9,7 +9,7 @@ from typing import Any
 
 from .report import results_dir
 
-ORDER = ("overhead", "scaling", "heterogeneous", "failover", "soak", "models")
+ORDER = ("overhead", "scaling", "heterogeneous", "failover", "soak", "models", "transfer", "rollout")
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -140,6 +140,33 @@ def goals(r: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
                  s["warm_start_s"] <= goals["warm_start_s"]),
             ):  # fmt: skip
                 rows.append((f"models: {what}", shown, _met(ok)))
+    if "transfer" in r:
+        s, g = r["transfer"]["summary"], r["transfer"]["goals"]
+        share = s.get("clean_link_share")
+        rows.append((
+            f"transfer: a pull reaches >= {g['link_share'] * 100:.0f}% of a {s.get('link_mbit') or '?'} Mbit/s link",
+            f"{_f(s['clean_mbit_per_s'], '.0f', ' Mbit/s')} ({_f(share * 100 if share else None, '.0f', '%')})",
+            _met(share >= g["link_share"]) if share is not None else "n/a (link not shaped)",
+        ))  # fmt: skip
+        rows.append((
+            "transfer: a sender killed at half way, rotten chunks: the pull completes intact",
+            f"killed at {_f((s['killed_at_progress'] or 0) * 100, '.0f', '%')}: intact {s['killed_completed']}; "
+            f"{s['corrupt_detected']} rotten chunks refetched: intact {s['corrupt_completed']}",
+            _met(s["killed_completed"] and s["corrupt_completed"] and s["corrupt_detected"] > 0),
+        ))  # fmt: skip
+        ratio = s.get("sender_p99_ratio")
+        rows.append((
+            f"transfer: senders' serving p99 within {g['sender_p99_ratio']}x while sending",
+            _f(ratio, ".2f", "x"),
+            _met(ratio is not None and ratio <= g["sender_p99_ratio"]),
+        ))  # fmt: skip
+    if "rollout" in r:
+        s = r["rollout"]["summary"]
+        rows.append((
+            f"rollout: 0 failed requests while {r['rollout']['nodes']} nodes switch version",
+            f"{s['failed']} of {s['requests']}; {s['nodes_on_new_version']}/{r['rollout']['nodes']} on the new version",
+            _met(s["failed"] == 0 and s["nodes_on_new_version"] == r["rollout"]["nodes"]),
+        ))  # fmt: skip
     return rows
 
 
@@ -317,6 +344,47 @@ def _models(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _transfer(res: dict[str, Any]) -> list[str]:
+    s, d = res["summary"], res["definitions"]
+    link = f"tbf {s['link_mbit']} Mbit/s" if s.get("link_mbit") else "loopback (not shaped)"
+    lines = [
+        f"`{res['model']['name']}`, {s['bytes'] / 1e6:.0f} MB ({res['model']['kind']}), served by 3 nodes; each pull "
+        f"by a fresh node whose link is {link}. Rate: {d['rate']}. Sender p99: {d['sender_p99']}.",
+        "",
+        "| run | result | seconds | Mbit/s | dropped sources | chunks fetched again | intact |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res["runs"].items():
+        dropped = ", ".join(f"{k} ({v})" for k, v in r["dropped"].items()) or "—"
+        lines.append(f"| {name} | {r['state']} | {_f(r['seconds'], '.1f')} | {_f(r['mbit_per_s'], '.0f')} |"
+                     f" {dropped} | {r['corrupt_chunks']} | {r['intact']} |")  # fmt: skip
+    lo = res["runs"]["clean"]["load"]
+    lines += ["", f"Sources' serving latency under {lo['rate']:g} embedding requests per second: p99 "
+              f"{_f(lo['p99_before_ms'], '.1f', ' ms')} before the pull, {_f(lo['p99_during_ms'], '.1f', ' ms')} "
+              f"while sending, {_f(lo['p99_after_ms'], '.1f', ' ms')} after; {lo['failed']} of {lo['requests']} "
+              "failed."]  # fmt: skip
+    return lines
+
+
+def _rollout(res: dict[str, Any]) -> list[str]:
+    s = res["summary"]
+    lines = [
+        f"{res['nodes']} nodes of `{res['model']['name']}` ({res['model']['megabytes']:g} MB, {res['model']['kind']}),"
+        f" {res['load']['kind']}, {res['load']['in_flight']} in flight; `lanmesh rollout` from the client host.",
+        "",
+        f"- requests: {s['requests']}, failed {s['failed']}; p99 {_f(s['p99_ms'], '.1f', ' ms')}",
+        f"- {s['nodes_on_new_version']} of {res['nodes']} nodes serve only the new version afterwards;"
+        f" the rollout took {s['rollout_s']:.1f} s",
+        "",
+        "| node | old -> new | load beside | switch | drain | handed back |",
+        "|---|---|---|---|---|---|",
+    ]
+    for st in res["steps"]:
+        lines.append(f"| {st['node']} | {st['old']} -> {st['new']} | {st['load_s']:.2f} s |"
+                     f" {st['switch_s'] * 1000:.0f} ms | {st['drain_s']:.2f} s | {st['handed_back']} |")  # fmt: skip
+    return lines
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "overhead": ("Overhead of the mesh", _overhead),
     "scaling": ("Scaling out", _scaling),
@@ -324,6 +392,8 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "failover": ("Failover", _failover),
     "soak": ("Soak (chaos)", _soak),
     "models": ("Models", _models),
+    "transfer": ("Model transfer between members", _transfer),
+    "rollout": ("Rollout under load", _rollout),
 }
 
 

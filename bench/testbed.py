@@ -173,6 +173,16 @@ class Testbed:
         """Start `python -m bench.loadgen ARGS` on the client host; stdout is its JSON-lines event stream."""
         return self.spawn_client([sys.executable, "-m", "bench.loadgen", *args], stdout=stdout)
 
+    def run_client(self, argv: list[str], timeout: float = 120.0) -> dict[str, Any]:
+        """Run `argv` (a tool printing JSON-lines events) on the client host to completion; its `summary` event."""
+        proc = self.spawn_client(argv)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._stop_tool(proc)
+            raise RuntimeError(f"`{' '.join(argv)}` ran past {timeout}s") from None
+        return summary_of(out, err, argv)
+
     def tool(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         """Run a loadgen command on the client host to completion; its `summary` event."""
         proc = self.spawn_tool(*args)
@@ -192,15 +202,22 @@ class Testbed:
         timeout: float = 60.0,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         label: str = "load",
+        task: str = "complete",
+        rate: float | None = None,
     ) -> tuple[dict[str, Any], list[list[Any]]]:
-        """A closed-loop load from the client host for `duration` s, entering at `entry` (default every node).
+        """A closed-loop load from the client host for `duration` s, entering at `entry` (default every node);
+        with `rate`, an open loop instead: Poisson arrivals at `rate` per second (`in_flight` is then unused).
 
         `on_event` sees every event as it arrives (ticks each second), e.g. to inject a fault at a given time.
         Returns the load generator's summary and its samples: [start, end, ok, node] in seconds from its `t0`.
         """
         samples_path = self.log_dir / f"samples-{time.monotonic_ns()}.json"
-        args = ["load", "--nodes", ",".join(self.addresses(entry)), "--model", model, "--in-flight", str(in_flight)]
-        args += ["--duration", str(duration), "--timeout", str(timeout), "--samples", str(samples_path)]
+        nodes = ",".join(self.addresses(entry))
+        if rate is None:
+            args = ["load", "--nodes", nodes, "--model", model, "--in-flight", str(in_flight)]
+        else:
+            args = ["trace", "--nodes", nodes, "--model", model, "--rate", str(rate)]
+        args += ["--duration", str(duration), "--timeout", str(timeout), "--samples", str(samples_path), "--task", task]
         proc = self.spawn_tool(*args)
         summary: dict[str, Any] | None = None
         for event in read_events(proc):

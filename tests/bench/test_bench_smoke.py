@@ -54,3 +54,23 @@ def test_quick_failover_run_loses_no_request_to_kill_or_sigstop(tmp_path: Path) 
         assert run["detection"]["complete"], f"not every survivor saw the {fault} victim die: {run['detection']}"
     assert (tmp_path / "failover.png").stat().st_size > 0
     assert "README.md" not in os.listdir(tmp_path)  # only `bench report` writes the summary
+
+
+def test_quick_transfer_run_arrives_intact_through_a_killed_sender_and_rotten_chunks(tmp_path: Path) -> None:
+    pytest.importorskip("onnx", reason="the transfer scenario's model is an ONNX file (pip install 'lanmesh[models]')")
+    result = run_bench(tmp_path, "transfer", "--quick")
+    runs = result["runs"]
+    assert all(r["intact"] for r in runs.values()), {k: (r["state"], r["error"]) for k, r in runs.items()}
+    assert "s1" in runs["sender killed"]["dropped"] and runs["sender killed"]["killed_at_progress"] >= 0.5
+    assert runs["corrupted chunks"]["corrupt_chunks"] > 0 and "s3" in runs["corrupted chunks"]["dropped"]
+    assert runs["clean"]["load"]["failed"] == 0
+    assert (tmp_path / "transfer.png").stat().st_size > 0
+
+
+def test_quick_rollout_run_fails_no_request_and_moves_every_node(tmp_path: Path) -> None:
+    pytest.importorskip("onnx", reason="the rollout scenario's model is an ONNX file (pip install 'lanmesh[models]')")
+    result = run_bench(tmp_path, "rollout", "--quick")
+    s = result["summary"]
+    assert s["failed"] == 0, result["failures"]
+    assert s["nodes_moved"] == s["nodes_on_new_version"] == result["nodes"]
+    assert (tmp_path / "rollout.png").stat().st_size > 0
