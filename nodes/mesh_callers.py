@@ -8,8 +8,8 @@ is busy, share an overflow client. A caller is the peer IP address: a node has o
 callers share, so the key cannot tell them apart.
 
 An HTTP caller that goes away cancels its request (`Lease` ends when the handler does, cancelled or not), so an
-abandoned request stops counting here at once; the node counts it until the work ends, or until the mesh's
-Cancel message stops it there.
+abandoned request stops counting here at once; cancelling its future (or closing its stream) makes the client send
+the mesh's Cancel, which stops the work where it runs.
 """
 
 from __future__ import annotations

@@ -117,3 +117,18 @@ def test_a_normal_client_is_not_limited_by_keep_alive_reuse(echo_node: GatewayNo
     # One client making many sequential requests on one keep-alive connection never meets the caps.
     with _from("127.0.0.3") as client:
         assert all(client.get(f"{echo_node.url}{path}").status_code == 200 for _ in range(200))
+
+
+def test_a_caller_who_hangs_up_stops_its_work_on_the_node(cluster: Cluster) -> None:
+    node = start_gateway_node(cluster, "hang-up", ["sleep:20000:cap=4"])
+    port = int(node.url.rsplit(":", 1)[1])
+
+    def running() -> int:
+        return int(node.proc.status()[0]["models"]["sleep:20000"][0])
+
+    callers = [_abandoned_request(port, "sleep:20000") for _ in range(2)]
+    wait_until(lambda: running() == 2, what="both requests running")
+    for sock in callers:
+        sock.close()
+    # The gateway cancels the request, and the mesh's Cancel stops it where it runs: not 20 s later.
+    wait_until(lambda: running() == 0, timeout=3, what="the abandoned work stopped on the node")
