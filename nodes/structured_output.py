@@ -23,11 +23,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .backends.guidance import JSON_STYLE  # the engines' JSON style: one source
 from .backends.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
-# JSON as the engines write it for `json_schema` guidance: `{"a": 1, "b": [2, 3]}`, no free whitespace (a small
-# model can otherwise pad it until max_tokens); keywords llguidance does not enforce (format, ...) are ignored.
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+# JSON_STYLE: JSON as the engines write it for `json_schema` guidance, mirrored into `%json` of tool grammars.
 # A text answer, when the model may also call a tool: anything not empty that holds no tool call at all, so a
 # call is either made whole (and constrained) or not begun.
 _FREE_TEXT = f"/(?s:.+)/ & ~/(?s:.*){re.escape(TOOL_CALL_OPEN)}(?s:.*)/"

@@ -19,7 +19,7 @@ KINDS = ("json_schema", "regex", "lark")
 MAX_GRAMMAR_CHARS = 256 * 1024
 # JSON as `{"a": 1, "b": [2, 3]}`: no free whitespace (a small model can otherwise pad it until max_tokens), and
 # schema keywords llguidance does not enforce (format, ...) are ignored rather than refused.
-_JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False, "lenient": True}
+JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False, "lenient": True}
 
 
 def parse_guidance(params: dict[str, Any]) -> tuple[str, str] | None:
@@ -66,7 +66,7 @@ class GrammarTokenizer:
         tokenizer = self._get()
         if kind == "json_schema":
             try:
-                compiled = LLMatcher.grammar_from_json_schema(grammar, defaults=_JSON_OPTIONS)  # type: ignore[arg-type]
+                compiled = LLMatcher.grammar_from_json_schema(grammar, defaults=JSON_STYLE)  # type: ignore[arg-type]
             except ValueError as exc:
                 raise ValueError(f"guidance: not a JSON schema: {exc}") from None
         elif kind == "regex":
