@@ -5,8 +5,8 @@ with tbf to the link rate:
 - clean: from every source while a steady embedding load runs on the sources; the rate against the link's, and
   the sources' serving p99 while they send against before;
 - sender killed: kill -9 of one source at half way; the pull finishes from the others;
-- corrupted chunks: one source's file rots on disk after it hashed it (a flipped byte in every fourth chunk);
-  its chunks fail their hash, are fetched again from a sound source, and the rotten source is dropped.
+- corrupted chunks: one source's file rots on disk after it hashed it (a flipped byte in every chunk); the chunks
+  it sends fail their hash, are fetched again from a sound source, and the rotten source is dropped.
 Each pulled copy is compared byte for byte with the original.
 """
 
@@ -168,8 +168,8 @@ def _rotten(bed: Testbed, version: str, original: Path, rotten: Path, caches: di
     raw = bytearray((rotten / "model.onnx").read_bytes())
     chunk = 1024 * 1024
     flipped = 0
-    for c in range(0, len(raw) // chunk, 4):
-        raw[c * chunk + 7] ^= 0xFF
+    for c in range(0, -(-len(raw) // chunk)):  # every chunk: all s3 sends fails its hash, whichever it is given
+        raw[min(c * chunk + 7, len(raw) - 1)] ^= 0xFF
         flipped += 1
     (rotten / "model.onnx").write_bytes(bytes(raw))
     watch = PullWatch(bed, "p3", version)

@@ -33,6 +33,20 @@ log = logging.getLogger("lanmesh.mesh")
 DRAIN = 256  # messages read from one socket per turn: gossip and replies keep their rhythm under load
 
 
+def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
+    """A node's models as status rows show them: `name: [in flight, queued, capacity, version (8 hex)]`, each loaded
+    version once. Gossip lists the current version twice (as `name` and as its pin `name@v8`); the pin is left out
+    here, so loads add up. A version loaded beside the current one (a rollout's moment) shows as `name@v8`."""
+    out: dict[str, list[Any]] = {}
+    for m, v in models.items():
+        name, _, pin = m.partition("@")
+        current = models.get(name)
+        if pin and current is not None and name != m and str(getattr(current, "version", "")).startswith(pin):
+            continue
+        out[m] = [v.inflight, v.queued, v.capacity, str(getattr(v, "version", ""))[:8]]
+    return out
+
+
 class Membership:
     """Gossip and peer-state handling of `MeshNode` (see the module docstring)."""
 
@@ -265,7 +279,7 @@ class Membership:
                 "node": self.node_id,
                 "address": f"{self.addr.host}:{self.addr.port}",
                 "state": "leaving" if self._leaving else "self",
-                "models": {m: [v.inflight, v.queued, v.capacity] for m, v in self.server.models().items()},
+                "models": model_rows(self.server.models()),
                 "labels": dict(self.server.labels),
                 "last_heard_s": 0.0,
                 "inflight_to": 0,
@@ -282,7 +296,7 @@ class Membership:
                     "node": peer.node,
                     "address": f"{peer.addr.host}:{peer.addr.port}",
                     "state": "leaving" if peer.leaving else (state.value if state else "unknown"),
-                    "models": {m: [v.inflight, v.queued, v.capacity] for m, v in peer.models.items()},
+                    "models": model_rows(peer.models),
                     "labels": dict(peer.labels),
                     "last_heard_s": round(now - peer.last_heard, 3),
                     "inflight_to": self.policy.inflight_to(peer.node),

@@ -188,8 +188,12 @@ def _served(model: type[BaseModel], streams: bool) -> dict[int | str, dict[str, 
 def live_servers(rows: list[dict[str, Any]], model: str) -> tuple[bool, list[str]]:
     """(whether any known node serves `model`, the live ones that do) in a node's status rows."""
     known, live = False, []
+    name, _, pin = model.partition("@")
     for row in rows:
-        if model in (row.get("models") or {}):
+        served = row.get("models") or {}
+        current = served.get(name)
+        pinned_current = bool(pin) and isinstance(current, list) and len(current) > 3 and current[3].startswith(pin)
+        if model in served or pinned_current:  # status rows show a current version under its name alone
             known = True
             if row.get("state") in ("self", "alive"):
                 live.append(str(row.get("node")))

@@ -163,7 +163,8 @@ def test_mesh_view_lists_every_node_with_its_models_labels_and_load(
 
     row_b = row_of("node-b")
     models = page.evaluate(f"[...{row_b}.querySelectorAll('.model')].map(m => m.innerText.replace(/\\s+/g, ' '))")
-    assert models == ["echo 0/64 running", "sleep:50 0/1 running"]
+    # Each model with its version (the content hash's first 8 hex digits; of the spec for synthetic models).
+    assert [re.sub(r" [0-9a-f]{8} ", " V ", m) for m in models] == ["echo V 0/64 running", "sleep:50 V 0/1 running"]
     assert re.search(r"\d+ cores", page.evaluate(f"{row_b}.cells[3].innerText"))  # its labels
     assert page.evaluate(f"{row_b}.cells[5].innerText") == "hello"  # it joined by saying hello to node-a
     assert "this node" in page.text("#nodes-body tr[data-node='node-a']")

@@ -36,7 +36,7 @@ def _eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "c
 
 def _model_load(node: NodeProc, model: str) -> list[int]:
     """[inflight, queued, capacity] of `model` on `node`, as it reports itself."""
-    return list(node.status()[0]["models"][model])
+    return list(node.status()[0]["models"][model][:3])
 
 
 def _dealer(address: str, security: Any) -> zmq.Socket[bytes]:
