@@ -111,6 +111,7 @@ class NodeAdmin:
         assert executor is not None
         with self._lock:
             started = time.monotonic()
+            self.node.check_memory([spec])  # one that would not fit is refused, not OOM-killed halfway through
             loading = ModelEntry(spec.name, "", spec.kind, spec_text, None, state="loading", current=False)
             self.catalog.add(loading)
             try:

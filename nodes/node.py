@@ -85,7 +85,7 @@ class Node:
                 runnable.append(spec)
         if not runnable and not self._to_pull:
             raise ValueError(f"none of the models can run here (node labels {self.labels})")
-        self._check_memory(runnable)
+        self.check_memory(runnable)
         if self.notifier.enabled:  # systemd hears of the progress too (STATUS=, and more time to start)
             progress = _both(progress, self.notifier.progress)
         backends = []
@@ -98,9 +98,11 @@ class Node:
             backends.append(backend)
         return backends
 
-    def _check_memory(self, specs: list[ModelSpec]) -> None:
+    def check_memory(self, specs: list[ModelSpec]) -> None:
         """Refuse, with an error naming the model and the limit, models that would not fit under the cgroup's
-        memory limit or --max-memory: better than an OOM kill halfway through loading them."""
+        memory limit or --max-memory: better than an OOM kill halfway through loading them. At start-up and before
+        each model loaded on a running node (what is loaded already counts in the memory the cgroup and the process
+        hold)."""
         limits = node_memory_limits(self.config.max_memory_bytes())
         if not limits:
             return

@@ -18,7 +18,7 @@ import pytest
 
 from bench.procs import ROOT, Cluster, NodeProc
 from mesh import Client, MeshKey, ModelNotFound
-from nodes.model_commands import admin_call, mesh_models, rollout
+from nodes.model_commands import AdminError, admin_call, mesh_models, rollout
 from tests.conftest import LOOPBACK
 
 pytestmark = pytest.mark.timeout(240)
@@ -249,3 +249,18 @@ def test_status_shows_each_loaded_version_once_and_pins_reach_a_version_loaded_b
     with Client(a.address, timeout=10) as client:
         assert client.request(f"chat@{new}", "complete", "x").output == "x"  # the version that is not current
         assert client.request(f"chat@{old}", "complete", "x").output == "x"  # the current one, by its pin
+
+
+def test_a_model_loaded_on_a_running_node_that_would_not_fit_is_refused_and_the_node_serves_on(
+    cluster: Cluster, keyed: Path, tmp_path: Path
+) -> None:
+    _need_onnx()
+    from bench.model_files import make_lookup_embedder
+
+    big = make_lookup_embedder(tmp_path / "big", megabytes=64.0)
+    a = cluster.add("a", [*LOOPBACK, "--model", "echo", "--max-memory", "110M"])  # a node of ~60 MB: ~50 MB free
+    with pytest.raises(AdminError, match=r"model big needs about .* --max-memory"):
+        admin_call(a.address, "load", {"spec": f"name=big,path={big}"}, MeshKey.load(keyed), 30)
+    assert [m["name"] for m in _models_of(a, keyed)["models"]] == ["echo"]
+    with Client(a.address, timeout=10) as client:
+        assert client.request("echo", "complete", "still here").output == "still here"
