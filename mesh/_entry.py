@@ -226,10 +226,14 @@ class EntryTable:
 
     def cancel(self, client: bytes, request_id: str, reason: str, now: float) -> bool:
         """The caller gave up: stop the try where it runs, forget the request, answer nothing. False if unknown
-        (already answered, or not this caller's: a client can cancel only its own requests)."""
+        (already answered). The Cancel may come on another connection than the request: a client whose connection
+        dropped sends its Cancels again once it reconnects. A request's id is its caller's capability (clients make
+        them random; a peer on the request's path could stop it by answering badly anyway)."""
         p = self._pending.get(request_id)
-        if p is None or p.client != client:
+        if p is None:
             return False
+        if p.client != client:
+            self._count("cancelled_from_another_connection")
         self._count("cancelled")
         if p.target:
             self._abandon(p, p.target, cancel=True, reason=reason or "cancelled by the caller")

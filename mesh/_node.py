@@ -461,9 +461,9 @@ class MeshNode(Membership):
         if self.entry.cancel(ident, msg.id, msg.reason, time.monotonic()):
             return
         local = self.local.get(msg.id)
-        if local is None or local.client != ident:
-            return  # finished already, or not the sender's to cancel
-        self._cancelled_here.add(msg.id)
+        if local is None:
+            return  # finished already
+        self._cancelled_here.add(msg.id)  # from any connection: see EntryTable.cancel
         if not self.server.cancel(msg.id, msg.reason or "cancelled by the caller"):
             self._cancelled_here.discard(msg.id)
 

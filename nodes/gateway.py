@@ -986,10 +986,12 @@ class Gateway:
     async def _serve(self, sock: socket.socket) -> None:
         assert self._server is not None
         endpoint, node = self.settings.mesh_endpoint, self.api.node_id
-        own = AsyncClient(endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http@{node}")
+        # learn=False: the gateway enters the mesh at its own node and dies with it, so learning other nodes would
+        # only open (and keep handshaking) up to 16 more connections per caller's client.
+        own = AsyncClient(endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http@{node}", learn=False)
 
         def caller_client(caller: str) -> AsyncClient:
-            return AsyncClient(endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http:{caller}@{node}")
+            return AsyncClient(endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http:{caller}@{node}", learn=False)
 
         callers = CallerClients(caller_client, own)
         self.api.connect(own, callers)

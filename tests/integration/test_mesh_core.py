@@ -59,8 +59,12 @@ def test_a_forwarded_request_of_40_seconds_is_served_once_with_default_settings(
     assert entry.status()[0]["stats"].get("retries", 0) == 0
 
 
+@pytest.mark.parametrize("sent_on", ["its connection", "a new connection"])
 @pytest.mark.parametrize("where", ["on a peer", "on the entry itself"])
-def test_a_cancel_frees_the_serving_node_within_half_a_second(cluster: Cluster, keyed: Path, where: str) -> None:
+def test_a_cancel_frees_the_serving_node_within_half_a_second(
+    cluster: Cluster, keyed: Path, where: str, sent_on: str
+) -> None:
+    """`a new connection`: a client whose connection dropped sends its Cancels again once it has reconnected."""
     entry_models = ["--model", "echo"] if where == "on a peer" else ["--model", "sleep:20000:cap=2"]
     entry = cluster.add("entry", [*LOOPBACK, *entry_models])
     server = entry
@@ -72,6 +76,9 @@ def test_a_cancel_frees_the_serving_node_within_half_a_second(cluster: Cluster, 
         rid = f"cancel-{uuid.uuid4().hex[:8]}"
         sock.send(encode(Request(rid, "sleep:20000", Task.COMPLETE, "stop me", deadline_ms=60_000)))
         _eventually(lambda: _model_load(server, "sleep:20000")[0] == 1, what="the request to start")
+        if sent_on == "a new connection":
+            sock.close(0)
+            sock = _dealer(entry.address, MeshKey.load(keyed))
         sock.send(encode(Cancel(rid, "the caller went away")))
         took = _eventually(lambda: _model_load(server, "sleep:20000")[0] == 0, timeout=5, what="the slot to free")
         assert took < 0.5, f"the serving node still ran the cancelled request {took:.2f}s later"
@@ -82,6 +89,25 @@ def test_a_cancel_frees_the_serving_node_within_half_a_second(cluster: Cluster, 
     assert stats["cancels_in"] == 1
     if where == "on a peer":
         assert stats["cancels_sent"] == 1  # the entry passed the cancel on to the node doing the work
+
+
+def test_a_cancel_made_while_the_node_hung_stops_its_work_once_it_wakes(cluster: Cluster, keyed: Path) -> None:
+    """The caller gives up while the node is frozen (SIGSTOP): its connection drops, the client keeps the Cancel and
+    sends it when it has reconnected, and the woken node stops the work instead of running it out."""
+    node = cluster.add("frozen", [*LOOPBACK, "--model", "sleep:30000:cap=1"])
+    with Client(node.address, timeout=60, security=MeshKey.load(keyed)) as client:
+        future = client.submit("sleep:30000", "complete", "stop me later")
+        _eventually(lambda: _model_load(node, "sleep:30000")[0] == 1, what="the request to start")
+        node.pause()
+        try:
+            _eventually(lambda: not client.connected, timeout=10, what="the client to see the hung node drop")
+            assert future.cancel()
+        finally:
+            node.resume()
+        _eventually(lambda: bool(client.connected), timeout=10, what="the client to reconnect")
+        took = _eventually(lambda: _model_load(node, "sleep:30000")[0] == 0, timeout=10, what="the slot to free")
+    assert took < 10
+    assert node.status()[0]["stats"]["cancels_in"] >= 1
 
 
 class FakePeer:

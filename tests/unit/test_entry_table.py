@@ -210,13 +210,23 @@ def test_the_caller_cancelling_stops_the_try_where_it_runs_and_answers_nothing(c
     table, host = make(clock)
     table.take(CLIENT, request(), clock.now)
     node, sent = host.last_try()
-    assert not table.cancel(b"someone-else", "r1", "", clock.now), "only the request's own client may cancel it"
+    assert not table.cancel(CLIENT, "r-unknown", "", clock.now)
     assert table.cancel(CLIENT, "r1", "client went away", clock.now)
     assert host.cancels_to(node) == [Cancel(sent.id, "client went away")]
     assert host.to_client == [] and len(table) == 0
     assert host.outcomes[-1][0] == "cancelled"
     table.on_reply(node, Reply(sent.id, "too late", node), clock.now)
     assert host.to_client == []
+
+
+def test_a_cancel_from_the_callers_new_connection_stops_the_request_too(clock: FakeClock) -> None:
+    """A client whose connection dropped (the node hung, then woke) sends its Cancel again on a new connection."""
+    table, host = make(clock)
+    table.take(CLIENT, request(), clock.now)
+    node, sent = host.last_try()
+    assert table.cancel(b"the-same-client-reconnected", "r1", "client closed", clock.now)
+    assert host.cancels_to(node) == [Cancel(sent.id, "client closed")] and len(table) == 0
+    assert table.counts["cancelled_from_another_connection"] == 1
 
 
 def test_a_passed_deadline_cancels_the_try_and_tells_the_client(clock: FakeClock) -> None:
