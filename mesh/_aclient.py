@@ -328,6 +328,22 @@ class AsyncClient:
 
     # ------------------------------------------------------------- inside the loop
 
+    async def stream(
+        self,
+        model: str,
+        task: str | Task,
+        input: Any,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        require: dict[str, str] | None = None,
+    ) -> AsyncStream:
+        """Start a streamed request of any task with any params (the engines' keys: max_tokens, temperature,
+        guidance, tools, ...); `chat(stream=True)` is this with the sampling keywords made into params."""
+        out = await self._generate(model, Task(task), input, dict(params or {}), True, timeout, require)
+        assert isinstance(out, AsyncStream)
+        return out
+
     async def _generate(
         self,
         model: str,

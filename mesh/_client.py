@@ -196,6 +196,22 @@ class Client(ClientIO):
 
     # ------------------------------------------------------------- caller side
 
+    def stream(
+        self,
+        model: str,
+        task: str | Task,
+        input: Any,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        require: dict[str, str] | None = None,
+    ) -> Stream:
+        """Start a streamed request of any task with any params (the engines' keys: max_tokens, temperature,
+        guidance, tools, ...); `chat(stream=True)` is this with the sampling keywords made into params."""
+        out = self._generate(model, Task(task), input, dict(params or {}), True, timeout, require)
+        assert isinstance(out, Stream)
+        return out
+
     def _generate(
         self,
         model: str,

@@ -338,11 +338,8 @@ class MeshApi:
 async def _start_stream(
     client: AsyncClient, model: str, task: Task, payload: Any, params: dict[str, Any], timeout: float
 ) -> AsyncStream:
-    """A streamed request with any params (tools, guidance): `AsyncClient.chat(stream=True)` takes only the
-    sampling keywords, so this uses the client's own stream start (`_generate`) until it takes `params=`."""
-    stream = await client._generate(model, task, payload, params, True, timeout, None)
-    assert not isinstance(stream, Result)
-    return stream
+    """A streamed request with any params (tools, guidance)."""
+    return await client.stream(model, task, payload, params=params, timeout=timeout)
 
 
 def _caller(request: HttpRequest) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 import uuid
@@ -12,7 +13,7 @@ import pytest
 import zmq
 
 from bench.procs import Cluster
-from mesh import BadRequest, Client, DeadlineExceeded, ModelNotFound, Overloaded
+from mesh import AsyncClient, BadRequest, Client, DeadlineExceeded, ModelNotFound, Overloaded
 from mesh._security import client_security
 from protocol import VERSION, Error, ErrorCode, Reject, Reply, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
@@ -44,6 +45,23 @@ def test_echo_request_is_served_and_names_the_node(cluster: Cluster) -> None:
     assert result.node == "solo"
     assert result.route == "local"
     assert chat.text == "hi there"
+
+
+def test_a_stream_of_any_task_with_raw_params_from_both_clients(cluster: Cluster) -> None:
+    """`Client.stream` / `AsyncClient.stream`: what the gateway uses for tools and guidance (params as they are)."""
+    node = cluster.add("solo", [*LOOPBACK, "--model", "echo"])
+    params = {"max_tokens": 8, "guidance": None, "custom": [1, 2]}
+    with Client(node.address) as client:
+        assert list(client.stream("echo", "complete", "one two three", params=params)) == ["one ", "two ", "three"]
+
+    async def streamed() -> list[str]:
+        async with AsyncClient(node.address) as aclient:
+            stream = await aclient.stream("echo", "chat", [{"role": "user", "content": "a b"}], params=params)
+            return [piece async for piece in stream]
+
+    assert asyncio.run(streamed()) == ["a ", "b"]
+    with Client(node.address) as client, pytest.raises(ValueError):
+        client.stream("echo", "not-a-task", "x")
 
 
 def test_many_requests_in_flight_on_one_client(cluster: Cluster) -> None:
