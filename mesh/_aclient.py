@@ -139,13 +139,17 @@ class AsyncClient:
         security: ClientSecurity | None = None,
         client_id: str | None = None,
         learn: bool = True,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
         endpoints = parse_endpoints(nodes)
         check_client_options(timeout, heartbeat, dead_after, try_timeout)
         self.timeout = timeout
         self.client_id = client_id or f"client-{os.urandom(4).hex()}"
         self._dealer_options = DealerOptions(heartbeat=heartbeat, dead_after=dead_after, security=security)
-        self._ctx = zmq.asyncio.Context()
+        # `context`: one ZeroMQ context (one I/O thread) shared by many clients, e.g. a gateway's client per caller;
+        # the client then leaves it open when it closes. By default each client has its own.
+        self._own_ctx = context is None
+        self._ctx = zmq.asyncio.Context() if context is None else context
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
         self._monitors: dict[str, zmq.asyncio.Socket] = {}
         try:
@@ -513,7 +517,7 @@ class AsyncClient:
         self._rearm()
 
     def _close_sockets(self) -> None:
-        close_all(self._ctx, self._dealers.values(), self._monitors.values())
+        close_all(self._ctx if self._own_ctx else None, self._dealers.values(), self._monitors.values())
 
 
 __all__ = ["AsyncClient", "AsyncStream"]

@@ -94,14 +94,19 @@ def close_dealer(dealer: zmq.Socket[Any], monitor: zmq.Socket[Any], *, flush: bo
     dealer.close(_FLUSH_ON_CLOSE_MS if flush else 0)
 
 
-def close_all(ctx: zmq.Context[Any], dealers: Iterable[zmq.Socket[Any]], monitors: Iterable[zmq.Socket[Any]]) -> None:
+def close_all(
+    ctx: zmq.Context[Any] | None, dealers: Iterable[zmq.Socket[Any]], monitors: Iterable[zmq.Socket[Any]]
+) -> None:
+    """Close a client's sockets (queued frames get _FLUSH_ON_CLOSE_MS to leave), then its own context; None: the
+    context is shared with others and stays (its I/O thread sends what is queued)."""
     for monitor in monitors:
         monitor.close(0)
     for dealer in dealers:
         if not dealer.closed:
             dealer.disable_monitor()
             dealer.close(_FLUSH_ON_CLOSE_MS)
-    ctx.term()  # waits for queued frames to leave, at most _FLUSH_ON_CLOSE_MS
+    if ctx is not None:
+        ctx.term()  # waits for queued frames to leave, at most _FLUSH_ON_CLOSE_MS
 
 
 def check_client_options(timeout: float, heartbeat: float, dead_after: float, try_timeout: float | None) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import uvicorn
+import zmq.asyncio
 from fastapi import APIRouter, Depends, FastAPI, Header, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -985,10 +986,13 @@ class Gateway:
         endpoint, node = self.settings.mesh_endpoint, self.api.node_id
         # learn=False: the gateway enters the mesh at its own node and dies with it, so learning other nodes would
         # only open (and keep handshaking) up to 16 more connections per caller's client.
-        own = AsyncClient(endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http@{node}", learn=False)
+        # One ZeroMQ context for all of them: a client per caller costs sockets, not two more threads each.
+        ctx = zmq.asyncio.Context()
+        own = AsyncClient(endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http@{node}", learn=False, context=ctx)
 
         def caller_client(caller: str) -> AsyncClient:
-            return AsyncClient(endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http:{caller}@{node}", learn=False)
+            return AsyncClient(endpoint, timeout=DEFAULT_TIMEOUT_S, client_id=f"http:{caller}@{node}", learn=False,
+                               context=ctx)  # fmt: skip
 
         callers = CallerClients(caller_client, own)
         self.api.connect(own, callers)
@@ -1002,6 +1006,7 @@ class Gateway:
                 await sweeper
             await callers.close()
             await own.close()
+            ctx.destroy(linger=100)  # every client closed its sockets; this closes any a bug left open
 
 
 def _route_uvicorn_logs() -> None:

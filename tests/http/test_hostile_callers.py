@@ -112,6 +112,23 @@ def test_each_address_is_its_own_client_to_the_mesh_and_a_caller_who_leaves_is_c
             sock.close()
 
 
+def test_a_mesh_client_per_caller_costs_the_node_no_threads_of_its_own(cluster: Cluster) -> None:
+    """Caller clients share one ZeroMQ context: 40 callers add sockets, not 80 I/O and reaper threads."""
+    import psutil
+
+    node = start_gateway_node(cluster, "many-callers", ["echo"])
+    assert node.proc.proc is not None
+    process = psutil.Process(node.proc.proc.pid)
+    with _from("127.0.0.200") as first:
+        assert first.post(f"{node.url}/v1/chat/completions", json={"model": "echo", "messages": HELLO}).is_success
+    before = process.num_threads()
+    for i in range(40):
+        with _from(f"127.0.1.{i + 1}") as caller:
+            r = caller.post(f"{node.url}/v1/chat/completions", json={"model": "echo", "messages": HELLO})
+            assert r.status_code == 200, r.text
+    assert process.num_threads() - before < 8, f"{before} threads before 40 callers, {process.num_threads()} after"
+
+
 @pytest.mark.parametrize("path", ["/v1/models", "/health"])
 def test_a_normal_client_is_not_limited_by_keep_alive_reuse(echo_node: GatewayNode, path: str) -> None:
     # One client making many sequential requests on one keep-alive connection never meets the caps.
