@@ -15,6 +15,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,14 @@ from typing import Any
 from .procs import ROOT
 
 
-def run_anchor(kind: str, *args: str, timeout: float = 900) -> dict[str, Any]:
-    """Run one anchor in a child process; its figures, or {"skipped": why}."""
-    cmd = [sys.executable, "-m", "bench.anchors", kind, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run_anchor(kind: str, *args: str, texts: list[str], timeout: float = 900) -> dict[str, Any]:
+    """Run one anchor in a child process on `texts` (handed over in a file: thousands of sentences do not fit on a
+    command line); its figures, or {"skipped": why}."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="lanmesh-anchor-") as f:
+        json.dump(texts, f)
+        f.flush()
+        cmd = [sys.executable, "-m", "bench.anchors", kind, *args, "--texts", f"@{f.name}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -167,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.anchors", description=__doc__)
     parser.add_argument("kind", choices=["ortgenai", "llama-cpp", "onnx-embed"])
     parser.add_argument("path", help="built model folder (ortgenai, onnx-embed) or GGUF file (llama-cpp)")
-    parser.add_argument("--texts", required=True, help="JSON list of prompts or sentences")
+    parser.add_argument("--texts", required=True, help="JSON list of prompts or sentences, or @FILE holding one")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
-    texts = json.loads(args.texts)
+    texts = json.loads(Path(args.texts[1:]).read_text() if args.texts.startswith("@") else args.texts)
     if args.kind == "ortgenai":
         result = ortgenai(args.path, texts, args.max_tokens, args.reps)
     elif args.kind == "llama-cpp":

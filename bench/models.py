@@ -193,16 +193,13 @@ def run(quick: bool = False, reps: int = 3) -> dict[str, Any] | None:
         built, exported = _built(cache, "smollm2-onnx"), _built(cache, "minilm")
         anchors = {
             "onnxruntime_genai": run_anchor(
-                "ortgenai", str(built), "--texts", json.dumps(PROMPTS), "--max-tokens", str(max_tokens),
-                "--reps", str(reps),
+                "ortgenai", str(built), "--max-tokens", str(max_tokens), "--reps", str(reps), texts=PROMPTS,
             ),
             "llama_cpp": run_anchor(
-                "llama-cpp", str(smollm2_gguf()), "--texts", json.dumps(PROMPTS), "--max-tokens", str(max_tokens),
-                "--reps", str(reps),
+                "llama-cpp", str(smollm2_gguf()), "--max-tokens", str(max_tokens), "--reps", str(reps), texts=PROMPTS,
             ),
             "onnxruntime_embed": run_anchor(
-                "onnx-embed", str(exported), "--texts", json.dumps(sentences(embed_n * 32)), "--batch", "32",
-                "--reps", str(reps),
+                "onnx-embed", str(exported), "--batch", "32", "--reps", str(reps), texts=sentences(embed_n * 32),
             ),
         }  # fmt: skip
         build_facts = json.loads((built / "lanmesh-cache.json").read_text())
