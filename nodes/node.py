@@ -16,7 +16,7 @@ from mesh._security import MeshKey, Plaintext, RequestLimits, load_mesh_key, req
 from protocol import Limits
 
 from .admin import NodeAdmin, pulled_copy, spec_for_folder
-from .backends.base import Backend, ProgressFn
+from .backends.base import Backend, ProgressFn, release_free_memory
 from .config import NodeConfig, parse_hostport
 from .executor import Executor
 from .hardware import detect_labels, unmet
@@ -198,6 +198,7 @@ class Node:
         self.mesh_key = self._load_mesh_key()  # likewise: no key, no model load
         self.labels = {**detect_labels(False), **cfg.labels}
         backends = self._backends if self._backends is not None else self._build_backends(progress)
+        release_free_memory()  # what loading the models freed (parsers, conversion buffers) leaves the process
         self.executor = Executor(backends, max_queue=cfg.max_queue, batch_wait=cfg.batch_wait_ms / 1000)
         self.executor.labels = dict(self.labels)  # node labels: what routing's `require` matches
         self.admin = NodeAdmin(self, cfg.transfer_rate * 1e6 / 8 if cfg.transfer_rate else None)

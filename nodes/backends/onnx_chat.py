@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from protocol import ErrorCode, Task
 
 from ..model_cache import cache_ready, discard_cache
-from .base import Backend, Job, JobSource, ProgressFn
+from .base import Backend, Job, JobSource, ProgressFn, release_free_memory
 from .chat_template import ChatTemplate, TemplateError, find_template, special_tokens
 from .guidance import GrammarTokenizer, Matcher, parse_guidance
 from .onnx_build import build_in_child, built_entry, check_precision
@@ -183,6 +183,7 @@ class OnnxChat(Backend):
         self._vocab: list[str] | None = None
         self._waiting: list[_Seq] = []  # admitted, prompt not fully read yet (the first one is being read)
         self._rows: list[_Seq] = []  # decoding; rows[i].slot == i
+        self._worked = False  # a step ran since the engine last went idle
 
     # ------------------------------------------------------------ loading
 
@@ -288,6 +289,7 @@ class OnnxChat(Backend):
                     self._admit(job)
                 if self._rows or self._waiting:
                     self._step()
+                    self._worked = True
                 elif source.stopping:
                     return
                 else:
@@ -304,6 +306,9 @@ class OnnxChat(Backend):
     def _idle(self) -> None:
         if self._cache is not None and self._cache.high_water > _RELEASE_AFTER:
             self._cache = None  # hand the memory of long requests back while nothing runs
+        if self._worked:
+            self._worked = False
+            release_free_memory()  # once per idle spell: what the steps freed goes back to the system
 
     def _admit(self, job: Job) -> None:
         if job.done:
