@@ -50,6 +50,7 @@ from ._routing import POLICIES
 from ._security import Authenticator
 from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
+from ._sockets import Waker, bind_pub, bind_router, bound_port
 from ._watchdog import LoopWatchdog
 
 log = logging.getLogger("lanmesh.mesh")
@@ -61,11 +62,6 @@ _NB, _NB_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _TICK = 0.05  # seconds between housekeeping passes (detector, deadlines, retries)
 _FLUSH_AT = 32  # answers queued before the loop sends them mid-turn (bounds the wait of the first in a burst)
 _ERROR_LOG_EVERY_S = 10.0
-
-
-def _bound_port(sock: zmq.Socket[Any]) -> int:
-    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    return int(endpoint.rsplit(":", 1)[1])
 
 
 class _Local(NamedTuple):
@@ -124,8 +120,8 @@ class MeshNode(Membership):
         self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1)
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._outbox: list[tuple[bytes, bytes]] = []  # answers to clients, sent at the end of the loop's turn
-        self._wake_lock = threading.Lock()
-        self._wake_push: zmq.Socket[Any] | None = None
+        self._waker: Waker | None = None  # made with the loop's sockets; until then the inbox waits for the loop
+        self._drain_wake: Callable[[], None] = lambda: None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stopped = threading.Event()
@@ -231,12 +227,9 @@ class MeshNode(Membership):
             self._wake()
 
     def _wake(self) -> None:
-        with self._wake_lock:
-            if self._wake_push is not None:
-                try:
-                    self._wake_push.send(b"", zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # the loop is already flooded with wake-ups or closed; the inbox holds the event
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
 
     # ------------------------------------------------------------ the loop
 
@@ -247,38 +240,13 @@ class MeshNode(Membership):
             # Before any bind: without a ZAP handler CURVE would admit any key (the sockets also fail closed).
             self._auth = Authenticator(self.ctx, s.key, self._on_refused_connection)
             self._auth.start()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.MAXMSGSIZE, s.limits.max_frame_bytes)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.SNDHWM, s.hwm)
-        self.router.setsockopt(zmq.RCVHWM, s.hwm)
-        security.configure_server(self.router)
-        if self._auth is not None:
-            self._auth.watch(self.router, f"router:{s.port}")
-        self.router.bind(f"tcp://{s.bind}:{s.port}")
-        port = _bound_port(self.router)
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.setsockopt(zmq.SNDHWM, 1000)
-        self.pub.setsockopt(zmq.MAXMSGSIZE, 1024)  # a PUB only ever receives subscriptions
-        security.configure_server(self.pub)
-        if self._auth is not None:
-            self._auth.watch(self.pub, "pub")
-        pub_port = s.pub_port or (port + 1 if s.port else 0)
-        self.pub.bind(f"tcp://{s.bind}:{pub_port}" if pub_port else f"tcp://{s.bind}:*")
-        pub_port = _bound_port(self.pub)
-        self.addr = PeerAddr(self.node_id, s.advertise, port, pub_port)
+        self.router = bind_router(self.ctx, s, security, self._auth)
+        self.pub = bind_pub(self.ctx, s, security, self._auth, bound_port(self.router))
+        self.addr = PeerAddr(self.node_id, s.advertise, bound_port(self.router), bound_port(self.pub))
         self.links.addr, self.links.incarnation = self.addr, self.incarnation
         self.sub = self.links.open_sub()
-        self.wake_pull = self.ctx.socket(zmq.PULL)
-        wake = f"inproc://wake-{id(self)}"
-        self.wake_pull.bind(wake)
-        push = self.ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up is enough
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(wake)
-        self._wake_push = push
+        self._waker = Waker(self.ctx)
+        self.wake_pull, self._drain_wake = self._waker.pull, self._waker.drain
         for sock in (self.router, self.sub, self.wake_pull):
             self._poller.register(sock, zmq.POLLIN)
 
@@ -352,16 +320,9 @@ class MeshNode(Membership):
                                                   self.node_id))  # fmt: skip
         self.local.clear()
         self._guarded("the last answers", self._flush)
-        with self._wake_lock:
-            self._wake_push = None
+        if self._waker is not None:
+            self._waker.silence()
         self._stopped.set()
-
-    def _drain_wake(self) -> None:
-        while True:
-            try:
-                self.wake_pull.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
 
     def _drain_inbox(self) -> None:
         inbox = self._inbox
