@@ -241,8 +241,9 @@ class MeshNode(Membership):
             self._auth = Authenticator(self.ctx, s.key, self._on_refused_connection)
             self._auth.start()
         self.router = bind_router(self.ctx, s, security, self._auth)
-        self.pub = bind_pub(self.ctx, s, security, self._auth, bound_port(self.router))
-        self.addr = PeerAddr(self.node_id, s.advertise, bound_port(self.router), bound_port(self.pub))
+        port = bound_port(self.router)
+        self.pub = bind_pub(self.ctx, s, security, self._auth, port)
+        self.addr = PeerAddr(self.node_id, s.advertise, port, bound_port(self.pub))
         self.links.addr, self.links.incarnation = self.addr, self.incarnation
         self.sub = self.links.open_sub()
         self._waker = Waker(self.ctx)
