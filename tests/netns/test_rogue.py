@@ -270,8 +270,8 @@ def test_a_rogue_with_another_key_gets_nothing_in_and_the_mesh_keeps_serving(
     attack = m.lan.spawn(
         rogue_host,
         [sys.executable, str(Path(__file__)), "rogue", "--ip", rogue_host.ip, "--seconds", "14",
-         "--targets", ",".join(m.addr(i) for i in (1, 2, 3)), "--mesh-public", mesh.public.decode(),
-         "--fingerprint", mesh.fingerprint],
+         "--targets", ",".join(m.addr(i) for i in (1, 2, 3)), f"--mesh-public={mesh.public.decode()}",
+         f"--fingerprint={mesh.fingerprint}"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO),
     )  # fmt: skip
     time.sleep(3)  # the attacks and the impostor's announcement are under way
