@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,14 @@ from mesh._security import INSECURE_ENV, KEY_ENV, MeshKey
 # Nodes in loopback tests never touch a real network: bound to 127.0.0.1, no mDNS; no HTTP gateway
 # unless a test asks for one (a later --http-port wins).
 LOOPBACK = ["--bind", "127.0.0.1", "--no-mdns", "--http-port", "0"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C works in the run and in what it starts, however the run was launched. A shell without job control
+    starts `cmd &` with SIGINT ignored; Python then installs no KeyboardInterrupt handler, and every child
+    inherits the ignore, so the Ctrl-C tests would see a client or `lanmesh chat` shrug off SIGINT."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
