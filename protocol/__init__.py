@@ -1,18 +1,8 @@
-"""lanmesh wire protocol: messages, the codec and error codes. Pure code: no I/O."""
+"""lanmesh wire protocol: messages (`_messages.py`), the codec (`_encode.py`, `_decode.py`, with what they share in
+`_wire.py`) and error codes (`_errors.py`). Pure code: no I/O."""
 
-from ._codec import (
-    DEFAULT_LIMITS,
-    MAX_CHUNK_BYTES,
-    MAX_DEADLINE_MS,
-    MAX_HOPS,
-    VERSION,
-    Limits,
-    decode,
-    encode,
-    error_code_name,
-    restamp_reply,
-    restamp_request,
-)
+from ._decode import decode, error_code_name
+from ._encode import encode, restamp_reply, restamp_request
 from ._errors import RETRYABLE, DecodeError, ErrorCode
 from ._messages import (
     Admin,
@@ -34,6 +24,7 @@ from ._messages import (
     Request,
     Task,
 )
+from ._wire import DEFAULT_LIMITS, MAX_CHUNK_BYTES, MAX_DEADLINE_MS, MAX_HOPS, VERSION, Limits
 
 __all__ = [
     "DEFAULT_LIMITS",

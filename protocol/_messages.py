@@ -1,6 +1,6 @@
 """Every message lanmesh puts on the wire, as frozen dataclasses.
 
-The field order of each class is its wire order (see `_codec.py`); new fields
+The field order of each class is its wire order (see `_encode.py`); new fields
 are only ever appended, with a default, so older peers can still decode.
 """
 

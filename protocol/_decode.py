@@ -1,15 +1,10 @@
-"""The one codec: a version byte, then a msgpack array `[type, field, ...]`.
-
-Decoding is defensive: the frame size and every msgpack container are bounded
-before anything is built, then each field is checked against the message's
-schema. Any refusal is a `DecodeError`; nothing else escapes `decode()`.
-"""
+"""Decoding, defensively: the frame size and every msgpack container are bounded before anything is built, then
+each field is checked against the message's schema. Any refusal is a `DecodeError`; nothing else escapes
+`decode()`."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -35,173 +30,33 @@ from ._messages import (
     Request,
     Task,
 )
+from ._wire import (
+    DEFAULT_LIMITS,
+    ID_LEN,
+    MAX_CHUNK_BYTES,
+    MAX_DEADLINE_MS,
+    MAX_HOPS,
+    NAME_LEN,
+    T_ADMIN,
+    T_CANCEL,
+    T_CHUNK,
+    T_DATA,
+    T_ERROR,
+    T_FETCH,
+    T_HELLO,
+    T_LEAVE,
+    T_LOAD,
+    T_PING,
+    T_PONG,
+    T_REJECT,
+    T_REPLY,
+    T_REQUEST,
+    VERSION,
+    Limits,
+)
 
-VERSION = 1
-
-# Type tags on the wire. Never reuse a number.
-_T_REQUEST, _T_REPLY, _T_CHUNK, _T_ERROR, _T_REJECT = 1, 2, 3, 4, 5
-_T_LOAD, _T_HELLO, _T_LEAVE, _T_PING, _T_PONG = 6, 7, 8, 9, 10
-_T_CANCEL, _T_ADMIN, _T_FETCH, _T_DATA = 11, 12, 13, 14
-MAX_CHUNK_BYTES = 4 * 1024 * 1024  # the most one Fetch may ask for (one Data frame, well under the frame limit)
-
-MAX_DEADLINE_MS = 86_400_000  # one day; anything longer is a bug on the caller's side
-MAX_HOPS = 8
-_ID_LEN = 128
-_NAME_LEN = 256
 _TASKS = {t.value: t for t in Task}
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Hard bounds applied before and while decoding one frame."""
-
-    max_frame_bytes: int = 8 * 1024 * 1024
-    max_array_len: int = 100_000
-    max_map_len: int = 10_000
-    max_str_len: int = 4 * 1024 * 1024
-    max_depth: int = 32
-
-
-DEFAULT_LIMITS = Limits()
-
-
-# ----------------------------------------------------------------- encoding
-
-
-def _addr(a: PeerAddr) -> list[Any]:
-    return [a.node, a.host, a.port, a.pub_port]
-
-
-def _enc_request(m: Request) -> list[Any]:
-    return [
-        _T_REQUEST,
-        m.id,
-        m.model,
-        m.task.value,
-        m.input,
-        m.params,
-        m.deadline_ms,
-        m.priority,
-        m.hops,
-        m.origin,
-        m.stream,
-        m.require,
-        m.prefix,
-    ]
-
-
-def _enc_load(m: LoadReport) -> list[Any]:
-    return [
-        _T_LOAD,
-        m.node,
-        m.incarnation,
-        m.seq,
-        _addr(m.addr),
-        {k: [v.inflight, v.queued, v.capacity, v.rate, v.version] for k, v in m.models.items()},
-        m.labels,
-        [_addr(p) for p in m.peers],
-        m.leaving,
-        m.fingerprint,
-    ]
-
-
-_ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
-    Request: _enc_request,
-    Reply: lambda m: [_T_REPLY, m.id, m.output, m.node, m.route, m.queue, m.meta],
-    Chunk: lambda m: [_T_CHUNK, m.id, m.seq, m.data, m.node, m.route],
-    Error: lambda m: [_T_ERROR, m.id, int(m.code), m.message, m.node, m.queue],
-    Reject: lambda m: [_T_REJECT, m.id, m.node, m.queue, m.reason],
-    LoadReport: _enc_load,
-    Hello: lambda m: [_T_HELLO, _addr(m.addr), m.incarnation, m.fingerprint],
-    Leave: lambda m: [_T_LEAVE, m.node, m.incarnation],
-    Ping: lambda m: [_T_PING, m.id, m.node, m.want_status],
-    Pong: lambda m: [_T_PONG, m.id, m.node, m.status],
-    Cancel: lambda m: [_T_CANCEL, m.id, m.reason],
-    Admin: lambda m: [_T_ADMIN, m.id, m.action, m.args],
-    Fetch: lambda m: [_T_FETCH, m.id, m.name, m.version, m.path, m.offset, m.length],
-    Data: lambda m: [_T_DATA, m.id, m.node, m.offset, m.data],
-}
-
-_VERSION_BYTE = bytes([VERSION])
-
-
-def encode(msg: Message) -> bytes:
-    """Serialise one message into one frame."""
-    try:
-        body = _ENCODERS[type(msg)](msg)
-    except KeyError:
-        raise TypeError(f"not a lanmesh message: {type(msg).__name__}") from None
-    return _VERSION_BYTE + _packer().pack(body)
-
-
-_local = threading.local()
-_ARRAY_HEADERS = [bytes([0x90 | n]) for n in range(16)]
-_SPLICE_FROM = 256  # bytes: below this, packing the few fields of a small message again is the cheaper way
-
-
-def _packer() -> msgpack.Packer:
-    """This thread's Packer: packb() builds one per call, which costs ten times the packing of a small message."""
-    try:
-        packer: msgpack.Packer = _local.packer
-    except AttributeError:
-        packer = _local.packer = msgpack.Packer(use_bin_type=True)
-    return packer
-
-
-def _splice(
-    frame: bytes, head: list[Any], keep: int, tail: list[Any], new_head: list[Any], new_tail: list[Any]
-) -> bytes | None:
-    """`frame` with its leading and trailing fields replaced, the `keep` fields between them copied as they are.
-
-    `head`/`tail` are the decoded values of the frame's own leading/trailing fields: packed again they must give
-    exactly the frame's bytes (they do for this codec's frames; a foreign encoder's longer forms do not), else
-    None and the caller encodes from scratch. The kept middle (a prompt, an answer, vectors) is never unpacked or
-    packed again: forwarding costs about the same for a long prompt as for a word.
-    """
-    n = len(head) + keep + len(tail)
-    if not 0 < n <= 15 or len(new_head) != len(head) or len(new_tail) != len(tail):
-        return None
-    pack = _packer().pack
-    header = _ARRAY_HEADERS[n]
-    old_head = header + pack(head)[1:]  # a list of <16 items packs as 1 header byte + its items
-    old_tail = pack(tail)[1:]
-    end = len(frame) - len(old_tail)
-    if end < 1 + len(old_head) or not frame.startswith(old_head, 1) or not frame.endswith(old_tail):
-        return None
-    return b"".join((_VERSION_BYTE, header, pack(new_head)[1:], frame[1 + len(old_head) : end], pack(new_tail)[1:]))
-
-
-def restamp_request(frame: bytes, req: Request, *, id: str, deadline_ms: int, hops: int, origin: str,
-                    prefix: str) -> bytes:  # fmt: skip
-    """`frame` (which decoded to `req`) as a forwarded try: another id, what is left of the deadline, one more
-    hop, the entry as origin, and the text already streamed as prefix. The input and params are not re-encoded."""
-    if len(frame) < _SPLICE_FROM:
-        return encode(Request(id, req.model, req.task, req.input, req.params, deadline_ms, req.priority, hops,
-                              origin, req.stream, req.require, prefix))  # fmt: skip
-    head = [_T_REQUEST, req.id, req.model, req.task.value]
-    tail = [req.deadline_ms, req.priority, req.hops, req.origin, req.stream, req.require, req.prefix]
-    new_tail = [deadline_ms, req.priority, hops, origin, req.stream, req.require, prefix]
-    out = _splice(frame, head, 2, tail, [_T_REQUEST, id, req.model, req.task.value], new_tail)
-    if out is not None:
-        return out
-    return encode(Request(id, req.model, req.task, req.input, req.params, deadline_ms, req.priority, hops, origin,
-                          req.stream, req.require, prefix))  # fmt: skip
-
-
-def restamp_reply(frame: bytes, reply: Reply, *, id: str, route: str) -> bytes:
-    """`frame` (which decoded to `reply`) under the caller's id and with the route the entry chose; the output
-    (an answer, vectors) is copied, not re-encoded."""
-    if len(frame) < _SPLICE_FROM:
-        return encode(Reply(id, reply.output, reply.node, route, reply.queue, reply.meta))
-    tail = [reply.node, reply.route, reply.queue, reply.meta]
-    out = _splice(frame, [_T_REPLY, reply.id], 1, tail, [_T_REPLY, id], [reply.node, route, reply.queue, reply.meta])
-    if out is not None:
-        return out
-    return encode(Reply(id, reply.output, reply.node, route, reply.queue, reply.meta))
-
-
-# ----------------------------------------------------------------- decoding
 
 
 def _fail(what: str, rid: str | None = None) -> DecodeError:
@@ -319,9 +174,9 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
             and t is not Task.CHAT
             and type(inp) is str
             and type(rid) is str
-            and 0 < len(rid) <= _ID_LEN
+            and 0 < len(rid) <= ID_LEN
             and type(model) is str
-            and 0 < len(model) <= _NAME_LEN
+            and 0 < len(model) <= NAME_LEN
             and type(params) is dict
             and all(type(v) in _SCALAR_TYPES for v in params.values())
             and type(dl) is int
@@ -331,7 +186,7 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
             and type(hops) is int
             and 0 <= hops <= MAX_HOPS
             and type(origin) is str
-            and len(origin) <= _NAME_LEN
+            and len(origin) <= NAME_LEN
             and type(stream) is bool
             and type(require) is dict
             and all(type(v) is str for v in require.values())
@@ -343,10 +198,10 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
 
 def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
     rid_raw = b[1] if len(b) > 1 else None
-    rid = rid_raw if isinstance(rid_raw, str) and 0 < len(rid_raw) <= _ID_LEN else None
+    rid = rid_raw if isinstance(rid_raw, str) and 0 < len(rid_raw) <= ID_LEN else None
     f = _fields(b, 4, 12, "request", rid)
-    rid = _str(f[0], "id", _ID_LEN, None, empty=False)
-    model = _str(f[1], "model", _NAME_LEN, rid, empty=False)
+    rid = _str(f[0], "id", ID_LEN, None, empty=False)
+    model = _str(f[1], "model", NAME_LEN, rid, empty=False)
     task = _TASKS.get(f[2]) if isinstance(f[2], str) else None
     if task is None:
         raise _fail(f"task must be one of {list(_TASKS)}, got {f[2]!r}", rid)
@@ -359,7 +214,7 @@ def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
         deadline_ms=_int(_or(f[5], 60_000), "deadline_ms", 1, MAX_DEADLINE_MS, rid),
         priority=_int(_or(f[6], 0), "priority", 0, 9, rid),
         hops=_int(_or(f[7], 0), "hops", 0, MAX_HOPS, rid),
-        origin=_str(_or(f[8], ""), "origin", _NAME_LEN, rid),
+        origin=_str(_or(f[8], ""), "origin", NAME_LEN, rid),
         stream=_bool(_or(f[9], False), "stream", rid),
         require=_strmap(_or(f[10], {}), "require", rid, lim, str_values=True),
         prefix=_str(_or(f[11], ""), "prefix", lim.max_str_len, rid),
@@ -370,8 +225,8 @@ def _dec_addr(v: Any) -> PeerAddr:
     if not isinstance(v, list) or len(v) < 4:
         raise _fail("peer address must be [node, host, port, pub_port]")
     return PeerAddr(
-        node=_str(v[0], "node", _NAME_LEN, None, empty=False),
-        host=_str(v[1], "host", _NAME_LEN, None, empty=False),
+        node=_str(v[0], "node", NAME_LEN, None, empty=False),
+        host=_str(v[1], "host", NAME_LEN, None, empty=False),
         port=_int(v[2], "port", 1, 65535, None),
         pub_port=_int(v[3], "pub_port", 1, 65535, None),
     )
@@ -388,7 +243,7 @@ def _dec_models(v: Any) -> dict[str, ModelLoad]:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
             raise _fail("model rate must be a number of requests per second >= 0")
         version = _str(load[4], "model version", 64, None) if len(load) > 4 else ""
-        out[_str(name, "model", _NAME_LEN, None, empty=False)] = ModelLoad(
+        out[_str(name, "model", NAME_LEN, None, empty=False)] = ModelLoad(
             _int(load[0], "inflight", 0, 2**31, None),
             _int(load[1], "queued", 0, 2**31, None),
             _int(load[2], "capacity", 0, 2**31, None),
@@ -404,7 +259,7 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
     if not isinstance(peers, list):
         raise _fail("peers must be a list")
     return LoadReport(
-        node=_str(f[0], "node", _NAME_LEN, None, empty=False),
+        node=_str(f[0], "node", NAME_LEN, None, empty=False),
         incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
         seq=_int(f[2], "seq", 0, 2**63 - 1, None),
         addr=_dec_addr(f[3]),
@@ -412,12 +267,12 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
         labels=_strmap(_or(f[5], {}), "labels", None, lim, str_values=True),
         peers=tuple(_dec_addr(p) for p in peers),
         leaving=_bool(_or(f[7], False), "leaving", None),
-        fingerprint=_str(_or(f[8], ""), "fingerprint", _NAME_LEN, None),
+        fingerprint=_str(_or(f[8], ""), "fingerprint", NAME_LEN, None),
     )
 
 
 def _rid(b: list[Any]) -> str:
-    return _str(b[1], "id", _ID_LEN, None, empty=False)
+    return _str(b[1], "id", ID_LEN, None, empty=False)
 
 
 def _flat(v: Any) -> bool:
@@ -437,11 +292,11 @@ def _dec_reply(b: list[Any], lim: Limits) -> Reply:
         _, rid, output, node, route, queue, meta = b
         if (
             type(rid) is str
-            and 0 < len(rid) <= _ID_LEN
+            and 0 < len(rid) <= ID_LEN
             and type(node) is str
-            and len(node) <= _NAME_LEN
+            and len(node) <= NAME_LEN
             and type(route) is str
-            and len(route) <= _NAME_LEN
+            and len(route) <= NAME_LEN
             and type(queue) is int
             and 0 <= queue <= 2**31
             and type(meta) is dict
@@ -454,8 +309,8 @@ def _dec_reply(b: list[Any], lim: Limits) -> Reply:
     return Reply(
         id=rid,
         output=_value(f[1], "output", lim, rid),
-        node=_str(f[2], "node", _NAME_LEN, rid),
-        route=_str(_or(f[3], ""), "route", _NAME_LEN, rid),
+        node=_str(f[2], "node", NAME_LEN, rid),
+        route=_str(_or(f[3], ""), "route", NAME_LEN, rid),
         queue=_int(_or(f[4], 0), "queue", 0, 2**31, rid),
         meta=_strmap(_or(f[5], {}), "meta", rid, lim, str_values=False),
     )
@@ -468,14 +323,14 @@ def _dec_chunk(b: list[Any], lim: Limits) -> Chunk:
         id=rid,
         seq=_int(f[1], "seq", 0, 2**31, rid),
         data=_value(f[2], "data", lim, rid),
-        node=_str(f[3], "node", _NAME_LEN, rid),
-        route=_str(_or(f[4], ""), "route", _NAME_LEN, rid),
+        node=_str(f[3], "node", NAME_LEN, rid),
+        route=_str(_or(f[4], ""), "route", NAME_LEN, rid),
     )
 
 
 def _dec_error(b: list[Any], lim: Limits) -> Error:
     f = _fields(b, 3, 5, "error", None)
-    rid = _str(f[0], "id", _ID_LEN, None)
+    rid = _str(f[0], "id", ID_LEN, None)
     try:
         code = ErrorCode(f[1])
     except ValueError:
@@ -484,7 +339,7 @@ def _dec_error(b: list[Any], lim: Limits) -> Error:
         id=rid,
         code=code,
         message=_str(f[2], "message", 64 * 1024, rid),
-        node=_str(_or(f[3], ""), "node", _NAME_LEN, rid),
+        node=_str(_or(f[3], ""), "node", NAME_LEN, rid),
         queue=_int(_or(f[4], 0), "queue", 0, 2**31, rid),
     )
 
@@ -494,7 +349,7 @@ def _dec_reject(b: list[Any], lim: Limits) -> Reject:
     rid = _rid(b)
     return Reject(
         id=rid,
-        node=_str(f[1], "node", _NAME_LEN, rid),
+        node=_str(f[1], "node", NAME_LEN, rid),
         queue=_int(f[2], "queue", 0, 2**31, rid),
         reason=_str(_or(f[3], ""), "reason", 4096, rid),
     )
@@ -505,14 +360,14 @@ def _dec_hello(b: list[Any], lim: Limits) -> Hello:
     return Hello(
         addr=_dec_addr(f[0]),
         incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
-        fingerprint=_str(_or(f[2], ""), "fingerprint", _NAME_LEN, None),
+        fingerprint=_str(_or(f[2], ""), "fingerprint", NAME_LEN, None),
     )
 
 
 def _dec_leave(b: list[Any], lim: Limits) -> Leave:
     f = _fields(b, 2, 2, "leave", None)
     return Leave(
-        node=_str(f[0], "node", _NAME_LEN, None, empty=False),
+        node=_str(f[0], "node", NAME_LEN, None, empty=False),
         incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
     )
 
@@ -521,7 +376,7 @@ def _dec_ping(b: list[Any], lim: Limits) -> Ping:
     f = _fields(b, 1, 3, "ping", None)
     return Ping(
         id=_rid(b),
-        node=_str(_or(f[1], ""), "node", _NAME_LEN, None),
+        node=_str(_or(f[1], ""), "node", NAME_LEN, None),
         want_status=_bool(_or(f[2], False), "want_status", None),
     )
 
@@ -533,7 +388,7 @@ def _dec_pong(b: list[Any], lim: Limits) -> Pong:
         raise _fail("pong status must be a list of maps")
     return Pong(
         id=_rid(b),
-        node=_str(f[1], "node", _NAME_LEN, None),
+        node=_str(f[1], "node", NAME_LEN, None),
         status=_value(status, "status", lim, None),
     )
 
@@ -560,7 +415,7 @@ def _dec_fetch(b: list[Any], lim: Limits) -> Fetch:
     rid = _rid(b)
     return Fetch(
         id=rid,
-        name=_str(f[1], "name", _NAME_LEN, rid, empty=False),
+        name=_str(f[1], "name", NAME_LEN, rid, empty=False),
         version=_str(f[2], "version", 64, rid, empty=False),
         path=_str(_or(f[3], ""), "path", 4096, rid),
         offset=_int(_or(f[4], 0), "offset", 0, 2**62, rid),
@@ -573,24 +428,24 @@ def _dec_data(b: list[Any], lim: Limits) -> Data:
     rid = _rid(b)
     if not isinstance(f[3], bytes):
         raise _fail("data must be bytes", rid)
-    return Data(rid, _str(f[1], "node", _NAME_LEN, rid), _int(f[2], "offset", 0, 2**62, rid), f[3])
+    return Data(rid, _str(f[1], "node", NAME_LEN, rid), _int(f[2], "offset", 0, 2**62, rid), f[3])
 
 
 _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
-    _T_REQUEST: _dec_request,
-    _T_REPLY: _dec_reply,
-    _T_CHUNK: _dec_chunk,
-    _T_ERROR: _dec_error,
-    _T_REJECT: _dec_reject,
-    _T_LOAD: _dec_load,
-    _T_HELLO: _dec_hello,
-    _T_LEAVE: _dec_leave,
-    _T_PING: _dec_ping,
-    _T_PONG: _dec_pong,
-    _T_CANCEL: _dec_cancel,
-    _T_ADMIN: _dec_admin,
-    _T_FETCH: _dec_fetch,
-    _T_DATA: _dec_data,
+    T_REQUEST: _dec_request,
+    T_REPLY: _dec_reply,
+    T_CHUNK: _dec_chunk,
+    T_ERROR: _dec_error,
+    T_REJECT: _dec_reject,
+    T_LOAD: _dec_load,
+    T_HELLO: _dec_hello,
+    T_LEAVE: _dec_leave,
+    T_PING: _dec_ping,
+    T_PONG: _dec_pong,
+    T_CANCEL: _dec_cancel,
+    T_ADMIN: _dec_admin,
+    T_FETCH: _dec_fetch,
+    T_DATA: _dec_data,
 }
 
 
