@@ -51,7 +51,7 @@ def ortgenai(model_dir: str, prompts: list[str], max_tokens: int, reps: int) -> 
     import numpy as np
     import onnxruntime_genai as og
 
-    from nodes.backends.chat_template import ChatTemplate, find_template, special_tokens
+    from nodes.models.backends.chat_template import ChatTemplate, find_template, special_tokens
 
     folder = Path(model_dir)
     template = ChatTemplate(find_template(folder) or "", special_tokens(folder))

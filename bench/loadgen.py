@@ -30,8 +30,7 @@ from typing import Any
 
 import zmq
 
-from mesh import Client
-from mesh._security import client_security
+from mesh import Client, client_security
 from protocol import Error, Reject, Reply, Request, Task, decode, encode
 
 from .procs import ping

@@ -20,10 +20,9 @@ from typing import Any
 
 import psutil
 
-from mesh import Client, MeshKey
-from mesh._security import KEY_ENV
-from nodes.model_cache import cache_ready
-from nodes.models import models_status, smollm2_gguf
+from mesh import KEY_ENV, Client, MeshKey
+from nodes.models.cache import cache_ready
+from nodes.models.packaged import models_status, smollm2_gguf
 
 from .anchors import run_anchor
 from .plots import plot_models

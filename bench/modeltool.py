@@ -15,8 +15,8 @@ from typing import Any
 
 import zmq
 
-from mesh._security import client_security
-from nodes.model_commands import AdminError, admin_call, mesh_models, rollout
+from mesh import client_security
+from nodes.cli.model_commands import AdminError, admin_call, mesh_models, rollout
 from protocol import Data, Fetch, decode, encode
 
 from .loadgen import emit

@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from mesh._security import MeshKey, Plaintext, client_security
+from mesh import MeshKey, Plaintext, client_security
 from protocol import Ping, Pong, decode, encode
 
 ROOT = Path(__file__).resolve().parent.parent

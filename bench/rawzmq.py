@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from mesh._security import Authenticator, MeshKey, client_security
+from mesh import Authenticator, MeshKey, client_security
 from protocol import Request, Task, encode
 
 from .report import percentile

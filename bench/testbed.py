@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from mesh._security import INSECURE_ENV, KEY_ENV, MeshKey
+from mesh import INSECURE_ENV, KEY_ENV, MeshKey
 
 from .hosts import Lan, netns_unavailable_reason, sweep_stale
 from .procs import ROOT, NodeProc

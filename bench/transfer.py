@@ -42,7 +42,7 @@ def _sha(path: Path) -> str:
 
 
 def _make_model(folder: Path, megabytes: float) -> tuple[Path, str]:
-    from nodes.catalog import make_manifest
+    from nodes.models.catalog import make_manifest
 
     from .model_files import make_lookup_embedder
 

@@ -1,17 +1,65 @@
-"""lanmesh's distributed layer. The public surface: the client library, and the node's mesh loop.
+"""lanmesh's distributed layer, and its one public face: nothing outside `mesh/` imports a `mesh._*` module
+(`tests/unit/test_layout.py` checks it).
 
-from mesh import Client
-with Client("192.168.1.20:5555") as client:
-    print(client.chat("smollm2", [{"role": "user", "content": "Hi"}]).text)
+    from mesh import Client
+    with Client("192.168.1.20:5555") as client:
+        print(client.chat("smollm2", [{"role": "user", "content": "Hi"}]).text)
+
+What lives where (private modules, free to move behind this face):
+
+- clients: `Client` (`_client.py`, over `_client_io.py`), `AsyncClient` (`_aclient.py`); both feed the sans-IO
+  `CallTable` (`_calls.py`: retries, fail-over, cancels, learning the mesh), `NodeDirectory` (`_directory.py`)
+- a node's mesh layer: `MeshNode` (`_node.py`: the socket loop, where a request enters and is answered),
+  `EntryTable` (`_entry.py`: the entry's tries, retries and fail-over), `RoutingPolicy` (`_routing.py`),
+  `FailureDetector` (`_failure.py`), `Membership` (`_membership.py`: gossip), `PeerLinks` (`_links.py`: the
+  DEALER per peer that forwards requests), `Discovery` (`_discovery.py`: mDNS)
+- security: `MeshKey`, CURVE and the ZAP `Authenticator` (`_security.py`)
+- errors: `mesh.errors` (one exception per wire error code)
+
+The mDNS names (`Discovery`, `browse`, `discovery`, ...) load zeroconf on first use, so a client that is given
+addresses imports none of it.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from ._aclient import AsyncClient, AsyncStream
-from ._client import Client, Result, Stream
-from ._failure import FailureDetector, PeerState
+from ._backoff import backoff_schedules
+from ._call import Call, request_call
+from ._calls import CallTable
+from ._client import Client, Stream
+from ._directory import NodeDirectory
+from ._endpoints import parse_endpoints
+from ._entry import EntryTable, PendingState
+from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._node import MeshNode
-from ._routing import Choice, RoutingPolicy
-from ._security import MeshKey, MeshKeyError, Plaintext
-from ._settings import LocalServer, MeshSettings
+from ._results import PingReply, Result
+from ._routing import POLICIES, Choice, RoutingPolicy
+from ._security import (
+    INSECURE_ENV,
+    KEY_ENV,
+    Authenticator,
+    CurveUnavailable,
+    MeshKey,
+    MeshKeyError,
+    Plaintext,
+    RejectionLog,
+    RequestLimits,
+    client_security,
+    default_key_path,
+    fingerprint_of,
+    handshake_failure,
+    judge_zap,
+    key_path,
+    load_mesh_key,
+    require_curve,
+    same_host,
+    zap_reply,
+)
+from ._settings import LocalServer, MeshSettings, RequestObserver
+from ._watchdog import LoopWatchdog
 from .errors import (
     BadRequest,
     DeadlineExceeded,
@@ -24,29 +72,93 @@ from .errors import (
     Unauthorized,
 )
 
+# Loaded on first use (zeroconf): name -> attribute of mesh._discovery ("" = the module itself).
+_DISCOVERY = {
+    "discovery": "",
+    "Announcement": "Announcement",
+    "Discovery": "Discovery",
+    "SERVICE_TYPE": "SERVICE_TYPE",
+    "browse": "browse",
+    "instance_name": "instance_name",
+    "parse_txt": "parse_txt",
+    "txt_for": "txt_for",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DISCOVERY:
+        module = importlib.import_module("._discovery", __name__)
+        return getattr(module, _DISCOVERY[name]) if _DISCOVERY[name] else module
+    raise AttributeError(f"module 'mesh' has no attribute {name!r}")
+
+
 __all__ = [
+    # clients
     "AsyncClient",
     "AsyncStream",
-    "BadRequest",
-    "Choice",
     "Client",
+    "PingReply",
+    "Result",
+    "Stream",
+    "parse_endpoints",
+    # errors
+    "BadRequest",
     "DeadlineExceeded",
-    "FailureDetector",
     "InternalError",
     "LanmeshError",
-    "LocalServer",
-    "MeshKey",
-    "MeshKeyError",
-    "MeshNode",
-    "MeshSettings",
     "MeshUnavailable",
     "ModelNotFound",
     "Overloaded",
-    "PeerState",
-    "Plaintext",
     "ProtocolError",
-    "Result",
-    "RoutingPolicy",
-    "Stream",
     "Unauthorized",
+    # security
+    "INSECURE_ENV",
+    "KEY_ENV",
+    "Authenticator",
+    "CurveUnavailable",
+    "MeshKey",
+    "MeshKeyError",
+    "Plaintext",
+    "RejectionLog",
+    "RequestLimits",
+    "client_security",
+    "default_key_path",
+    "fingerprint_of",
+    "handshake_failure",
+    "judge_zap",
+    "key_path",
+    "load_mesh_key",
+    "require_curve",
+    "same_host",
+    "zap_reply",
+    # a node's mesh layer
+    "LocalServer",
+    "LoopWatchdog",
+    "MeshNode",
+    "MeshSettings",
+    "RequestObserver",
+    # the pure policies (fed with observations and `now`; no sockets): for tests and simulations
+    "FORGOTTEN",
+    "POLICIES",
+    "Call",
+    "CallTable",
+    "Choice",
+    "EntryTable",
+    "FailureDetector",
+    "NodeDirectory",
+    "PeerState",
+    "PendingState",
+    "RoutingPolicy",
+    "Transition",
+    "backoff_schedules",
+    "request_call",
+    # mDNS (loaded on first use)
+    "Announcement",
+    "Discovery",
+    "SERVICE_TYPE",
+    "browse",
+    "discovery",
+    "instance_name",
+    "parse_txt",
+    "txt_for",
 ]

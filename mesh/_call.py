@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal, Protocol
 
 from protocol import Task
@@ -12,6 +13,27 @@ from .errors import LanmeshError
 _TASKS: dict[str, Task] = {t.value: t for t in Task}  # a Task is a str, so members find themselves too
 
 CallKind = Literal["request", "ping", "status", "learn"]  # learn: the table's own status ping
+
+
+class CallState(StrEnum):
+    """Where a call stands. Every change goes through `Call.move`, which checks it against `_MOVES`."""
+
+    NEW = "new"  # built, not yet handed to a node
+    SENT = "sent"  # a try is live on `Call.node`: answered, moved or cancelled there
+    WAITING = "waiting"  # no live try: waiting for a node to connect, out a backoff, or to resend
+    DONE = "done"  # answered, failed or cancelled; the table has forgotten it
+
+
+_MOVES: dict[CallState, frozenset[CallState]] = {
+    CallState.NEW: frozenset({CallState.SENT, CallState.WAITING, CallState.DONE}),
+    CallState.SENT: frozenset({CallState.WAITING, CallState.DONE}),
+    CallState.WAITING: frozenset({CallState.SENT, CallState.WAITING, CallState.DONE}),
+    CallState.DONE: frozenset(),
+}
+
+
+class IllegalMove(RuntimeError):
+    """A state machine was asked for a transition its table does not allow: a bug, never the caller's input."""
 
 
 class Sink(Protocol):
@@ -56,6 +78,12 @@ class Call:
     not_before: float = 0.0
     wake: float = 0.0
     last_error: LanmeshError | None = None
+    state: CallState = CallState.NEW
+
+    def move(self, to: CallState) -> None:
+        if to not in _MOVES[self.state]:
+            raise IllegalMove(f"call {self.key}: {self.state} -> {to}")
+        self.state = to
 
 
 def request_call(
@@ -116,4 +144,4 @@ def generation_params(
     return params
 
 
-__all__ = ["Call", "CallKind", "Sink", "generation_params", "request_call"]
+__all__ = ["Call", "CallKind", "CallState", "IllegalMove", "Sink", "generation_params", "request_call"]

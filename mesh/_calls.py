@@ -30,7 +30,8 @@ from protocol import (
     encode,
 )
 
-from ._call import Call, Sink, generation_params, request_call
+from ._backoff import CLIENT_DECLINED, CLIENT_UNAVAILABLE
+from ._call import Call, CallState, Sink, generation_params, request_call
 from ._directory import NodeDirectory
 from ._results import PingReply, Result, text_of
 from .errors import (
@@ -46,11 +47,6 @@ from .errors import (
 
 log = logging.getLogger(__name__)
 
-# After a Reject/OVERLOADED the next node is tried after this pause, doubling per refusal (a full mesh needs a
-# moment to drain, and an instant retry storm would only refill it).
-_DECLINED_BACKOFF_S, _DECLINED_BACKOFF_MAX_S = 0.005, 0.1
-# When every reachable node answered UNAVAILABLE (e.g. shutting down), wait longer before asking again.
-_UNAVAILABLE_BACKOFF_S, _UNAVAILABLE_BACKOFF_MAX_S = 0.05, 0.5
 # Handshakes failed this many times in a row at every node (and none connected): the key is wrong, not the network.
 _REFUSALS_FOR_UNAUTHORIZED = 2
 # A send refused by the socket (no live pipe yet, or the HWM is full) is retried after this pause.
@@ -251,7 +247,7 @@ class CallTable:
                 continue
             if now >= call.deadline - _MIN_BUDGET_S:
                 self._expire(call)
-            elif call.node is None:
+            elif call.state is not CallState.SENT:
                 self._dispatch(call, now)
             elif self._try_timeout is not None and now >= call.sent_at + self._try_timeout:
                 log.info("no answer from %s within the %gs try timeout; re-sending", call.node, self._try_timeout)
@@ -352,7 +348,8 @@ class CallTable:
         if all(ep in call.declined for ep in self._up):
             self._fail(call, exc)
             return
-        pause = min(_DECLINED_BACKOFF_S * 2 ** (len(call.declined) - 1), _DECLINED_BACKOFF_MAX_S)
+        # A full mesh needs a moment to drain, and an instant retry storm would only refill it.
+        pause = CLIENT_DECLINED.delay(len(call.declined))
         self._park(call, now + pause)
 
     # ------------------------------------------------------------- learning the mesh
@@ -431,8 +428,8 @@ class CallTable:
             elif self._up and call.unavailable:
                 # Every reachable node said it cannot serve now; ask them all again after a pause.
                 call.unavailable.clear()
-                pause = min(_UNAVAILABLE_BACKOFF_S * 2**call.unavailable_rounds, _UNAVAILABLE_BACKOFF_MAX_S)
                 call.unavailable_rounds += 1
+                pause = CLIENT_UNAVAILABLE.delay(call.unavailable_rounds)
                 self._park(call, now + pause)
             else:
                 if self._refused and self._every_node_refused():
@@ -450,6 +447,7 @@ class CallTable:
         if not self._transmit(endpoint, frame):
             self._park(call, now + _SEND_RETRY_S)
             return
+        call.move(CallState.SENT)
         call.node, call.wire, call.sent_at = endpoint, wire, now
         call.tries += 1
         call.seen.clear()
@@ -495,7 +493,8 @@ class CallTable:
     # ------------------------------------------------------------- bookkeeping
 
     def _park(self, call: Call, not_before: float) -> None:
-        call.node = None
+        self._drop_try(call)
+        call.move(CallState.WAITING)
         call.not_before = not_before
         self._waiting[call.key] = call
         self._set_wake(call, min(call.deadline, not_before) if not_before > 0 else call.deadline)
@@ -509,6 +508,9 @@ class CallTable:
             heapq.heapify(self._timers)
 
     def _drop_try(self, call: Call) -> None:
+        """The call's try is over (answered, refused, lost or abandoned): nothing of it is live any more."""
+        if call.state is CallState.SENT:
+            call.move(CallState.WAITING)
         if call.node is not None:
             self._on_node[call.node].discard(call.key)
             call.node = None
@@ -516,6 +518,7 @@ class CallTable:
 
     def _finish(self, call: Call) -> None:
         self._drop_try(call)
+        call.move(CallState.DONE)
         self._waiting.pop(call.key, None)
         self._calls.pop(call.key, None)
 

@@ -24,6 +24,7 @@ import collections
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Protocol
 
 from protocol import (
@@ -40,12 +41,34 @@ from protocol import (
     restamp_request,
 )
 
+from ._backoff import ENTRY, ENTRY_ROUNDS
+from ._call import IllegalMove
 from ._routing import RoutingPolicy
 
-_BACKOFF_ROUNDS = 3  # times every eligible node may refuse a request before the client hears OVERLOADED
-_BACKOFF_BASE_S = 0.005  # first pause after a round of refusals; x4 per round (5, 20, 80 ms), then 100 ms
-_BACKOFF_MAX_S = 0.1
 _ID_LEN = 128  # the wire's limit on ids
+
+
+class PendingState(StrEnum):
+    """Where a request taken from a client stands. Every change goes through `Pending.move`, checked against
+    `_MOVES`; the last three are final (the table has forgotten the request)."""
+
+    ROUTING = "routing"  # being given a node (between tries, or arrived)
+    ON_PEER = "on_peer"  # a try is out on `Pending.target`
+    BACKING_OFF = "backing_off"  # every candidate refused or is out of reach: waiting until `retry_at`
+    SERVED_HERE = "served_here"  # handed to this node's executor, which answers the client
+    ANSWERED = "answered"  # the client has its one answer (a Reply or an Error)
+    CANCELLED = "cancelled"  # the caller gave up: no answer
+
+
+_FINAL = frozenset({PendingState.SERVED_HERE, PendingState.ANSWERED, PendingState.CANCELLED})
+_MOVES: dict[PendingState, frozenset[PendingState]] = {
+    PendingState.ROUTING: frozenset({PendingState.ON_PEER, PendingState.BACKING_OFF, *_FINAL}),
+    PendingState.ON_PEER: frozenset({PendingState.ROUTING, PendingState.ANSWERED, PendingState.CANCELLED}),
+    PendingState.BACKING_OFF: frozenset({PendingState.ROUTING, PendingState.ANSWERED, PendingState.CANCELLED}),
+    PendingState.SERVED_HERE: frozenset(),
+    PendingState.ANSWERED: frozenset(),
+    PendingState.CANCELLED: frozenset(),
+}
 
 
 @dataclass(slots=True)
@@ -69,10 +92,16 @@ class Pending:
     seq: int = 0  # next chunk number towards the client
     streamed: list[str] = field(default_factory=list)
     refused: bool = False  # some node said it was too busy
+    state: PendingState = PendingState.ROUTING
 
     @property
     def id(self) -> str:
         return self.request.id
+
+    def move(self, to: PendingState) -> None:
+        if to not in _MOVES[self.state]:
+            raise IllegalMove(f"request {self.id}: {self.state} -> {to}")
+        self.state = to
 
 
 class EntryHost(Protocol):
@@ -184,7 +213,7 @@ class EntryTable:
         p = self._current(node, msg.id)
         if p is None:
             return
-        self.policy.observe_queue(node, p.request.model, msg.queue)
+        self.policy.observe_queue(node, p.request.model, msg.queue, now)
         out = (
             restamp_reply(frame, msg, id=p.id, route=p.route) if frame else encode(replace(msg, id=p.id, route=p.route))
         )
@@ -207,7 +236,7 @@ class EntryTable:
             return
         self._count("rejects_received")
         p.refused = True
-        self._abandon(p, node, msg.queue, cancel=False)  # a refused request never started there
+        self._abandon(p, node, now, msg.queue, cancel=False)  # a refused request never started there
         p.excluded.add(node)
         self._dispatch(p, f"retry-after:reject({node}):", now)
 
@@ -217,11 +246,11 @@ class EntryTable:
             return
         if msg.code in RETRYABLE and p.tries < self.max_tries:
             p.refused = p.refused or msg.code is ErrorCode.OVERLOADED
-            self._abandon(p, node, msg.queue, cancel=False)  # it answered: nothing runs there any more
+            self._abandon(p, node, now, msg.queue, cancel=False)  # it answered: nothing runs there any more
             p.excluded.add(node)
             self._dispatch(p, f"retry-after:{msg.code.name.lower()}({node}):", now)
             return
-        self.policy.observe_queue(node, p.request.model, msg.queue)
+        self.policy.observe_queue(node, p.request.model, msg.queue, now)
         self._finish(p, encode(replace(msg, id=p.id)), msg.code.name.lower(), now)
 
     def cancel(self, client: bytes, request_id: str, reason: str, now: float) -> bool:
@@ -236,8 +265,8 @@ class EntryTable:
             self._count("cancelled_from_another_connection")
         self._count("cancelled")
         if p.target:
-            self._abandon(p, p.target, cancel=True, reason=reason or "cancelled by the caller")
-        self._release(p)
+            self._abandon(p, p.target, now, cancel=True, reason=reason or "cancelled by the caller")
+        self._release(p, PendingState.CANCELLED)
         self.host.finished(p.request.model, "cancelled", now - p.started)
         return True
 
@@ -245,15 +274,14 @@ class EntryTable:
         """`node` is suspected, dead, left or restarted: re-send what runs there to other nodes."""
         for p in list(self._pending.values()):
             if p.target == node:
-                self._abandon(p, node, cancel=True, reason=f"moved to another node ({why})")
+                self._abandon(p, node, now, cancel=True, reason=f"moved to another node ({why})")
                 p.excluded.add(node)
                 self._dispatch(p, f"retry-after:{why}:", now)
 
     def node_back(self, now: float) -> None:
         """A node became reachable again: what waits for one goes out now, not at its next backoff."""
         for p in list(self._pending.values()):
-            if p.retry_at and not p.target:
-                p.retry_at = 0.0
+            if p.state is PendingState.BACKING_OFF:
                 self._dispatch(p, "retry-after:node-back:", now)
 
     def tick(self, now: float) -> None:
@@ -261,16 +289,17 @@ class EntryTable:
         for p in list(self._pending.values()):
             if now >= p.deadline:
                 if p.target:
-                    self._abandon(p, p.target, cancel=True, reason="deadline passed")
+                    self._abandon(p, p.target, now, cancel=True, reason="deadline passed")
                 err = Error(p.id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed while being served", self.host.node_id)
                 self._finish(p, err, "deadline_exceeded", now)
-            elif p.retry_at and now >= p.retry_at:
-                p.retry_at = 0.0
+            elif p.state is PendingState.BACKING_OFF and now >= p.retry_at:
                 self._dispatch(p, "retry-after:busy:", now)
             elif self.try_timeout is not None and p.target and now - p.try_started > self.try_timeout:
                 self._count("try_timeouts")
                 node = p.target
-                self._abandon(p, node, cancel=True, reason=f"no answer within the {self.try_timeout:g}s try timeout")
+                self._abandon(
+                    p, node, now, cancel=True, reason=f"no answer within the {self.try_timeout:g}s try timeout"
+                )
                 p.excluded.add(node)
                 self._dispatch(p, "retry-after:timeout:", now)
 
@@ -278,13 +307,16 @@ class EntryTable:
         """This node is stopping: every caller hears UNAVAILABLE (its client retries elsewhere)."""
         for p in list(self._pending.values()):
             if p.target:
-                self._abandon(p, p.target, cancel=True, reason=why)
+                self._abandon(p, p.target, now, cancel=True, reason=why)
             self._finish(p, Error(p.id, ErrorCode.UNAVAILABLE, why, self.host.node_id), "unavailable", now)
 
     # ------------------------------------------------------------ deciding
 
     def _dispatch(self, p: Pending, why: str, now: float) -> None:
         """Pick a node for `p` and send it there; answer the client when nothing can serve it."""
+        if p.state is PendingState.BACKING_OFF:
+            p.move(PendingState.ROUTING)
+            p.retry_at = 0.0
         req = p.request
         if now >= p.deadline:
             err = Error(p.id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before a node could serve it",
@@ -296,12 +328,12 @@ class EntryTable:
             if not candidates:
                 self._nobody(p, known, now)
                 return
-            choice = self.policy.choose(req.model, candidates)
+            choice = self.policy.choose(req.model, candidates, now)
             route = f"{why}{choice.reason}" if why else choice.reason
             if choice.node == self.host.node_id:
                 local = replace(req, prefix=req.prefix + "".join(p.streamed)) if p.streamed else req
                 if self.host.serve_here(p.client, local, p.deadline, route, p.seq, p.started):
-                    self._release(p)  # the executor answers the client from here on
+                    self._release(p, PendingState.SERVED_HERE)  # the executor answers the client from here on
                     self._count("served_local")
                     return
                 p.excluded.add(self.host.node_id)
@@ -319,15 +351,16 @@ class EntryTable:
             if req.require:
                 msg += f" with labels {req.require}"
             self._finish(p, Error(p.id, ErrorCode.UNKNOWN_MODEL, msg, node_id), "unknown_model", now)
-        elif p.rounds < _BACKOFF_ROUNDS or (not p.refused and now - p.started < self.wait_for_node):
-            # Everyone said no, failed, or is out of reach: a short backoff, then try them all again.
+        elif p.rounds < ENTRY_ROUNDS or (not p.refused and now - p.started < self.wait_for_node):
+            # Everyone said no, failed, or is out of reach: a short backoff (_backoff.ENTRY), then try them all again.
             p.rounds += 1
             p.excluded.clear()
-            p.retry_at = now + min(_BACKOFF_BASE_S * (4**p.rounds), _BACKOFF_MAX_S)
+            p.move(PendingState.BACKING_OFF)
+            p.retry_at = now + ENTRY.delay(p.rounds)
         else:
             code = ErrorCode.OVERLOADED if p.refused else ErrorCode.UNAVAILABLE
             msg = "every node serving this model is busy" if p.refused else "no live node serves this model now"
-            queue = min((self.policy.estimate(n, req.model) for n in self.host.servers(req.model)), default=0)
+            queue = min((self.policy.estimate(n, req.model, now) for n in self.host.servers(req.model)), default=0)
             self._finish(p, Error(p.id, code, msg, node_id, int(queue)), code.name.lower(), now)
 
     def _forward(self, p: Pending, node: str, route: str, now: float) -> bool:
@@ -348,9 +381,9 @@ class EntryTable:
         if not self.host.send_peer(node, frame):
             self._count("forward_unreachable")
             return False
+        p.move(PendingState.ON_PEER)
         p.target, p.route, p.try_id, p.try_started = node, route, try_id, now
         p.tries += 1
-        p.retry_at = 0.0
         p.outstanding.add(node)
         self._by_try[try_id] = p
         self.policy.dispatched(node, req.model)
@@ -369,21 +402,25 @@ class EntryTable:
             return None
         return p
 
-    def _abandon(self, p: Pending, node: str, queue: int | None = None, *, cancel: bool, reason: str = "") -> None:
+    def _abandon(
+        self, p: Pending, node: str, now: float, queue: int | None = None, *, cancel: bool, reason: str = ""
+    ) -> None:
         if node in p.outstanding:
             p.outstanding.discard(node)
             self.policy.completed(node, p.request.model)
         if queue is not None:
-            self.policy.observe_queue(node, p.request.model, queue)
+            self.policy.observe_queue(node, p.request.model, queue, now)
         if p.target == node:
             if cancel:
                 self.host.send_peer(node, encode(Cancel(p.try_id, reason)))
                 self._count("cancels_sent")
             self._by_try.pop(p.try_id, None)
             p.target = ""
+            p.move(PendingState.ROUTING)
 
-    def _release(self, p: Pending) -> None:
-        """Forget `p`, and release what the policy counts for it."""
+    def _release(self, p: Pending, state: PendingState) -> None:
+        """Forget `p` as it ends in `state`, and release what the policy counts for it."""
+        p.move(state)
         self._pending.pop(p.id, None)
         if p.try_id:
             self._by_try.pop(p.try_id, None)
@@ -394,7 +431,7 @@ class EntryTable:
 
     def _finish(self, p: Pending, msg: Error | bytes, outcome: str, now: float) -> None:
         """Give the client its one answer (an Error, or an encoded answer)."""
-        self._release(p)
+        self._release(p, PendingState.ANSWERED)
         if outcome != "ok":
             self._count(f"errors_{outcome}")
         self.host.finished(p.request.model, outcome, now - p.started)

@@ -1,13 +1,12 @@
 """Failure detection: a pure state machine that turns "heard from a peer" and silence into peer states.
 
-No sockets, threads or sleeps: the node feeds it observations and calls `tick()`; the clock is injected.
+No sockets, threads, sleeps or clock: the node feeds it observations with the time they happened (`now`, any
+monotonic seconds) and calls `tick(now)`.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -76,7 +75,6 @@ class FailureDetector:
         suspect_after: float = 1.0,
         dead_after: float = 3.0,
         forget_after: float = 300.0,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not (0 < suspect_after < dead_after) or not math.isfinite(dead_after):
             raise ValueError(
@@ -88,17 +86,15 @@ class FailureDetector:
         self.suspect_after = suspect_after
         self.dead_after = dead_after
         self.forget_after = forget_after
-        self._clock = clock
         self._peers: dict[str, _Peer] = {}
 
-    def heard(self, node: str, incarnation: int | None = None, seq: int | None = None) -> Transition | None:
+    def heard(self, node: str, now: float, incarnation: int | None = None, seq: int | None = None) -> Transition | None:
         """Record a message from `node`; returns the state change it caused, if any.
 
         `incarnation` and `seq` come only with gossip (LoadReport); other messages pass neither.
         """
         if seq is not None and incarnation is None:
             raise ValueError("seq counts within an incarnation: pass the incarnation with it")
-        now = self._clock()
         peer = self._peers.get(node)
         if peer is None:
             self._peers[node] = _Peer(PeerState.ALIVE, now, now, incarnation, seq)
@@ -125,14 +121,13 @@ class FailureDetector:
         peer.state, peer.since = PeerState.ALIVE, now
         return Transition(node, old, PeerState.ALIVE, "heard")
 
-    def left(self, node: str, incarnation: int | None = None) -> Transition | None:
+    def left(self, node: str, now: float, incarnation: int | None = None) -> Transition | None:
         """Record a goodbye from `node` (a Leave, or gossip with `leaving` set).
 
         A goodbye from an incarnation older than the known one is stale (the peer has since restarted)
         and is ignored. A goodbye from a node never heard of is still recorded, so its late gossip does
         not introduce it as new.
         """
-        now = self._clock()
         peer = self._peers.get(node)
         if peer is None:
             self._peers[node] = _Peer(PeerState.LEFT, now, now, incarnation, None)
@@ -148,7 +143,7 @@ class FailureDetector:
         peer.state, peer.since = PeerState.LEFT, now
         return Transition(node, old, PeerState.LEFT, "left")
 
-    def connection_lost(self, node: str, reason: str = "connection lost") -> list[Transition]:
+    def connection_lost(self, node: str, now: float, reason: str = "connection lost") -> list[Transition]:
         """The transport saw the peer's connection close: suspect it now instead of after `suspect_after`.
 
         A closed TCP connection is strong evidence (the process exited or crashed) but not proof: the
@@ -157,10 +152,10 @@ class FailureDetector:
         peer = self._peers.get(node)
         if peer is None or peer.state is not PeerState.ALIVE:
             return []
-        peer.state, peer.since = PeerState.SUSPECT, self._clock()
+        peer.state, peer.since = PeerState.SUSPECT, now
         return [Transition(node, PeerState.ALIVE, PeerState.SUSPECT, reason)]
 
-    def unreachable(self, node: str, reason: str = "connection refused") -> list[Transition]:
+    def unreachable(self, node: str, now: float, reason: str = "connection refused") -> list[Transition]:
         """The transport could not reconnect (nothing listens at the peer's port): dead now.
 
         Reported like a late tick: ALIVE goes through SUSPECT to DEAD. LEFT peers stay LEFT.
@@ -168,20 +163,19 @@ class FailureDetector:
         peer = self._peers.get(node)
         if peer is None or peer.state in (PeerState.DEAD, PeerState.LEFT):
             return []
-        out = self.connection_lost(node, reason)
-        peer.state, peer.since = PeerState.DEAD, self._clock()
+        out = self.connection_lost(node, now, reason)
+        peer.state, peer.since = PeerState.DEAD, now
         out.append(Transition(node, PeerState.SUSPECT, PeerState.DEAD, reason))
         return out
 
-    def tick(self) -> list[Transition]:
-        """Apply silence as of now; returns the state changes it caused and the peers it dropped.
+    def tick(self, now: float) -> list[Transition]:
+        """Apply silence as of `now`; returns the state changes it caused and the peers it dropped.
 
         A peer silent past `dead_after` while still ALIVE (ticks came late) is reported as two steps,
         ALIVE->SUSPECT then SUSPECT->DEAD, so a caller that acts on SUSPECT sees every step. A dropped
         peer is reported as Transition(node, old=state, new=state, reason=FORGOTTEN); afterwards
         `state(node)` is None.
         """
-        now = self._clock()
         out: list[Transition] = []
         for node, peer in list(self._peers.items()):
             if peer.state in (PeerState.DEAD, PeerState.LEFT):
@@ -205,7 +199,7 @@ class FailureDetector:
         return None if peer is None else peer.state
 
     def last_heard(self, node: str) -> float | None:
-        """Clock value of the last message that counted as proof of life (stale ones do not)."""
+        """Time (as given) of the last message that counted as proof of life (stale ones do not)."""
         peer = self._peers.get(node)
         return None if peer is None else peer.last_heard
 

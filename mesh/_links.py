@@ -204,7 +204,7 @@ class PeerLinks:
         peer.last_heard = time.monotonic()
         self.peers.add(peer)
         # Known now: silence from here on makes it suspect, then dead, then forgotten.
-        t = self.detector.heard(addr.node)
+        t = self.detector.heard(addr.node, peer.last_heard)
         if t is not None and t.reason != "new":
             self.on_transition(t)
         endpoint = f"tcp://{addr.host}:{addr.pub_port}"

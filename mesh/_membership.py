@@ -1,8 +1,9 @@
 """Membership, as the mesh loop carries it out: gossip sent and heard, peers' states and what follows from them
 (fail-over, forgetting), transport events, hellos and announcements, and the node's view of the mesh.
 
-A mixin of `MeshNode` (one loop, one set of sockets); the decisions themselves are the failure detector's
-(`_failure`), the entry table's (`_entry`) and the links' identity rule (`_links`).
+A part `MeshNode` is composed of, with its dependencies given explicitly (it runs on the node's loop thread and uses
+the node's PUB and SUB); the decisions themselves are the failure detector's (`_failure`), the entry table's
+(`_entry`) and the links' identity rule (`_links`).
 """
 
 from __future__ import annotations
@@ -48,35 +49,62 @@ def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
 
 
 class Membership:
-    """Gossip and peer-state handling of `MeshNode` (see the module docstring)."""
+    """Gossip and peer-state handling of one node (see the module docstring)."""
 
-    node_id: str
-    incarnation: int
-    addr: PeerAddr
-    s: MeshSettings
-    server: LocalServer
-    stats: collections.Counter[str]
-    detector: FailureDetector
-    policy: RoutingPolicy
-    links: PeerLinks
-    entry: EntryTable
-    admission: Admission
-    pub: zmq.Socket[Any]
-    sub: zmq.Socket[Any]
-    _leaving: bool
-    _seq: int
-    _next_admission_sweep: float
+    def __init__(
+        self,
+        settings: MeshSettings,
+        addr: PeerAddr,
+        incarnation: int,
+        server: LocalServer,
+        detector: FailureDetector,
+        policy: RoutingPolicy,
+        links: PeerLinks,
+        entry: EntryTable,
+        admission: Admission,
+        stats: collections.Counter[str],
+        *,
+        send_client: Callable[[bytes, Any], None],
+        guarded: Callable[..., None],
+        in_flight_for: Callable[[bytes, str], bool],
+    ) -> None:
+        self.s = settings
+        self.node_id = settings.node_id
+        self.incarnation = incarnation
+        self.server = server
+        self.detector = detector
+        self.policy = policy
+        self.links = links
+        self.entry = entry
+        self.admission = admission
+        self.stats = stats
+        self._send_client = send_client
+        self._guarded = guarded
+        self._in_flight_for = in_flight_for
+        self.addr = addr  # as bound once the loop runs (`attach`)
+        self.leaving = False  # this node is leaving: it gossips so, and takes no new work
+        self._pub: zmq.Socket[Any] | None = None
+        self._sub: zmq.Socket[Any] | None = None
+        self._seq = 0
+        self._next_admission_sweep = 0.0
 
-    def _guarded(self, what: str, handler: Callable[..., Any], *args: Any) -> None:
-        raise NotImplementedError
+    def attach(self, pub: zmq.Socket[Any], sub: zmq.Socket[Any], addr: PeerAddr) -> None:
+        """The node's gossip sockets and its address as bound (the loop thread makes them once it starts)."""
+        self._pub, self._sub, self.addr = pub, sub, addr
 
-    def _send_client(self, ident: bytes, msg: Any) -> None:
-        raise NotImplementedError
+    @property
+    def pub(self) -> zmq.Socket[Any]:
+        if self._pub is None:
+            raise RuntimeError("membership has no PUB socket before the node binds")
+        return self._pub
 
-    def _in_flight_for(self, ident: bytes, rid: str) -> bool:
-        raise NotImplementedError
+    @property
+    def sub(self) -> zmq.Socket[Any]:
+        if self._sub is None:
+            raise RuntimeError("membership has no SUB socket before the node binds")
+        return self._sub
 
-    def _drain_monitor(self, sock: zmq.Socket[Any]) -> None:
+    def drain_monitor(self, sock: zmq.Socket[Any]) -> None:
         peer = self.links.monitors.get(sock)
         while True:
             try:
@@ -89,11 +117,11 @@ class Membership:
     def _on_transport_event(self, peer: Peer, event: int) -> None:
         if event == zmq.EVENT_DISCONNECTED:
             peer.disconnected = True
-            for t in self.detector.connection_lost(peer.node, "connection closed"):
-                self._on_transition(t)
+            for t in self.detector.connection_lost(peer.node, time.monotonic(), "connection closed"):
+                self.on_transition(t)
         elif event == zmq.EVENT_CONNECT_RETRIED and peer.disconnected:
-            for t in self.detector.unreachable(peer.node, "reconnect failed"):
-                self._on_transition(t)
+            for t in self.detector.unreachable(peer.node, time.monotonic(), "reconnect failed"):
+                self.on_transition(t)
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             peer.disconnected = False
             # Back after an outage (or new): ask at once rather than wait for its next gossip to route to it.
@@ -101,12 +129,12 @@ class Membership:
             if not peer.last_report:
                 self.links.hello(peer.dealer)
 
-    def _on_hello(self, ident: bytes, msg: Hello) -> None:
+    def on_hello(self, ident: bytes, msg: Hello) -> None:
         self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
         # Tell the newcomer who we are, so a seed contact learns our id and gossip port.
         self._send_client(ident, Hello(self.addr, self.incarnation, self.s.fingerprint))
 
-    def _on_announcement(self, ann: Any) -> None:
+    def on_announcement(self, ann: Any) -> None:
         if ann.fingerprint != self.s.fingerprint:
             # mDNS is anyone on the LAN: another mesh, an open (--insecure) node, or an impostor. Never connect.
             self.stats["foreign_announcements"] += 1
@@ -123,7 +151,7 @@ class Membership:
 
     # ------------------------------------------------------------ gossip
 
-    def _gossip(self) -> None:
+    def gossip(self) -> None:
         self._seq += 1
         digest = tuple(
             p.addr for p in self.links.peers if self.detector.state(p.node) is PeerState.ALIVE and not p.leaving
@@ -133,10 +161,10 @@ class Membership:
             incarnation=self.incarnation,
             seq=self._seq,
             addr=self.addr,
-            models={} if self._leaving else self.server.models(),
+            models={} if self.leaving else self.server.models(),
             labels=dict(self.server.labels),
             peers=digest,
-            leaving=self._leaving,
+            leaving=self.leaving,
             fingerprint=self.s.fingerprint,
         )
         try:
@@ -144,7 +172,7 @@ class Membership:
         except zmq.Again:
             self.stats["gossip_dropped"] += 1
 
-    def _drain_sub(self) -> None:
+    def drain_sub(self) -> None:
         for _ in range(DRAIN):
             try:
                 frame = self.sub.recv(zmq.NOBLOCK, copy=False)
@@ -185,17 +213,17 @@ class Membership:
             peer = self.links.learn(r.addr, "gossip", r.incarnation, r.fingerprint)
             if peer is None:
                 return
-        t = self.detector.heard(r.node, r.incarnation, r.seq)
-        if t is not None:
-            self._on_transition(t)
         now = time.monotonic()
+        t = self.detector.heard(r.node, now, r.incarnation, r.seq)
+        if t is not None:
+            self.on_transition(t)
         peer.last_heard = peer.last_report = now
         peer.incarnation, peer.seq = r.incarnation, r.seq
         peer.models = dict(r.models)
         peer.labels = dict(r.labels)
         peer.leaving = r.leaving
         for model, load in r.models.items():
-            self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, load.rate)
+            self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, now, load.rate)
         for addr in r.peers:
             if addr.node != self.node_id and self.links.peers.get(addr.node) is None:
                 self.links.learn(addr, "gossip")
@@ -205,17 +233,18 @@ class Membership:
         if peer is None:
             return
         peer.leaving = True
-        t = self.detector.left(msg.node, msg.incarnation)
+        t = self.detector.left(msg.node, time.monotonic(), msg.incarnation)
         if t is not None:
-            self._on_transition(t)
+            self.on_transition(t)
         log.info("peer %s is leaving", msg.node)
 
-    def _heard(self, node: str) -> None:
-        t = self.detector.heard(node)
+    def heard(self, node: str, now: float) -> None:
+        """Any message from `node` (a reply, a pong, a hello): proof of life."""
+        t = self.detector.heard(node, now)
         if t is not None:
-            self._on_transition(t)
+            self.on_transition(t)
 
-    def _on_transition(self, t: Transition) -> None:
+    def on_transition(self, t: Transition) -> None:
         if t.reason == FORGOTTEN:
             peer = self.links.peers.get(t.node)
             if peer is not None:
@@ -238,9 +267,9 @@ class Membership:
 
     # ------------------------------------------------------------ housekeeping
 
-    def _housekeeping(self, now: float) -> None:
-        for t in self.detector.tick():
-            self._on_transition(t)
+    def housekeeping(self, now: float) -> None:
+        for t in self.detector.tick(now):
+            self.on_transition(t)
         for peer in self.links.peers:
             state = self.detector.state(peer.node)
             if state is None:
@@ -260,14 +289,14 @@ class Membership:
             self.admission.sweep(self._in_flight_for)
             self._next_admission_sweep = now + 5.0
 
-    def _leave(self) -> None:
-        self._leaving = True
+    def leave(self) -> None:
+        self.leaving = True
         for _ in range(2):
             try:
                 self.pub.send(encode(Leave(self.node_id, self.incarnation)), zmq.NOBLOCK)
             except zmq.Again:
                 self.stats["gossip_dropped"] += 1
-        self._gossip()
+        self.gossip()
 
     # ------------------------------------------------------------ views
 
@@ -278,7 +307,7 @@ class Membership:
             {
                 "node": self.node_id,
                 "address": f"{self.addr.host}:{self.addr.port}",
-                "state": "leaving" if self._leaving else "self",
+                "state": "leaving" if self.leaving else "self",
                 "models": model_rows(self.server.models()),
                 "labels": dict(self.server.labels),
                 "last_heard_s": 0.0,
@@ -314,7 +343,7 @@ class Membership:
                 out.append((peer.node, f"{peer.addr.host}:{peer.addr.port}", load.version))
         return out
 
-    def _on_refused_connection(self, kind: str, source: str) -> None:
+    def on_refused_connection(self, kind: str, source: str) -> None:
         # Runs on the ZAP thread (which also logs it). Each of these counters has that one writer, and a
         # dict store is atomic under the GIL, so the loop's own counters are not disturbed.
         self.stats[kind] += 1

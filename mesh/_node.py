@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import zmq
 
@@ -44,6 +44,7 @@ from ._admission import Admission
 from ._entry import EntryTable
 from ._failure import FailureDetector, PeerState
 from ._links import PeerLinks
+from ._local import LocalWork
 from ._membership import DRAIN, Membership
 from ._peers import Peer
 from ._routing import POLICIES
@@ -64,17 +65,7 @@ _FLUSH_AT = 32  # answers queued before the loop sends them mid-turn (bounds the
 _ERROR_LOG_EVERY_S = 10.0
 
 
-class _Local(NamedTuple):
-    """A request running on this node's executor, and where its answer goes."""
-
-    client: bytes
-    route: str
-    seq0: int  # chunk number of its first chunk (after a stream moved here)
-    started: float
-    where: str  # local | peer
-
-
-class MeshNode(Membership):
+class MeshNode:
     """Runs the mesh loop for one node in a thread of its own."""
 
     def __init__(
@@ -100,7 +91,13 @@ class MeshNode(Membership):
         self.stats: collections.Counter[str] = collections.Counter()
         self._poller = zmq.Poller()
         self.links = PeerLinks(
-            self.ctx, self._poller, settings, self.detector, self.stats, self._wake, lambda t: self._on_transition(t)
+            self.ctx,
+            self._poller,
+            settings,
+            self.detector,
+            self.stats,
+            self._wake,
+            lambda t: self.membership.on_transition(t),
         )
         self.entry = EntryTable(
             self,
@@ -112,12 +109,17 @@ class MeshNode(Membership):
         )
         self.admission = Admission(self.node_id, settings.request_limits, settings.max_inflight_per_client,
                                    settings.max_inflight_per_peer, self.stats)  # fmt: skip
-        self.local: dict[str, _Local] = {}  # request id -> where its answer goes, for work running here
-        self._cancelled_here: set[str] = set()  # local work stopped by its caller: its answer goes nowhere
+        self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1)
+        self.membership = Membership(
+            settings, self.addr, self.incarnation, server, self.detector, self.policy, self.links, self.entry,
+            self.admission, self.stats,
+            send_client=self._send_client, guarded=self._guarded, in_flight_for=self._in_flight_for,
+        )  # fmt: skip
         self.observer: RequestObserver | None = None
+        self.local = LocalWork(self.node_id, server, self.stats, send_client=self._send_client, post=self.post,
+                               observer=lambda: self.observer)  # fmt: skip
         # Operators' commands and model files (`Admin`, `Fetch`), answered on worker threads (the node sets the handler)
         self.services = Services(self.node_id, self.post)
-        self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1)
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._outbox: list[tuple[bytes, bytes]] = []  # answers to clients, sent at the end of the loop's turn
         self._waker: Waker | None = None  # made with the loop's sockets; until then the inbox waits for the loop
@@ -127,12 +129,9 @@ class MeshNode(Membership):
         self._stopped = threading.Event()
         self._start_error: BaseException | None = None
         self._running = False
-        self._leaving = False
-        self._seq = 0
         self._discovery: Any = None
         self._loop_ident = 0
         self._auth: Authenticator | None = None
-        self._next_admission_sweep = 0.0
         self._error_log: dict[str, float] = {}
         self.last_turn = time.monotonic()  # the watchdog reads it
         self._on_stall = on_stall
@@ -145,6 +144,14 @@ class MeshNode(Membership):
     @property
     def foreign(self) -> dict[tuple[str, str], dict[str, Any]]:
         return self.links.foreign
+
+    def status(self) -> list[dict[str, Any]]:
+        """The nodes this node sees, itself first (see `Membership.status`)."""
+        return self.membership.status()
+
+    def holders(self, name: str) -> list[tuple[str, str, str]]:
+        """(node, host:port, version) of every live peer serving `name` (any thread)."""
+        return self.membership.holders(name)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -238,7 +245,7 @@ class MeshNode(Membership):
         security = self.links.security
         if s.key is not None:
             # Before any bind: without a ZAP handler CURVE would admit any key (the sockets also fail closed).
-            self._auth = Authenticator(self.ctx, s.key, self._on_refused_connection)
+            self._auth = Authenticator(self.ctx, s.key, self.membership.on_refused_connection)
             self._auth.start()
         self.router = bind_router(self.ctx, s, security, self._auth)
         port = bound_port(self.router)
@@ -246,13 +253,14 @@ class MeshNode(Membership):
         self.addr = PeerAddr(self.node_id, s.advertise, port, bound_port(self.pub))
         self.links.addr, self.links.incarnation = self.addr, self.incarnation
         self.sub = self.links.open_sub()
+        self.membership.attach(self.pub, self.sub, self.addr)
         self._waker = Waker(self.ctx)
         self.wake_pull, self._drain_wake = self._waker.pull, self._waker.drain
         for sock in (self.router, self.sub, self.wake_pull):
             self._poller.register(sock, zmq.POLLIN)
 
     def _main(self) -> None:
-        self._loop_ident = threading.get_ident()
+        self._loop_ident = self.local.loop_ident = threading.get_ident()
         try:
             self._bind()
         except zmq.ZMQError as exc:
@@ -279,10 +287,10 @@ class MeshNode(Membership):
                     self._flush()
                 now = time.monotonic()
                 if now >= next_gossip:
-                    self._guarded("gossip", self._gossip)
+                    self._guarded("gossip", self.membership.gossip)
                     next_gossip = now + self.s.gossip_interval
                 if now >= next_tick:
-                    self._guarded("housekeeping", self._housekeeping, now)
+                    self._guarded("housekeeping", self.membership.housekeeping, now)
                     next_tick = now + _TICK
         except Exception:
             log.exception("mesh loop crashed")  # the watchdog ends the process
@@ -294,11 +302,11 @@ class MeshNode(Membership):
         if sock is self.router:
             self._drain_router()
         elif sock is self.sub:
-            self._drain_sub()
+            self.membership.drain_sub()
         elif sock is self.wake_pull:
             self._drain_wake()
         elif sock in self.links.monitors:
-            self._drain_monitor(sock)
+            self.membership.drain_monitor(sock)
         else:
             self._drain_dealer(sock)
 
@@ -316,10 +324,7 @@ class MeshNode(Membership):
 
     def _shutdown(self) -> None:
         self._guarded("shutdown", self.entry.hand_back, "entry node stopped", time.monotonic())
-        for rid, local in list(self.local.items()):
-            self._send_client(local.client, Error(rid, ErrorCode.UNAVAILABLE, "node stopped; request handed back",
-                                                  self.node_id))  # fmt: skip
-        self.local.clear()
+        self._guarded("handing back local work", self.local.hand_back)
         self._guarded("the last answers", self._flush)
         if self._waker is not None:
             self._waker.silence()
@@ -330,19 +335,19 @@ class MeshNode(Membership):
         while inbox:
             kind, payload = inbox.popleft()
             if kind == "done":
-                self._guarded("a local answer", self._local_done, *payload)
+                self._guarded("a local answer", self.local.done, *payload)
             elif kind == "chunk":
-                self._guarded("a local chunk", self._local_chunk, *payload)
+                self._guarded("a local chunk", self.local.chunk, *payload)
             elif kind == "answer":
                 ident, frame, done = payload
                 self.services.done(done)
                 self.send_client(ident, frame)
             elif kind == "found":
-                self._guarded("an announcement", self._on_announcement, payload)
+                self._guarded("an announcement", self.membership.on_announcement, payload)
             elif kind == "lost":
                 log.info("mDNS says %s is gone", payload)
             elif kind == "leave":
-                self._leave()
+                self.membership.leave()
             elif kind == "stop":
                 self._running = False
 
@@ -380,7 +385,7 @@ class MeshNode(Membership):
         elif isinstance(msg, Ping):
             self._send_client(ident, Pong(msg.id, self.node_id, self.status() if msg.want_status else None))
         elif isinstance(msg, Hello):
-            self._on_hello(ident, msg)
+            self.membership.on_hello(ident, msg)
         elif isinstance(msg, Admin | Fetch):
             refused = self.services.submit(ident, msg)
             if refused is not None:
@@ -404,16 +409,16 @@ class MeshNode(Membership):
         deadline = now + req.deadline_ms / 1000
         if req.hops >= 1:
             # Forwarded to us: serve here or say no. Never forward again (hop limit 1).
-            if self._leaving or not self._submit_local(ident, req, deadline, "forwarded", 0, now, "peer"):
+            if self.membership.leaving or not self.local.submit(ident, req, deadline, "forwarded", 0, now, "peer"):
                 self.stats["rejects_sent"] += 1
-                why = "leaving" if self._leaving else "queue full"
+                why = "leaving" if self.membership.leaving else "queue full"
                 self._send_client(ident, Reject(req.id, self.node_id, self.server.queue_length(req.model), why))
             return
         # The common case first: the policy picks this node and it has room, or a peer that takes the try.
         candidates, _known = self.eligible(req, _NOBODY)
-        choice = self.policy.choose(req.model, candidates) if candidates else None
+        choice = self.policy.choose(req.model, candidates, now) if candidates else None
         if choice is not None and choice.node == self.node_id:
-            if self._submit_local(ident, req, deadline, choice.reason, 0, now, "local"):
+            if self.local.submit(ident, req, deadline, choice.reason, 0, now, "local"):
                 self.stats["served_local"] += 1
                 return
             self.entry.take(ident, req, now, refused_here=True, frame=frame)
@@ -427,12 +432,7 @@ class MeshNode(Membership):
         self.stats["cancels_in"] += 1
         if self.entry.cancel(ident, msg.id, msg.reason, time.monotonic()):
             return
-        local = self.local.get(msg.id)
-        if local is None:
-            return  # finished already
-        self._cancelled_here.add(msg.id)  # from any connection: see EntryTable.cancel
-        if not self.server.cancel(msg.id, msg.reason or "cancelled by the caller"):
-            self._cancelled_here.discard(msg.id)
+        self.local.cancel(msg.id, msg.reason)
 
     def _in_flight_for(self, ident: bytes, rid: str) -> bool:
         p = self.entry.get(rid)
@@ -452,7 +452,7 @@ class MeshNode(Membership):
         known = False
         if self.server.serves(req.model):
             known = True
-            if not self._leaving and self.node_id not in excluded and self._labels_match(req.require):
+            if not self.membership.leaving and self.node_id not in excluded and self._labels_match(req.require):
                 out.append(self.node_id)
         for peer in self.links.peers:
             if req.model not in peer.models:
@@ -473,7 +473,7 @@ class MeshNode(Membership):
         return nodes
 
     def serve_here(self, client: bytes, req: Request, deadline: float, route: str, seq0: int, started: float) -> bool:
-        return self._submit_local(client, req, deadline, route, seq0, started, "local")
+        return self.local.submit(client, req, deadline, route, seq0, started, "local")
 
     def send_peer(self, node: str, frame: bytes) -> bool:
         peer = self.links.peers.get(node)
@@ -518,56 +518,6 @@ class MeshNode(Membership):
     def _send_client(self, ident: bytes, msg: Any) -> None:
         self.send_client(ident, encode(msg))
 
-    # ------------------------------------------------------------ local service
-
-    def _submit_local(
-        self, ident: bytes, req: Request, deadline: float, route: str, seq0: int, started: float, where: str
-    ) -> bool:
-        rid = req.id
-        self.local[rid] = _Local(ident, route, seq0, started, where)
-        ok = self.server.submit(req, deadline, self._on_local_chunk, self._on_local_done)
-        if not ok:
-            self.local.pop(rid, None)
-        return ok
-
-    def _on_local_chunk(self, job: Any, seq: int, data: Any) -> None:
-        if threading.get_ident() == self._loop_ident:
-            self._local_chunk(job.request, seq, data)
-        else:
-            self.post("chunk", (job.request, seq, data))
-
-    def _on_local_done(self, job: Any, output: Any, meta: Any, code: ErrorCode | None, message: str) -> None:
-        if threading.get_ident() == self._loop_ident:
-            self._local_done(job.request, output, meta, code, message)
-        else:
-            self.post("done", (job.request, output, meta, code, message))
-
-    def _local_chunk(self, req: Request, seq: int, data: Any) -> None:
-        local = self.local.get(req.id)
-        if local is None or req.id in self._cancelled_here:
-            return
-        if local.seq0 + seq == 0 and self.observer is not None:
-            self.observer.first_chunk(req.model, time.monotonic() - local.started)
-        self._send_client(local.client, Chunk(req.id, local.seq0 + seq, data, self.node_id, local.route))
-
-    def _local_done(self, req: Request, output: Any, meta: Any, code: ErrorCode | None, message: str) -> None:
-        local = self.local.pop(req.id, None)
-        if local is None:
-            return
-        cancelled = req.id in self._cancelled_here
-        self._cancelled_here.discard(req.id)
-        if self.observer is not None:
-            outcome = "cancelled" if cancelled else "ok" if code is None else code.name.lower()
-            self.observer.completed(req.model, outcome, local.where, time.monotonic() - local.started)
-        if cancelled:
-            return  # its caller is gone: nobody waits for this answer
-        queue = self.server.queue_length(req.model)
-        if code is None:
-            self._send_client(local.client, Reply(req.id, output, self.node_id, local.route, queue, meta or {}))
-        else:
-            self.stats[f"errors_{code.name.lower()}"] += 1
-            self._send_client(local.client, Error(req.id, code, message, self.node_id, queue))
-
     # ------------------------------------------------------------ messages from peers
 
     def _drain_dealer(self, sock: zmq.Socket[Any]) -> None:
@@ -596,7 +546,7 @@ class MeshNode(Membership):
     def _on_peer_message(self, peer: Peer, msg: Any, frame: bytes) -> None:
         now = time.monotonic()
         peer.last_heard = now
-        self._heard(peer.node)
+        self.membership.heard(peer.node, now)
         if not self.links.speaks_for(peer, msg):
             return
         if type(msg) is Reply:

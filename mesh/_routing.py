@@ -1,4 +1,4 @@
-"""The routing policy: power of two choices on estimated load, as a pure class fed with observations and a clock.
+"""The routing policy: power of two choices on estimated load, as a pure class fed with observations and `now`.
 
 It decides where a request goes; the sockets that carry it live elsewhere.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +62,6 @@ class RoutingPolicy:
         self_id: str,
         local_load: Callable[[str], tuple[int, int]],
         stale_after: float = 0.75,
-        clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         local_rate: Callable[[str], float] | None = None,
     ) -> None:
@@ -73,24 +71,23 @@ class RoutingPolicy:
         self.stale_after = stale_after
         self._local_load = local_load
         self._local_rate = local_rate
-        self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._peers: dict[str, dict[str, _PeerLoad]] = {}
 
-    def observe_gossip(self, node: str, model: str, load: int, capacity: int, rate: float = 0.0) -> None:
+    def observe_gossip(self, node: str, model: str, load: int, capacity: int, now: float, rate: float = 0.0) -> None:
         """A load report from `node`: `load` = in-flight + queued for `model`, `capacity` = how many it runs at once,
         `rate` = requests/s it completes when busy (0: not measured yet)."""
         if load < 0 or capacity < 0 or not rate >= 0:
             raise ValueError(f"load, capacity and rate must be >= 0, got {load}, {capacity}, {rate} from {node}")
         entry = self._entry(node, model)
-        entry.g, entry.cap, entry.at, entry.m0, entry.rate = load, capacity, self._clock(), entry.m, rate
+        entry.g, entry.cap, entry.at, entry.m0, entry.rate = load, capacity, now, entry.m, rate
 
-    def observe_queue(self, node: str, model: str, queue: int) -> None:
+    def observe_queue(self, node: str, model: str, queue: int, now: float) -> None:
         """The queue length a peer's Reply, Reject or Error carried: as fresh as gossip, capacity unchanged."""
         if queue < 0:
             raise ValueError(f"queue must be >= 0, got {queue} from {node}")
         entry = self._entry(node, model)
-        entry.g, entry.at, entry.m0 = queue, self._clock(), entry.m
+        entry.g, entry.at, entry.m0 = queue, now, entry.m
 
     def dispatched(self, node: str, model: str) -> None:
         """A request for `model` was just sent to `node`: count it now, not when the reply comes."""
@@ -102,16 +99,16 @@ class RoutingPolicy:
         if entry is not None and entry.m > 0:
             entry.m -= 1
 
-    def estimate(self, node: str, model: str) -> float:
-        """Estimated in-flight + queued requests at `node` for `model` (never negative)."""
+    def estimate(self, node: str, model: str, now: float) -> float:
+        """Estimated in-flight + queued requests at `node` for `model` as of `now` (never negative)."""
         entry = self._peers.get(node, {}).get(model)
         if entry is None:
             return 0.0
-        if entry.g is None or entry.at is None or self._clock() - entry.at > self.stale_after:
+        if entry.g is None or entry.at is None or now - entry.at > self.stale_after:
             return float(entry.m)
         return float(max(entry.m, entry.g + (entry.m - entry.m0)))
 
-    def choose(self, model: str, candidates: Sequence[str]) -> Choice:
+    def choose(self, model: str, candidates: Sequence[str], now: float) -> Choice:
         """Pick the node for one request among `candidates` (eligible ids, may include this node).
 
         Candidates that cannot serve (capacity <= 0) are left out while any other can; if none can,
@@ -123,7 +120,7 @@ class RoutingPolicy:
         unique = list(dict.fromkeys(candidates))
         if not unique:
             raise ValueError(f"no candidate node for model {model!r}")
-        scores = {node: self._score(node, model) for node in unique}
+        scores = {node: self._score(node, model, now) for node in unique}
         servable = [node for node in unique if math.isfinite(scores[node])]
         pool = servable or unique
         if len(pool) == 1:
@@ -159,13 +156,13 @@ class RoutingPolicy:
         entry = self._peers.get(node, {}).get(model)
         return 1 if entry is None or entry.cap is None else entry.cap
 
-    def _score(self, node: str, model: str) -> float:
+    def _score(self, node: str, model: str, now: float) -> float:
         if node == self.self_id:
             load, cap = self._local_load(model)
             return (load + 1) / cap if cap > 0 else math.inf
         entry = self._peers.get(node, {}).get(model)
         cap = 1 if entry is None or entry.cap is None else entry.cap  # unknown capacity: assume one slot
-        return (self.estimate(node, model) + 1) / cap if cap > 0 else math.inf
+        return (self.estimate(node, model, now) + 1) / cap if cap > 0 else math.inf
 
     def _entry(self, node: str, model: str) -> _PeerLoad:
         return self._peers.setdefault(node, {}).setdefault(model, _PeerLoad())
@@ -178,7 +175,7 @@ class RoundRobinPolicy(RoutingPolicy):
         super().__init__(*args, **kwargs)
         self._turn = 0
 
-    def choose(self, model: str, candidates: Sequence[str]) -> Choice:
+    def choose(self, model: str, candidates: Sequence[str], now: float) -> Choice:
         unique = sorted(dict.fromkeys(candidates))
         if not unique:
             raise ValueError(f"no candidate node for model {model!r}")
@@ -190,7 +187,7 @@ class RoundRobinPolicy(RoutingPolicy):
 class RandomPolicy(RoutingPolicy):
     """Baseline for benchmarks: a uniformly random candidate."""
 
-    def choose(self, model: str, candidates: Sequence[str]) -> Choice:
+    def choose(self, model: str, candidates: Sequence[str], now: float) -> Choice:
         unique = list(dict.fromkeys(candidates))
         if not unique:
             raise ValueError(f"no candidate node for model {model!r}")
@@ -205,7 +202,7 @@ class LeastLoadedGossipPolicy(RoutingPolicy):
     every entry node sends everything to the same peer: the herd that power of two choices avoids.
     """
 
-    def choose(self, model: str, candidates: Sequence[str]) -> Choice:
+    def choose(self, model: str, candidates: Sequence[str], now: float) -> Choice:
         unique = list(dict.fromkeys(candidates))
         if not unique:
             raise ValueError(f"no candidate node for model {model!r}")

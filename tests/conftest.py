@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.procs import Cluster
-from mesh._security import INSECURE_ENV, KEY_ENV, MeshKey
+from mesh import INSECURE_ENV, KEY_ENV, MeshKey
 
 # Nodes in loopback tests never touch a real network: bound to 127.0.0.1, no mDNS; no HTTP gateway
 # unless a test asks for one (a later --http-port wins).

@@ -16,7 +16,7 @@ from gateway_nodes import GatewayNode, free_port, start_gateway_node, wait_until
 
 from bench.procs import ROOT, Cluster
 from mesh import Client
-from nodes.console import ChatSession
+from nodes.cli.console import ChatSession
 from tests.conftest import LOOPBACK
 
 # mDNS must never reach a real network: only where this process sees nothing but loopback (a test namespace).
@@ -104,10 +104,10 @@ def test_doctor_says_when_the_node_is_not_there() -> None:
 def test_doctor_names_why_announced_nodes_are_not_peers(cluster: Cluster) -> None:
     from zeroconf import ServiceInfo, Zeroconf
 
-    from mesh import _discovery
+    from mesh import discovery
 
     node = cluster.add("seen", [a for a in LOOPBACK if a != "--no-mdns"] + ["--http-port", "0", "--model", "echo"])
-    mine = next(a for a in _discovery.browse(2.0) if a.addr.node == "seen")
+    mine = next(a for a in discovery.browse(2.0) if a.addr.node == "seen")
     closed = free_port()
     zc = Zeroconf(interfaces=["127.0.0.1"])
     ghosts = {
@@ -121,8 +121,8 @@ def test_doctor_names_why_announced_nodes_are_not_peers(cluster: Cluster) -> Non
             txt = {"node": name, "port": str(closed), "pub_port": str(closed), "version": version}
             txt["fingerprint"] = fingerprint
             info = ServiceInfo(
-                _discovery.SERVICE_TYPE,
-                f"{name}.{_discovery.SERVICE_TYPE}",
+                discovery.SERVICE_TYPE,
+                f"{name}.{discovery.SERVICE_TYPE}",
                 addresses=[bytes([127, 0, 0, 1])],
                 port=closed,
                 properties=txt,

@@ -10,7 +10,7 @@ from gateway_nodes import start_gateway_node
 from openai_spec import problems
 
 from bench.procs import Cluster
-from nodes.models import models_status
+from nodes.models.packaged import models_status
 
 pytestmark = pytest.mark.models
 

@@ -16,7 +16,7 @@ import pytest
 from gateway_nodes import GatewayNode, scrape, start_gateway_node, value, wait_until
 
 from bench.procs import Cluster
-from nodes.http_guard import MAX_CONNECTIONS_PER_IP
+from nodes.api.guard import MAX_CONNECTIONS_PER_IP
 
 HELLO = [{"role": "user", "content": "hello"}]
 SLOW_CONNECTIONS = 600

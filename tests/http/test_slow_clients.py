@@ -11,9 +11,9 @@ import httpx
 import pytest
 from gateway_nodes import free_port
 
-from nodes import http_guard
-from nodes.gateway import Gateway, GatewaySettings
-from nodes.metrics import NodeMetrics
+from nodes.api import guard as http_guard
+from nodes.api.gateway import Gateway, GatewaySettings
+from nodes.api.metrics import NodeMetrics
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from openai import OpenAI
 from openai_spec import problems
 
 from bench.procs import Cluster
-from nodes.models import models_status
+from nodes.models.packaged import models_status
 
 pytestmark = [pytest.mark.models, pytest.mark.timeout(600)]
 

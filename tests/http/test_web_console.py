@@ -21,8 +21,8 @@ from chromium import Chromium, Page, find_chromium
 from gateway_nodes import GatewayNode, start_gateway_node, wait_until
 
 from bench.procs import ROOT, Cluster
-from mesh._security import INSECURE_ENV, KEY_ENV
-from nodes.metrics import RequestTimeline
+from mesh import INSECURE_ENV, KEY_ENV
+from nodes.api.metrics import RequestTimeline
 from tests.conftest import LOOPBACK
 
 pytestmark = pytest.mark.timeout(180)

@@ -17,7 +17,7 @@ from scripted_node import ScriptedNode, SpawnedNode, free_port, node_status, wai
 
 from bench.procs import Cluster, NodeProc
 from mesh import AsyncClient, Client, DeadlineExceeded, InternalError, MeshUnavailable
-from nodes.console import ChatSession
+from nodes.cli.console import ChatSession
 from tests.conftest import LOOPBACK
 
 pytestmark = pytest.mark.timeout(60)

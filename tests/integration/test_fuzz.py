@@ -21,8 +21,7 @@ import pytest
 import zmq
 
 from bench.procs import Cluster, NodeProc
-from mesh import MeshKey
-from mesh._security import KEY_ENV
+from mesh import KEY_ENV, MeshKey
 from protocol import (
     VERSION,
     Chunk,

@@ -18,8 +18,7 @@ import pytest
 import zmq
 
 from bench.procs import ROOT, Cluster, NodeProc, free_port_pair
-from mesh import Client, MeshKey, Plaintext
-from mesh._security import Authenticator
+from mesh import Authenticator, Client, MeshKey, Plaintext
 from protocol import Cancel, Hello, LoadReport, ModelLoad, PeerAddr, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
 
@@ -255,8 +254,8 @@ def test_a_mesh_loop_stuck_in_a_handler_is_caught_by_the_watchdog() -> None:
     """A loop that stops turning (here: the executor's load view blocks) makes the node leave and exit; the exit
     itself is replaced by a recorder so this test's process lives on."""
     from mesh import MeshNode, MeshSettings
-    from nodes.backends.synthetic import EchoBackend
-    from nodes.executor import Executor
+    from nodes.models.backends.synthetic import EchoBackend
+    from nodes.runtime.executor import Executor
 
     stuck, release, fired = threading.Event(), threading.Event(), threading.Event()
     reasons: list[str] = []

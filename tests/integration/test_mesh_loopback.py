@@ -8,8 +8,7 @@ from concurrent.futures import Future
 import zmq
 
 from bench.procs import Cluster, NodeProc
-from mesh import Client, Result
-from mesh._security import client_security
+from mesh import Client, Result, client_security
 from protocol import Chunk, Reply, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
 

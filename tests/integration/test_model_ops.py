@@ -18,7 +18,7 @@ import pytest
 
 from bench.procs import ROOT, Cluster, NodeProc
 from mesh import Client, MeshKey, ModelNotFound
-from nodes.model_commands import AdminError, admin_call, mesh_models, rollout
+from nodes.cli.model_commands import AdminError, admin_call, mesh_models, rollout
 from tests.conftest import LOOPBACK
 
 pytestmark = pytest.mark.timeout(240)

@@ -16,8 +16,7 @@ import pytest
 import zmq
 
 from bench.procs import ROOT, Cluster, NodeProc
-from mesh import BadRequest, Client, MeshKey, Plaintext, Unauthorized
-from mesh._security import INSECURE_ENV, KEY_ENV
+from mesh import INSECURE_ENV, KEY_ENV, BadRequest, Client, MeshKey, Plaintext, Unauthorized
 from protocol import VERSION, Error, ErrorCode, LoadReport, PeerAddr, Reply, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
 

@@ -13,8 +13,7 @@ import pytest
 import zmq
 
 from bench.procs import Cluster
-from mesh import AsyncClient, BadRequest, Client, DeadlineExceeded, ModelNotFound, Overloaded
-from mesh._security import client_security
+from mesh import AsyncClient, BadRequest, Client, DeadlineExceeded, ModelNotFound, Overloaded, client_security
 from protocol import VERSION, Error, ErrorCode, Reject, Reply, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
 

@@ -19,8 +19,8 @@ import pytest
 
 from bench.procs import ROOT, NodeProc, free_port_pair, ping
 from mesh import MeshNode, MeshSettings, Plaintext
-from nodes.memory_budget import CGROUP_ROOT_ENV
-from nodes.systemd import ServiceNotifier
+from nodes.runtime.memory_budget import CGROUP_ROOT_ENV
+from nodes.runtime.systemd import ServiceNotifier
 from protocol import ModelLoad
 from tests.conftest import LOOPBACK
 from tests.notify_socket import NotifySocket
@@ -67,8 +67,8 @@ def test_systemd_hears_ready_once_the_node_serves_then_watchdog_pings_then_stopp
 def test_watchdog_pings_stop_while_the_mesh_loop_is_stuck_and_come_back_when_it_turns(notify: NotifySocket) -> None:
     """A real mesh loop blocked in a handler (the executor's load view) stops the pings, so systemd would restart
     the node; the in-process watchdog is off here so nothing else acts."""
-    from nodes.backends.synthetic import EchoBackend
-    from nodes.executor import Executor
+    from nodes.models.backends.synthetic import EchoBackend
+    from nodes.runtime.executor import Executor
 
     stuck, blocked, release = threading.Event(), threading.Event(), threading.Event()
 

@@ -80,7 +80,7 @@ def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_onnx(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The tiny Llama built by onnxruntime-genai's model builder (fp32) and served by the onnx engine."""
     requires("onnxruntime", "onnxruntime_genai", "tokenizers", "jinja2")
-    from nodes.backends.onnx_chat import OnnxChat
+    from nodes.models.backends.onnx_chat import OnnxChat
 
     backend = OnnxChat("tiny", tiny_chat_dir, cache_dir=tmp_path_factory.mktemp("onnx-cache"), precision="fp32")
     backend.load()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nodes.backends.base import Backend, Job
+from nodes.models.backends.base import Backend, Job
 from protocol import ErrorCode, Request, Task
 
 TINY_CONTEXT = 96  # context length of the tiny chat model built in conftest.py

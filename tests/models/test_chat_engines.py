@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from model_jobs import TINY_CONTEXT, Outcome, chat, complete, make_job, recorders, requires, serve
 
-from nodes.backends.base import Backend, Job
-from nodes.backends.transformers_chat import TransformersChat
-from nodes.executor import ModelLane
+from nodes.models.backends.base import Backend, Job
+from nodes.models.backends.transformers_chat import TransformersChat
+from nodes.runtime.executor import ModelLane
 from protocol import ErrorCode, Request, Task
 
 pytestmark = pytest.mark.models

@@ -11,10 +11,11 @@ import pytest
 from model_jobs import chat, embed, requires, serve
 
 from nodes import models
-from nodes.backends.onnx_chat import OnnxChat
-from nodes.backends.onnx_embed import OnnxEmbedder
-from nodes.backends.transformers_chat import TransformersChat
-from nodes.models import build_backend, load_backend, parse_model_arg
+from nodes.models.backends.onnx_chat import OnnxChat
+from nodes.models.backends.onnx_embed import OnnxEmbedder
+from nodes.models.backends.transformers_chat import TransformersChat
+from nodes.models.loader import build_backend, load_backend
+from nodes.models.specs import parse_model_arg
 
 pytestmark = pytest.mark.models
 

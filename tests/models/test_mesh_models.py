@@ -12,10 +12,9 @@ import pytest
 import zmq
 
 from bench.procs import Cluster
-from mesh import Client
-from mesh._security import client_security
-from nodes.model_commands import admin_call
-from nodes.models import models_status
+from mesh import Client, client_security
+from nodes.cli.model_commands import admin_call
+from nodes.models.packaged import models_status
 from protocol import Chunk, Reply, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
 

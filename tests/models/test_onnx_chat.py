@@ -15,11 +15,12 @@ import pytest
 from model_jobs import Outcome, chat, complete, requires, serve
 from test_chat_engines import LaneRun
 
-from nodes.backends.base import Job
-from nodes.backends.onnx_chat import OnnxChat
-from nodes.backends.transformers_chat import TransformersChat
-from nodes.model_cache import cache_ready
-from nodes.models import load_backend, parse_model_arg
+from nodes.models.backends.base import Job
+from nodes.models.backends.onnx_chat import OnnxChat
+from nodes.models.backends.transformers_chat import TransformersChat
+from nodes.models.cache import cache_ready
+from nodes.models.loader import load_backend
+from nodes.models.specs import parse_model_arg
 from protocol import ErrorCode
 
 pytestmark = pytest.mark.models

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from model_jobs import embed, serve
 
-from nodes.backends.onnx_embed import OnnxEmbedder
+from nodes.models.backends.onnx_embed import OnnxEmbedder
 from protocol import ErrorCode, Request, Task
 
 pytestmark = pytest.mark.models

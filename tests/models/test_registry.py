@@ -15,15 +15,11 @@ from typing import Any
 import pytest
 
 from nodes import models
-from nodes.model_cache import CACHE_MARKER, cache_entry, cache_ready, cache_root, publish_cache
-from nodes.models import (
-    ModelSpec,
-    build_backend,
-    default_models,
-    estimate_memory,
-    models_status,
-    parse_model_arg,
-)
+from nodes.models.cache import CACHE_MARKER, cache_entry, cache_ready, cache_root, publish_cache
+from nodes.models.loader import build_backend
+from nodes.models.memory import estimate_memory
+from nodes.models.packaged import models_status
+from nodes.models.specs import ModelSpec, default_models, parse_model_arg
 
 pytestmark = pytest.mark.models
 

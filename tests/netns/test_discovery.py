@@ -30,7 +30,7 @@ PORT = 7000
 PROBE = """
 import json, sys, threading, time
 from protocol import PeerAddr
-from mesh._discovery import Discovery
+from mesh import Discovery
 
 node, ip, port, iface = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 lock = threading.Lock()
@@ -191,13 +191,13 @@ def test_a_host_restarted_on_a_new_port_is_found_again(make_lan: MakeLan) -> Non
 # Runs in a namespace: prints what a one-shot browse() hears, or what start() says about a duplicate node id.
 BROWSE = """
 import json, sys
-from mesh._discovery import browse
+from mesh import browse
 print(json.dumps(sorted([a.addr.node, a.addr.host, a.addr.port] for a in browse(float(sys.argv[1])))))
 """
 DUPLICATE = """
 import sys
 from protocol import PeerAddr
-from mesh._discovery import Discovery
+from mesh import Discovery
 d = Discovery(PeerAddr(sys.argv[1], sys.argv[2], 7000, 7001), on_found=print, on_lost=print)
 try:
     d.start()

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 IMPOSTOR = """
 import sys, time, zmq
 from mesh import MeshKey
-from mesh._security import Authenticator, client_security
+from mesh import Authenticator, client_security
 from protocol import Hello, LoadReport, PeerAddr, encode
 me, victim, name, host = sys.argv[1:5]
 port, pub_port = int(sys.argv[5]), int(sys.argv[6])

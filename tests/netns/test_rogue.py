@@ -28,7 +28,7 @@ if __name__ == "__main__":
 import zmq  # noqa: E402
 
 from bench.hosts import Lan  # noqa: E402
-from mesh._security import INSECURE_ENV, KEY_ENV, MeshKey  # noqa: E402
+from mesh import INSECURE_ENV, KEY_ENV, MeshKey  # noqa: E402
 from protocol import Hello, LoadReport, ModelLoad, PeerAddr, Ping, Reply, Request, Task, decode, encode  # noqa: E402
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
@@ -50,7 +50,7 @@ def rogue_main(argv: list[str]) -> int:
     p.add_argument("--fingerprint", required=True, help="the mesh's fingerprint, as mDNS shows it")
     p.add_argument("--seconds", type=float, default=10.0)
     args = p.parse_args(argv)
-    from mesh._discovery import Discovery
+    from mesh import Discovery
 
     ctx = zmq.Context()
     own = MeshKey.generate()  # the rogue's own keypair: not the mesh's

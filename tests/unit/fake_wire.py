@@ -6,9 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import protocol
-from mesh._call import request_call
-from mesh._calls import CallTable
-from mesh._directory import NodeDirectory
+from mesh import CallTable, NodeDirectory, request_call
 from mesh.errors import LanmeshError
 from protocol import Cancel, Ping, Request
 

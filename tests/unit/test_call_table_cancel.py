@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from fake_wire import A, B, Outcome, answer, make_table, start
 
-from mesh._call import Call
+from mesh import Call
 from mesh.errors import DeadlineExceeded, MeshUnavailable, ProtocolError
 from protocol import Chunk, Error, ErrorCode, Reject, Reply
 

@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 from fake_wire import A, B, answer, make_table, start
 
-from mesh._calls import CallTable
-from mesh._directory import NodeDirectory
+from mesh import CallTable, NodeDirectory
 from protocol import Pong, Reply
 
 C, D = "tcp://10.0.0.3:7700", "tcp://10.0.0.4:7700"

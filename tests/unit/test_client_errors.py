@@ -9,10 +9,7 @@ import pytest
 from fake_wire import A, B, Outcome, answer, make_table, start
 
 import protocol
-from mesh import _client
-from mesh._call import Call, request_call
-from mesh._endpoints import parse_endpoints
-from mesh._results import PingReply, Result
+from mesh import Call, Client, PingReply, Result, parse_endpoints, request_call
 from mesh.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -350,8 +347,8 @@ def test_result_text_reads_the_common_output_shapes() -> None:
 
 
 def test_discover_raises_mesh_unavailable_when_no_node_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mesh import _discovery
+    from mesh import discovery
 
-    monkeypatch.setattr(_discovery, "browse", lambda timeout, interfaces: [])
+    monkeypatch.setattr(discovery, "browse", lambda timeout, interfaces: [])
     with pytest.raises(MeshUnavailable, match=r"no lanmesh node answered mDNS within 0.5s"):
-        _client.Client.discover(timeout=0.5)
+        Client.discover(timeout=0.5)

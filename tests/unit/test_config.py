@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nodes.config import NodeConfig, parse_hostport, parse_labels, parse_size
+from nodes.runtime.config import NodeConfig, parse_hostport, parse_labels, parse_size
 
 
 def test_defaults_match_the_design() -> None:

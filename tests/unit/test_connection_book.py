@@ -3,7 +3,7 @@ in progress) closed first, from the address holding the most, so no one host can
 
 from __future__ import annotations
 
-from nodes.http_guard import ConnectionBook
+from nodes.api.guard import ConnectionBook
 
 
 class Conn:

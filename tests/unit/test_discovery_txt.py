@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import protocol
-from mesh._discovery import Announcement, Discovery, instance_name, parse_txt, txt_for
+from mesh import Announcement, Discovery, instance_name, parse_txt, txt_for
 from protocol import PeerAddr
 
 GOOD = {

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mesh._entry import EntryTable
-from mesh._routing import RoutingPolicy
+from mesh import EntryTable, RoutingPolicy
 from protocol import Cancel, Chunk, Error, ErrorCode, Reject, Reply, Request, Task, decode, encode
 
 MODEL = "chat"
@@ -95,7 +94,7 @@ def clock() -> FakeClock:
 
 def make(clock: FakeClock, *, try_timeout: float | None = None, **host_args: object) -> tuple[EntryTable, Host]:
     host = Host(clock, **host_args)  # type: ignore[arg-type]
-    policy = RoutingPolicy("entry", lambda m: (0, 1), clock=clock, rng=random.Random(1))
+    policy = RoutingPolicy("entry", lambda m: (0, 1), rng=random.Random(1))
     return EntryTable(host, policy, max_tries=4, try_timeout=try_timeout), host
 
 
@@ -275,12 +274,19 @@ def test_serving_here_hands_the_request_to_the_executor_with_the_stream_so_far(c
     assert served.prefix == "half " and served.id == "r1" and len(table) == 0
 
 
-def test_try_ids_stay_within_the_wire_limit() -> None:
-    from mesh._entry import _try_id
-
+def test_try_ids_stay_within_the_wire_limit(clock: FakeClock) -> None:
     long_id = "x" * 128
-    assert _try_id(long_id, 1) == long_id
-    assert len(_try_id(long_id, 2)) <= 128 and _try_id(long_id, 2) != _try_id(long_id, 3)
+    table, host = make(clock)
+    table.take(CLIENT, request(long_id), clock.now)
+    ids = []
+    for _ in range(3):  # every refusal sends a new try, each under an id of its own
+        node, sent = host.last_try()
+        ids.append(sent.id)
+        table.on_reject(node, Reject(sent.id, node, 0), clock.now)
+        clock.now += 0.1  # past any backoff
+        table.tick(clock.now)
+    assert ids[0] == long_id
+    assert all(len(i) <= 128 for i in ids) and len(set(ids)) == 3
 
 
 def test_stopping_hands_every_request_back_as_unavailable(clock: FakeClock) -> None:

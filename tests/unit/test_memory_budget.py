@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nodes.memory_budget import (
+from nodes.runtime.memory_budget import (
     CGROUP_ROOT_ENV,
     MemoryLimit,
     ModelTooBig,

@@ -8,7 +8,7 @@ import time
 from typing import Any, cast
 
 from mesh import AsyncClient
-from nodes.mesh_callers import CallerClients
+from nodes.api.callers import CallerClients
 
 
 class FakeClient:

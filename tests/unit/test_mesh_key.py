@@ -10,24 +10,26 @@ import pytest
 import zmq
 from zmq.utils import z85
 
-from mesh import Unauthorized
-from mesh._calls import CallTable, request_call
-from mesh._discovery import parse_txt, txt_for
-from mesh._security import (
+from mesh import (
     INSECURE_ENV,
     KEY_ENV,
+    CallTable,
     MeshKey,
     MeshKeyError,
     Plaintext,
     RejectionLog,
     RequestLimits,
+    Unauthorized,
     client_security,
     fingerprint_of,
     handshake_failure,
     judge_zap,
     key_path,
     load_mesh_key,
+    parse_txt,
+    request_call,
     same_host,
+    txt_for,
     zap_reply,
 )
 from protocol import PeerAddr, Request, Task

@@ -15,7 +15,8 @@ import pytest
 import zmq
 
 from mesh import Plaintext
-from nodes.catalog import (
+from nodes.models.cache import CACHE_MARKER, folder_digest
+from nodes.models.catalog import (
     CHUNK_BYTES,
     Catalog,
     ManifestError,
@@ -25,8 +26,7 @@ from nodes.catalog import (
     make_manifest,
     safe_path,
 )
-from nodes.model_cache import CACHE_MARKER, folder_digest
-from nodes.transfer import ChunkServer, Puller, PullError, RateLimit
+from nodes.models.transfer import ChunkServer, Puller, PullError, RateLimit
 from protocol import Data, Error, ErrorCode, Fetch, decode, encode
 
 pytestmark = pytest.mark.timeout(60)

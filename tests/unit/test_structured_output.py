@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from nodes.structured_output import (
+from nodes.api.structured_output import (
     AnswerReader,
     AnswerShape,
     ArgumentsDelta,

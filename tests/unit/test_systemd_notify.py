@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nodes.systemd import START_EXTENSION_S, ServiceNotifier
+from nodes.runtime.systemd import START_EXTENSION_S, ServiceNotifier
 from tests.notify_socket import NotifySocket
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nodes.config import NodeConfig
+from nodes.runtime.config import NodeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "lanmesh.service"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from mesh._watchdog import LoopWatchdog
+from mesh import LoopWatchdog
 
 
 def watch(loop: threading.Thread, last_turn: list[float], limit: float = 0.2) -> tuple[threading.Event, list[str]]:

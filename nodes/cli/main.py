@@ -11,7 +11,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from .config import DEFAULT_PORT, NodeConfig, parse_labels
+from ..runtime.config import DEFAULT_PORT, NodeConfig, parse_labels
 
 
 def _version() -> str:
@@ -167,9 +167,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
     import faulthandler
     import os
 
-    from . import logs
-    from .node import Node, StartupInterrupted
-    from .systemd import ServiceNotifier
+    from ..runtime import logs
+    from ..runtime.node import Node, StartupInterrupted
+    from ..runtime.systemd import ServiceNotifier
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "config", "label_list", "command")}
     if args.label_list:
@@ -369,7 +369,7 @@ def _add_key_file(p: argparse.ArgumentParser) -> None:
 
 def _client_key(args: argparse.Namespace) -> Any:
     """The `security=` for a Client: the --key-file given, else None (the client looks in the env and default)."""
-    from mesh._security import MeshKey
+    from mesh import MeshKey
 
     return MeshKey.load(args.key_file) if args.key_file else None
 
@@ -389,7 +389,7 @@ def _add_keygen_parser(sub: Any) -> None:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from mesh._security import CurveUnavailable, MeshKey, default_key_path
+    from mesh import CurveUnavailable, MeshKey, default_key_path
 
     path = args.path or default_key_path()
     try:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..model_cache import cache_entry, publish_cache
+from ..cache import cache_entry, publish_cache
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 _BUILD_FORMAT = "ortgenai-v2"  # bump when what we put in an entry changes: old entries are then ignored

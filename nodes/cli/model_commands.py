@@ -53,7 +53,7 @@ def admin_call(address: str, action: str, args: dict[str, Any], security: Any, t
 
 
 def _security(args: argparse.Namespace) -> Any:
-    from mesh._security import MeshKey, client_security
+    from mesh import MeshKey, client_security
 
     return MeshKey.load(args.key_file) if args.key_file else client_security()
 
@@ -128,7 +128,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     try:
         if action == "list":
             if args.local:
-                from .models import models_status
+                from ..models.packaged import models_status
 
                 print(json.dumps(models_status(), indent=2, default=str))
                 return 0

@@ -13,18 +13,38 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from protocol import Admin, Data, Error, ErrorCode, Fetch, Reply
 
-from .backends.base import Backend
-from .catalog import SHORT, Catalog, ModelEntry, PullProgress
-from .model_cache import cache_ready, cache_root, content_digest
-from .models import ModelSpec, load_backend, parse_model_arg
-from .transfer import ChunkServer, Puller, PullError, RateLimit
+from ..models.backends.base import Backend
+from ..models.cache import cache_ready, cache_root, content_digest
+from ..models.catalog import SHORT, Catalog, ModelEntry, ModelState, PullProgress
+from ..models.loader import load_backend
+from ..models.specs import ModelSpec, parse_model_arg
+from ..models.transfer import ChunkServer, Puller, PullError, RateLimit
 
 if TYPE_CHECKING:
-    from .node import Node
+    from mesh import MeshKey, MeshNode, Plaintext
+
+    from .config import NodeConfig
+    from .executor import Executor
+
+
+class AdminHost(Protocol):
+    """What the admin needs of its node (`runtime.node.Node` is one): its id, configuration, executor and mesh."""
+
+    node_id: str
+    config: NodeConfig
+    executor: Executor | None
+    mesh: MeshNode | None
+
+    def check_memory(self, specs: list[ModelSpec]) -> None: ...
+
+    def with_node_defaults(self, spec: ModelSpec) -> ModelSpec: ...
+
+    def mesh_security(self) -> MeshKey | Plaintext: ...
+
 
 log = logging.getLogger("lanmesh.admin")
 
@@ -64,7 +84,7 @@ def spec_for_folder(name: str, kind: str, folder: Path) -> ModelSpec:
 class NodeAdmin:
     """Carries out `Admin` and `Fetch` messages for one node."""
 
-    def __init__(self, node: Node, transfer_rate: float | None) -> None:
+    def __init__(self, node: AdminHost, transfer_rate: float | None) -> None:
         self.node = node
         self.catalog = Catalog()
         self.chunks = ChunkServer(self.catalog, node.node_id, RateLimit(transfer_rate))
@@ -74,10 +94,11 @@ class NodeAdmin:
     # ------------------------------------------------------------ bookkeeping of what is served
 
     def register(self, backend: Backend, spec_text: str, current: bool = True) -> ModelEntry:
+        """A backend loaded at start-up: READY at once."""
         version, kind, folder = version_of(backend, spec_text)
-        entry = ModelEntry(backend.name, version, kind, spec_text, folder, state="ready", current=current,
-                           info=info_of(backend))  # fmt: skip
+        entry = ModelEntry(backend.name, "", kind, spec_text, None, current=current)
         self.catalog.add(entry)
+        self.catalog.ready(entry, version, kind, folder, info_of(backend))
         return entry
 
     # ------------------------------------------------------------ the messages
@@ -112,19 +133,22 @@ class NodeAdmin:
         with self._lock:
             started = time.monotonic()
             self.node.check_memory([spec])  # one that would not fit is refused, not OOM-killed halfway through
-            loading = ModelEntry(spec.name, "", spec.kind, spec_text, None, state="loading", current=False)
-            self.catalog.add(loading)
+            entry = ModelEntry(spec.name, "", spec.kind, spec_text, None, current=False)  # LOADING
+            self.catalog.add(entry)
             try:
                 backend = load_backend(self.node.with_node_defaults(spec))
-            finally:
-                self.catalog.remove(loading)
+                version, kind, folder = version_of(backend, spec_text)
+                if self.catalog.find(spec.name, version) is not None:
+                    backend.close()
+                    raise ValueError(f"{spec.name}@{version[:SHORT]} is loaded here already")
+            except BaseException:
+                entry.move(ModelState.FAILED)
+                self.catalog.remove(entry)
+                raise
             serving = spec.name in executor.lanes
             current = bool(args.get("current", not serving))
-            version, _kind, _folder = version_of(backend, spec_text)
-            if self.catalog.find(spec.name, version) is not None:
-                backend.close()
-                raise ValueError(f"{spec.name}@{version[:SHORT]} is loaded here already")
-            entry = self.register(backend, spec_text, current=current)
+            entry.current = current
+            self.catalog.ready(entry, version, kind, folder, info_of(backend))
             executor.add(backend, entry.version, current=current)
             self._mark_current(spec.name)
         log.info("loaded %s@%s (%s) in %.1fs", spec.name, entry.short, entry.kind, time.monotonic() - started)
@@ -154,9 +178,10 @@ class NodeAdmin:
         entry = self.catalog.find(name, version)
         started = time.monotonic()
         if entry is not None:
-            entry.state = "draining"
+            entry.move(ModelState.DRAINING)
         handed_back = executor.retire(name, version, grace=float(args.get("grace", self.node.config.grace)))
         if entry is not None:
+            entry.move(ModelState.UNLOADED)
             self.catalog.remove(entry)
         self._mark_current(name)
         log.info("unloaded %s@%s (%d requests handed back)", name, str(version)[:SHORT], handed_back)

@@ -13,14 +13,46 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .model_cache import CACHE_MARKER, folder_digest
+from .cache import CACHE_MARKER, folder_digest
 
 CHUNK_BYTES = 1024 * 1024  # a transfer moves files in pieces this big, each hashed on its own
 SHORT = 8  # hex digits of a version shown and gossiped ("name@1a2b3c4d")
 MANIFEST_FORMAT = 1
+
+
+class ModelState(StrEnum):
+    """A model's life on this node. Every change goes through `ModelEntry.move`, checked against `_MODEL_MOVES`."""
+
+    LOADING = "loading"  # its backend is being built and loaded (no version yet: it is the hash of what loads)
+    READY = "ready"  # serving (the current version of its name, or pinned beside it)
+    DRAINING = "draining"  # unloading: no new requests; those running finish or are handed back
+    UNLOADED = "unloaded"  # gone from the executor and the catalog
+    FAILED = "failed"  # did not load (the operator's command says why); gone from the catalog
+
+
+class PullState(StrEnum):
+    """A pull's life: PULLING, then DONE or FAILED once (`PullProgress.finish`)."""
+
+    PULLING = "pulling"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_MODEL_MOVES: dict[ModelState, frozenset[ModelState]] = {
+    ModelState.LOADING: frozenset({ModelState.READY, ModelState.FAILED}),
+    ModelState.READY: frozenset({ModelState.DRAINING}),
+    ModelState.DRAINING: frozenset({ModelState.UNLOADED}),
+    ModelState.UNLOADED: frozenset(),
+    ModelState.FAILED: frozenset(),
+}
+
+
+class IllegalMove(RuntimeError):
+    """A model or a pull was asked for a change its state table does not allow: a bug, never an operator's input."""
 
 
 class ManifestError(ValueError):
@@ -36,7 +68,7 @@ class ModelEntry:
     kind: str  # onnx-chat, onnx-embed, transformers, gguf, echo, sleep
     spec: str  # what it was loaded from, as given
     folder: Path | None  # its files (None: a synthetic model, nothing to share)
-    state: str = "loading"  # loading, ready, draining
+    state: ModelState = ModelState.LOADING
     current: bool = True  # what requests for `name` (unpinned) go to
     info: dict[str, Any] = field(default_factory=dict)  # backend, precision, ...
     _manifest: dict[str, Any] | None = None
@@ -46,6 +78,11 @@ class ModelEntry:
     @property
     def short(self) -> str:
         return self.version[:SHORT]
+
+    def move(self, to: ModelState) -> None:
+        if to not in _MODEL_MOVES[self.state]:
+            raise IllegalMove(f"model {self.name}@{self.short or '?'}: {self.state} -> {to}")
+        self.state = to
 
     def manifest(self) -> dict[str, Any]:
         """This model's manifest, made on first use (it hashes every file once; other askers wait for it)."""
@@ -71,7 +108,7 @@ class ModelEntry:
             "name": self.name,
             "version": self.short,
             "kind": self.kind,
-            "state": self.state,
+            "state": str(self.state),
             "current": self.current,
             "files": files,
             "bytes": sum(f["size"] for f in files),
@@ -88,23 +125,25 @@ class PullProgress:
     total: int = 0
     done: int = 0
     sources: list[str] = field(default_factory=list)
-    state: str = "pulling"  # pulling, done, failed
+    state: PullState = PullState.PULLING
     error: str = ""
     started: float = field(default_factory=time.monotonic)
     corrupt: int = 0  # chunks that failed their hash and were fetched again
     dropped: dict[str, str] = field(default_factory=dict)  # sender -> why it was given up
     ended: float | None = None
 
-    def finish(self, state: str, error: str = "") -> None:
+    def finish(self, state: PullState, error: str = "") -> None:
+        if self.state is not PullState.PULLING or state is PullState.PULLING:
+            raise IllegalMove(f"pull of {self.name}: {self.state} -> {state}")
         self.state, self.error, self.ended = state, error, time.monotonic()
-        if state == "done":
+        if state is PullState.DONE:
             self.done = self.total
 
     def row(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version[:SHORT],
-            "state": self.state,
+            "state": str(self.state),
             "bytes": self.total,
             "done": self.done,
             "progress": round(self.done / self.total, 4) if self.total else 0.0,
@@ -131,6 +170,14 @@ class Catalog:
     def remove(self, entry: ModelEntry) -> None:
         with self._lock:
             self._entries.pop((entry.name, entry.version), None)
+
+    def ready(self, entry: ModelEntry, version: str, kind: str, folder: Path | None, info: dict[str, Any]) -> None:
+        """A LOADING entry loaded: it is READY under its version (the content hash of what loaded)."""
+        with self._lock:
+            self._entries.pop((entry.name, entry.version), None)
+            entry.version, entry.kind, entry.folder, entry.info = version, kind, folder, info
+            entry.move(ModelState.READY)
+            self._entries[(entry.name, entry.version)] = entry
 
     def entries(self, name: str | None = None) -> list[ModelEntry]:
         with self._lock:

@@ -21,11 +21,11 @@ from typing import Any, Literal, Protocol
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from mesh._security import RejectionLog
+from mesh import RejectionLog
 
+from .bodies import ApiError
+from .feed import RequestFeed
 from .metrics import NodeMetrics
-from .openai_bodies import ApiError
-from .webconsole import RequestFeed
 
 log = logging.getLogger("lanmesh.gateway")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from protocol import ErrorCode, ModelLoad, Request
 
-from .backends.base import Backend, Job
+from ..models.backends.base import Backend, Job
 
 log = logging.getLogger("lanmesh.executor")
 

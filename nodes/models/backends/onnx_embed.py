@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import ErrorCode, Task
 
-from ..model_cache import cache_entry, cache_ready, discard_cache, publish_cache
+from ..cache import cache_entry, cache_ready, discard_cache, publish_cache
 from .base import Backend, Job, ProgressFn
 
 if TYPE_CHECKING:

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import ErrorCode, Task
 
-from ..model_cache import cache_ready, discard_cache
+from ..cache import cache_ready, discard_cache
 from .base import Backend, Job, JobSource, ProgressFn, release_free_memory
 from .chat_template import ChatTemplate, TemplateError, find_template, special_tokens
 from .guidance import GrammarTokenizer, Matcher, parse_guidance
 from .onnx_build import build_in_child, built_entry, check_precision
+from .onnx_kv import KVCache
 from .textgen import DEFAULT_MAX_TOKENS_LIMIT, Detokenizer, Sampling, TextRow, chat_messages, heal_prefix, token_budget
 from .tools import check_tools, with_tools
 
@@ -56,80 +57,6 @@ class _Seq:
     @property
     def job(self) -> Job:
         return self.text.job
-
-
-class _KVCache:
-    """Keys and values of every layer, [slots, kv_heads, length, head_size] each; one slot per request.
-
-    Requests being decoded sit in slots 0..n-1, so one contiguous slice feeds a decode step. The model reads
-    and writes the cache in place (past and present bound to the same memory). `length` grows by doubling as
-    requests get longer: a step costs more with a longer cache even where it is empty (measured: 8192 vs 1024
-    tokens, one stream 35 vs 51 tokens/s), and the arrays come zeroed from the OS, so memory is only spent on
-    what is written.
-    """
-
-    MIN_LENGTH = 256
-
-    def __init__(self, session: Any, names: list[tuple[str, str, str, str]], slots: int, heads: int, size: int,
-                 dtype: Any, max_length: int) -> None:  # fmt: skip
-        self.session = session
-        self.names = names  # (past key, past value, present key, present value) per layer
-        self.slots, self.heads, self.size, self.dtype = slots, heads, size, dtype
-        self.max_length = max_length
-        self.length = 0
-        self.arrays: list[tuple[np.ndarray, np.ndarray]] = []
-        self._bindings: dict[tuple[int, int], Any] = {}
-        self.high_water = 0
-        self.ensure(min(self.MIN_LENGTH, max_length))
-
-    def ensure(self, length: int) -> None:
-        """Room for `length` tokens per slot (what is held is kept)."""
-        import numpy as np
-
-        self.high_water = max(self.high_water, length)
-        if length <= self.length:
-            return
-        new = max(self.MIN_LENGTH, self.length)
-        while new < length:
-            new *= 2
-        new = min(new, self.max_length)
-        if new < length:
-            raise ValueError(f"{length} tokens do not fit the model's context of {self.max_length}")
-        shape = (self.slots, self.heads, new, self.size)
-        arrays = []
-        olds: list[Any] = list(self.arrays) or [None] * len(self.names)
-        for old in olds:
-            pair = (np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))
-            if old is not None:
-                pair[0][:, :, : self.length] = old[0]
-                pair[1][:, :, : self.length] = old[1]
-            arrays.append(pair)
-        self.arrays, self.length = arrays, new
-        self._bindings.clear()
-
-    def binding(self, start: int, n: int) -> Any:
-        """An IOBinding with the cache of slots [start, start + n) bound as past and present."""
-        key = (start, n)
-        binding = self._bindings.get(key)
-        if binding is None:
-            from onnxruntime import OrtValue
-
-            binding = self.session.io_binding()
-            for (past_k, past_v, present_k, present_v), (keys, values) in zip(self.names, self.arrays, strict=True):
-                k = OrtValue.ortvalue_from_numpy(keys[start : start + n])
-                v = OrtValue.ortvalue_from_numpy(values[start : start + n])
-                binding.bind_ortvalue_input(past_k, k)
-                binding.bind_ortvalue_input(past_v, v)
-                binding.bind_ortvalue_output(present_k, k)
-                binding.bind_ortvalue_output(present_v, v)
-            self._bindings[key] = binding
-        return binding
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy one request's cache to another slot (to keep running requests in slots 0..n-1)."""
-        for keys, values in self.arrays:
-            keys[dst, :, :length] = keys[src, :, :length]
-            values[dst, :, :length] = values[src, :, :length]
 
 
 class OnnxChat(Backend):
@@ -179,7 +106,7 @@ class OnnxChat(Backend):
         self._dtype: Any = None
         self._vocab_size = 0
         self._positions = False  # the graph takes position_ids
-        self._cache: _KVCache | None = None
+        self._cache: KVCache | None = None
         self._vocab: list[str] | None = None
         self._waiting: list[_Seq] = []  # admitted, prompt not fully read yet (the first one is being read)
         self._rows: list[_Seq] = []  # decoding; rows[i].slot == i
@@ -391,10 +318,10 @@ class OnnxChat(Backend):
 
     # ------------------------------------------------------------ one step
 
-    def _kv(self) -> _KVCache:
+    def _kv(self) -> KVCache:
         if self._cache is None:
             heads, length, size = self._kv_shape
-            self._cache = _KVCache(self._session, self._names, self.max_batch, heads, size, self._dtype, length)
+            self._cache = KVCache(self._session, self._names, self.max_batch, heads, size, self._dtype, length)
         return self._cache
 
     def _step(self) -> None:
@@ -517,7 +444,7 @@ class OnnxChat(Backend):
         if len(ids) < 2:
             raise ValueError("need at least two tokens to score")
         heads, length, size = self._kv_shape
-        kv = _KVCache(self._session, self._names, 1, heads, size, self._dtype, length)
+        kv = KVCache(self._session, self._names, 1, heads, size, self._dtype, length)
         kv.ensure(len(ids))
         nll, done = 0.0, 0
         while done < len(ids) - 1:

@@ -23,8 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .backends.guidance import JSON_STYLE  # the engines' JSON style: one source
-from .backends.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from ..models.backends.guidance import JSON_STYLE
+from ..models.backends.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 # JSON_STYLE: JSON as the engines write it for `json_schema` guidance, mirrored into `%json` of tool grammars.
 # A text answer, when the model may also call a tool: anything not empty that holds no tool call at all, so a

@@ -76,7 +76,7 @@ def _load_bar(busy: int, cap: int, width: int = 10) -> Any:
 def open_client(node: str, timeout: float, key_file: str | None = None) -> Client:
     """A client for `node`; with `key_file`, that mesh key (else the client's own default lookup)."""
     if key_file:
-        from mesh._security import MeshKey
+        from mesh import MeshKey
 
         return Client(node, timeout=timeout, security=MeshKey.load(key_file))
     return Client(node, timeout=timeout)
@@ -292,7 +292,7 @@ def doctor_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _interfaces(report: Report) -> None:
-    from .config import default_ipv4
+    from ..runtime.config import default_ipv4
 
     report.section("Interfaces on this machine")
     chosen = default_ipv4()
@@ -352,11 +352,11 @@ def _node_view(report: Report, node: str, key_file: str | None) -> list[dict[str
 
 
 def _mdns_view(report: Report, rows: list[dict[str, Any]], timeout: float, interface: str | None) -> None:
-    from mesh import _discovery
+    from mesh import discovery
 
     report.section(f"mDNS (listening {timeout:g}s)")
     try:
-        found = _discovery.browse(timeout, [interface] if interface else None)
+        found = discovery.browse(timeout, [interface] if interface else None)
     except (OSError, ValueError, RuntimeError) as exc:
         report.line(f"cannot browse mDNS: {type(exc).__name__}: {exc}")
         return

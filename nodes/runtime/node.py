@@ -11,28 +11,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mesh._node import MeshNode, MeshSettings
-from mesh._security import MeshKey, Plaintext, RequestLimits, load_mesh_key, require_curve
+from mesh import MeshKey, MeshNode, MeshSettings, Plaintext, RequestLimits, load_mesh_key, require_curve
 from protocol import Limits
 
+from ..models.backends.base import Backend, ProgressFn, release_free_memory
+from ..models.cache import CACHE_MARKER
+from ..models.hardware import detect_labels, unmet
+from ..models.loader import load_backend
+from ..models.memory import estimate_memory
+from ..models.specs import ModelSpec, default_models, parse_model_arg, resolve_path, with_precision
+from ..models.transfer import PullError
 from .admin import NodeAdmin, pulled_copy, spec_for_folder
-from .backends.base import Backend, ProgressFn, release_free_memory
 from .config import NodeConfig, parse_hostport
 from .executor import Executor
-from .hardware import detect_labels, unmet
 from .memory_budget import check_models_fit, describe_limits, node_memory_limits
-from .model_cache import CACHE_MARKER
-from .models import (
-    ModelSpec,
-    default_models,
-    estimate_memory,
-    load_backend,
-    parse_model_arg,
-    resolve_path,
-    with_precision,
-)
 from .systemd import ServiceNotifier
-from .transfer import PullError
 
 log = logging.getLogger("lanmesh.node")
 
@@ -259,7 +252,7 @@ class Node:
             self._start_gateway(api_key)
 
     def _start_gateway(self, api_key: str) -> None:
-        from .gateway import Gateway, GatewaySettings, mesh_endpoint
+        from ..api.gateway import Gateway, GatewaySettings, mesh_endpoint
 
         assert self.mesh is not None
         cfg = self.config
@@ -368,8 +361,8 @@ _HTTP_EXTRA = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client",
 def _http_metrics(node_id: str) -> Any:
     """The node's metrics, or None (with one warning) when the http extra is not installed."""
     try:
-        from . import gateway  # noqa: F401 - imported here to find out whether the web stack is installed
-        from .metrics import NodeMetrics
+        from ..api import gateway  # noqa: F401 - imported here to find out whether the web stack is installed
+        from ..api.metrics import NodeMetrics
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in _HTTP_EXTRA:
             raise

@@ -18,9 +18,10 @@ from typing import Any
 
 import psutil
 
+from ..api.keys import check_api_key
+
 DEFAULT_PORT = 5555
 DEFAULT_HTTP_PORT = 8000
-MIN_API_KEY_CHARS = 16  # a shorter HTTP API key is refused at start: the gateway may face the whole LAN
 
 
 @dataclass
@@ -144,16 +145,6 @@ class NodeConfig:
         if not key or not key[0].strip():
             raise ValueError(f"the API key file {self.api_key_file} is empty")
         return check_api_key(key[0].strip(), f"the API key in {self.api_key_file}")
-
-
-def check_api_key(key: str, where: str) -> str:
-    """`key`, or a ValueError saying it is too short to guess safely (the message never shows the key)."""
-    if len(key) < MIN_API_KEY_CHARS:
-        raise ValueError(
-            f"{where} has {len(key)} characters; an API key needs at least {MIN_API_KEY_CHARS} so it cannot be "
-            "guessed (make one: python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
-        )
-    return key
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}

@@ -28,8 +28,8 @@ import zmq
 
 from protocol import MAX_CHUNK_BYTES, Data, Error, ErrorCode, Fetch, decode, encode
 
-from .catalog import SHORT, Catalog, ManifestError, PullProgress, check_manifest, safe_path
-from .model_cache import CACHE_MARKER, cache_ready, cache_root
+from .cache import CACHE_MARKER, cache_ready, cache_root
+from .catalog import SHORT, Catalog, ManifestError, PullProgress, PullState, check_manifest, safe_path
 
 log = logging.getLogger("lanmesh.transfer")
 
@@ -172,11 +172,12 @@ class Puller:
             manifest = self._manifest()
             self.version = manifest["version"]
             if cache_ready(self.final):
-                self.progress.finish("done")
+                self.progress.finish(PullState.DONE)
                 return self.final
             return self._fetch(manifest)
         except Exception as exc:  # a full disk, a lost cache folder...: the pull's row says so, the caller hears it
-            self.progress.finish("failed", str(exc) or type(exc).__name__)
+            if self.progress.state is PullState.PULLING:
+                self.progress.finish(PullState.FAILED, str(exc) or type(exc).__name__)
             raise
         finally:
             ctx.destroy(0)
@@ -416,5 +417,5 @@ class Puller:
             if not cache_ready(self.final):
                 raise
             shutil.rmtree(partial, ignore_errors=True)  # another pull of the same version published first
-        self.progress.finish("done")
+        self.progress.finish(PullState.DONE)
         return self.final
