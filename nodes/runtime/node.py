@@ -50,8 +50,8 @@ class Node:
         self.executor: Executor | None = None
         self.mesh: MeshNode | None = None
         self.mesh_key: MeshKey | None = None  # None only when running --insecure
-        self.metrics: Any = None  # nodes.metrics.NodeMetrics when the http extra is installed
-        self.gateway: Any = None  # nodes.gateway.Gateway while the HTTP gateway runs
+        self.metrics: Any = None  # nodes.api.metrics.NodeMetrics when the http extra is installed
+        self.gateway: Any = None  # nodes.api.gateway.Gateway while the HTTP gateway runs
         self._stop = threading.Event()
         self._starting = False
         self._handlers_installed = False

@@ -180,3 +180,31 @@ def test_the_backoff_schedules_in_the_docs_are_the_code_s() -> None:
     doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
     for name, text in backoff_schedules().items():
         assert text in doc, f"docs/ARCHITECTURE.md should quote the {name} backoff as the code has it: {text}"
+
+
+def test_every_module_named_in_a_string_exists() -> None:
+    """Module paths in strings (what a child process runs with `python -m`, a logger's name) move with the code: a
+    stale one fails only when that path runs."""
+    import importlib.util
+
+    mod = r"((?:protocol|mesh|nodes|bench|tests)(?:\.[a-z_]+)+)"
+    patterns = [
+        re.compile(rf"""["']-m["']\s*,\s*["']{mod}["']"""),  # [sys.executable, "-m", "nodes.cli", ...]
+        re.compile(rf"""-m\s+{mod}\b"""),  # "python -m nodes.cli" in text
+        re.compile(rf"""(?:getLogger\(|logger=)["']{mod}["']"""),
+    ]
+    stale = []
+    for path in sorted(REPO.glob("*/**/*.py")):
+        rel = path.relative_to(REPO)
+        if rel.parts[0] not in (*PACKAGES, "tests"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for pattern in patterns:
+                for name in pattern.findall(line):
+                    try:
+                        found = importlib.util.find_spec(name) is not None
+                    except ModuleNotFoundError:  # its parent package is gone too
+                        found = False
+                    if not found:
+                        stale.append(f"{rel}:{number}: {name}")
+    assert not stale, "strings naming modules that do not exist:\n" + "\n".join(stale)

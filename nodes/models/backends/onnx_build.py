@@ -1,6 +1,6 @@
 """Build a chat model for onnxruntime once, with onnxruntime-genai's model builder, into the model cache.
 
-It runs in a child process (`python -m nodes.backends.onnx_build`): building needs torch and transformers
+It runs in a child process (`python -m nodes.models.backends.onnx_build`): building needs torch and transformers
 (GGUF -> HF folder -> ONNX), and a node that imported them would keep ~400 MB of memory it never uses again.
 The child prints one JSON line per step on stdout; the last one names the built folder or the error.
 """
@@ -72,7 +72,7 @@ def build_in_child(
     report: Callable[[str, float], None],
 ) -> Path:
     """Build in a child process, relaying its progress; returns the published cache entry."""
-    cmd = [sys.executable, "-m", "nodes.backends.onnx_build", "--name", name, "--source", str(source)]
+    cmd = [sys.executable, "-m", "nodes.models.backends.onnx_build", "--name", name, "--source", str(source)]
     cmd += ["--precision", precision, "--provider", provider]
     if cache_dir:
         cmd += ["--cache-dir", str(cache_dir)]
