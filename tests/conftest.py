@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,3 +56,28 @@ def cluster(tmp_path: Path, keyed: Path) -> Iterator[Cluster]:
                 continue
             # Surface a crashed node's log in the failure report.
             print(f"--- log of {node.name} ---\n{node.log_tail()}")
+
+
+@pytest.fixture
+def memory_hierarchy(tmp_path: Path) -> Iterator[tuple[Path, str, bool]]:
+    """This process's cgroup v1 memory hierarchy: (where it is mounted, this process's cgroup in it, whether it is
+    the usual /sys/fs/cgroup/memory). Inside a network namespace made by `ip netns exec` /sys holds no cgroup file
+    system: then the hierarchy is mounted on a temporary folder for the test (as root)."""
+    lines = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+    memory = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
+    if not memory:
+        pytest.skip("needs a cgroup v1 memory hierarchy; on v2 it would take a delegated subtree")
+    usual = Path("/sys/fs/cgroup/memory")
+    if (usual / "cgroup.procs").exists():
+        yield usual, memory[0], True
+        return
+    mount = tmp_path / "memory-cgroup"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "cgroup", "-o", "memory", "cgroup", str(mount)], capture_output=True,
+                             text=True, timeout=10, check=False)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount the memory cgroup hierarchy: {mounted.stderr.strip()}")
+    try:
+        yield mount, memory[0], False
+    finally:
+        subprocess.run(["umount", str(mount)], timeout=10, check=True)

@@ -142,6 +142,14 @@ def _add_node_parser(sub: Any) -> None:
         help="refuse to start when the models would take this process past this, e.g. 8G (the cgroup's memory "
         "limit, such as systemd's MemoryMax=, is always respected)",
     )
+    p.add_argument(
+        "--kv-cache",
+        type=int,
+        dest="kv_cache",
+        metavar="MIB",
+        help="key/value cache of each chat model, in MiB: what its running requests may hold at most together "
+        "(default 1024, cut to fit the memory limit; a model spec's kv_cache=MIB sets one model's)",
+    )
     p.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (~/.cache/lanmesh)")
     p.add_argument(
         "--transfer-rate",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .hardware import cuda_gpu_name
+from .memory import kv_cache_bytes, kv_shape
 from .packaged import MODELS_EXTRA_HINT
 from .specs import DEFAULT_PRECISION, ENGINES, KINDS, ModelSpec, resolve_path
 
@@ -99,6 +100,7 @@ def _chat_backend(spec: ModelSpec, cache_dir: str | Path | None) -> Backend:
         max_tokens_limit=spec.options.get("max_tokens"),
         context=spec.options.get("context"),
         threads=spec.options.get("threads"),
+        kv_cache_bytes=kv_cache_bytes(spec, kv_shape(spec)),
     )
 
 

@@ -42,7 +42,7 @@ class ModelSpec:
 # ---------------------------------------------------------------- parsing
 
 
-_INT_KEYS = {"max_batch", "concurrency", "cap", "max_tokens", "threads", "context"}
+_INT_KEYS = {"max_batch", "concurrency", "cap", "max_tokens", "threads", "context", "kv_cache"}
 _FLOAT_KEYS = {"ms"}
 _STR_KEYS = {"name", "kind", "path", "task", "device", "engine", "precision"}
 _KEY_ALIASES = {"batch": "max_batch", "capacity": "cap"}
@@ -135,6 +135,8 @@ def _spec_from_values(values: dict[str, Any], labels: dict[str, str], requires: 
         if "cap" in options:
             options["capacity"] = options.pop("cap")
         _check_sleep(options, text)
+    if "kv_cache" in options and options["kv_cache"] < 1:
+        raise ValueError(f"kv_cache is in MiB and must be at least 1, got {options['kv_cache']} in {text!r}")
     if task is None:
         task = {"onnx-embed": "embed", "transformers": "chat", "gguf": "chat", "onnx-chat": "chat"}.get(kind)
     return ModelSpec(
@@ -240,3 +242,11 @@ def with_precision(spec: ModelSpec, precision: str) -> ModelSpec:
     if spec.kind not in ("gguf", "transformers") or "precision" in spec.options:
         return spec
     return replace(spec, options={**spec.options, "precision": precision})
+
+
+def with_kv_cache(spec: ModelSpec, mib: int) -> ModelSpec:
+    """A chat spec with the node's key/value cache cap (`--kv-cache`, MiB) where the spec sets none (0: left to the
+    node's memory budget)."""
+    if not mib or spec.kind not in ("gguf", "transformers", "onnx-chat") or "kv_cache" in spec.options:
+        return spec
+    return replace(spec, options={**spec.options, "kv_cache": mib})

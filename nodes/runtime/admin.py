@@ -39,7 +39,7 @@ class AdminHost(Protocol):
     executor: Executor | None
     mesh: MeshNode | None
 
-    def check_memory(self, specs: list[ModelSpec]) -> None: ...
+    def check_memory(self, specs: list[ModelSpec]) -> list[ModelSpec]: ...
 
     def with_node_defaults(self, spec: ModelSpec) -> ModelSpec: ...
 
@@ -132,11 +132,12 @@ class NodeAdmin:
         assert executor is not None
         with self._lock:
             started = time.monotonic()
-            self.node.check_memory([spec])  # one that would not fit is refused, not OOM-killed halfway through
+            # One that would not fit is refused, not OOM-killed halfway through; a chat cache may shrink to fit.
+            (fitted,) = self.node.check_memory([self.node.with_node_defaults(spec)])
             entry = ModelEntry(spec.name, "", spec.kind, spec_text, None, current=False)  # LOADING
             self.catalog.add(entry)
             try:
-                backend = load_backend(self.node.with_node_defaults(spec))
+                backend = load_backend(fitted)
                 version, kind, folder = version_of(backend, spec_text)
                 if self.catalog.find(spec.name, version) is not None:
                     backend.close()

@@ -50,6 +50,7 @@ class NodeConfig:
     grace: float = 10.0  # seconds to finish in-flight work on SIGTERM
     routing: str = "p2c"  # p2c (power of two choices); round-robin, random, least-loaded are benchmark baselines
     max_memory: str = ""  # e.g. "8G": refuse models that would take the process past this (and the cgroup's limit)
+    kv_cache: int = 0  # MiB of key/value cache per chat model (0: 1024, cut to fit the memory limits)
     cache_dir: str = ""
     transfer_rate: float = 400.0  # Mbit/s this node sends model files to peers at, at most (0: no cap)
     log_level: str = "info"
@@ -89,6 +90,8 @@ class NodeConfig:
             raise ValueError(f"routing must be p2c, round-robin, random or least-loaded, not {self.routing!r}")
         if self.transfer_rate < 0:
             raise ValueError("transfer_rate must be >= 0 Mbit/s (0: no cap)")
+        if self.kv_cache < 0:
+            raise ValueError("kv_cache must be >= 0 MiB (0: the default, cut to fit the memory limit)")
         if self.precision not in ("int4", "int8", "fp16", "fp32"):
             raise ValueError(f"precision must be int4, int8, fp16 or fp32, not {self.precision!r}")
         if self.log_format not in ("text", "json"):

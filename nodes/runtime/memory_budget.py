@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,11 +125,23 @@ def node_memory_limits(max_memory: int | None, env: Mapping[str, str] | None = N
     return limits
 
 
-def check_models_fit(needs: Sequence[tuple[str, int]], limits: Sequence[MemoryLimit]) -> None:
-    """Raise `ModelTooBig` naming the first model (in load order) that would not fit under one of `limits`,
-    what it needs, the limit and where it comes from. `needs` are (model name, estimated bytes)."""
+def check_models_fit(
+    needs: Sequence[tuple[str, int]],
+    limits: Sequence[MemoryLimit],
+    shrink: Callable[[int, int], int | None] | None = None,
+) -> list[int]:
+    """What each model may take (bytes, in load order), or `ModelTooBig` naming the first model that would not fit
+    under one of `limits`, what it needs, the limit and where it comes from. `needs` are (model name, estimated
+    bytes); `shrink(index, free)`, when given, may offer a smaller need for a model that does not fit as it is (a chat
+    model's key/value cache left to the node), or None."""
     taken = 0
+    granted: list[int] = []
     for index, (name, need) in enumerate(needs):
+        free = min((lim.free for lim in limits), default=None)
+        if shrink is not None and free is not None and taken + need > free:
+            smaller = shrink(index, free - taken)
+            if smaller is not None:
+                need = smaller
         for lim in limits:
             if taken + need <= lim.free:
                 continue
@@ -146,6 +158,8 @@ def check_models_fit(needs: Sequence[tuple[str, int]], limits: Sequence[MemoryLi
                 f"free ({origin}). Serve fewer or smaller models (or a lower --precision), or raise the limit"
             )
         taken += need
+        granted.append(need)
+    return granted
 
 
 def describe_limits(limits: Sequence[MemoryLimit]) -> str:

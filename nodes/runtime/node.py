@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from mesh import MeshKey, MeshNode, MeshSettings, Plaintext, RequestLimits, load_mesh_key, require_curve
 from protocol import Limits
 
@@ -18,8 +20,8 @@ from ..models.backends.base import Backend, ProgressFn, release_free_memory
 from ..models.cache import CACHE_MARKER
 from ..models.hardware import detect_labels, unmet
 from ..models.loader import load_backend
-from ..models.memory import estimate_memory
-from ..models.specs import ModelSpec, default_models, parse_model_arg, resolve_path, with_precision
+from ..models.memory import MemoryNeed, estimate_memory, fit_kv_cache
+from ..models.specs import ModelSpec, default_models, parse_model_arg, resolve_path, with_kv_cache, with_precision
 from ..models.transfer import PullError
 from .admin import NodeAdmin, pulled_copy, spec_for_folder
 from .config import NodeConfig, parse_hostport
@@ -62,7 +64,7 @@ class Node:
 
     def _build_backends(self, progress: ProgressFn | None) -> list[Backend]:
         specs = [parse_model_arg(m) for m in self.config.models] if self.config.models else default_models()
-        specs = [with_precision(s, self.config.precision) for s in specs]
+        specs = [self.with_node_defaults(s) for s in specs]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a name: {names}")
@@ -78,7 +80,7 @@ class Node:
                 runnable.append(spec)
         if not runnable and not self._to_pull:
             raise ValueError(f"none of the models can run here (node labels {self.labels})")
-        self.check_memory(runnable)
+        runnable = self.check_memory(runnable)
         if self.notifier.enabled:  # systemd hears of the progress too (STATUS=, and more time to start)
             progress = _both(progress, self.notifier.progress)
         backends = []
@@ -91,23 +93,43 @@ class Node:
             backends.append(backend)
         return backends
 
-    def check_memory(self, specs: list[ModelSpec]) -> None:
-        """Refuse, with an error naming the model and the limit, models that would not fit under the cgroup's
-        memory limit or --max-memory: better than an OOM kill halfway through loading them. At start-up and before
-        each model loaded on a running node (what is loaded already counts in the memory the cgroup and the process
-        hold)."""
+    def check_memory(self, specs: list[ModelSpec]) -> list[ModelSpec]:
+        """Each model's memory budget (weights + engine + the key/value cache a chat model may fill), logged, and the
+        specs to load with it: a chat model's cache left to the node shrinks to fit the cgroup's limit or
+        --max-memory. A model that does not fit even so is refused with an error naming it and the limit (better
+        than an OOM kill halfway through loading it). At start-up and before each model loaded on a running node
+        (what is loaded already counts in the memory the cgroup and the process hold)."""
         limits = node_memory_limits(self.config.max_memory_bytes())
-        if not limits:
-            return
-        needs = []
+        estimated: list[tuple[ModelSpec, MemoryNeed]] = []
         for spec in specs:
             try:
-                needs.append((spec.name, estimate_memory(spec)))
+                estimated.append((spec, estimate_memory(spec)))
             except (OSError, ValueError) as exc:  # loading it will say what is wrong, if anything is
                 log.warning("cannot estimate the memory model %s needs (%s): loading it unchecked", spec.name, exc)
-        check_models_fit(needs, limits)
-        log.info("memory: %s; the models need about %.2f GiB", describe_limits(limits),
-                 sum(n for _, n in needs) / 2**30)  # fmt: skip
+        fitted = {id(spec): (spec, need) for spec, need in estimated}
+
+        def shrink(index: int, free: int) -> int | None:
+            spec, need = estimated[index]
+            smaller = fit_kv_cache(spec, need, free)
+            if smaller is None:
+                return None
+            fitted[id(spec)] = smaller
+            log.warning("model %s: key/value cache cut to %d MiB to fit the memory limit (%s)", spec.name,
+                        smaller[1].kv_cache >> 20, describe_limits(limits))  # fmt: skip
+            return smaller[1].total
+
+        if limits:
+            check_models_fit([(spec.name, need.total) for spec, need in estimated], limits, shrink)
+        total = 0
+        for spec, need in fitted.values():
+            if need.total:
+                total += need.total
+                log.info("model %s: memory budget %s", spec.name, need.describe(), extra={"model": spec.name})
+        in_use = psutil.Process().memory_info().rss
+        where = f"{describe_limits(limits)}; " if limits else ""
+        log.info("memory: %sthis process holds %d MiB, the models' budget is %d MiB", where, in_use >> 20,
+                 total >> 20, extra={"memory_in_use": in_use, "memory_budget": total})  # fmt: skip
+        return [fitted[id(spec)][0] if id(spec) in fitted else spec for spec in specs]
 
     def _local_or_pulled(self, specs: list[ModelSpec]) -> list[ModelSpec]:
         """The specs whose files are here (or were pulled before); the others are fetched from peers once joined."""
@@ -145,8 +167,8 @@ class Node:
                     log.error("model %s: cannot fetch it from peers: %s", spec.name, exc)
 
     def with_node_defaults(self, spec: ModelSpec) -> ModelSpec:
-        """A spec as this node serves it (its precision, unless the spec names one)."""
-        return with_precision(spec, self.config.precision)
+        """A spec as this node serves it (its precision and key/value cache, unless the spec names them)."""
+        return with_kv_cache(with_precision(spec, self.config.precision), self.config.kv_cache)
 
     def mesh_security(self) -> MeshKey | Plaintext:
         return self.mesh_key if self.mesh_key is not None else Plaintext()

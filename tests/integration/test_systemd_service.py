@@ -170,31 +170,6 @@ def test_max_memory_alone_refuses_a_model_that_would_take_the_process_past_it(tm
     assert "of --max-memory 1.0 GiB is free (this process already holds " in done.stderr
 
 
-@pytest.fixture
-def memory_hierarchy(tmp_path: Path) -> Iterator[tuple[Path, str, bool]]:
-    """This process's cgroup v1 memory hierarchy: (where it is mounted, this process's cgroup in it, whether it is
-    the usual /sys/fs/cgroup/memory). Inside a network namespace made by `ip netns exec` /sys holds no cgroup file
-    system: then the hierarchy is mounted on a temporary folder for the test (as root)."""
-    lines = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
-    memory = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
-    if not memory:
-        pytest.skip("needs a cgroup v1 memory hierarchy; on v2 it would take a delegated subtree")
-    usual = Path("/sys/fs/cgroup/memory")
-    if (usual / "cgroup.procs").exists():
-        yield usual, memory[0], True
-        return
-    mount = tmp_path / "memory-cgroup"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "cgroup", "-o", "memory", "cgroup", str(mount)], capture_output=True,
-                             text=True, timeout=10, check=False)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount the memory cgroup hierarchy: {mounted.stderr.strip()}")
-    try:
-        yield mount, memory[0], False
-    finally:
-        subprocess.run(["umount", str(mount)], timeout=10, check=True)
-
-
 @pytest.mark.timeout(90)
 def test_the_node_reads_the_memory_limit_of_the_cgroup_it_really_runs_in(
     tmp_path: Path, memory_hierarchy: tuple[Path, str, bool]

@@ -410,7 +410,10 @@ def test_a_model_failure_fails_its_requests_with_internal_and_the_lane_serves_on
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     with monkeypatch.context() as patch:
-        patch.setattr(backend, "_forward" if isinstance(backend, TransformersChat) else "_run", broken)
+        if isinstance(backend, TransformersChat):
+            patch.setattr(backend, "_forward", broken)
+        else:
+            patch.setattr(backend._runner, "_run", broken)  # type: ignore[attr-defined]
         outcomes = through_a_lane(backend, [complete("hello"), chat("hi", stream=True), complete("x", max_tokens=-1)])
     assert [o.code for o in outcomes] == [ErrorCode.INTERNAL, ErrorCode.INTERNAL, ErrorCode.BAD_REQUEST]
     assert "device-side assert" in outcomes[0].message

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from model_jobs import Outcome, chat, complete, requires, serve
-from test_chat_engines import LaneRun
+from test_chat_engines import LaneRun, through_a_lane
 
 from nodes.models.backends.base import Job
 from nodes.models.backends.onnx_chat import OnnxChat
@@ -168,3 +168,103 @@ def test_a_model_the_builder_cannot_convert_is_served_by_transformers_with_one_l
     assert outcome.code is None and outcome.meta is not None and outcome.meta["usage"]["completion_tokens"] == 4
     with pytest.raises(Exception, match="builder|supported|Error"):
         load_backend(parse_model_arg(f"name=gpt,path={tiny_gpt2_dir},task=chat,engine=onnx"), cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- one request fails alone
+
+DIGITS = {"type": "regex", "grammar": "[0-9]{4}"}
+
+
+def test_a_grammar_that_breaks_mid_answer_fails_its_request_alone(
+    tiny_onnx: OnnxChat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nodes.models.backends import guidance
+
+    real = guidance.Matcher.consume
+
+    def breaks_on_second_token(self: guidance.Matcher, tokens: list[int]) -> None:
+        self.seen = getattr(self, "seen", 0) + 1  # type: ignore[attr-defined]
+        if self.seen == 2:  # type: ignore[attr-defined]
+            raise RuntimeError("llguidance: internal error")
+        real(self, tokens)
+
+    mates = [complete("The quick brown fox", max_tokens=12), chat("hello", max_tokens=10, stream=True)]
+    expected = [solo(tiny_onnx, r) for r in mates]
+    monkeypatch.setattr(guidance.Matcher, "consume", breaks_on_second_token)
+    broken, *others = through_a_lane(tiny_onnx, [complete("A number:", max_tokens=8, guidance=DIGITS), *mates])
+    assert broken.code is ErrorCode.INTERNAL and "llguidance: internal error" in broken.message
+    assert [o.code for o in others] == [None, None] and [o.text for o in others] == expected
+
+
+def test_a_grammar_that_allows_no_token_fails_its_request_alone(
+    tiny_onnx: OnnxChat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from nodes.models.backends import guidance
+
+    monkeypatch.setattr(guidance.Matcher, "allowed", lambda self: np.zeros(tiny_onnx._vocab_size, dtype=bool))
+    mate = complete("The quick brown fox", max_tokens=12)
+    broken, other = through_a_lane(tiny_onnx, [complete("A number:", max_tokens=8, guidance=DIGITS), mate])
+    assert broken.code is ErrorCode.INTERNAL and "no token" in broken.message  # not NaN probabilities
+    assert other.code is None and other.text == solo(tiny_onnx, mate)
+
+
+def test_a_grammar_compiles_off_the_engine_thread_while_the_batch_keeps_decoding(
+    tiny_onnx: OnnxChat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grammar that takes long to compile (256 KiB of schema) must not stall the streams already running: here
+    its compile cannot end before the running stream has finished."""
+    import threading
+
+    from nodes.models.backends import guidance
+
+    stream_done = threading.Event()
+    real = guidance.GrammarTokenizer.matcher
+    compiled_after_stream: list[bool] = []
+
+    def slow(self: guidance.GrammarTokenizer, kind: str, grammar: str) -> guidance.Matcher:
+        compiled_after_stream.append(stream_done.wait(30))
+        return real(self, kind, grammar)
+
+    monkeypatch.setattr(guidance.GrammarTokenizer, "matcher", slow)
+    running, constrained = Outcome(), Outcome()
+    with LaneRun(tiny_onnx) as run:
+
+        def then_the_grammar(_job: Job, outcome: Outcome) -> None:
+            if len(outcome.chunks) == 2:
+                run.submit(complete("A number:", max_tokens=6, guidance=DIGITS), constrained)
+
+        run.submit(complete("Once upon a time", max_tokens=40, stream=True), running, on_chunk=then_the_grammar,
+                   on_done=lambda *_: stream_done.set())  # fmt: skip
+        run.wait()
+    assert compiled_after_stream == [True], "the engine waited for the grammar instead of decoding the stream"
+    assert running.code is None and len(running.chunks) > 2
+    assert constrained.code is None and constrained.text.isdigit()
+
+
+def test_the_key_value_cache_stays_within_its_cap_and_is_given_back_when_idle(tiny_onnx: OnnxChat) -> None:
+    assert tiny_onnx.model_dir is not None
+    capped = OnnxChat("tiny", tiny_onnx.model_dir, max_batch=8, kv_cache_bytes=1)
+    with pytest.raises(ValueError, match="cannot hold even one short request"):
+        capped.load()
+    runner = tiny_onnx._runner
+    assert runner is not None
+    cap = 4 * 96 * runner.layout.bytes_per_token  # four requests of the whole (96-token) context
+    engine = OnnxChat("tiny", tiny_onnx.model_dir, max_batch=8, kv_cache_bytes=cap)
+    engine.load()
+    requests = [complete(f"Story {i}: once upon a time", max_tokens=40, stream=True) for i in range(8)]
+    peak: list[int] = []
+    outcomes = [Outcome() for _ in requests]
+    with LaneRun(engine) as run:
+        for request, outcome in zip(requests, outcomes, strict=True):
+            run.submit(request, outcome, on_chunk=lambda *_: peak.append(engine._runner.bytes_held))  # type: ignore[union-attr]
+        run.wait()
+        assert engine._runner is not None
+        end = time.monotonic() + 5
+        while engine._runner.bytes_held and time.monotonic() < end:
+            time.sleep(0.01)
+        assert engine._runner.bytes_held == 0, "an idle engine gives its cache's memory back"
+    assert all(o.code is None for o in outcomes)
+    assert 0 < max(peak) <= cap
+    assert [o.text for o in outcomes] == [solo(tiny_onnx, r) for r in requests]

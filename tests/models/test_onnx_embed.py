@@ -158,3 +158,35 @@ def test_unreadable_cached_export_is_exported_again(
     assert again.loaded_from == "export"
     for got, want in zip(vectors(again, SENTENCES), vectors(backend, SENTENCES), strict=True):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_the_export_runs_in_a_child_so_the_serving_process_never_holds_torch(
+    tiny_embed_dir: Path, tmp_path: Path
+) -> None:
+    """A first start converts the model once; the node that then serves must not keep torch (hundreds of MB) in
+    memory until its next restart."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from nodes.models.backends.onnx_embed import OnnxEmbedder\n"
+        f"b = OnnxEmbedder('tiny-embed', {str(tiny_embed_dir)!r}, cache_dir={str(tmp_path)!r})\n"
+        "b.load()\n"
+        "assert b.loaded_from == 'export', b.loaded_from\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=repo,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", "the serving process imported torch or transformers"
+
+
+def test_a_failed_export_says_why(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-encoder"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
+    backend = OnnxEmbedder("broken", broken, cache_dir=tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="the ONNX export failed: .+"):
+        backend.load()

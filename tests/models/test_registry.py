@@ -117,14 +117,22 @@ def _write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) ->
 
 
 def test_memory_estimate_counts_weights_at_the_precision_they_run(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "hidden_size": 64, "max_position_embeddings": 512, "vocab_size": 1000})
+    )  # fmt: skip
     _write_safetensors(tmp_path / "model.safetensors", {"a": ("F16", [1000, 100]), "b": ("BF16", [50])})
     fp32 = 4 * 100_050
-    assert estimate_memory(parse_model_arg(f"name=t,path={tmp_path},engine=transformers")) == int(fp32 * 1.2)
-    assert estimate_memory(parse_model_arg(f"name=t,path={tmp_path},precision=fp32")) == int(fp32 * 1.2)
+    torch = estimate_memory(parse_model_arg(f"name=t,path={tmp_path},engine=transformers"))
+    assert torch.weights == fp32 and abs(torch.total - fp32 * 1.2) <= 1 and torch.kv_cache == 0
+    onnx32 = estimate_memory(parse_model_arg(f"name=t,path={tmp_path},precision=fp32"))
     int4 = estimate_memory(parse_model_arg(f"name=t,path={tmp_path}"))  # the onnx engine's default, int4
-    assert fp32 * 0.15 < int4 < fp32 * 0.3
-    assert estimate_memory(parse_model_arg("echo")) == 0
+    assert fp32 * 0.15 < int4.weights / 1.75 < fp32 * 0.3 and onnx32.weights == int(fp32 * 1.75)
+    # Its cache: every one of 16 slots holding the whole 512-token context, 2 layers x 2 heads x 16 numbers x 2.
+    assert int4.kv_cache == 16 * 512 * (2 * 2 * 2 * 16 * 4) and int4.kv_adjustable
+    capped = estimate_memory(parse_model_arg(f"name=t,path={tmp_path},kv_cache=1"))
+    assert capped.kv_cache == 1 << 20 and not capped.kv_adjustable
+    assert estimate_memory(parse_model_arg("echo")).total == 0
 
 
 def test_memory_estimate_of_the_default_chat_model_expands_the_4bit_file() -> None:
@@ -133,9 +141,10 @@ def test_memory_estimate_of_the_default_chat_model_expands_the_4bit_file() -> No
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("needs gguf (pip install 'lanmesh[models]')")
     need = estimate_memory(parse_model_arg(f"name=smollm2,path={packaged.smollm2_gguf()},engine=transformers"))
-    assert 500 * 2**20 < need < 800 * 2**20  # 135M parameters as fp32, plus headroom
+    assert 500 * 2**20 < need.total < 800 * 2**20  # 135M parameters as fp32, plus headroom
     int4 = estimate_memory(parse_model_arg("smollm2"))
-    assert 80 * 2**20 < int4 < 250 * 2**20  # the onnx engine's int4 build
+    assert 100 * 2**20 < int4.weights < 300 * 2**20  # the onnx engine's int4 build, as its session holds it
+    assert int4.kv_cache == 1024 * 2**20  # the default cap: its 16 slots x 8192 tokens would take 5.6 GiB
 
 
 def test_cache_lives_under_the_configured_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

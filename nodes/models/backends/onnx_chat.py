@@ -1,21 +1,27 @@
 """Chat and text completion on onnxruntime with continuous batching, over a model built by onnxruntime-genai.
 
 onnxruntime-genai's model builder makes the model (`onnx_build`, once, cached). Its own `Engine` batches only
-statically on a CPU (a request waits until the whole running batch has finished before it starts; measured)
-and its continuous batching needs paged attention, which only its CUDA build has. So the scheduling here is
-ours: every request owns a slot of one key/value cache; each step reads at most one prompt chunk of a
-newcomer, then advances every running request by one token. Requests join and leave between steps, so nobody
-waits for another request to finish, and a finished request frees its slot at once.
+statically on a CPU (a request waits until the whole running batch has finished before it starts; measured) and its
+continuous batching needs paged attention, which only its CUDA build has. So the scheduling here is ours, in three
+parts, as vLLM v1 separates them:
 
-Serving needs only onnxruntime, numpy, tokenizers and jinja2: no torch in the node's process.
+- `chat_scheduler.ChatScheduler` decides (queues, slots, the per-step token budget, the key/value cache's cap,
+  explicit request states) and is pure;
+- `onnx_runner.OnnxRunner` owns the session and the key/value arrays and runs what was planned;
+- this module is the engine between them: it takes jobs from the executor, prepares each (template, tokens,
+  grammar) on a thread of its own, picks each request's tokens, and answers its caller.
+
+A request that fails, fails alone: a grammar that breaks, a token no grammar allows, an error in one request's text
+end that request only; the others go on. Serving needs only onnxruntime, numpy, tokenizers and jinja2: no torch.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +29,13 @@ from protocol import ErrorCode, Task
 
 from ..cache import cache_ready, discard_cache
 from .base import Backend, Job, JobSource, ProgressFn, release_free_memory
+from .chat_scheduler import ChatScheduler, SchedSeq, SeqState, StepPlan
 from .chat_template import ChatTemplate, TemplateError, find_template, special_tokens
 from .guidance import GrammarTokenizer, Matcher, parse_guidance
 from .onnx_build import build_in_child, built_entry, check_precision
-from .onnx_kv import KVCache
+from .onnx_runner import KVLayout, OnnxRunner
 from .textgen import DEFAULT_MAX_TOKENS_LIMIT, Detokenizer, Sampling, TextRow, chat_messages, heal_prefix, token_budget
+from .token_choice import pick_tokens
 from .tools import check_tools, with_tools
 
 if TYPE_CHECKING:
@@ -37,26 +45,35 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SLOTS = 16  # requests decoded together; the executor's capacity for this model
 PREFILL_CHUNK = 128  # prompt tokens read per step: bounds how long running requests wait for a newcomer
+DEFAULT_KV_CACHE_BYTES = 1 << 30  # the key/value cache's cap when neither the node nor the spec sets one
 _IDLE_WAIT = 0.25  # seconds the engine sleeps on an empty queue before checking for shutdown
-_RELEASE_AFTER = 1024  # once idle, give the cache memory back if some request grew it past this many tokens
+_PREPARE_WAIT = 0.005  # while only preparations are under way: how long to wait for one before looking again
 
 
 @dataclass(eq=False)
-class _Seq:
-    """Where one request is in the engine: its slot, the tokens still to read, what the cache holds."""
+class _Request:
+    """One request in the engine: its scheduling record, its text, and how its tokens are chosen."""
 
-    text: TextRow
-    pending: list[int]  # prompt (+ prefix) tokens not yet read by the model
-    slot: int = -1
-    cached: int = 0  # tokens in this request's slot of the cache
+    job: Job
+    sched: SchedSeq
+    text: TextRow | None = None  # set once prepared
     next_token: int = 0  # fed at the next decode step
     rng: np.random.Generator | None = None
-    heal_ids: list[int] | None = field(default=None)
+    heal_ids: list[int] | None = None
     matcher: Matcher | None = None  # the grammar the answer must follow (params["guidance"])
+    preparing: concurrent.futures.Future[_Prepared] | None = None
 
-    @property
-    def job(self) -> Job:
-        return self.text.job
+
+@dataclass
+class _Prepared:
+    """What preparing a request made, off the engine thread."""
+
+    tokens: list[int]  # prompt + prefix, as the model reads them
+    text: TextRow
+    need: int
+    rng: np.random.Generator | None
+    heal_ids: list[int] | None
+    matcher: Matcher | None
 
 
 class OnnxChat(Backend):
@@ -64,6 +81,7 @@ class OnnxChat(Backend):
 
     `path` is a .gguf file (or a folder holding one), an HF model folder (both built once into the model cache
     at `precision`), or a folder already built by onnxruntime-genai (genai_config.json + model.onnx).
+    `kv_cache_bytes` caps the key/value cache (all running requests together).
     """
 
     continuous = True
@@ -80,6 +98,7 @@ class OnnxChat(Backend):
         context: int | None = None,
         threads: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        kv_cache_bytes: int | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -94,23 +113,21 @@ class OnnxChat(Backend):
         self.context = context
         self.threads = threads
         self.prefill_chunk = prefill_chunk
+        self.kv_cache_bytes = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
         self.loaded_from = ""  # "onnx" (given built folder), "build" (built now) or "cache"
         self.model_dir: Path | None = None
         self._session: Any = None
+        self._runner: OnnxRunner | None = None
+        self._scheduler: ChatScheduler | None = None
         self._tokenizer: Any = None
         self._template: ChatTemplate | None = None
         self._grammar: GrammarTokenizer | None = None
         self._eos: frozenset[int] = frozenset()
-        self._names: list[tuple[str, str, str, str]] = []
-        self._kv_shape: tuple[int, int, int] = (0, 0, 0)  # kv heads, max_len, head size
-        self._dtype: Any = None
         self._vocab_size = 0
-        self._positions = False  # the graph takes position_ids
-        self._cache: KVCache | None = None
         self._vocab: list[str] | None = None
-        self._waiting: list[_Seq] = []  # admitted, prompt not fully read yet (the first one is being read)
-        self._rows: list[_Seq] = []  # decoding; rows[i].slot == i
+        self._preparer: concurrent.futures.ThreadPoolExecutor | None = None
         self._worked = False  # a step ran since the engine last went idle
+        self.failed_alone = 0  # requests that failed on their own while others went on
 
     # ------------------------------------------------------------ loading
 
@@ -166,16 +183,18 @@ class OnnxChat(Backend):
         present_k = outputs.get("present_key_names", "present.%d.key")
         present_v = outputs.get("present_value_names", "present.%d.value")
         layers = int(decoder["num_hidden_layers"])
-        self._names = [(past_k % i, past_v % i, present_k % i, present_v % i) for i in range(layers)]
-        missing = {"input_ids", "attention_mask", self._names[0][0]} - set(inputs)
+        kv_names = [(past_k % i, past_v % i, present_k % i, present_v % i) for i in range(layers)]
+        missing = {"input_ids", "attention_mask", kv_names[0][0]} - set(inputs)
         if missing:
             raise ValueError(f"{folder}: the model lacks inputs {sorted(missing)}; not a decoder with a KV cache")
-        self._positions = "position_ids" in inputs
-        self._dtype = np.float16 if "float16" in inputs[self._names[0][0]].type else np.float32
+        dtype = np.float16 if "float16" in inputs[kv_names[0][0]].type else np.float32
         context = int(model.get("context_length") or config.get("search", {}).get("max_length") or 2048)
         self.context = min(self.context, context) if self.context else context
-        self._kv_shape = (int(decoder["num_key_value_heads"]), self.context, int(decoder["head_size"]))
         self._vocab_size = int(model["vocab_size"])
+        layout = KVLayout(layers, int(decoder["num_key_value_heads"]), int(decoder["head_size"]),
+                          np.dtype(dtype).itemsize)  # fmt: skip
+        self._runner = OnnxRunner(session, kv_names, layout, dtype, self._vocab_size, "position_ids" in inputs)
+        self._scheduler = self._new_scheduler(layout)
         eos = model.get("eos_token_id")
         self._eos = frozenset(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -185,17 +204,43 @@ class OnnxChat(Backend):
         self._template = ChatTemplate(template, special_tokens(folder)) if template else None
         self._grammar = GrammarTokenizer(self._tokenizer.to_str(), self._eos, self._vocab_size)
         self._session = session
+        self._preparer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{self.name}")
         self.labels.update({"device": "cpu", "gpu": "false", "engine": "onnxruntime"})
 
+    def _new_scheduler(self, layout: KVLayout) -> ChatScheduler:
+        """The scheduler for the cache cap; with a cap too small for the slots or the context, fewer of them (said
+        in the log), and a cap too small for one short request is an error."""
+        assert self.context is not None
+        kv_tokens = self.kv_cache_bytes // layout.bytes_per_token
+        scheduler = ChatScheduler(self.max_batch, kv_tokens, self.context, self.prefill_chunk)
+        longest = scheduler.max_need()
+        if longest < self.context:
+            log.warning(
+                "model %s: a %d MiB key/value cache holds one request of at most %d tokens (context %d): longer "
+                "requests are refused; raise --kv-cache to serve them",
+                self.name, self.kv_cache_bytes >> 20, longest, self.context,
+            )  # fmt: skip
+        log.info(
+            "model %s: key/value cache at most %d MiB (%d tokens at %d KiB each: e.g. %d requests of %d tokens)",
+            self.name, self.kv_cache_bytes >> 20, kv_tokens, layout.bytes_per_token >> 10,
+            max(1, min(self.max_batch, kv_tokens // max(1, min(longest, 2048)))), min(longest, 2048),
+        )  # fmt: skip
+        return scheduler
+
     def close(self) -> None:
+        if self._preparer is not None:
+            self._preparer.shutdown(wait=False, cancel_futures=True)
         self._session = None
-        self._cache = None
+        self._runner = None
 
     def files(self) -> tuple[str, Path] | None:
         return None if self.model_dir is None else ("onnx-chat", self.model_dir)
 
     def describe(self) -> dict[str, Any]:
-        return super().describe() | {"precision": self.precision, "engine": "onnxruntime-genai build, continuous"}
+        out = super().describe() | {"precision": self.precision, "engine": "onnxruntime-genai build, continuous"}
+        if self._runner is not None:
+            out |= {"kv_cache_mib": self.kv_cache_bytes >> 20, "kv_cache_held_mib": self._runner.bytes_held >> 20}
+        return out
 
     # ------------------------------------------------------------ serving
 
@@ -204,56 +249,95 @@ class OnnxChat(Backend):
         self.serve(_ListSource(batch))
 
     def serve(self, source: JobSource) -> None:
-        if self._session is None:
+        scheduler, runner = self._scheduler, self._runner
+        if scheduler is None or runner is None or self._session is None:
             for job in source.take(1 << 30, 0):
                 job.fail(ErrorCode.UNAVAILABLE, f"model {self.name} is not loaded")
             return
+        held: dict[int, _Request] = {}  # id(SchedSeq) -> request
         try:
             while True:
-                busy = bool(self._rows or self._waiting)
-                free = self.max_batch - len(self._rows) - len(self._waiting)
-                for job in source.take(free, 0.0 if busy else _IDLE_WAIT):
-                    self._admit(job)
-                if self._rows or self._waiting:
-                    self._step()
-                    self._worked = True
-                elif source.stopping:
-                    return
+                self._take_prepared(held)
+                if scheduler.has_work():
+                    wait = 0.0
+                elif scheduler.busy():
+                    wait = _PREPARE_WAIT
                 else:
+                    wait = _IDLE_WAIT
+                for job in source.take(scheduler.room(), wait):
+                    self._admit(job, held)
+                self._drop_unwanted(held)
+                plan = scheduler.schedule()
+                if plan is not None:
+                    self._step(plan, held)
+                    self._worked = True
+                elif not scheduler.busy():
+                    if source.stopping:
+                        return
                     self._idle()
         except Exception as exc:
-            # An engine failure (not a bad request: those are answered at admission) ends every request it
-            # holds as INTERNAL (the entry node retries them elsewhere); the lane starts the engine again.
+            # A failure of the engine itself (not of one request: those fail alone) ends what it holds as INTERNAL
+            # (entry nodes retry them elsewhere); the executor's lane starts the engine again.
             why = f"model {self.name} failed: {type(exc).__name__}: {exc}"
-            for seq in self._rows + self._waiting:
-                seq.job.fail(ErrorCode.INTERNAL, why)
-            self._rows, self._waiting, self._cache = [], [], None
+            for request in held.values():
+                request.job.fail(ErrorCode.INTERNAL, why)
+            self._scheduler = self._new_scheduler(runner.layout)
+            runner.release()
             raise
 
     def _idle(self) -> None:
-        if self._cache is not None and self._cache.high_water > _RELEASE_AFTER:
-            self._cache = None  # hand the memory of long requests back while nothing runs
+        assert self._scheduler is not None and self._runner is not None
+        if self._scheduler.idle() and self._runner.rows:
+            self._runner.release()  # nothing runs: the cache's memory goes back
         if self._worked:
             self._worked = False
             release_free_memory()  # once per idle spell: what the steps freed goes back to the system
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, job: Job, held: dict[int, _Request]) -> None:
+        assert self._scheduler is not None and self._preparer is not None
         if job.done:
             return
         if job.expired():
             job.fail(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the model could start")
             return
-        try:
-            seq = self._prepare(job)
-        except ValueError as exc:
-            job.fail(ErrorCode.BAD_REQUEST, str(exc))
-            return
-        if seq.text.budget <= 0:  # a failed-over stream that had already used its whole max_tokens
-            seq.text.finish("length", self.name)
-            return
-        self._waiting.append(seq)
+        request = _Request(job, SchedSeq(owner=job, need=0))
+        self._scheduler.add(request.sched)
+        held[id(request.sched)] = request
+        request.preparing = self._preparer.submit(self._prepare, job)
 
-    def _prepare(self, job: Job) -> _Seq:
+    def _take_prepared(self, held: dict[int, _Request]) -> None:
+        """Requests whose preparation finished: ready to be scheduled, or failed alone."""
+        scheduler = self._scheduler
+        assert scheduler is not None
+        for seq in list(scheduler.preparing):
+            request = held[id(seq)]
+            future = request.preparing
+            if future is None or not future.done():
+                continue
+            request.preparing = None
+            try:
+                prepared = future.result()
+            except ValueError as exc:
+                self._fail_alone(request, ErrorCode.BAD_REQUEST, str(exc), held, log_it=False)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a request that breaks fails alone
+                self._fail_alone(request, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", held)
+                continue
+            request.text, request.rng = prepared.text, prepared.rng
+            request.heal_ids, request.matcher = prepared.heal_ids, prepared.matcher
+            if prepared.text.budget <= 0:  # a failed-over stream that had already used its whole max_tokens
+                prepared.text.finish("length", self.name)
+                self._end(request, SeqState.FINISHED, held)
+                continue
+            try:
+                scheduler.prepared(seq, prepared.tokens, prepared.need)
+            except ValueError as exc:
+                held.pop(id(seq), None)
+                request.job.fail(ErrorCode.BAD_REQUEST, str(exc))
+
+    def _prepare(self, job: Job) -> _Prepared:
+        """Template, tokens, budget and grammar of one request; runs on the preparation thread, so a long prompt or
+        a large grammar never stalls the requests being decoded. ValueError: the request is at fault."""
         import numpy as np
 
         req = job.request
@@ -287,7 +371,8 @@ class OnnxChat(Backend):
         rng = None
         if not sampling.greedy:
             rng = np.random.default_rng(sampling.seed % (2**63) if sampling.seed is not None else None)
-        return _Seq(text, context, rng=rng, heal_ids=heal[1] if heal else None, matcher=matcher)
+        need = len(context) + max(budget.new_tokens, 0)
+        return _Prepared(context, text, need, rng, heal[1] if heal else None, matcher)
 
     def _chat_ids(self, messages: Any, tools: list[dict[str, Any]] | None = None) -> list[int]:
         clean: list[dict[str, Any]] = chat_messages(messages)
@@ -311,126 +396,122 @@ class OnnxChat(Backend):
         return str(self._tokenizer.decode(ids, skip_special_tokens=True))
 
     def _vocab_text(self) -> list[str]:
-        """Each token's text on its own; built on the first taken-over stream."""
+        """Each token's text on its own; built on the first taken-over stream (on the preparation thread)."""
         if self._vocab is None:
             self._vocab = [str(t) for t in self._tokenizer.decode_batch([[i] for i in range(self._vocab_size)])]
         return self._vocab
 
+    # ------------------------------------------------------------ ending requests
+
+    def _end(self, request: _Request, state: SeqState, held: dict[int, _Request]) -> None:
+        assert self._scheduler is not None
+        self._scheduler.end(request.sched, state)
+        held.pop(id(request.sched), None)
+        if request.preparing is not None:
+            request.preparing.cancel()
+
+    def _fail_alone(
+        self, request: _Request, code: ErrorCode, why: str, held: dict[int, _Request], *, log_it: bool = True
+    ) -> None:
+        if log_it:
+            self.failed_alone += 1
+            log.warning("model %s: request %s failed alone: %s", self.name, request.job.request.id, why)
+        request.job.fail(code, why)
+        self._end(request, SeqState.FAILED, held)
+
+    def _drop_unwanted(self, held: dict[int, _Request]) -> None:
+        """Between steps: answered (cancelled) and expired requests leave, freeing their slots."""
+        for request in list(held.values()):
+            job = request.job
+            if not job.done and job.expired():
+                done = request.text.generated if request.text is not None else 0
+                job.fail(ErrorCode.DEADLINE_EXCEEDED, f"deadline passed after {done} tokens")
+            if job.done:
+                self._end(request, SeqState.ABORTED, held)
+
     # ------------------------------------------------------------ one step
 
-    def _kv(self) -> KVCache:
-        if self._cache is None:
-            heads, length, size = self._kv_shape
-            self._cache = KVCache(self._session, self._names, self.max_batch, heads, size, self._dtype, length)
-        return self._cache
+    def _step(self, plan: StepPlan, held: dict[int, _Request]) -> None:
+        runner = self._runner
+        assert runner is not None and self.context is not None
+        for src, dst, tokens in plan.moves:
+            runner.move(src, dst, tokens)
+        runner.resize(plan.rows, plan.length)
+        if plan.prefill is not None:
+            self._prefill(plan.prefill, plan.chunk, held)
+        if plan.decode:
+            self._decode_step(plan.decode, held)
 
-    def _step(self) -> None:
-        self._drop_unwanted()
-        if self._waiting:
-            self._prefill(self._waiting[0])
-        if self._rows:
-            self._decode_step()
-
-    def _drop_unwanted(self) -> None:
-        """Between steps: answered (cancelled) and expired requests leave, freeing their slots."""
-        gone = []
-        for seq in self._rows + self._waiting:
-            if not seq.job.done and seq.job.expired():
-                seq.job.fail(ErrorCode.DEADLINE_EXCEEDED, f"deadline passed after {seq.text.generated} tokens")
-            if seq.job.done:
-                gone.append(seq)
-        if gone:
-            self._waiting = [s for s in self._waiting if s not in gone]
-            self._remove([s for s in gone if s.slot >= 0 and s not in self._waiting])
-
-    def _prefill(self, seq: _Seq) -> None:
-        import numpy as np
-
-        kv = self._kv()
-        if seq.slot < 0:
-            seq.slot = len(self._rows)
-        chunk = seq.pending[: self.prefill_chunk]
-        ids = np.asarray(chunk, dtype=np.int64)[None, :]
-        total = seq.cached + len(chunk)
-        kv.ensure(total)
-        mask = np.ones((1, total), dtype=np.int64)
-        positions = np.arange(seq.cached, total, dtype=np.int64)[None, :]
-        logits = self._run(kv.binding(seq.slot, 1), ids, mask, positions)
-        seq.cached = total
-        seq.pending = seq.pending[len(chunk) :]
-        if seq.pending:
+    def _prefill(self, seq: SchedSeq, chunk: list[int], held: dict[int, _Request]) -> None:
+        runner, scheduler = self._runner, self._scheduler
+        assert runner is not None and scheduler is not None
+        request = held[id(seq)]
+        try:
+            logits = runner.prefill(seq.slot, chunk, seq.cached)
+        except Exception as exc:  # noqa: BLE001 - only this request was in the step
+            self._fail_alone(request, ErrorCode.INTERNAL, f"reading the prompt failed: {type(exc).__name__}: {exc}",
+                             held)  # fmt: skip
+            return
+        if not scheduler.prefilled(seq, len(chunk)):
             return  # more of the prompt next step; running requests advance meanwhile
-        self._waiting.pop(0)
-        token = self._pick_one(seq, logits[0, -1])
-        if self._advance(seq, token):
-            seq.next_token = token
-            self._rows.append(seq)
-        else:
-            seq.slot = -1
+        token = self._choose([request], logits[None, :], held)[0]
+        if token is None:
+            return
+        if self._advance(request, token, held):
+            request.next_token = token
+            scheduler.start(seq)
 
-    def _decode_step(self) -> None:
-        import numpy as np
-
-        rows = self._rows
-        kv = self._kv()
-        n = len(rows)
-        ids = np.fromiter((s.next_token for s in rows), dtype=np.int64, count=n)[:, None]
-        lengths = np.fromiter((s.cached for s in rows), dtype=np.int64, count=n)
-        width = int(lengths.max()) + 1
-        kv.ensure(width)
-        mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
-        logits = self._run(kv.binding(0, n), ids, mask, lengths[:, None])[:, -1]
-        tokens = self._pick(rows, logits)
+    def _decode_step(self, rows: list[SchedSeq], held: dict[int, _Request]) -> None:
+        runner, scheduler = self._runner, self._scheduler
+        assert runner is not None and scheduler is not None and self.context is not None
+        requests = [held[id(seq)] for seq in rows]
+        try:
+            logits = runner.decode([r.next_token for r in requests], [seq.cached for seq in rows])
+        except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
+            why = f"a decode step failed: {type(exc).__name__}: {exc}"
+            for request in requests:
+                self._fail_alone(request, ErrorCode.INTERNAL, why, held)
+            return
+        tokens = self._choose(requests, logits, held)
         self.steps += 1
-        self.row_steps += n
-        done = []
-        for seq, token in zip(rows, tokens, strict=True):
-            seq.cached += 1
-            if self._advance(seq, token) and seq.cached < self._kv_shape[1]:
-                seq.next_token = token
-            else:
-                if not seq.job.done:  # the context is full: the answer ends here
-                    seq.text.finish("length", self.name)
-                done.append(seq)
-        if done:
-            self._remove(done)
+        self.row_steps += len(rows)
+        for request, token in zip(requests, tokens, strict=True):
+            if token is None:
+                continue  # failed alone while its token was chosen
+            scheduler.decoded(request.sched)
+            if not self._advance(request, token, held):
+                continue
+            if request.sched.cached >= self.context:  # the context is full: the answer ends here
+                assert request.text is not None
+                request.text.finish("length", self.name)
+                self._end(request, SeqState.FINISHED, held)
+                continue
+            request.next_token = token
 
-    def _advance(self, seq: _Seq, token: int) -> bool:
-        """Take one chosen token; False when the request is finished (and answered)."""
-        if not seq.text.advance(token, self._eos, self.name):
-            return False
-        if seq.matcher is not None and seq.matcher.finished:  # the grammar is complete: nothing may follow
-            seq.text.end(self.name)
+    def _choose(self, requests: list[_Request], logits: np.ndarray, held: dict[int, _Request]) -> list[int | None]:
+        """Each request's next token; one whose grammar or sampling breaks fails alone (None)."""
+        chosen, errors = pick_tokens(requests, logits)
+        for i, error in errors.items():
+            self._fail_alone(requests[i], ErrorCode.INTERNAL, error, held)
+        return chosen
+
+    def _advance(self, request: _Request, token: int, held: dict[int, _Request]) -> bool:
+        """Take one chosen token; False when the request has ended (answered, or failed alone)."""
+        assert request.text is not None
+        try:
+            if not request.text.advance(token, self._eos, self.name):
+                self._end(request, SeqState.FINISHED, held)
+                return False
+            if request.matcher is not None and request.matcher.finished:  # nothing may follow: the answer is done
+                request.text.end(self.name)
+                self._end(request, SeqState.FINISHED, held)
+                return False
+        except Exception as exc:  # noqa: BLE001 - one request's text failing must not end the others
+            self._fail_alone(request, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", held)
             return False
         return True
 
-    def _remove(self, gone: list[_Seq]) -> None:
-        """Free the slots of finished requests, moving the last running ones into the holes."""
-        kv = self._kv()
-        for seq in sorted((s for s in gone if s in self._rows), key=lambda s: s.slot, reverse=True):
-            last = self._rows.pop()
-            if last is not seq:
-                kv.move(last.slot, seq.slot, last.cached)
-                last.slot = seq.slot
-                self._rows[seq.slot] = last
-            seq.slot = -1
-        if self._waiting and self._waiting[0].slot > len(self._rows):  # a prompt half read keeps its tokens
-            head = self._waiting[0]
-            kv.move(head.slot, len(self._rows), head.cached)
-            head.slot = len(self._rows)
-
-    def _run(self, binding: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        import numpy as np
-
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
-        if self._positions:
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        shape = [ids.shape[0], ids.shape[1], self._vocab_size]
-        logits = np.empty(shape, dtype=np.float32 if self._dtype == np.float32 else np.float16)
-        binding.bind_output("logits", "cpu", 0, logits.dtype, shape, logits.ctypes.data)
-        self._session.run_with_iobinding(binding)
-        return logits
+    # ------------------------------------------------------------ quality checks
 
     def perplexity(self, text: str) -> tuple[float, int]:
         """exp(mean negative log-likelihood) of `text`'s tokens after its first, and how many were scored.
@@ -438,80 +519,12 @@ class OnnxChat(Backend):
         For quality checks of a build (int4 against fp32); it uses a cache of its own, so call it while the
         engine is not serving.
         """
-        import numpy as np
-
+        if self._runner is None:
+            raise RuntimeError(f"model {self.name} is not loaded")
         ids = self._encode(text, special=True)
         if len(ids) < 2:
             raise ValueError("need at least two tokens to score")
-        heads, length, size = self._kv_shape
-        kv = KVCache(self._session, self._names, 1, heads, size, self._dtype, length)
-        kv.ensure(len(ids))
-        nll, done = 0.0, 0
-        while done < len(ids) - 1:
-            chunk = ids[done : done + self.prefill_chunk]
-            total = done + len(chunk)
-            logits = self._run(
-                kv.binding(0, 1),
-                np.asarray(chunk, dtype=np.int64)[None, :],
-                np.ones((1, total), dtype=np.int64),
-                np.arange(done, total, dtype=np.int64)[None, :],
-            )[0].astype(np.float64)
-            targets = ids[done + 1 : total + 1]
-            scores = logits[: len(targets)]
-            top = scores.max(axis=-1, keepdims=True)
-            log_z = top[:, 0] + np.log(np.exp(scores - top).sum(axis=-1))
-            nll += float((log_z - scores[np.arange(len(targets)), targets]).sum())
-            done = total
-        return float(np.exp(nll / (len(ids) - 1))), len(ids) - 1
-
-    # ------------------------------------------------------------ choosing tokens
-
-    def _pick(self, rows: list[_Seq], logits: np.ndarray) -> list[int]:
-        greedy = logits.argmax(axis=-1)
-        return [
-            int(greedy[i])
-            if seq.rng is None and seq.heal_ids is None and seq.matcher is None
-            else self._pick_one(seq, logits[i])
-            for i, seq in enumerate(rows)
-        ]
-
-    @staticmethod
-    def _pick_one(seq: _Seq, scores: np.ndarray) -> int:
-        """The next token of one request: argmax when greedy, else seeded sampling with top-k/top-p; only
-        tokens its grammar allows, and after a healed prefix only tokens that re-produce its end."""
-        import numpy as np
-
-        scores = scores.astype(np.float64)
-        if seq.heal_ids is not None:  # the first token after a healed prefix: only those that fit
-            allowed = np.full_like(scores, -np.inf)
-            allowed[seq.heal_ids] = scores[seq.heal_ids]
-            scores, seq.heal_ids = allowed, None
-        if seq.matcher is not None:
-            scores[~seq.matcher.allowed()[: len(scores)]] = -np.inf
-            token = OnnxChat._choose(seq, scores)
-            seq.matcher.consume([token])
-            return token
-        return OnnxChat._choose(seq, scores)
-
-    @staticmethod
-    def _choose(seq: _Seq, scores: np.ndarray) -> int:
-        import numpy as np
-
-        if seq.rng is None:
-            return int(scores.argmax())
-        s = seq.text.sampling
-        order = np.argsort(-scores, kind="stable")
-        if s.top_k:
-            order = order[: s.top_k]
-        top = scores[order] / s.temperature
-        probs = np.exp(top - top[0])
-        probs /= probs.sum()
-        if s.top_p < 1:
-            # keep the smallest head of the distribution whose mass reaches top_p
-            keep = int((np.cumsum(probs) - probs < s.top_p).sum())
-            probs = probs[: max(1, keep)]
-            probs /= probs.sum()
-        return int(order[seq.rng.choice(len(probs), p=probs)])
+        return self._runner.perplexity(ids, self.prefill_chunk)
 
 
 class _ListSource:

@@ -17,6 +17,7 @@ from protocol import ErrorCode, Task
 
 from ..cache import cache_entry, cache_ready, discard_cache, publish_cache
 from .base import Backend, Job, ProgressFn
+from .child import ChildError, emit, run_child
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,7 +90,7 @@ class OnnxEmbedder(Backend):
                 self.loaded_from = "cache"
             else:
                 report(f"{self.name}: exporting to ONNX (first start only)", 0.1)
-                publish_cache(entry, lambda tmp: self._export(tmp, report))
+                publish_cache(entry, lambda tmp: self._export_in_child(tmp, report))
                 self.loaded_from = "export"
             onnx_file = entry / _MODEL_FILE
         else:
@@ -157,8 +158,19 @@ class OnnxEmbedder(Backend):
         if on_gpu:
             self.labels["accelerator"] = "cuda"
 
+    def _export_in_child(self, out: Path, report: ProgressFn) -> dict[str, Any]:
+        """The export runs in a child process: torch is needed once, and the serving node never holds it."""
+        args = ["--name", self.name, "--source", str(self.path), "--out", str(out)]
+        if self.max_length:
+            args += ["--max-length", str(self.max_length)]
+        try:
+            done = run_child(__name__, args, lambda stage, fraction: report(stage, 0.1 + 0.75 * fraction))
+        except ChildError as exc:
+            raise RuntimeError(f"model {self.name}: the ONNX export failed: {exc}") from None
+        return dict(done.get("exported") or {})
+
     def _export(self, out: Path, report: ProgressFn) -> dict[str, Any]:
-        """Export the HF encoder to `out/model.onnx` (+ tokenizer), then check it against torch."""
+        """Export the HF encoder to `out/model.onnx` (+ tokenizer), then check it against torch (in the child)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
@@ -354,3 +366,29 @@ def _encoder(model: Any, with_types: bool) -> Any:
             return self.model(**kwargs).last_hidden_state
 
     return Encoder().eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The export's child process (`python -m nodes.models.backends.onnx_embed`; internal)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export an HF encoder to ONNX for lanmesh (internal).")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--source", required=True, help="an HF encoder folder")
+    parser.add_argument("--out", required=True, help="the folder to write model.onnx and the tokenizer into")
+    parser.add_argument("--max-length", type=int, default=None)
+    args = parser.parse_args(argv)
+    embedder = OnnxEmbedder(args.name, args.source, max_length=args.max_length)
+    try:
+        facts = embedder._export(Path(args.out), lambda stage, fraction: emit(stage=stage, fraction=fraction))
+    except (RuntimeError, ValueError, OSError, ImportError) as exc:
+        emit(error=f"{type(exc).__name__}: {exc}")
+        return 1
+    emit(stage="exported", fraction=1.0, exported=facts)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

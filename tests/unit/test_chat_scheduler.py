@@ -1,0 +1,247 @@
+"""The chat engine's scheduler as a specification, driven with a fake runner that keeps each slot's tokens: slots,
+the key/value cache's cap, request states, and that moving requests between slots never loses what they hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nodes.models.backends.chat_scheduler import ChatScheduler, IllegalMove, SchedSeq, SeqState, StepPlan
+
+
+@dataclass
+class FakeRunner:
+    """What the real runner holds, as tokens: slot -> the tokens in its cache, within the planned shape."""
+
+    rows: int = 0
+    length: int = 0
+    slots: dict[int, list[int]] = field(default_factory=dict)
+    peak_cells: int = 0
+
+    def run(self, plan: StepPlan, next_tokens: dict[int, int]) -> None:
+        for src, dst, tokens in plan.moves:
+            self.slots[dst] = list(self.slots.get(src, [])[:tokens])
+        self.rows, self.length = plan.rows, plan.length
+        self.slots = {s: t[: self.length] for s, t in self.slots.items() if s < self.rows}
+        self.peak_cells = max(self.peak_cells, self.rows * self.length)
+        if plan.prefill is not None:
+            seq = plan.prefill
+            assert seq.slot < self.rows and seq.cached + len(plan.chunk) <= self.length
+            self.slots[seq.slot] = self.slots.get(seq.slot, [])[: seq.cached] + list(plan.chunk)
+        for i, seq in enumerate(plan.decode):
+            assert seq.slot == i, "running requests sit in slots 0..n-1"
+            assert seq.cached < self.length
+            self.slots[i] = self.slots[i][: seq.cached] + [next_tokens[id(seq)]]
+
+
+class Engine:
+    """The engine's side of the loop, minus the model: each request writes its own number as its tokens."""
+
+    def __init__(self, scheduler: ChatScheduler) -> None:
+        self.s = scheduler
+        self.runner = FakeRunner()
+        self.expected: dict[int, list[int]] = {}  # id(seq) -> what its cache must hold
+        self.left: dict[int, int] = {}  # tokens each may still write
+
+    def add(self, seq: SchedSeq, prompt: list[int], new_tokens: int) -> None:
+        self.s.add(seq)
+        self.s.prepared(seq, prompt, len(prompt) + new_tokens)
+        self.expected[id(seq)] = []
+        self.left[id(seq)] = new_tokens
+
+    def step(self) -> StepPlan | None:
+        plan = self.s.schedule()
+        if plan is None:
+            return None
+        tokens = {id(seq): 1000 + len(self.expected[id(seq)]) for seq in plan.decode}
+        self.runner.run(plan, tokens)
+        # What each request of the step finds in its slot is its own past: moves and resizes lost nothing.
+        for seq in plan.decode:
+            assert self.runner.slots[seq.slot][: seq.cached + 1] == self.expected[id(seq)] + [tokens[id(seq)]]
+        if plan.prefill is not None:
+            seq = plan.prefill
+            assert self.runner.slots[seq.slot] == self.expected[id(seq)] + plan.chunk
+        assert self.runner.rows * self.runner.length <= self.s.kv_tokens, "the cache passed its cap"
+        if plan.prefill is not None:
+            seq = plan.prefill
+            self.expected[id(seq)] += plan.chunk
+            if self.s.prefilled(seq, len(plan.chunk)):
+                self.s.start(seq)
+        for seq in plan.decode:
+            self.expected[id(seq)].append(tokens[id(seq)])
+            self.s.decoded(seq)
+            self.left[id(seq)] -= 1
+            if self.left[id(seq)] <= 0:
+                self.s.end(seq, SeqState.FINISHED)
+        return plan
+
+    def check(self) -> None:
+        assert self.runner.peak_cells <= self.s.kv_tokens, "the cache passed its cap"
+        assert [x.slot for x in self.s.running] == list(range(len(self.s.running)))
+
+
+def seq(name: str = "") -> SchedSeq:
+    return SchedSeq(owner=name, need=0)
+
+
+def test_a_preparing_request_takes_no_slot_and_does_not_hold_up_the_others() -> None:
+    s = ChatScheduler(slots=2, kv_tokens=4096, context=512)
+    engine = Engine(s)
+    slow = seq("grammar still compiling")
+    s.add(slow)
+    ready = seq("ready")
+    engine.add(ready, [1, 2, 3], new_tokens=4)
+    plan = engine.step()
+    assert plan is not None and plan.prefill is ready and slow.state is SeqState.PREPARING
+    assert slow.slot == -1 and s.room() == 0  # both slots are spoken for, one by the preparing request
+
+
+def test_the_prompt_is_read_in_chunks_within_the_step_token_budget_while_others_decode() -> None:
+    s = ChatScheduler(slots=4, kv_tokens=1 << 16, context=4096, prefill_chunk=128, step_tokens=100)
+    engine = Engine(s)
+    first = seq()
+    engine.add(first, [7] * 10, new_tokens=50)
+    while first.state is not SeqState.RUNNING:
+        engine.step()
+    long = seq()
+    engine.add(long, list(range(300)), new_tokens=5)
+    chunks = []
+    while long.state is SeqState.WAITING or long.state is SeqState.PREFILLING:
+        plan = engine.step()
+        assert plan is not None
+        if plan.prefill is long:
+            chunks.append(len(plan.chunk))
+            assert first in plan.decode, "the running request advanced in the same step"
+    assert chunks == [99, 99, 99, 3]  # 100 tokens a step: one decodes, 99 are read
+    engine.check()
+
+
+def test_a_request_that_leaves_frees_its_slot_and_the_last_one_moves_into_the_hole() -> None:
+    s = ChatScheduler(slots=3, kv_tokens=1 << 16, context=2048)
+    engine = Engine(s)
+    a, b, c = seq("a"), seq("b"), seq("c")
+    for x in (a, b, c):
+        engine.add(x, [1, 2], new_tokens=100)
+    while len(s.running) < 3:
+        engine.step()
+    engine.step()
+    s.end(a, SeqState.ABORTED)  # cancelled between steps
+    assert a.slot == -1 and [x.slot for x in s.running] == [0, 1] and c.slot == 0
+    late = seq("late")
+    engine.add(late, [5], new_tokens=3)
+    holds = c.cached
+    plan = engine.step()
+    assert plan is not None and plan.moves == [(2, 0, holds)]  # c's whole cache, copied before the step
+    assert plan.prefill is late and late.slot == 2  # the freed slot serves the newcomer at once
+    engine.check()
+
+
+def test_no_request_starts_unless_every_started_one_can_grow_to_its_full_need() -> None:
+    # Rows come in powers of two: 4 rows x 512 tokens = 2048 token slots hold four requests that may reach 400
+    # tokens each; a fifth would need 8 rows, so it waits.
+    s = ChatScheduler(slots=8, kv_tokens=2048, context=1024)
+    engine = Engine(s)
+    big = [seq(f"r{i}") for i in range(5)]
+    for x in big:
+        engine.add(x, [1] * 100, new_tokens=300)
+    for _ in range(20):
+        engine.step()
+        engine.check()
+    started = [x for x in big if x.state is not SeqState.WAITING]
+    assert len(started) == 4 and big[4].state is SeqState.WAITING
+    finished_before_start = -1
+    while big[4].state is SeqState.WAITING:
+        finished_before_start = sum(x.state is SeqState.FINISHED for x in started)
+        assert engine.step() is not None
+        engine.check()
+    assert finished_before_start == 1, "it started in the step after the first of the others ended, not before"
+
+
+def test_a_request_that_can_never_fit_is_refused_with_what_to_do() -> None:
+    s = ChatScheduler(slots=4, kv_tokens=1024, context=8192)
+    assert s.max_need() == 1024
+    x = seq()
+    s.add(x)
+    with pytest.raises(ValueError, match=r"holds at most 1024 .* --kv-cache"):
+        s.prepared(x, [1] * 1000, need=1500)
+    assert x.state is SeqState.FAILED and not s.busy()
+
+
+def test_a_cache_too_small_for_one_short_request_is_an_error() -> None:
+    with pytest.raises(ValueError, match="cannot hold even one short request"):
+        ChatScheduler(slots=16, kv_tokens=100, context=2048)
+
+
+def test_arrays_left_large_by_a_long_request_shrink_before_many_short_ones_start() -> None:
+    s = ChatScheduler(slots=16, kv_tokens=4 * 4096, context=4096)
+    engine = Engine(s)
+    long = seq("long")
+    engine.add(long, [1] * 3000, new_tokens=1000)
+    while long.state is not SeqState.FINISHED:
+        engine.step()
+    shorts = [seq(f"s{i}") for i in range(8)]
+    for x in shorts:
+        engine.add(x, [2] * 50, new_tokens=100)
+    for _ in range(40):
+        engine.step()
+        engine.check()  # 8 rows x 4096 would pass the cap: the arrays shrank first
+    assert sum(x.state is not SeqState.WAITING for x in shorts) == 8
+
+
+def test_state_changes_are_checked() -> None:
+    x = seq()
+    with pytest.raises(IllegalMove):
+        x.move(SeqState.RUNNING)  # a request is prepared and read before it decodes
+    x.move(SeqState.ABORTED)
+    with pytest.raises(IllegalMove):
+        x.move(SeqState.WAITING)  # an ended request stays ended
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.integers(1, 300), st.integers(1, 80)),
+            st.tuples(st.just("step"), st.integers(1, 6), st.just(0)),
+            st.tuples(st.just("cancel"), st.integers(0, 30), st.just(0)),
+        ),
+        max_size=60,
+    ),
+    st.sampled_from([(4, 1 << 16, 1024), (3, 3 * 512, 512), (8, 4 * 1024, 2048), (2, 2 * 256, 256)]),
+)
+def test_whatever_arrives_and_leaves_every_request_keeps_its_cache_and_the_cap_holds(
+    events: list[tuple[str, int, int]], shape: tuple[int, int, int]
+) -> None:
+    slots, kv_tokens, context = shape
+    s = ChatScheduler(slots, kv_tokens, context, prefill_chunk=64)
+    engine = Engine(s)
+    held: list[SchedSeq] = []
+    for kind, a, b in events:
+        if kind == "add" and s.room() > 0:
+            x = seq()
+            s.add(x)
+            prompt, new = [a % 97] * min(a, context // 2), b
+            if len(prompt) + new <= s.max_need():
+                s.prepared(x, prompt, len(prompt) + new)
+                engine.expected[id(x)], engine.left[id(x)] = [], new
+                held.append(x)
+            else:
+                s.end(x, SeqState.ABORTED)
+        elif kind == "step":
+            for _ in range(a):
+                engine.step()
+                engine.check()
+        elif kind == "cancel" and held:
+            victim = held[a % len(held)]
+            s.end(victim, SeqState.ABORTED)
+        held = [x for x in held if not x.ended]
+        assert [x.slot for x in s.running] == list(range(len(s.running)))
+        assert s.room() >= 0
+    for _ in range(2000):  # everything left runs to its end
+        if engine.step() is None and not s.waiting:
+            break
+        engine.check()
+    assert not s.has_work()
