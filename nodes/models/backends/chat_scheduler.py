@@ -14,9 +14,10 @@ Rules:
 - Each step decodes every running request by one token and reads at most one chunk of one prompt; the chunk is what
   is left of the step's token budget, at most `prefill_chunk`.
 - Memory is reserved, never hoped for: the key/value arrays are `rows x length` token slots (rows a power of two,
-  length a multiple of LENGTH_STEP, capped by the slots and the context) and grow as the requests do. A request starts only when the
-  arrays that every started request may grow to (their full `need`: prompt, prefix and every token they may write)
-  fit `kv_tokens` (shrinking first what long requests that left made large); so a running request can always grow,
+  length a multiple of LENGTH_STEP, capped by the slots and the context) and grow as the requests do. A request
+  starts only when the arrays that every started request may grow to (their full `need`: prompt, prefix and every
+  token they may write) fit `kv_tokens` (shrinking first what long requests that left made large); so a running
+  request can always grow,
   and the arrays never pass the cap. A request whose own need cannot fit is refused when it arrives.
 - A request that ends (finished, cancelled, expired, failed) leaves between steps and frees its slot at once.
 """
