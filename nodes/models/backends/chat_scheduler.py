@@ -17,8 +17,8 @@ Rules:
   length a multiple of LENGTH_STEP, capped by the slots and the context) and grow as the requests do. A request
   starts only when the arrays that every started request may grow to (their full `need`: prompt, prefix and every
   token they may write) fit `kv_tokens` (shrinking first what long requests that left made large); so a running
-  request can always grow,
-  and the arrays never pass the cap. A request whose own need cannot fit is refused when it arrives.
+  request can always grow, and the arrays never pass the cap. A request whose own need cannot fit is refused when it
+  arrives.
 - A request that ends (finished, cancelled, expired, failed) leaves between steps and frees its slot at once.
 """
 
