@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from .structured_output import AnswerShape, FunctionTool, assistant_text
+from .structured_output import ANY_OBJECT, AnswerShape, FunctionTool, assistant_text
 
 # What a completions request without a prompt continues: OpenAI's default, the end-of-document marker, so the
 # model starts a new document (tokenizers that know the marker read it as their special token).
@@ -336,7 +336,7 @@ class ChatCompletionRequest(_Sampling):
         json_schema = None
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_object":
-            json_schema = {"type": "object"}
+            json_schema = ANY_OBJECT
         elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
             json_schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {}
         if self.legacy_functions:
