@@ -179,7 +179,8 @@ async def stream_response(
     try:
         stream, first, lease = await api.open_stream(caller, model, task, payload, params, timeout)
     except BadRequest as exc:
-        raise api_error(exc, guidance_param(shape) if shape is not None else None) from None
+        prompt = "messages" if shaper.kind == "chat" else "prompt"
+        raise api_error(exc, guidance_param(shape) if shape is not None else None, prompt) from None
     kind = shaper.kind
     ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     base: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}

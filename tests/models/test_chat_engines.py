@@ -238,10 +238,12 @@ def test_prompt_beyond_the_context_is_a_bad_request(backend: Backend) -> None:
             complete("hello", max_tokens=4),
         ],
     )
+    # OpenAI's words for it, which clients recognise (litellm's ContextWindowExceededError)
     assert too_long.code is ErrorCode.BAD_REQUEST
-    assert "tokens; model context is 96" in too_long.message
+    assert too_long.message.startswith("This model's maximum context length is 96 tokens. However, your messages")
     assert too_much.code is ErrorCode.BAD_REQUEST
-    assert "max_tokens is 96; model context is 96" in too_much.message
+    assert too_much.message.startswith("This model's maximum context length is 96 tokens. However, you requested")
+    assert "in the messages, 96 in the completion" in too_much.message
     assert fits.code is None
 
 
