@@ -56,7 +56,8 @@ def text_of(result: Result, model: str) -> str:
     try:
         return result.text
     except TypeError:
-        raise ApiError(400, f"model {model!r} did not answer with text; is it a chat model?", param="model") from None
+        why = f"model {model!r} did not answer with text; is it a chat model?"
+        raise ApiError(400, why, param="model", code="not_a_chat_model") from None
 
 
 def vectors_of(output: Any, count: int) -> list[list[float]] | None:

@@ -5,8 +5,9 @@ Checked against OpenAI's published spec (openai/openai-openapi; the schemas used
 
 - honoured: model, messages (text; tool calls and results), max_tokens / max_completion_tokens, temperature,
   top_p (0 is greedy), seed, stop, stream, stream_options.include_usage, tools, tool_choice, parallel_tool_calls,
-  response_format, functions / function_call (the deprecated form of tools), completions' prompt, echo and
-  max_tokens 0, embeddings' input, encoding_format and dimensions (when it is the model's own size);
+  response_format, functions / function_call (the deprecated form of tools), completions' prompt (an empty one is
+  the start of a document, as a null one), echo and max_tokens 0, embeddings' input, encoding_format and
+  dimensions (when it is the model's own size; another size is refused as unsupported);
 - set to its default, which is what lanmesh does anyway (n 1, logprobs false, penalties 0, an empty logit_bias,
   modalities ["text"], verbosity medium, reasoning_effort none, store false, best_of 1, no suffix): accepted;
   any other value is refused with a 400 naming the field (`code: unsupported_parameter`);
@@ -76,6 +77,12 @@ def unsupported(param: str, why: str) -> ApiError:
     return ApiError(400, f"{param}: {why} is not supported by lanmesh", param=param, code="unsupported_parameter")
 
 
+def invalid(param: str, message: str) -> ApiError:
+    """A 400 for a value that cannot be served as given (a name that is not there, a missing part): the caller
+    must change it. OpenAI's code for it, `invalid_value`."""
+    return ApiError(400, message, param=param, code="invalid_value")
+
+
 def _refuse_unless_default(body: BaseModel, defaults: dict[str, Callable[[Any], bool]]) -> None:
     for name, is_default in defaults.items():
         value = getattr(body, name)
@@ -130,7 +137,7 @@ class ChatMessage(BaseModel):
             if part.type not in allowed:
                 raise unsupported(f"{where}.content.{j}", f"a {part.type!r} content part (the models here read text)")
             if getattr(part, part.type) is None:
-                raise ApiError(400, f"{where}.content.{j}: a {part.type} part needs {part.type}", param=where)
+                raise invalid(where, f"{where}.content.{j}: a {part.type} part needs {part.type}")
         for j, call in enumerate(self.tool_calls or []):
             if call.type != "function" or call.function is None:
                 raise unsupported(f"{where}.tool_calls.{j}", f"a {call.type!r} tool call")
@@ -320,13 +327,13 @@ class ChatCompletionRequest(_Sampling):
             if tool.type != "function" or tool.function is None:
                 raise unsupported(f"tools.{i}", f"a {tool.type!r} tool (function tools are)")
             if tool.function.name in names:
-                raise ApiError(400, f"tools.{i}: a second function named {tool.function.name!r}", param=f"tools.{i}")
+                raise invalid(f"tools.{i}", f"tools.{i}: a second function named {tool.function.name!r}")
             names.add(tool.function.name)
         self.answer_shape()  # a tool_choice naming no offered function is a 400 here
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
             why = "response_format: json_schema needs json_schema: {name, schema}"
-            raise ApiError(400, why, param="response_format")
+            raise invalid("response_format", why)
 
     def wire_messages(self) -> list[dict[str, str]]:
         return [m.wire() for m in self.messages]
@@ -354,6 +361,8 @@ class ChatCompletionRequest(_Sampling):
             choice = self.tool_choice or ("auto" if functions else "none")
             where, parallel = "tool_choice", self.parallel_tool_calls is not False
         if not functions:
+            if choice not in ("none", "auto"):  # a call is asked for, and there is nothing to call
+                raise invalid(where, f"Invalid value for '{where}': '{where}' is only allowed when tools are given")
             return AnswerShape(json_schema=json_schema)
         if choice == "none":
             return AnswerShape(shown, (), "none", parallel, json_schema)
@@ -365,14 +374,15 @@ class ChatCompletionRequest(_Sampling):
         if choice.type == "function" and choice.function is not None:
             fn = by_name.get(choice.function.name)
             if fn is None:
-                raise ApiError(400, f"{where}: no function {choice.function.name!r} among the tools", param=where)
+                why = f"no function {choice.function.name!r} among the tools"
+                raise invalid(where, f"Invalid value for '{where}': {why}")
             return AnswerShape(shown, (fn,), "required", parallel, json_schema)
         if choice.type == "allowed_tools" and choice.allowed_tools is not None:
             allowed = []
             for i, item in enumerate(choice.allowed_tools.tools):
                 name = (item.get("function") or {}).get("name") if isinstance(item.get("function"), dict) else None
                 if item.get("type") != "function" or name not in by_name:
-                    raise ApiError(400, f"{where}.allowed_tools.tools.{i}: not a function among the tools", param=where)
+                    raise invalid(where, f"Invalid value for '{where}': allowed_tools.tools.{i} is not among the tools")
                 allowed.append(by_name[name])
             calls = "optional" if choice.allowed_tools.mode == "auto" else "required"
             return AnswerShape(shown, tuple(allowed), calls, parallel, json_schema)
@@ -425,7 +435,7 @@ class EmbeddingRequest(BaseModel):
         if any(not isinstance(x, str) for x in self.input):
             raise unsupported("input", "input of token ids (send text)")
         if len(self.input) > 2048:
-            raise ApiError(400, "input: at most 2048 texts per request", param="input")
+            raise invalid("input", "input: at most 2048 texts per request")
         return [x for x in self.input if isinstance(x, str)]
 
 

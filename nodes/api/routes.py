@@ -32,6 +32,7 @@ from .answers import (
     vectors_of,
 )
 from .bodies import (
+    DEFAULT_PROMPT,
     ApiError,
     ChatChoice,
     ChatCompletion,
@@ -47,6 +48,7 @@ from .bodies import (
     ModelCard,
     ModelList,
     Usage,
+    unsupported,
 )
 from .errors import api_error, install_error_handlers
 from .feed import note_model
@@ -151,10 +153,11 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         if body.streams:
             shaper = TextStream(prompts[0] if body.echo else "")
             return await stream_response(
-                api, shaper, caller, body.model, Task.COMPLETE, prompts[0], params, seconds, body
+                api, shaper, caller, body.model, Task.COMPLETE, _model_prompt(prompts[0]), params, seconds, body
             )
         tasks = [
-            asyncio.ensure_future(api.serve(caller, body.model, Task.COMPLETE, p, params, seconds)) for p in prompts
+            asyncio.ensure_future(api.serve(caller, body.model, Task.COMPLETE, _model_prompt(p), params, seconds))
+            for p in prompts
         ]
         try:
             results = await asyncio.gather(*tasks)
@@ -197,7 +200,10 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
                 code="not_an_embedding_model",
             )
         if body.dimensions is not None and body.dimensions != len(vectors[0]):
-            raise ApiError(400, f"model {body.model!r} makes {len(vectors[0])} dimensions", param="dimensions")
+            # Shortening vectors is sound only for models trained for it (OpenAI's text-embedding-3); a model here
+            # answers its own size, or the request is refused.
+            size = f"dimensions={body.dimensions} (model {body.model!r} makes {len(vectors[0])})"
+            raise unsupported("dimensions", size)
         api.metrics.count_tokens(body.model, result.usage)
         _served_headers(response, result)
         data = [
@@ -265,6 +271,11 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)
     return app
+
+
+def _model_prompt(prompt: str) -> str:
+    """What the model continues: an empty prompt is the start of a document, as OpenAI serves it."""
+    return prompt or DEFAULT_PROMPT
 
 
 async def _no_new_tokens(api: MeshApi, body: CompletionRequest, prompts: list[str]) -> Any:

@@ -142,6 +142,36 @@ def test_what_lanmesh_cannot_do_is_a_400_naming_the_field(
 
 
 @pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),  # nothing to call
+        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+        ({"functions": [WEATHER["function"]], "function_call": {"name": "get_time"}}, "function_call"),
+        ({"tools": [WEATHER, WEATHER]}, "tools.1"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ],
+)
+def test_a_value_that_names_nothing_offered_is_invalid_value(
+    echo_node: GatewayNode, change: dict[str, Any], param: str
+) -> None:
+    body = {"model": "echo", "messages": _ask("hi"), **change}
+    with pytest.raises(openai.BadRequestError) as err:
+        echo_node.openai().chat.completions.create(**body)
+    assert (err.value.code, err.value.param) == ("invalid_value", param), err.value.message
+
+
+def test_an_empty_prompt_is_the_start_of_a_document(echo_node: GatewayNode) -> None:
+    client = echo_node.openai()
+    # echo continues with what the model was given: OpenAI's start-of-document marker, as for a null prompt
+    assert client.completions.create(model="echo", prompt="").choices[0].text == "<|endoftext|>"
+    texts = [c.text for c in client.completions.create(model="echo", prompt=["", "a"], echo=True).choices]
+    assert texts == ["<|endoftext|>", "aa"]  # echo shows the prompt as the caller sent it
+    streamed = client.completions.create(model="sleep:200", prompt="", stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "<|endoftext|>"
+
+
+@pytest.mark.parametrize(
     "change",
     [
         {"stream": None},
