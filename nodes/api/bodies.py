@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from .schema_checks import AnswerChecks, SchemaCheck, strict_refusal
 from .structured_output import ANY_OBJECT, AnswerShape, FunctionTool, assistant_text
 
 # What a completions request without a prompt continues: OpenAI's default, the end-of-document marker, so the
@@ -164,7 +165,9 @@ class FunctionSpec(BaseModel):
     name: str = Field(pattern=_TOOL_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema; none means no arguments.")
-    strict: bool | None = Field(default=None, description="Answers always follow the schema here.")
+    strict: bool | None = Field(
+        default=None, description="Refuses schema keywords the grammar cannot enforce (else checked afterwards)."
+    )
 
     def tool(self) -> FunctionTool:
         return FunctionTool(self.name, self.parameters if self.parameters is not None else {"type": "object"})
@@ -208,7 +211,9 @@ class JsonSchemaFormat(BaseModel):
     name: str = Field(max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: bool | None = Field(
+        default=None, description="Refuses schema keywords the grammar cannot enforce (else checked afterwards)."
+    )
 
 
 class ResponseFormat(BaseModel):
@@ -334,6 +339,36 @@ class ChatCompletionRequest(_Sampling):
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
             why = "response_format: json_schema needs json_schema: {name, schema}"
             raise invalid("response_format", why)
+        self._refuse_what_strict_cannot_keep()
+
+    def _refuse_what_strict_cannot_keep(self) -> None:
+        """`strict: true` promises the schema by construction: a keyword the grammar cannot enforce is a 400."""
+        fmt = self.response_format.json_schema if self.response_format is not None else None
+        if fmt is not None and fmt.strict and fmt.schema_ is not None:
+            refused = strict_refusal(fmt.schema_, f"response_format {fmt.name!r}")
+            if refused is not None:
+                raise ApiError(400, refused[0], param="response_format", code=refused[1])
+        specs = [(f"tools.{i}.function", t.function) for i, t in enumerate(self.tools or []) if t.function]
+        specs += [(f"functions.{i}", f) for i, f in enumerate(self.functions or [])]
+        for where, spec in specs:
+            if spec.strict and spec.parameters is not None:
+                refused = strict_refusal(spec.parameters, f"function {spec.name!r}")
+                if refused is not None:
+                    raise ApiError(400, refused[0], param=f"{where}.parameters", code=refused[1])
+
+    def answer_checks(self, shape: AnswerShape) -> AnswerChecks:
+        """What the grammar leaves to check in this request's answers, compiled (a 400 for a schema that cannot
+        be checked)."""
+        try:
+            response = SchemaCheck.of(shape.json_schema) if shape.json_schema is not None else None
+            calls = {fn.name: check for fn in shape.callable if (check := SchemaCheck.of(fn.parameters))}
+        except ValueError as exc:
+            where = "tools" if shape.expects_calls else "response_format"
+            raise invalid(where, f"{where}: {exc}") from None
+        except ImportError:
+            why = "this node cannot check JSON answers: pip install 'lanmesh[http]'"
+            raise ApiError(500, why, "server_error") from None
+        return AnswerChecks(response, calls)
 
     def wire_messages(self) -> list[dict[str, str]]:
         return [m.wire() for m in self.messages]

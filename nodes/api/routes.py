@@ -23,6 +23,7 @@ from .answers import (
     TextStream,
     b64_vector,
     chat_answer,
+    checked_chat,
     finish_reason,
     guidance_param,
     sse,
@@ -30,6 +31,7 @@ from .answers import (
     text_of,
     usage_of,
     vectors_of,
+    whole_as_stream,
 )
 from .bodies import (
     DEFAULT_PROMPT,
@@ -109,22 +111,30 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
     ) -> Any:
         body.check()
         shape = body.answer_shape()
+        checks = body.answer_checks(shape)
         params = {**body.mesh_params(body.max_completion_tokens), **shape.params()}
         messages = body.wire_messages()
         seconds = timeout or DEFAULT_TIMEOUT_S
         caller = _caller(request)
-        if body.streams:
+        if checks.needed:  # the grammar cannot promise all of the schema: answers are checked, then sent
+            result, text = await checked_chat(api, caller, body, shape, checks, messages, params, seconds)
+            if body.streams:
+                chat = ChatStream(shape.expects_calls, body.legacy_functions)
+                return whole_as_stream(chat, result, text, body.model, body.include_usage)
+        elif body.streams:
             chat = ChatStream(shape.expects_calls, body.legacy_functions)
             return await stream_response(
                 api, chat, caller, body.model, Task.CHAT, messages, params, seconds, body, shape
             )
-        try:
-            result = await api.serve(caller, body.model, Task.CHAT, messages, params, seconds)
-        except BadRequest as exc:
-            raise api_error(exc, guidance_param(shape)) from None
-        reader = read_answer(text_of(result, body.model), shape.expects_calls)
+        else:
+            try:
+                result = await api.serve(caller, body.model, Task.CHAT, messages, params, seconds)
+            except BadRequest as exc:
+                raise api_error(exc, guidance_param(shape)) from None
+            text = text_of(result, body.model)
+            api.metrics.count_tokens(body.model, result.usage)
+        reader = read_answer(text, shape.expects_calls)
         message, finish = chat_answer(reader, result.meta, body.legacy_functions)
-        api.metrics.count_tokens(body.model, result.usage)
         _served_headers(response, result)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
