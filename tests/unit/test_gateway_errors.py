@@ -1,6 +1,7 @@
 """How a node's refusal reads through the HTTP gateway: as OpenAI sends the same refusal, so clients raise the
 error type they raise for OpenAI (openai-python's BadRequestError with its code, litellm's
-ContextWindowExceededError, langchain's ContextOverflowError)."""
+ContextWindowExceededError on "This model's maximum context length is", langchain-openai's ContextOverflowError
+on "prompt is too long": openai-python's exception text holds the message, not the code)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def test_a_prompt_over_the_context_is_context_length_exceeded_on_messages() -> N
     error = api_error(BadRequest(_refusal(None))).detail
     assert (error.code, error.param, error.type) == ("context_length_exceeded", "messages", "invalid_request_error")
     assert error.message == (
-        "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens. "
-        "Please reduce the length of the messages."
+        "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens: "
+        "the prompt is too long. Please reduce the length of the messages."
     )
 
 

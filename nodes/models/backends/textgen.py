@@ -194,7 +194,9 @@ class Budget:
 
 
 # How a refusal for a prompt over the context begins: OpenAI's words, which clients recognise (litellm raises its
-# ContextWindowExceededError on them); the gateway answers it as OpenAI's `context_length_exceeded`.
+# ContextWindowExceededError on them, langchain-openai its ContextOverflowError on "prompt is too long", since
+# openai-python's exception text holds the message and not the code); the gateway answers it as OpenAI's
+# `context_length_exceeded`.
 CONTEXT_EXCEEDED = "This model's maximum context length is"
 
 
@@ -204,16 +206,16 @@ def token_budget(sampling: Sampling, n_prompt: int, n_prefix: int, context: int)
     if n_context >= context:
         full = ", which leaves no room for the completion" if n_context == context else ""
         raise ValueError(
-            f"{CONTEXT_EXCEEDED} {context} tokens. However, your messages resulted in {n_context} tokens{full}. "
-            "Please reduce the length of the messages."
+            f"{CONTEXT_EXCEEDED} {context} tokens. However, your messages resulted in {n_context} tokens{full}: "
+            "the prompt is too long. Please reduce the length of the messages."
         )
     if sampling.max_tokens is None:
         total = min(DEFAULT_MAX_TOKENS, context - n_prompt)
     elif n_prompt + sampling.max_tokens > context:
         raise ValueError(
             f"{CONTEXT_EXCEEDED} {context} tokens. However, you requested {n_prompt + sampling.max_tokens} tokens "
-            f"({n_prompt} in the messages, {sampling.max_tokens} in the completion). "
-            "Please reduce the length of the messages or completion."
+            f"({n_prompt} in the messages, {sampling.max_tokens} in the completion): the prompt is too long for "
+            "that completion. Please reduce the length of the messages or completion."
         )
     else:
         total = sampling.max_tokens
