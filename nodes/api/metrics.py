@@ -117,6 +117,13 @@ class NodeMetrics:
             "HTTP requests refused for a missing or wrong API key (logged with the address, rate-limited).",
             registry=r,
         )
+        self.schema_checks = Counter(
+            "lanmesh_http_schema_checks",
+            "JSON answers checked after generation against schema keywords the grammar cannot enforce, by "
+            "result: passed (the first answer held), drawn_again (a later one did), failed (none of them: 500).",
+            ["result"],
+            registry=r,
+        )
         self._state = _MeshState(node_id)
         r.register(self._state)
         self.timeline = RequestTimeline()

@@ -223,9 +223,9 @@ def test_a_grammar_compiles_off_the_engine_thread_while_the_batch_keeps_decoding
     real = guidance.GrammarTokenizer.matcher
     compiled_after_stream: list[bool] = []
 
-    def slow(self: guidance.GrammarTokenizer, kind: str, grammar: str) -> guidance.Matcher:
+    def slow(self: guidance.GrammarTokenizer, *grammar: Any) -> guidance.Matcher:
         compiled_after_stream.append(stream_done.wait(30))
-        return real(self, kind, grammar)
+        return real(self, *grammar)
 
     monkeypatch.setattr(guidance.GrammarTokenizer, "matcher", slow)
     running, constrained = Outcome(), Outcome()
