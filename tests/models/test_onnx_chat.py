@@ -203,7 +203,7 @@ def test_a_grammar_that_allows_no_token_fails_its_request_alone(
 
     from nodes.models.backends import guidance
 
-    monkeypatch.setattr(guidance.Matcher, "allowed", lambda self: np.zeros(tiny_onnx._vocab_size, dtype=bool))
+    monkeypatch.setattr(guidance.Matcher, "allowed", lambda self, **_: np.zeros(tiny_onnx._vocab_size, dtype=bool))
     mate = complete("The quick brown fox", max_tokens=12)
     broken, other = through_a_lane(tiny_onnx, [complete("A number:", max_tokens=8, guidance=DIGITS), mate])
     assert broken.code is ErrorCode.INTERNAL and "no token" in broken.message  # not NaN probabilities
