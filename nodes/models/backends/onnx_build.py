@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import cache_entry, publish_cache
+from .child import ChildError, emit, run_child
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 _BUILD_FORMAT = "ortgenai-v2"  # bump when what we put in an entry changes: old entries are then ignored
@@ -29,6 +29,7 @@ _BUILD_FORMAT = "ortgenai-v2"  # bump when what we put in an entry changes: old 
 # int4 build tried (rtn, k_quant, block 16/32, int8 head only, fp32 activations) was 1.23-1.34x. Decoding it
 # costs ~30% of plain int4's speed; the quality test (int4 <= 1.15x fp32) holds it.
 _EXTRA_OPTIONS = {"int4": ["algo_config=rtn", "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8"]}
+_CHILD = "nodes.models.backends.onnx_build"
 _GPU_ONLY = {"fp16": "fp16 runs on a GPU (CUDA) only; on a CPU use int4, int8 or fp32"}
 
 
@@ -71,47 +72,21 @@ def build_in_child(
     cache_dir: str | Path | None,
     report: Callable[[str, float], None],
 ) -> Path:
-    """Build in a child process, relaying its progress; returns the published cache entry."""
-    cmd = [sys.executable, "-m", "nodes.models.backends.onnx_build", "--name", name, "--source", str(source)]
-    cmd += ["--precision", precision, "--provider", provider]
+    """Build in a child process (`child.run_child`: both its pipes drained), relaying its progress; returns the
+    published cache entry."""
+    args = ["--name", name, "--source", str(source), "--precision", precision, "--provider", provider]
     if cache_dir:
-        cmd += ["--cache-dir", str(cache_dir)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    last: dict[str, Any] = {}
-    assert proc.stdout is not None and proc.stderr is not None
+        args += ["--cache-dir", str(cache_dir)]
     try:
-        for line in proc.stdout:
-            try:
-                last = json.loads(line)
-            except ValueError:
-                continue
-            if "stage" in last:
-                report(last["stage"], float(last.get("fraction", 0.0)))
-        errors = proc.stderr.read()
-        code = proc.wait()
-    finally:
-        if proc.poll() is None:  # interrupted (the node is stopping): the half-built entry is never published
-            proc.kill()
-            proc.wait()
-    if code == 0 and "built" in last:
-        return Path(last["built"])
-    reason = last.get("error") or _last_line(errors) or f"builder exited with status {code}"
-    raise BuildError(reason)
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:500] if lines else ""
+        result = run_child(_CHILD, args, report)
+    except ChildError as exc:
+        raise BuildError(str(exc)) from None
+    if "built" not in result:
+        raise BuildError(f"the build of {name} ended without naming what it built")
+    return Path(result["built"])
 
 
 # ---------------------------------------------------------------- the child
-
-
-def _emit(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
 
 
 def _hf_source(name: str, source: Path, cache_dir: str | None) -> Path:
@@ -123,7 +98,13 @@ def _hf_source(name: str, source: Path, cache_dir: str | None) -> Path:
         raise BuildError(f"{source}: expected an HF model folder (config.json) or a .gguf file")
     from .transformers_chat import convert_gguf
 
-    return convert_gguf(name, gguf, cache_dir, lambda stage, fraction: _emit(stage=stage, fraction=0.3 * fraction))
+    # The parent puts the model's name before every stage: the converter's own "NAME: " would say it twice.
+    return convert_gguf(
+        name,
+        gguf,
+        cache_dir,
+        lambda stage, fraction: emit(stage=stage.removeprefix(f"{name}: "), fraction=0.3 * fraction),
+    )
 
 
 def _run_builder(hf: Path, out: Path, precision: str, provider: str, layers: int) -> None:
@@ -141,11 +122,11 @@ def _run_builder(hf: Path, out: Path, precision: str, provider: str, layers: int
             match = re.match(r"Reading layer (\d+)", line)
             if match and layers:
                 done = (int(match.group(1)) + 1) / layers
-                _emit(
+                emit(
                     stage=f"building ONNX {precision} model: layer {match.group(1)}/{layers}", fraction=0.3 + 0.5 * done
                 )
             elif line.startswith("Saving ONNX model"):
-                _emit(stage=f"building ONNX {precision} model: quantizing and saving", fraction=0.85)
+                emit(stage=f"building ONNX {precision} model: quantizing and saving", fraction=0.85)
         if proc.wait() != 0:
             problem = next((t for t in reversed(tail) if "Error" in t or "not supported" in t.lower()), "")
             raise BuildError(problem or "the model builder failed: " + " | ".join(tail[-3:]))
@@ -173,7 +154,7 @@ def _child(args: argparse.Namespace) -> int:
         }
 
     publish_cache(entry, build)
-    _emit(stage="built", fraction=1.0, built=str(entry))
+    emit(stage="built", fraction=1.0, built=str(entry))
     return 0
 
 
@@ -188,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _child(args)
     except (BuildError, ValueError, OSError, ImportError) as exc:
-        _emit(error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, BuildError) else str(exc))
+        emit(error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, BuildError) else str(exc))
         return 1
 
 
