@@ -181,7 +181,8 @@ class Discovery:
         except NonUniqueNameException:
             self._abandon_start()
             raise RuntimeError(
-                f"another machine on the LAN already announces {self.service_name!r}: node ids must be unique"
+                f"another node on the LAN already uses the name {self.addr.node!r} (it announces "
+                f"{self.service_name!r} on mDNS): give this node another name (lanmesh node --name NAME)"
             ) from None
         except TimeoutError:
             self._abandon_start()

@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..runtime.config import DEFAULT_PORT, NodeConfig, parse_labels
+from . import request
 
 
 def _version() -> str:
@@ -207,81 +208,12 @@ def _cmd_node(args: argparse.Namespace) -> int:
     except StartupInterrupted:
         node.shutdown()  # whatever had started leaves the mesh (Leave, mDNS goodbye) and stops
         return 0
-    except (ValueError, OSError, MemoryError, ImportError) as exc:
+    except (ValueError, OSError, MemoryError, ImportError, RuntimeError) as exc:  # RuntimeError: mDNS, the mesh loop
         print(f"lanmesh node: cannot start: {exc}", file=sys.stderr)
         node.shutdown()
         notifier.status(f"cannot start: {exc}")  # what `systemctl status` shows
         return 1
     return node.run_until_signal()
-
-
-# ---------------------------------------------------------------- lanmesh request
-
-
-def _add_request_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "request",
-        help="send one request to a node and print the reply",
-        description="Send one request to a node (it routes it in the mesh) and print the reply.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("model", help="model name, e.g. smollm2, minilm, echo")
-    p.add_argument("input", help="prompt text (chat/complete), text to embed, or JSON for infer")
-    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
-    p.add_argument("--task", default="chat", choices=["chat", "complete", "embed", "infer"])
-    p.add_argument("--stream", action="store_true", help="print tokens as they arrive (chat/complete)")
-    p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
-    p.add_argument("--max-tokens", type=int, dest="max_tokens")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--require", action="append", metavar="KEY=VALUE", help="only nodes with this label, repeatable")
-    p.add_argument("--json", action="store_true", help="print the whole reply as JSON (node, route, meta)")
-    _add_key_file(p)
-    p.set_defaults(func=_cmd_request)
-
-
-def _cmd_request(args: argparse.Namespace) -> int:
-    from mesh import Client, LanmeshError
-
-    require = parse_labels(",".join(args.require)) if args.require else None
-    gen = {k: getattr(args, k) for k in ("max_tokens", "temperature", "seed") if getattr(args, k) is not None}
-    try:
-        with Client(args.node, timeout=args.timeout, security=_client_key(args)) as client:
-            if args.task in ("chat", "complete") and args.stream:
-                fn = client.chat if args.task == "chat" else client.complete
-                prompt: Any = [{"role": "user", "content": args.input}] if args.task == "chat" else args.input
-                for piece in fn(args.model, prompt, stream=True, require=require, **gen):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-                sys.stdout.write("\n")
-                return 0
-            if args.task == "chat":
-                result = client.chat(args.model, [{"role": "user", "content": args.input}], require=require, **gen)
-            elif args.task == "complete":
-                result = client.complete(args.model, args.input, require=require, **gen)
-            else:
-                payload: Any = args.input
-                if args.task == "infer":
-                    try:
-                        payload = json.loads(args.input)
-                    except json.JSONDecodeError:
-                        payload = args.input
-                result = client.request(args.model, args.task, payload, params=gen or None, require=require)
-    except LanmeshError as exc:
-        print(f"lanmesh request: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"lanmesh request: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({"output": result.output, "node": result.node, "route": result.route, "meta": result.meta}))
-    else:
-        out = result.output
-        if isinstance(out, dict) and "content" in out:
-            out = out["content"]
-        print(out if isinstance(out, str) else json.dumps(out))
-        print(f"(served by {result.node}, route {result.route})", file=sys.stderr)
-    return 0
 
 
 # ---------------------------------------------------------------- lanmesh status
@@ -340,8 +272,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         from .console import live_status
 
         return live_status(args.node, args.watch or 1.0, getattr(args, "key_file", None))
+    from .reach import NodeUnreachable, check_answers
+
     try:
         with Client(args.node, timeout=5.0, security=_client_key(args)) as client:
+            check_answers(client, args.node)
             while True:
                 rows = client.status()
                 if args.json:
@@ -353,6 +288,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 if not args.watch:
                     return 0
                 time.sleep(args.watch)
+    except NodeUnreachable as exc:
+        print(f"lanmesh status: {exc}", file=sys.stderr)
+        return 1
     except LanmeshError as exc:
         print(f"lanmesh status: cannot reach {args.node}: {exc}", file=sys.stderr)
         return 1
@@ -497,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lanmesh {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_node_parser(sub)
-    _add_request_parser(sub)
+    request.add_parser(sub, _add_key_file)
     _add_status_parser(sub)
     _add_chat_parser(sub)
     _add_doctor_parser(sub)

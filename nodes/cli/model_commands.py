@@ -19,6 +19,8 @@ import zmq
 from protocol import Admin, Error, Reply, decode, encode
 
 DEFAULT_NODE = "127.0.0.1:5555"
+LIST_TIMEOUT_S = 10.0  # `lanmesh models`: each node's answer
+ACTION_TIMEOUT_S = 900.0  # pull, load, unload, switch: a load or a pull takes minutes
 
 
 class AdminError(RuntimeError):
@@ -123,46 +125,63 @@ def _progress_bar(address: str, name: str, security: Any, stop: threading.Event)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    security = _security(args)
-    action = getattr(args, "models_action", None) or "list"
-    try:
-        if action == "list":
-            if args.local:
-                from ..models.packaged import models_status
+    from mesh import LanmeshError
 
-                print(json.dumps(models_status(), indent=2, default=str))
-                return 0
-            rows = mesh_models(args.node, security, args.timeout)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                print_models(rows)
-            return 0
-        if action == "pull":
-            stop = threading.Event()
-            bar = None
-            if sys.stderr.isatty():
-                bar = threading.Thread(target=_progress_bar, args=(args.node, args.name, security, stop), daemon=True)
-                bar.start()
-            try:
-                out = admin_call(args.node, "pull", {"name": args.name, "version": args.version or "",
-                                                     "serve": args.serve}, security, args.timeout)  # fmt: skip
-            finally:
-                stop.set()
-                if bar is not None:
-                    bar.join(2)
-        elif action == "load":
-            out = admin_call(args.node, "load", {"name": args.name, "spec": args.spec}, security, args.timeout)
-        elif action == "unload":
-            out = admin_call(args.node, "unload", {"name": args.name, "version": args.version or ""}, security,
-                             args.timeout)  # fmt: skip
-        else:
-            out = admin_call(args.node, "switch", {"name": args.name, "version": args.version}, security, args.timeout)
-    except AdminError as exc:
+    from .reach import NodeUnreachable, node_answers
+
+    action = getattr(args, "models_action", None) or "list"
+    node = args.node or DEFAULT_NODE
+    if action == "list" and args.local:
+        from ..models.packaged import models_status
+
+        print(json.dumps(models_status(), indent=2, default=str))
+        return 0
+    try:
+        security = _security(args)
+        node_answers(node, security)  # a wrong address fails now, not after --timeout (900 s for pulls)
+        timeout = args.timeout or (LIST_TIMEOUT_S if action == "list" else ACTION_TIMEOUT_S)
+        out = _act(action, args, node, security, timeout)
+    except (AdminError, NodeUnreachable) as exc:
         print(f"lanmesh models {action}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(out, indent=2))
+    except LanmeshError as exc:
+        print(f"lanmesh models {action}: {node}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # an unreadable --key-file
+        print(f"lanmesh models {action}: {exc}", file=sys.stderr)
+        return 2
+    if out is not None:
+        print(json.dumps(out, indent=2))
     return 0
+
+
+def _act(action: str, args: argparse.Namespace, node: str, security: Any, timeout: float) -> dict[str, Any] | None:
+    """Run one `lanmesh models` action on `node`; the answer to print as JSON (None: printed already)."""
+    if action == "list":
+        rows = mesh_models(node, security, timeout)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print_models(rows)
+        return None
+    if action == "pull":
+        stop = threading.Event()
+        bar = None
+        if sys.stderr.isatty():
+            bar = threading.Thread(target=_progress_bar, args=(node, args.name, security, stop), daemon=True)
+            bar.start()
+        try:
+            return admin_call(node, "pull", {"name": args.name, "version": args.version or "", "serve": args.serve},
+                              security, timeout)  # fmt: skip
+        finally:
+            stop.set()
+            if bar is not None:
+                bar.join(2)
+    if action == "load":
+        return admin_call(node, "load", {"name": args.name, "spec": args.spec}, security, timeout)
+    if action == "unload":
+        return admin_call(node, "unload", {"name": args.name, "version": args.version or ""}, security, timeout)
+    return admin_call(node, "switch", {"name": args.name, "version": args.version}, security, timeout)
 
 
 def rollout(entry: str, name: str, spec: str, security: Any, timeout: float, say: Any = print) -> list[dict[str, Any]]:
@@ -193,11 +212,23 @@ def rollout(entry: str, name: str, spec: str, security: Any, timeout: float, say
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
+    from mesh import LanmeshError
+
+    from .reach import NodeUnreachable, node_answers
+
     try:
-        steps = rollout(args.node, args.name, args.spec, _security(args), args.timeout)
-    except AdminError as exc:
+        security = _security(args)
+        node_answers(args.node, security)
+        steps = rollout(args.node, args.name, args.spec, security, args.timeout)
+    except (AdminError, NodeUnreachable) as exc:
         print(f"lanmesh rollout: {exc}", file=sys.stderr)
         return 1
+    except LanmeshError as exc:
+        print(f"lanmesh rollout: {args.node}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"lanmesh rollout: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(steps, indent=2))
     return 0

@@ -1,14 +1,25 @@
-"""The `lanmesh` command as a user types it: help, version, request, status, and clear refusals."""
+"""The `lanmesh` command as a user types it: help, version, request, status, and clear refusals: every error one
+line that says what to do, a node that does not answer given up within seconds, Ctrl-C a quiet cancel."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+from scripted_node import closed_port
 
 from bench.procs import ROOT, Cluster
 from tests.conftest import LOOPBACK
+
+# mDNS must never reach a real network: only where this process sees nothing but loopback (a test namespace).
+ONLY_LOOPBACK = set(psutil.net_if_addrs()) <= {"lo"}
 
 
 def lanmesh(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -65,3 +76,62 @@ def test_node_refuses_bad_configuration_clearly() -> None:
     assert out.returncode != 0 and "sleep" in out.stderr and "Traceback" not in out.stderr
     out = lanmesh("node", "--no-mdns", "--bind", "127.0.0.1", "--model", "echo", "--suspect-after", "5")
     assert out.returncode == 2 and "suspect_after < dead_after" in out.stderr
+
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    """The command failed with one line on stderr (no traceback), which it returns."""
+    assert out.returncode not in (0, None), out
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+def timed(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    t0 = time.monotonic()
+    out = lanmesh(*args)
+    return out, time.monotonic() - t0
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A TCP port that accepts connections (the kernel's backlog) but never says a word: not a lanmesh node."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield listener.getsockname()[1]
+
+
+def test_commands_give_up_within_5s_when_no_node_answers_saying_what_to_check(silent_port: int) -> None:
+    closed = closed_port()
+    for args in (
+        ("request", "echo", "hi", "--node", f"127.0.0.1:{closed}"),  # its deadline is 60 s
+        ("models", "--node", f"127.0.0.1:{closed}"),  # a traceback before
+        ("models", "pull", "smollm2", "--node", f"127.0.0.1:{closed}"),  # its deadline is 900 s
+        ("status", "--node", f"127.0.0.1:{closed}"),
+        ("chat", "--node", f"127.0.0.1:{closed}"),
+    ):
+        out, took = timed(*args)
+        line = one_line_error(out)
+        assert took < 5.0, f"{args} took {took:.1f}s"
+        assert f"no lanmesh node answered at 127.0.0.1:{closed} within 3s" in line, line
+        assert f"port {closed} closed" in line and "--node HOST:PORT" in line, line
+    out, took = timed("request", "echo", "hi", "--node", f"127.0.0.1:{silent_port}")
+    line = one_line_error(out)
+    assert took < 5.0 and f"port {silent_port} is open but nothing there answered as a lanmesh node" in line, line
+
+
+def test_a_slow_answer_from_a_live_node_gets_its_whole_deadline(cluster: Cluster) -> None:
+    node = cluster.add("slow", [*LOOPBACK, "--model", "sleep:6500"])
+    out, took = timed("request", "sleep:6500", "worth the wait", "--node", node.address, "--timeout", "30")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "worth the wait" and took > 6.5
+
+
+@pytest.mark.skipif(not ONLY_LOOPBACK, reason="mDNS only inside a loopback-only network namespace (sandbox, CI)")
+def test_a_node_whose_name_is_taken_on_the_lan_says_so_in_one_line(cluster: Cluster) -> None:
+    mdns = [a for a in LOOPBACK if a != "--no-mdns"]
+    cluster.add("twin", [*mdns, "--model", "echo"])
+    out = lanmesh("node", "--name", "twin", *mdns, "--port", str(closed_port()), "--model", "echo", timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "lanmesh node: cannot start: another node on the LAN already uses the name 'twin'" in out.stderr
+    assert "give this node another name (lanmesh node --name NAME)" in out.stderr
