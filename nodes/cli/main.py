@@ -304,11 +304,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- lanmesh keygen and client keys
 
 
-def _add_key_file(p: argparse.ArgumentParser) -> None:
+def _add_key_file(p: argparse.ArgumentParser, default: Any = None) -> None:
     p.add_argument(
         "--key-file",
         dest="key_file",
         metavar="FILE",
+        default=default,
         help="mesh key (default: $LANMESH_KEY_FILE, then ~/.config/lanmesh/mesh.key; none: plaintext)",
     )
 

@@ -239,10 +239,21 @@ def add_parsers(sub: Any, add_key_file: Any) -> None:
         "models",
         help="what each node has and serves; pull, load, unload, switch models on running nodes",
         description="Without an action: list every live node's models (name, version, backend, precision, files, "
-        "state, pulls in progress), asked of the node at --node and every node it knows.",
+        "state, pulls in progress), asked of the node at --node and every node it knows. With one: do it on the "
+        "node at --node. --node, --timeout and --key-file may come before or after the action.",
+        epilog="examples:\n"
+        "  lanmesh models --node 192.168.1.21:5555\n"
+        "  lanmesh models pull smollm2 --node 192.168.1.21:5555 --serve\n"
+        "  lanmesh models --node 192.168.1.21:5555 unload smollm2 --version 9d83ed24",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--node", default=DEFAULT_NODE, help=f"a node to ask (host:port, default {DEFAULT_NODE})")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    node_help = f"the node to ask or act on, HOST:PORT (default {DEFAULT_NODE})"
+    timeout_help = (
+        f"seconds to wait for each answer (default {LIST_TIMEOUT_S:g} for the list, {ACTION_TIMEOUT_S:g} for an "
+        "action: loads and pulls take minutes); a node that does not answer at all is given up after 3 s"
+    )
+    p.add_argument("--node", help=node_help)
+    p.add_argument("--timeout", type=float, help=timeout_help)
     p.add_argument("--local", action="store_true", help="only this machine: runtimes, model packages, caches")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_key_file(p)
@@ -262,9 +273,11 @@ def add_parsers(sub: Any, add_key_file: Any) -> None:
     switch.add_argument("name")
     switch.add_argument("version")
     for q in (pull, load, unload, switch):
-        q.add_argument("--node", default=DEFAULT_NODE, help="the node to act on (host:port)")
-        q.add_argument("--timeout", type=float, default=900.0, help="seconds to wait (loads and pulls take minutes)")
-        add_key_file(q)
+        # SUPPRESS: given after the action they count, and when not given there they leave what came before it
+        # (an action's own default would overwrite `lanmesh models --node X pull NAME`'s X).
+        q.add_argument("--node", default=argparse.SUPPRESS, help=node_help)
+        q.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=timeout_help)
+        add_key_file(q, default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_models)
 
     r = sub.add_parser(

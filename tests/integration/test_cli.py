@@ -13,9 +13,10 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from scripted_node import closed_port
+from scripted_node import closed_port, wait_until
 
 from bench.procs import ROOT, Cluster
+from nodes.cli.main import build_parser
 from tests.conftest import LOOPBACK
 
 # mDNS must never reach a real network: only where this process sees nothing but loopback (a test namespace).
@@ -124,6 +125,30 @@ def test_a_slow_answer_from_a_live_node_gets_its_whole_deadline(cluster: Cluster
     out, took = timed("request", "sleep:6500", "worth the wait", "--node", node.address, "--timeout", "30")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "worth the wait" and took > 6.5
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["--node before the action", "--node after the action"])
+def test_models_actions_act_on_the_node_given_before_or_after_the_action(cluster: Cluster, before: bool) -> None:
+    node = cluster.add("target", [*LOOPBACK, "--model", "echo"])
+    where = ["--node", node.address, "--timeout", "30"]
+    load = ["load", "spare", "name=spare,kind=echo"]
+    out = lanmesh("models", *where, *load) if before else lanmesh("models", *load, *where)
+    assert out.returncode == 0, out.stderr
+    wait_until(lambda: "spare" in node.status()[0]["models"], 10, "the node to serve the model it was told to load")
+    unload = ["unload", "spare"]
+    out = lanmesh("models", *where, *unload) if before else lanmesh("models", *unload, *where)
+    assert out.returncode == 0, out.stderr
+    wait_until(lambda: "spare" not in node.status()[0]["models"], 10, "the model to be unloaded")
+
+
+def test_options_of_lanmesh_models_keep_their_value_on_either_side_of_the_action() -> None:
+    parse = build_parser().parse_args
+    for argv in (
+        ["models", "--node", "h:1", "--timeout", "7", "--key-file", "k", "pull", "x"],
+        ["models", "pull", "x", "--node", "h:1", "--timeout", "7", "--key-file", "k"],
+    ):
+        args = parse(argv)
+        assert (args.node, args.timeout, args.key_file) == ("h:1", 7.0, "k"), argv
 
 
 @pytest.mark.skipif(not ONLY_LOOPBACK, reason="mDNS only inside a loopback-only network namespace (sandbox, CI)")
