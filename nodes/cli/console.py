@@ -20,6 +20,7 @@ from mesh import Client, LanmeshError
 from protocol import VERSION
 
 from .reach import NodeUnreachable, check_answers, tcp_probe
+from .request import cut_short_note
 
 # ---------------------------------------------------------------- lanmesh status (live)
 
@@ -144,6 +145,9 @@ class ChatSession:
                 self.out.write(piece)
                 self.out.flush()
             self.out.write("\n")
+            note = cut_short_note(stream.result.meta, self.gen.get("max_tokens")) if stream.result else None
+            if note:
+                self.err.write(f"{note}\n")
         except KeyboardInterrupt:
             stream.close()  # sends a Cancel: the node serving the answer stops generating it
             self.out.write(" [interrupted]\n")

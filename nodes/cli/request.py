@@ -61,6 +61,20 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Defaults in the help, and the examples as written."""
 
 
+def cut_short_note(meta: dict[str, Any], asked: int | None) -> str | None:
+    """One line for stderr when the answer stopped at its token limit (finish_reason length), else None."""
+    if meta.get("finish_reason") != "length":
+        return None
+    usage = meta.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    limit = asked or tokens or DEFAULT_REQUEST_MAX_TOKENS
+    after = f" after {tokens} tokens" if tokens else ""
+    return (
+        f"(the answer was cut at max_tokens{after}, finish_reason length: ask for more with --max-tokens "
+        f"{max(2 * limit, 64)}; a node accepts up to its own --max-tokens, 4096 unless set)"
+    )
+
+
 def cmd_request(args: argparse.Namespace) -> int:
     from mesh import Client, LanmeshError, MeshKey
 
@@ -92,6 +106,9 @@ def cmd_request(args: argparse.Namespace) -> int:
         out = out["content"]
     print(out if isinstance(out, str) else json.dumps(out))
     print(f"(served by {result.node}, route {result.route})", file=sys.stderr)
+    note = cut_short_note(result.meta, args.max_tokens)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -112,8 +129,16 @@ def _ask(client: Any, args: argparse.Namespace, require: dict[str, str] | None, 
 def _print_stream(client: Any, args: argparse.Namespace, require: dict[str, str] | None, gen: dict[str, Any]) -> int:
     fn = client.chat if args.task == "chat" else client.complete
     prompt: Any = [{"role": "user", "content": args.input}] if args.task == "chat" else args.input
-    for piece in fn(args.model, prompt, stream=True, require=require, **gen):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    stream = fn(args.model, prompt, stream=True, require=require, **gen)
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        stream.close()  # unless it ended: a Cancel to the node generating it, so the work stops there
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    note = cut_short_note(stream.result.meta, args.max_tokens) if stream.result is not None else None
+    if note:
+        print(note, file=sys.stderr)
     return 0

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from scripted_node import closed_port, wait_until
+from scripted_node import ScriptedNode, closed_port, wait_until
 
 from bench.procs import ROOT, Cluster
 from nodes.cli.main import build_parser
@@ -149,6 +149,25 @@ def test_options_of_lanmesh_models_keep_their_value_on_either_side_of_the_action
     ):
         args = parse(argv)
         assert (args.node, args.timeout, args.key_file) == ("h:1", 7.0, "k"), argv
+
+
+def test_a_streamed_answer_cut_at_max_tokens_says_so_and_how_to_get_more() -> None:
+    with ScriptedNode("T") as node:
+        address = node.endpoint.removeprefix("tcp://")
+        out = lanmesh("request", "stream:10", "count", "--stream", "--max-tokens", "3", "--node", address)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "w0 w1 w2"
+        assert "cut at max_tokens after 3 tokens, finish_reason length" in out.stderr
+        assert "--max-tokens 64" in out.stderr
+        whole = lanmesh("request", "stream:4", "count", "--stream", "--node", address)
+        assert whole.stdout.strip() == "w0 w1 w2 w3" and "cut" not in whole.stderr
+        plain = lanmesh("request", "stream:10", "count", "--max-tokens", "3", "--node", address)
+        assert "finish_reason length" in plain.stderr
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        chat = subprocess.run([sys.executable, "-m", "nodes.cli", "chat", "--model", "stream:10", "--max-tokens", "3",
+                               "--node", address], input="count\n", capture_output=True, text=True, timeout=30,
+                              env=env)  # fmt: skip
+        assert chat.stdout.strip() == "w0 w1 w2" and "cut at max_tokens after 3 tokens" in chat.stderr
 
 
 @pytest.mark.skipif(not ONLY_LOOPBACK, reason="mDNS only inside a loopback-only network namespace (sandbox, CI)")
