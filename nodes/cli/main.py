@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import signal
 import sys
 import time
@@ -463,7 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C where a command does not handle it itself: quiet, as a shell expects
+        return request.EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lanmesh status | head -1`: the reader has gone, and so has the point of writing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a pipeline's writer
 
 
 if __name__ == "__main__":

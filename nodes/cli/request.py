@@ -1,7 +1,7 @@
 """`lanmesh request`: send one request to a node (it routes it in the mesh) and print the answer.
 
 A node that does not answer at all is given up within seconds (`reach.py`); an answer that takes long on a live node
-gets the whole deadline.
+gets the whole deadline. Ctrl-C cancels the request where it runs and exits 130, as a shell expects.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from ..runtime.config import DEFAULT_PORT, parse_labels
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 DEFAULT_REQUEST_MAX_TOKENS = 256  # what a chat model generates when a request does not say (textgen.py)
 
 
@@ -24,7 +25,8 @@ def add_parser(sub: Any, add_key_file: Callable[[argparse.ArgumentParser], None]
         description=(
             "Send one request to a node (it routes it to the best node of the mesh that serves MODEL) and print "
             "the answer on stdout; who served it goes to stderr. A node that does not answer at all is given up "
-            "after 3 s, saying what to check; a slow answer from a live node gets the whole --timeout."
+            "after 3 s, saying what to check; a slow answer from a live node gets the whole --timeout. Ctrl-C "
+            "cancels the request where it runs."
         ),
         epilog=(
             "examples:\n"
@@ -98,6 +100,8 @@ def cmd_request(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lanmesh request: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the client has cancelled the request on the node serving it
+        return EXIT_INTERRUPTED
     if args.json:
         print(json.dumps({"output": result.output, "node": result.node, "route": result.route, "meta": result.meta}))
         return 0
@@ -130,15 +134,21 @@ def _print_stream(client: Any, args: argparse.Namespace, require: dict[str, str]
     fn = client.chat if args.task == "chat" else client.complete
     prompt: Any = [{"role": "user", "content": args.input}] if args.task == "chat" else args.input
     stream = fn(args.model, prompt, stream=True, require=require, **gen)
+    line_open = False
     try:
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
+            line_open = True
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     finally:
         stream.close()  # unless it ended: a Cancel to the node generating it, so the work stops there
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    note = cut_short_note(stream.result.meta, args.max_tokens) if stream.result is not None else None
+        if line_open or stream.result is not None:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    result = stream.result
+    note = cut_short_note(result.meta, args.max_tokens) if result is not None else None
     if note:
         print(note, file=sys.stderr)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import psutil
 import pytest
 from scripted_node import ScriptedNode, closed_port, wait_until
 
-from bench.procs import ROOT, Cluster
+from bench.procs import ROOT, Cluster, NodeProc
 from nodes.cli.main import build_parser
 from tests.conftest import LOOPBACK
 
@@ -168,6 +169,43 @@ def test_a_streamed_answer_cut_at_max_tokens_says_so_and_how_to_get_more() -> No
                                "--node", address], input="count\n", capture_output=True, text=True, timeout=30,
                               env=env)  # fmt: skip
         assert chat.stdout.strip() == "w0 w1 w2" and "cut at max_tokens after 3 tokens" in chat.stderr
+
+
+def _inflight(node: NodeProc, model: str) -> int:
+    return int(node.status()[0]["models"][model][0])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["request", "--stream"])
+def test_ctrl_c_cancels_the_request_on_the_node_and_exits_130_quietly(cluster: Cluster, stream: bool) -> None:
+    node = cluster.add("busy", [*LOOPBACK, "--model", "sleep:20000"])
+    argv = ["request", "sleep:20000", "a long job", "--node", node.address, *(["--stream"] if stream else [])]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "nodes.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        wait_until(lambda: _inflight(node, "sleep:20000") == 1, 10, "the request to run on the node")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    wait_until(lambda: _inflight(node, "sleep:20000") == 0, 3, "the node to stop the cancelled work")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_as_a_pipeline_expects(cluster: Cluster) -> None:
+    node = cluster.add("piped", [*LOOPBACK, "--model", "echo"])
+    read, write = os.pipe()
+    os.close(read)  # `lanmesh status | head -0`: nobody reads what it writes
+    try:
+        cmd = [sys.executable, "-m", "nodes.cli", "status", "--node", node.address]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, text=True, timeout=30, env=env)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
 
 
 @pytest.mark.skipif(not ONLY_LOOPBACK, reason="mDNS only inside a loopback-only network namespace (sandbox, CI)")
