@@ -80,7 +80,8 @@ def _add_node_parser(sub: Any) -> None:
         metavar="SPEC",
         help=(
             "model to serve, repeatable: smollm2, minilm, echo, sleep:MS[:cap=N], or name=N,path=FILE[,task=embed]"
-            "[,engine=onnx|transformers][,precision=int4|int8|fp32]. Default: smollm2 and minilm"
+            "[,engine=onnx|transformers][,precision=int4|int8|fp32]. Default: smollm2 and minilm. In "
+            "LANMESH_MODELS separate specs with ';' (name=a,path=/a.gguf;minilm)"
         ),
     )
     p.add_argument(

@@ -84,6 +84,32 @@ def parse_model_arg(text: str) -> ModelSpec:
     return _spec_from_values(values, labels, requires, text)
 
 
+def split_model_specs(text: str) -> list[str]:
+    """The model specs in one string (`LANMESH_MODELS`, a TOML string): separated by `;` or new lines, since a spec's
+    own key=value pairs are separated by commas. Without `;` a comma list still works: short specs
+    (`smollm2,minilm`) stand alone, and a key=value part joins the spec before it unless that spec is a short one or
+    already has that key, so `name=x,path=/m.gguf` is one spec and `name=a,path=/a.gguf,name=b,path=/b.gguf` two."""
+    if ";" in text or "\n" in text:
+        return [part.strip() for part in text.replace("\n", ";").split(";") if part.strip()]
+    specs: list[list[str]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key = _keyed_part(part)
+        current = specs[-1] if specs else None
+        if key and current and _keyed_part(current[0]) and key not in {_keyed_part(p) for p in current}:
+            current.append(part)
+        else:
+            specs.append([part])
+    return [",".join(spec) for spec in specs]
+
+
+def _keyed_part(part: str) -> str:
+    """The key of a `key=value` part of a spec ("" for a short spec such as `echo` or `sleep:50:cap=4`)."""
+    key, sep, _ = part.partition("=")
+    return "" if not sep or part.startswith("sleep:") else _KEY_ALIASES.get(key.strip(), key.strip())
+
+
 def _parse_short(text: str) -> ModelSpec:
     head, *rest = text.split(":")
     if head == "smollm2" and not rest:

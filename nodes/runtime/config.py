@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from ..api.keys import check_api_key
+from ..models.specs import split_model_specs
 
 DEFAULT_PORT = 5555
 DEFAULT_HTTP_PORT = 8000
@@ -171,11 +172,11 @@ def _coerce(name: str, raw: Any) -> Any:
         if kind == "float":
             return float(raw)
         if kind.startswith("list"):
-            return (
-                [str(x) for x in raw]
-                if isinstance(raw, list)
-                else [x.strip() for x in str(raw).split(",") if x.strip()]
-            )
+            if isinstance(raw, list):
+                return [str(x) for x in raw]
+            if name == "models":  # a spec has commas of its own: specs are separated by `;`
+                return split_model_specs(str(raw))
+            return [x.strip() for x in str(raw).split(",") if x.strip()]
         if kind.startswith("dict"):
             return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else parse_labels(str(raw))
         return str(raw)
