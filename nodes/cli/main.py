@@ -142,8 +142,9 @@ def _add_node_parser(sub: Any) -> None:
     p.add_argument(
         "--max-memory",
         dest="max_memory",
-        help="refuse to start when the models would take this process past this, e.g. 8G (the cgroup's memory "
-        "limit, such as systemd's MemoryMax=, is always respected)",
+        help="refuse to start when the models would take this process past this: a size with a unit, e.g. 8G or "
+        "512M (K, M, G, T: powers of 1024; at least 64M). The cgroup's memory limit, such as systemd's MemoryMax=, "
+        "is always respected",
     )
     p.add_argument(
         "--kv-cache",

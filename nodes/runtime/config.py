@@ -6,8 +6,10 @@ Precedence, lowest first: defaults, the TOML file, the environment, command-line
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 import uuid
@@ -19,10 +21,11 @@ from typing import Any
 import psutil
 
 from ..api.keys import check_api_key
-from ..models.specs import split_model_specs
+from ..models.specs import parse_model_arg, split_model_specs
 
 DEFAULT_PORT = 5555
 DEFAULT_HTTP_PORT = 8000
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
@@ -97,6 +100,12 @@ class NodeConfig:
             raise ValueError(f"precision must be int4, int8, fp16 or fp32, not {self.precision!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be text or json")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        if self.max_memory:
+            parse_memory_limit(self.max_memory)
+        for spec in self.models:  # a bad spec is refused now, not after the models before it have loaded
+            parse_model_arg(spec)
         for seed in self.peers:
             parse_hostport(seed)
         if not 0 <= self.http_port <= 65535:
@@ -129,6 +138,19 @@ class NodeConfig:
         values.update({k: v for k, v in (flags or {}).items() if v is not None and k in _FIELDS})
         return cls(**values)
 
+    def check_machine(self) -> None:
+        """What only this machine can tell, checked before any model loads (a load takes minutes): the interface
+        has an IPv4 address, the bind address is one of this machine's, and the mesh's ports are free."""
+        if self.interface:
+            interface_ipv4(self.interface)
+        host = "" if self.bind in ("*", "0.0.0.0", "") else self.bind
+        if host and not _is_ip(host):
+            host = interface_ipv4(host)  # ZeroMQ binds an interface given by name too
+        pub = self.pub_port or (self.port + 1 if self.port else 0)
+        for port, option in ((self.port, "--port"), (pub, "--pub-port")):
+            if port:
+                _check_free(host, port, option)
+
     def node_id(self) -> str:
         return self.name or f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
 
@@ -136,7 +158,7 @@ class NodeConfig:
         return self.advertise or (interface_ipv4(self.interface) if self.interface else default_ipv4())
 
     def max_memory_bytes(self) -> int | None:
-        return parse_size(self.max_memory) if self.max_memory else None
+        return parse_memory_limit(self.max_memory) if self.max_memory else None
 
     def http_api_key(self) -> str:
         """The gateway's API key ("" = none): `api_key`, else the first line of `api_key_file`."""
@@ -226,14 +248,35 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(I?B?)\s*", re.IGNORECASE)
+MIN_MEMORY_LIMIT = 64 << 20  # less than a node process needs before it loads any model
+
+
 def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    """Bytes in a size such as 512M, 8G, 1.5GiB or 300MB (K, M, G, T are powers of 1024); a bare number is bytes."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"size {text!r} is not a number with a unit, like 512M or 8G (units K, M, G, T)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def parse_memory_limit(text: str) -> int:
+    """`max_memory` in bytes: a size of at least 64 MiB, with a unit unless it is a plain number of bytes that big."""
     try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise ValueError(f"size {text!r} is not like 512M or 8G") from None
+        size = parse_size(text)
+    except ValueError as exc:
+        raise ValueError(f"max_memory: {exc}") from None
+    if size >= MIN_MEMORY_LIMIT:
+        return size
+    match = _SIZE.fullmatch(text)
+    if match is not None and not match.group(2) and not match.group(3):
+        number = match.group(1)
+        raise ValueError(
+            f"max_memory {text.strip()} has no unit, so it would mean {size} bytes: write {number}M or {number}G "
+            "(units K, M, G, T)"
+        )
+    raise ValueError(f"max_memory {text.strip()} is below 64 MiB, less than a node needs; e.g. 512M or 8G")
 
 
 def interface_ipv4(name_or_ip: str) -> str:
@@ -248,6 +291,32 @@ def interface_ipv4(name_or_ip: str) -> str:
         if any(a.family == socket.AF_INET and a.address == name_or_ip for a in entries):
             return name_or_ip
     raise ValueError(f"no interface named or addressed {name_or_ip!r}; have {sorted(addrs)}")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _check_free(host: str, port: int, option: str) -> None:
+    """Raise ValueError unless a TCP listener could bind host:port now (as ZeroMQ would: with SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            where = f"{host or 'every address'}"
+            if exc.errno == errno.EADDRINUSE:
+                raise ValueError(
+                    f"port {port} is in use on {where} (another lanmesh node?): pick another with {option}"
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ValueError(f"--bind {host}: not an address of this machine") from None
+            raise ValueError(f"cannot bind port {port} on {where}: {exc.strerror or exc}") from None
 
 
 def is_loopback(host: str) -> bool:

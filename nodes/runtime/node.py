@@ -211,6 +211,7 @@ class Node:
         cfg = self.config
         api_key = cfg.http_api_key()  # an unreadable key file fails now, not after a long model load
         self.mesh_key = self._load_mesh_key()  # likewise: no key, no model load
+        cfg.check_machine()  # and no such interface, or a port in use
         self.labels = {**detect_labels(False), **cfg.labels}
         backends = self._backends if self._backends is not None else self._build_backends(progress)
         release_free_memory()  # what loading the models freed (parsers, conversion buffers) leaves the process

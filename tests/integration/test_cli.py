@@ -73,6 +73,22 @@ def test_status_shows_a_table_of_nodes(cluster: Cluster) -> None:
     assert "room=lab" in out.stdout
 
 
+def test_bad_configuration_stops_the_node_before_any_model_loads_or_it_joins(silent_port: int) -> None:
+    echo = ["node", *LOOPBACK, "--model", "echo"]
+    for argv, code, message in (
+        ([*echo, "--max-memory", "300"], 2, "max_memory 300 has no unit, so it would mean 300 bytes: write 300M"),
+        ([*echo, "--max-memory", "abc"], 2, "max_memory: size 'abc' is not a number with a unit, like 512M or 8G"),
+        ([*echo, "--model", "sleep:fast"], 2, "ms must be a number"),
+        ([*echo, "--port", str(silent_port)], 1, f"port {silent_port} is in use on 127.0.0.1"),
+        ([*echo, "--interface", "nosuch0"], 1, "no interface named or addressed 'nosuch0'"),
+    ):
+        out = lanmesh(*argv)
+        assert out.returncode == code and message in out.stderr, (argv, out.stderr)
+        assert "Traceback" not in out.stderr
+        for started in ("model echo ready", "node up", "serving echo"):
+            assert started not in out.stderr, (argv, out.stderr)
+
+
 def test_node_refuses_bad_configuration_clearly() -> None:
     out = lanmesh("node", "--no-mdns", "--bind", "127.0.0.1", "--model", "sleep:fast")
     assert out.returncode != 0 and "sleep" in out.stderr and "Traceback" not in out.stderr

@@ -68,8 +68,46 @@ def test_small_parsers() -> None:
     assert parse_labels("gpu=true, room = lab") == {"gpu": "true", "room": "lab"}
     assert parse_hostport("[::1]:5555") == ("::1", 5555)
     assert parse_size("512M") == 512 * 2**20 and parse_size("8GiB") == 8 * 2**30 and parse_size("1.5g") == 3 * 2**29
+    assert parse_size("300MB") == 300 * 2**20 and parse_size(" 2 G ") == 2 * 2**30 and parse_size("8Gi") == 8 * 2**30
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("300", "max_memory 300 has no unit, so it would mean 300 bytes: write 300M or 300G (units K, M, G, T)"),
+        ("4000", "write 4000M or 4000G"),
+        ("abc", "max_memory: size 'abc' is not a number with a unit, like 512M or 8G (units K, M, G, T)"),
+        ("8 GB please", "is not a number with a unit"),
+        ("1K", "max_memory 1K is below 64 MiB, less than a node needs; e.g. 512M or 8G"),
+        ("32M", "below 64 MiB"),
+    ],
+)
+def test_a_memory_limit_needs_a_unit_and_a_sane_size(value: str, message: str) -> None:
+    for source in ({"LANMESH_MAX_MEMORY": value}, {}):
+        with pytest.raises(ValueError) as refused:
+            NodeConfig.load({} if source else {"max_memory": value}, env=source)
+        assert message in str(refused.value)
+
+
+def test_memory_limits_with_units_or_in_plain_bytes_are_taken() -> None:
+    assert NodeConfig.load({"max_memory": "8G"}, env={}).max_memory_bytes() == 8 * 2**30
+    assert NodeConfig.load({"max_memory": "512MiB"}, env={}).max_memory_bytes() == 512 * 2**20
+    assert NodeConfig.load({"max_memory": str(2**30)}, env={}).max_memory_bytes() == 2**30  # bytes, clearly meant
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"models": ["echo", "sleep:fast"]}, "ms must be a number"),  # the second spec: refused before the first loads
+        ({"models": ["name=x,pth=/m.gguf"]}, "unknown model spec key 'pth'"),
+        ({"log_level": "verbose"}, "log_level must be one of debug, info, warning, error"),
+    ],
+)
+def test_every_value_is_checked_when_the_config_is_built(flags: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NodeConfig.load(flags, env={})
 
 
 @pytest.mark.parametrize(
