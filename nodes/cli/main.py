@@ -14,6 +14,7 @@ from typing import Any
 
 from ..runtime.config import DEFAULT_PORT, NodeConfig, parse_labels
 from . import request
+from .progress import ProgressLine, StageLog
 
 
 def _version() -> str:
@@ -21,23 +22,6 @@ def _version() -> str:
         return version("lanmesh")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def _progress_printer() -> Any:
-    """A one-line progress display on stderr for long waits (model loads)."""
-    state = {"last": ""}
-
-    def show(what: str, frac: float) -> None:
-        bar = "#" * int(frac * 30)
-        line = f"\r{what[:48]:<48} [{bar:<30}] {frac * 100:5.1f}%"
-        if line != state["last"]:
-            sys.stderr.write(line)
-            if frac >= 1.0:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-            state["last"] = line
-
-    return show
 
 
 # ---------------------------------------------------------------- lanmesh node
@@ -205,9 +189,10 @@ def _cmd_node(args: argparse.Namespace) -> int:
     node.install_signal_handlers()  # from here on a signal leaves gracefully, model loading included
     if _early_signals:  # one came while this process was still starting up
         node.request_stop()
-    logs.setup(node.node_id, cfg.log_level, cfg.log_format)
+    progress = ProgressLine(sys.stderr) if sys.stderr.isatty() else None  # log lines print above its line
+    logs.setup(node.node_id, cfg.log_level, cfg.log_format, stream=progress)
     try:
-        node.start(progress=_progress_printer() if sys.stderr.isatty() else None)
+        _start_showing_progress(node, progress)
     except StartupInterrupted:
         node.shutdown()  # whatever had started leaves the mesh (Leave, mDNS goodbye) and stops
         return 0
@@ -217,6 +202,15 @@ def _cmd_node(args: argparse.Namespace) -> int:
         notifier.status(f"cannot start: {exc}")  # what `systemctl status` shows
         return 1
     return node.run_until_signal()
+
+
+def _start_showing_progress(node: Any, line: ProgressLine | None) -> None:
+    """Start the node with its progress on `line` at a terminal, else as log lines; the line is gone afterwards."""
+    try:
+        node.start(progress=line if line is not None else StageLog())
+    finally:
+        if line is not None:
+            line.close()
 
 
 # ---------------------------------------------------------------- lanmesh status
