@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..runtime.config import DEFAULT_PORT, NodeConfig, parse_labels
-from . import request
+from . import request, service_unit
 from .progress import ProgressLine, StageLog
 
 
@@ -439,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_doctor_parser(sub)
     _add_keygen_parser(sub)
     _add_models_parser(sub)
+    service_unit.add_parser(sub)
     _add_bench_parser(sub)
     return parser
 
