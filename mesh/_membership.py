@@ -35,16 +35,17 @@ DRAIN = 256  # messages read from one socket per turn: gossip and replies keep t
 
 
 def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
-    """A node's models as status rows show them: `name: [in flight, queued, capacity, version (8 hex)]`, each loaded
-    version once. Gossip lists the current version twice (as `name` and as its pin `name@v8`); the pin is left out
-    here, so loads add up. A version loaded beside the current one (a rollout's moment) shows as `name@v8`."""
+    """A node's models as status rows show them: `name: [in flight, queued, capacity, version (8 hex), tasks]`, each
+    loaded version once (tasks: the ones it serves, [] when its node did not say). Gossip lists the current version
+    twice (as `name` and as its pin `name@v8`); the pin is left out here, so loads add up. A version loaded beside
+    the current one (a rollout's moment) shows as `name@v8`."""
     out: dict[str, list[Any]] = {}
     for m, v in models.items():
         name, _, pin = m.partition("@")
         current = models.get(name)
         if pin and current is not None and name != m and str(getattr(current, "version", "")).startswith(pin):
             continue
-        out[m] = [v.inflight, v.queued, v.capacity, str(getattr(v, "version", ""))[:8]]
+        out[m] = [v.inflight, v.queued, v.capacity, str(getattr(v, "version", ""))[:8], list(getattr(v, "tasks", ()))]
     return out
 
 

@@ -36,6 +36,7 @@ from ._wire import (
     MAX_CHUNK_BYTES,
     MAX_DEADLINE_MS,
     MAX_HOPS,
+    MAX_MODEL_TASKS,
     NAME_LEN,
     T_ADMIN,
     T_CANCEL,
@@ -249,8 +250,16 @@ def _dec_models(v: Any) -> dict[str, ModelLoad]:
             _int(load[2], "capacity", 0, 2**31, None),
             float(rate),
             version,
+            _dec_tasks(load[5]) if len(load) > 5 else (),
         )
     return out
+
+
+def _dec_tasks(v: Any) -> tuple[str, ...]:
+    """The tasks a model serves: a short list of short names (kept as strings, so a newer peer's new task passes)."""
+    if not isinstance(v, list) or len(v) > MAX_MODEL_TASKS:
+        raise _fail(f"model tasks must be a list of at most {MAX_MODEL_TASKS} names")
+    return tuple(_str(t, "model task", 32, None, empty=False) for t in v)
 
 
 def _dec_load(b: list[Any], lim: Limits) -> LoadReport:

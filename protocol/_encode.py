@@ -75,7 +75,7 @@ def _enc_load(m: LoadReport) -> list[Any]:
         m.incarnation,
         m.seq,
         _addr(m.addr),
-        {k: [v.inflight, v.queued, v.capacity, v.rate, v.version] for k, v in m.models.items()},
+        {k: [v.inflight, v.queued, v.capacity, v.rate, v.version, list(v.tasks)] for k, v in m.models.items()},
         m.labels,
         [_addr(p) for p in m.peers],
         m.leaving,

@@ -147,6 +147,8 @@ class ModelLoad:
     `rate` is the requests per second the node completes when busy, measured (0: not measured yet).
     Capacity counts slots; rate tells a fast node from a slow one with the same number of slots.
     `version` is the content hash of the model's files (hex; "" from older peers), so a request may pin one.
+    `tasks` are the tasks it serves (`Task` values: chat, complete, embed, infer), so a picker can offer a chat
+    model for chat and an embedding model for embeddings; () from older peers: not known.
     """
 
     inflight: int
@@ -154,6 +156,7 @@ class ModelLoad:
     capacity: int
     rate: float = 0.0
     version: str = ""
+    tasks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ MAX_DEADLINE_MS = 86_400_000  # one day; anything longer is a bug on the caller'
 MAX_HOPS = 8
 ID_LEN = 128
 NAME_LEN = 256
+MAX_MODEL_TASKS = 8  # tasks one model may say it serves in a load report
 
 
 @dataclass(frozen=True, slots=True)

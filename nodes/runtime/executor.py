@@ -64,7 +64,8 @@ class ModelLane:
         return self.backend.concurrency / self.job_seconds if self.job_seconds > 0 else 0.0
 
     def load(self) -> ModelLoad:
-        return ModelLoad(self.inflight, len(self._heap), self.capacity, round(self.rate(), 3), self.version[:8])
+        tasks = tuple(sorted(t.value for t in self.backend.tasks))
+        return ModelLoad(self.inflight, len(self._heap), self.capacity, round(self.rate(), 3), self.version[:8], tasks)
 
     def start(self) -> None:
         if self.inline:

@@ -84,7 +84,10 @@ def requests(draw: st.DrawFn) -> Request:
 
 
 addrs = st.builds(PeerAddr, names, names, st.integers(1, 65535), st.integers(1, 65535))
-loads = st.builds(ModelLoad, small, small, small, st.floats(0, 1e6), st.text(alphabet="0123456789abcdef", max_size=64))
+tasks = st.lists(st.sampled_from(["chat", "complete", "embed", "infer"]), max_size=4, unique=True).map(tuple)
+loads = st.builds(
+    ModelLoad, small, small, small, st.floats(0, 1e6), st.text(alphabet="0123456789abcdef", max_size=64), tasks
+)
 any_message = st.one_of(
     requests(),
     st.builds(Reply, ids, values, st.text(max_size=20), st.text(max_size=20), small, any_maps),
@@ -216,6 +219,21 @@ def test_optional_trailing_fields_take_defaults_and_extra_fields_are_ignored() -
     assert short == Request("r", "echo", Task.COMPLETE, "hi")
     longer = decode(_frame([*msgpack.unpackb(encode(short)[1:]), "a field from a newer peer"]))
     assert longer == short
+
+
+def test_a_model_load_says_its_tasks_and_an_older_peers_says_none() -> None:
+    addr = PeerAddr("a", "10.0.0.1", 5555, 5556)
+    report = LoadReport("a", 1, 2, addr, {"minilm": ModelLoad(0, 0, 8, 1.5, "9d83ed24", ("embed",))}, {}, (), False)
+    body = msgpack.unpackb(encode(report)[1:])
+    assert body[5]["minilm"] == [0, 0, 8, 1.5, "9d83ed24", ["embed"]]
+    assert decode(encode(report)) == report
+    body[5]["minilm"] = [0, 0, 8, 1.5, "9d83ed24"]  # as a node before tasks were gossiped sends it
+    older = decode(_frame(body))
+    assert isinstance(older, LoadReport) and older.models["minilm"].tasks == ()
+    for bad in ("embed", ["x"] * 9, [""], [7]):
+        body[5]["minilm"] = [0, 0, 8, 1.5, "9d83ed24", bad]
+        with pytest.raises(DecodeError, match="model task"):
+            decode(_frame(body))
 
 
 def test_encode_refuses_what_is_not_a_message() -> None:

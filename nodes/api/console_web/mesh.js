@@ -13,21 +13,37 @@ const byName = (a, b) => a.localeCompare(b, undefined, { numeric: true }); // sl
 const stateOf = (row) => (row.state === "self" ? "alive" : row.state);
 const isLive = (row) => row.state === "self" || row.state === "alive";
 
-/** A model's load as [inflight, queued, capacity] or as a map (with a version once nodes report one). */
+/** A model's load as [inflight, queued, capacity, version, tasks] or as a map with those keys. `tasks`: the tasks
+ * it serves (chat, complete, embed, infer), or null where its node did not say (an older node). */
 export function modelLoad(value) {
+  const tasksOf = (t) => (Array.isArray(t) && t.length ? t : null);
   if (Array.isArray(value)) {
     const [inflight = 0, queued = 0, capacity = 0] = value;
-    return { inflight, queued, capacity, version: typeof value[3] === "string" ? value[3] : "" };
+    const version = typeof value[3] === "string" ? value[3] : "";
+    return { inflight, queued, capacity, version, tasks: tasksOf(value[4]) };
   }
   const v = value || {};
-  return { inflight: v.inflight || 0, queued: v.queued || 0, capacity: v.capacity || 0, version: v.version || "" };
+  return {
+    inflight: v.inflight || 0,
+    queued: v.queued || 0,
+    capacity: v.capacity || 0,
+    version: v.version || "",
+    tasks: tasksOf(v.tasks),
+  };
 }
 
-/** Names of the models that at least one live node serves, sorted. */
+/** The models at least one live node serves, sorted by name, each with the tasks it serves (null: not known). */
 export function liveModels(view) {
-  const names = new Set();
-  for (const row of view.nodes) if (isLive(row)) Object.keys(row.models || {}).forEach((m) => names.add(m));
-  return [...names].sort(byName);
+  const tasks = new Map();
+  for (const row of view.nodes) {
+    if (!isLive(row)) continue;
+    for (const [name, value] of Object.entries(row.models || {})) {
+      const said = modelLoad(value).tasks;
+      const known = tasks.has(name) ? tasks.get(name) : said;
+      tasks.set(name, known && said ? [...new Set([...known, ...said])] : null);
+    }
+  }
+  return [...tasks.keys()].sort(byName).map((name) => ({ name, tasks: tasks.get(name) }));
 }
 
 function modelCell(models) {
