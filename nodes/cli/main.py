@@ -429,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
             "lanmesh turns the machines on a LAN into one private AI service. Run `lanmesh node` on every "
             "machine; send requests to any of them."
         ),
+        epilog=(
+            "start here:\n"
+            "  lanmesh keygen                      make the mesh key (once; copy it to every machine)\n"
+            "  lanmesh node                        serve the default models (smollm2, minilm) and join the mesh\n"
+            "  lanmesh request smollm2 'Hello!'    ask any node; it routes the request in the mesh\n"
+            "  lanmesh status                      every node, its models and load\n"
+            "`lanmesh COMMAND --help` explains each command; http://127.0.0.1:8000/ is a node's web console."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lanmesh {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -59,8 +59,13 @@ def add_parser(sub: Any, add_key_file: Callable[[argparse.ArgumentParser], None]
     p.set_defaults(func=cmd_request)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and the examples as written."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The examples as written, and each option's default where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        worth_saying = action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
+        return text + " (default: %(default)s)" if action.option_strings and worth_saying else text
 
 
 def cut_short_note(meta: dict[str, Any], asked: int | None) -> str | None:

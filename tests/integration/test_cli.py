@@ -35,8 +35,10 @@ def test_version_and_help_explain_the_commands() -> None:
     v = lanmesh("--version")
     assert v.returncode == 0 and v.stdout.startswith("lanmesh ")
     top = lanmesh("--help")
-    for command in ("node", "request", "status"):
+    for command in ("node", "request", "status", "models", "systemd-unit", "start here:", "lanmesh keygen"):
         assert command in top.stdout
+    request_help = lanmesh("request", "--help").stdout
+    assert "examples:" in request_help and "(default: 60.0)" in request_help and "(default: None)" not in request_help
     node_help = lanmesh("node", "--help").stdout
     for option in ("--peer", "--model", "--interface", "--grace", "LANMESH_"):
         assert option in node_help
