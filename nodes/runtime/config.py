@@ -140,9 +140,12 @@ class NodeConfig:
 
     def check_machine(self) -> None:
         """What only this machine can tell, checked before any model loads (a load takes minutes): the interface
-        has an IPv4 address, the bind address is one of this machine's, and the mesh's ports are free."""
+        has an IPv4 address, the bind address is one of this machine's, the mesh's ports are free, and the cache
+        folder can be written (a first build writes there after minutes of work)."""
         if self.interface:
             interface_ipv4(self.interface)
+        if self.cache_dir:
+            _check_writable(Path(self.cache_dir).expanduser())
         host = "" if self.bind in ("*", "0.0.0.0", "") else self.bind
         if host and not _is_ip(host):
             host = interface_ipv4(host)  # ZeroMQ binds an interface given by name too
@@ -299,6 +302,18 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise ValueError unless `folder` is (or can be made) a folder this process can write in."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".lanmesh-write-check-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--cache-dir {folder}: cannot write there ({exc.strerror or exc}); give a folder this "
+                         "user can write, e.g. ~/.cache/lanmesh") from None  # fmt: skip
 
 
 def _check_free(host: str, port: int, option: str) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -75,14 +76,17 @@ def test_status_shows_a_table_of_nodes(cluster: Cluster) -> None:
     assert "room=lab" in out.stdout
 
 
-def test_bad_configuration_stops_the_node_before_any_model_loads_or_it_joins(silent_port: int) -> None:
+def test_bad_configuration_stops_the_node_before_any_model_loads_or_it_joins(silent_port: int, tmp_path: Path) -> None:
     echo = ["node", *LOOPBACK, "--model", "echo"]
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
     for argv, code, message in (
         ([*echo, "--max-memory", "300"], 2, "max_memory 300 has no unit, so it would mean 300 bytes: write 300M"),
         ([*echo, "--max-memory", "abc"], 2, "max_memory: size 'abc' is not a number with a unit, like 512M or 8G"),
         ([*echo, "--model", "sleep:fast"], 2, "ms must be a number"),
         ([*echo, "--port", str(silent_port)], 1, f"port {silent_port} is in use on 127.0.0.1"),
         ([*echo, "--interface", "nosuch0"], 1, "no interface named or addressed 'nosuch0'"),
+        ([*echo, "--cache-dir", str(not_a_folder / "cache")], 1, f"--cache-dir {not_a_folder / 'cache'}: cannot write"),
     ):
         out = lanmesh(*argv)
         assert out.returncode == code and message in out.stderr, (argv, out.stderr)
