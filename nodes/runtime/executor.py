@@ -124,11 +124,11 @@ class ModelLane:
         batch: list[Job] = []
         while self._heap and len(batch) < limit:
             job = heapq.heappop(self._heap)[2]
-            if job.done:
+            if not job.take():
                 continue  # answered while queued (cancelled)
+            # Counted under the lane's lock, which the job's answer takes to release it: never released first.
             if self.continuous and not self.inflight and not batch:
                 self._busy_mark = time.monotonic()
-            job.started = True
             self.inflight += 1
             batch.append(job)
         return batch
