@@ -222,6 +222,7 @@ class MeshNode:
         if self._thread is not None and self._thread.is_alive():
             self.post("stop", None)
             self._thread.join(5.0)
+        self._stopped.set()  # leaving on purpose from here on, whatever the loop did
         self.services.close()
         if self._auth is not None:
             self._auth.stop()  # it closes its own sockets; destroy() must not close them under its feet
@@ -273,6 +274,7 @@ class MeshNode:
         self._ready.set()
         log.info("node up", extra={"addr": f"{self.addr.host}:{self.addr.port}", "pub": self.addr.pub_port})
         next_gossip = next_tick = 0.0
+        crashed = True
         try:
             while self._running:
                 now = time.monotonic()
@@ -292,11 +294,12 @@ class MeshNode:
                 if now >= next_tick:
                     self._guarded("housekeeping", self.membership.housekeeping, now)
                     next_tick = now + _TICK
+            crashed = False
         except Exception:
-            log.exception("mesh loop crashed")  # the watchdog ends the process
-            raise
+            # The watchdog sees the loop thread gone and ends the process (goodbye, exit 70).
+            log.exception("mesh loop crashed")
         finally:
-            self._shutdown()
+            self._shutdown(intended=not crashed)
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         if sock is self.router:
@@ -322,13 +325,16 @@ class MeshNode:
                 log.exception("error handling %s (the loop goes on; %d such errors so far)", what,
                               self.stats["handler_errors"])  # fmt: skip
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, intended: bool) -> None:
+        """The loop ends: every caller hears UNAVAILABLE. Only a stop asked for (`stop()`) tells the watchdog it was
+        meant; a loop that crashed leaves it to see a dead loop, so the process leaves the mesh and exits."""
         self._guarded("shutdown", self.entry.hand_back, "entry node stopped", time.monotonic())
         self._guarded("handing back local work", self.local.hand_back)
         self._guarded("the last answers", self._flush)
         if self._waker is not None:
             self._waker.silence()
-        self._stopped.set()
+        if intended:
+            self._stopped.set()
 
     def _drain_inbox(self) -> None:
         inbox = self._inbox

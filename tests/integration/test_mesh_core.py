@@ -279,3 +279,43 @@ def test_a_mesh_loop_stuck_in_a_handler_is_caught_by_the_watchdog() -> None:
         release.set()
         node.stop()
         executor.stop(1.0)
+
+
+def test_a_mesh_loop_that_raises_makes_the_node_leave_and_exit_like_a_stalled_one() -> None:
+    """An exception that escapes the loop itself (not a handler: those are survived) ends the loop thread. That is no
+    intended stop: the watchdog must say the mDNS goodbye and exit, or a zombie stays up outside its supervisor."""
+    from mesh import MeshNode, MeshSettings
+    from nodes.models.backends.synthetic import EchoBackend
+    from nodes.runtime.executor import Executor
+
+    broken, fired = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    class Announcement:  # stands in for the node's mDNS registration: what its goodbye does
+        def stop(self) -> None:
+            events.append("mdns goodbye")
+
+    executor = Executor([EchoBackend()])
+    executor.start()
+    settings = MeshSettings("crashy", bind="127.0.0.1", port=0, mdns=False, stall_timeout=5.0)
+    node = MeshNode(executor, settings, on_stall=lambda reason: (events.append(reason), fired.set()))
+    node.start()
+    node._discovery = Announcement()
+    close_later = node.links.close_later
+
+    def raising() -> None:
+        if broken.is_set():
+            raise RuntimeError("a bug outside any handler")
+        close_later()
+
+    node.links.close_later = raising  # type: ignore[method-assign]
+    try:
+        with Client(f"127.0.0.1:{node.addr.port}", security=Plaintext(), timeout=5) as client:
+            assert client.request("echo", "complete", "before").output == "before"
+        broken.set()
+        node.post("wake", None)  # any event makes the loop turn into the bug
+        assert fired.wait(10), "a loop that died was taken for an intended stop: the node stays up as a zombie"
+        assert events[0] == "mdns goodbye" and "died" in events[1], events
+    finally:
+        node.stop()
+        executor.stop(1.0)
