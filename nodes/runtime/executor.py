@@ -333,9 +333,13 @@ class Executor:
         while time.monotonic() < end and (lane.inflight or lane.queued()):
             time.sleep(0.02)
         handed_back = 0
-        for job in lane.close_queue():
-            job.fail(ErrorCode.UNAVAILABLE, f"{name} is being unloaded here; request handed back")
-            handed_back += 1
+        # Past the grace, what did not finish goes back to its callers as UNAVAILABLE (the entry retries it elsewhere)
+        # before the model closes: closed under a running engine, it would fail them with INTERNAL, never retried.
+        running = [job for job in list(self._jobs.values()) if job.lane is lane and job.started]
+        for job in [*lane.close_queue(), *running]:
+            if not job.done:
+                job.fail(ErrorCode.UNAVAILABLE, f"{name} is being unloaded here; request handed back")
+                handed_back += 1
         lane.stop(max(0.5, end - time.monotonic()))
         with self._write:
             self._all = {k: v for k, v in self._all.items() if v is not lane}

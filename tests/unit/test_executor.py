@@ -14,7 +14,7 @@ import nodes.runtime.executor as executor_module
 from nodes.models.backends.base import Job
 from nodes.models.backends.synthetic import SleepBackend
 from nodes.runtime.executor import Executor
-from protocol import ErrorCode, Request, Task
+from protocol import RETRYABLE, ErrorCode, Request, Task
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,7 +81,7 @@ def test_a_cancel_landing_while_a_worker_takes_the_job_leaks_no_slot(monkeypatch
             self._done_value = value
 
     monkeypatch.setattr(executor_module, "Job", WindowJob)
-    backend = SleepBackend(ms=1, capacity=1, name="m")
+    backend = SleepBackend(ms=2000, capacity=1, name="m")  # slow: the cancel, not the answer, ends r1
     executor = Executor([backend], batch_wait=0)
     executor_holder.append(executor)
     answers = Answers()
@@ -99,3 +99,47 @@ def test_a_cancel_landing_while_a_worker_takes_the_job_leaks_no_slot(monkeypatch
         _eventually(lambda: executor.load("m") == (0, 1), timeout=5, what="every slot released")
     finally:
         executor.stop(2.0)
+
+
+class ClosesUnderItsWork(SleepBackend):
+    """A slow model whose close() pulls the session from under a request still running, as a real engine's does."""
+
+    def __init__(self) -> None:
+        super().__init__(ms=5000, capacity=1, name="slow")
+        self.closed = threading.Event()
+
+    def run(self, batch: list[Job]) -> None:
+        for job in batch:
+            if job.sleep(self.ms / 1000):
+                continue  # answered meanwhile (handed back, cancelled): nothing left to do
+            if self.closed.is_set():
+                raise RuntimeError("session closed under a running request")
+            job.finish(job.request.input)
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_unloading_past_its_grace_hands_running_and_queued_work_back_as_retryable() -> None:
+    backend = ClosesUnderItsWork()
+    executor = Executor([backend], batch_wait=0)
+    executor.set_version("slow", "ab" * 32)
+    answers = Answers()
+    executor.start()
+    try:
+        for rid in ("running", "queued"):
+            assert executor.submit(_request(rid, "slow"), time.monotonic() + 30, answers.chunk, answers.done)
+        _eventually(lambda: executor.load("slow") == (2, 1), what="one request running, one queued")
+        t0 = time.monotonic()
+        handed_back = executor.retire("slow", "abab", grace=0.3)
+        _eventually(lambda: answers.of("running") != [] and answers.of("queued") != [], what="both answers")
+        # Both callers hear a refusal the entry retries elsewhere, at once, not an INTERNAL failure of the model.
+        for rid in ("running", "queued"):
+            [(code, message)] = answers.of(rid)
+            assert code in RETRYABLE and code is ErrorCode.UNAVAILABLE, (rid, code, message)
+            assert "unloaded" in message
+        assert time.monotonic() - t0 < 3.0, "the running request waited for the model instead of being handed back"
+        assert handed_back == 2
+        assert backend.closed.is_set(), "the model was not closed"
+    finally:
+        executor.stop(1.0)
