@@ -347,7 +347,8 @@ class MeshNode:
             elif kind == "answer":
                 ident, frame, done = payload
                 self.services.done(done)
-                self.send_client(ident, frame)
+                if frame is not None:
+                    self.send_client(ident, frame)
             elif kind == "found":
                 self._guarded("an announcement", self.membership.on_announcement, payload)
             elif kind == "lost":
