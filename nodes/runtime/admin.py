@@ -19,7 +19,7 @@ from protocol import Admin, Data, Error, ErrorCode, Fetch, Reply
 
 from ..models.backends.base import Backend
 from ..models.cache import cache_ready, cache_root, content_digest
-from ..models.catalog import SHORT, Catalog, ModelEntry, ModelState, PullProgress
+from ..models.catalog import SHORT, Catalog, ModelEntry, ModelState, PullProgress, model_version
 from ..models.loader import load_backend
 from ..models.specs import ModelSpec, parse_model_arg
 from ..models.transfer import ChunkServer, Puller, PullError, RateLimit
@@ -50,13 +50,14 @@ log = logging.getLogger("lanmesh.admin")
 
 
 def version_of(backend: Backend, spec_text: str) -> tuple[str, str, Path | None]:
-    """(version, kind, folder) of a loaded backend: the content hash of its files, or of its spec when it has none."""
+    """(version, kind, folder) of a loaded backend: the hash of its files and kind (`catalog.model_version`, what a
+    manifest is checked against), or of its spec when it has none."""
     files = backend.files()
     if files is None:
         kind = type(backend).__name__.removesuffix("Backend").lower()
         return hashlib.sha256(spec_text.encode()).hexdigest(), kind, None
     kind, folder = files
-    return content_digest(folder), kind, folder
+    return model_version(content_digest(folder), kind), kind, folder
 
 
 def info_of(backend: Backend) -> dict[str, Any]:
