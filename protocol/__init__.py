@@ -24,6 +24,7 @@ from ._messages import (
     Request,
     Task,
 )
+from ._names import NAME_MAX, NAME_RULE, check_name, is_name, is_version, name_problem
 from ._wire import DEFAULT_LIMITS, MAX_CHUNK_BYTES, MAX_DEADLINE_MS, MAX_HOPS, VERSION, Limits
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "MAX_CHUNK_BYTES",
     "MAX_DEADLINE_MS",
     "MAX_HOPS",
+    "NAME_MAX",
+    "NAME_RULE",
     "RETRYABLE",
     "VERSION",
     "Admin",
@@ -54,9 +57,13 @@ __all__ = [
     "Reply",
     "Request",
     "Task",
+    "check_name",
     "decode",
     "encode",
     "error_code_name",
+    "is_name",
+    "is_version",
+    "name_problem",
     "restamp_reply",
     "restamp_request",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from protocol import Admin, Error, Reply, decode, encode
+from protocol import Admin, Error, Reply, decode, encode, name_problem
 
 DEFAULT_NODE = "127.0.0.1:5555"
 LIST_TIMEOUT_S = 10.0  # `lanmesh models`: each node's answer
@@ -52,6 +52,14 @@ def admin_call(address: str, action: str, args: dict[str, Any], security: Any, t
         raise AdminError(f"{address} did not answer `{action}` within {timeout:g}s (is a node running there?)")
     finally:
         sock.close(0)
+
+
+def _model_name(text: str) -> str:
+    """A model name argument, checked by the one rule for names before anything is sent."""
+    problem = name_problem(text, "model name")
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _security(args: argparse.Namespace) -> Any:
@@ -259,18 +267,18 @@ def add_parsers(sub: Any, add_key_file: Any) -> None:
     add_key_file(p)
     actions = p.add_subparsers(dest="models_action", metavar="ACTION")
     pull = actions.add_parser("pull", help="fetch a model from the peers that serve it (never from the internet)")
-    pull.add_argument("name")
+    pull.add_argument("name", type=_model_name)
     pull.add_argument("--version", help="a version (its 8 hex digits); default: the one most peers serve")
     pull.add_argument("--serve", action="store_true", help="serve it on this node once fetched")
     load = actions.add_parser("load", help="load a model on a running node (beside a version it serves already)")
-    load.add_argument("name")
+    load.add_argument("name", type=_model_name)
     load.add_argument("spec", help="a model spec as for `lanmesh node --model`")
     unload = actions.add_parser("unload", help="stop serving a model: nothing new is routed to it, running and "
                                 "queued requests finish, then it is closed")  # fmt: skip
-    unload.add_argument("name")
+    unload.add_argument("name", type=_model_name)
     unload.add_argument("--version", help="which loaded version (default: the current one)")
     switch = actions.add_parser("switch", help="send a model's requests to another loaded version")
-    switch.add_argument("name")
+    switch.add_argument("name", type=_model_name)
     switch.add_argument("version")
     for q in (pull, load, unload, switch):
         # SUPPRESS: given after the action they count, and when not given there they leave what came before it
@@ -286,7 +294,7 @@ def add_parsers(sub: Any, add_key_file: Any) -> None:
         description="For each node serving NAME, in turn: load SPEC beside the running version, switch NAME's "
         "requests to it, drain and close the old one. Every node keeps serving NAME throughout.",
     )
-    r.add_argument("name")
+    r.add_argument("name", type=_model_name)
     r.add_argument("spec", help="the new model spec, as for `lanmesh node --model`")
     r.add_argument("--node", default=DEFAULT_NODE, help=f"a node of the mesh to start from (default {DEFAULT_NODE})")
     r.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for each step")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from protocol import name_problem
+
 from .packaged import MINILM, SMOLLM2, minilm_folder, smollm2_gguf
 
 KINDS = ("echo", "sleep", "transformers", "gguf", "onnx-chat", "onnx-embed")
@@ -149,9 +151,13 @@ def _spec_from_values(values: dict[str, Any], labels: dict[str, str], requires: 
         raise ValueError(f"unknown model kind {kind!r} in {text!r}; expected one of {', '.join(KINDS)}")
     if kind in ("transformers", "gguf", "onnx-chat", "onnx-embed") and path is None:
         raise ValueError(f"model spec {text!r}: kind {kind} needs a path")
-    name = values.pop("name", None) or (_name_from_path(path) if path else kind)
+    given = values.pop("name", None)
+    name = given or (_name_from_path(path) if path else kind)
     if kind == "sleep" and name == "sleep" and "ms" in values:
         name = f"sleep:{values['ms']:g}"
+    problem = name_problem(name, "model name" if given else "model name (from its file name)")
+    if problem is not None:  # names become folder names and lane names: checked once, here where they enter
+        raise ValueError(f"{problem}; give the model a name with name=NAME in {text!r}")
     max_batch = values.pop("max_batch", None)
     concurrency = values.pop("concurrency", None)
     options = dict(values)

@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from protocol import MAX_CHUNK_BYTES, Data, DecodeError, Error, ErrorCode, Fetch, decode, encode
+from protocol import MAX_CHUNK_BYTES, Data, DecodeError, Error, ErrorCode, Fetch, decode, encode, name_problem
 
 from .cache import CACHE_MARKER, cache_ready, cache_root
 from .catalog import SHORT, Catalog, ManifestError, PullProgress, PullState, check_manifest, open_shared, safe_path
@@ -148,6 +148,9 @@ class Puller:
         silent_after: float = _SILENT_S,
         window: int = _WINDOW,
     ) -> None:
+        problem = name_problem(name, "model name")
+        if problem is not None:  # it becomes a folder name in the cache: checked again where it does
+            raise PullError(problem)
         if not sources:
             raise PullError(f"no peer has {name}@{version[:SHORT]}")
         self.name, self.version = name, version

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from protocol import Admin, Data, Error, ErrorCode, Fetch, Reply
+from protocol import Admin, Data, Error, ErrorCode, Fetch, Reply, is_name, is_version
 
 from ..models.backends.base import Backend
 from ..models.cache import cache_ready, cache_root, content_digest
@@ -69,9 +69,13 @@ def info_of(backend: Backend) -> dict[str, Any]:
 
 
 def pulled_copy(name: str, cache_dir: str | Path | None = None) -> Path | None:
-    """The newest copy of `name` this node pulled from peers earlier (what it serves when its own source is gone)."""
+    """The newest copy of `name` this node pulled from peers earlier (what it serves when its own source is gone):
+    a folder named exactly `name-V8` (never a glob: a name is matched, not interpreted)."""
     root = cache_root(cache_dir) / "pulled"
-    copies = [p for p in root.glob(f"{name}-*") if p.is_dir() and cache_ready(p) and "." not in p.name[len(name) :]]
+    if not is_name(name) or not root.is_dir():
+        return None
+    copies = [p for p in root.iterdir() if p.name.startswith(f"{name}-") and is_version(p.name[len(name) + 1 :])
+              and len(p.name) == len(name) + 1 + SHORT and p.is_dir() and cache_ready(p)]  # fmt: skip
     return max(copies, key=lambda p: p.stat().st_mtime) if copies else None
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import psutil
 
+from protocol import check_name
+
 from ..api.keys import check_api_key
 from ..models.specs import parse_model_arg, split_model_specs
 
@@ -80,6 +82,8 @@ class NodeConfig:
         self.validate()
 
     def validate(self) -> None:
+        if self.name:
+            check_name(self.name, "node name")
         if not 0 <= self.port <= 65535 or not 0 <= self.pub_port <= 65535:
             raise ValueError("ports must be between 0 and 65535")
         if self.max_queue < 1:
@@ -155,7 +159,10 @@ class NodeConfig:
                 _check_free(host, port, option)
 
     def node_id(self) -> str:
-        return self.name or f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
+        if self.name:
+            return self.name
+        host = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname().split(".")[0]).strip("-_")[:64] or "node"
+        return f"{host}-{uuid.uuid4().hex[:6]}"  # a valid name whatever the hostname holds
 
     def advertised_host(self) -> str:
         return self.advertise or (interface_ipv4(self.interface) if self.interface else default_ipv4())

@@ -39,7 +39,9 @@ from protocol import (
 )
 
 ids = st.text(min_size=1, max_size=40)
-names = st.text(min_size=1, max_size=30)
+names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,29}\Z").filter(lambda n: ".." not in n)  # protocol._names
+nodes_or_none = names | st.just("")  # who answered ("" where nobody is named)
+labels = st.text(max_size=20).filter(str.isprintable)  # a client's own id
 small = st.integers(min_value=0, max_value=10_000)
 scalars = (
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
@@ -76,7 +78,7 @@ def requests(draw: st.DrawFn) -> Request:
         deadline_ms=draw(st.integers(1, MAX_DEADLINE_MS)),
         priority=draw(st.integers(0, 9)),
         hops=draw(st.integers(0, 8)),
-        origin=draw(st.text(max_size=20)),
+        origin=draw(labels),
         stream=draw(st.booleans()),
         require=draw(str_maps),
         prefix=draw(st.text(max_size=30)),
@@ -90,12 +92,12 @@ loads = st.builds(
 )
 any_message = st.one_of(
     requests(),
-    st.builds(Reply, ids, values, st.text(max_size=20), st.text(max_size=20), small, any_maps),
-    st.builds(Chunk, ids, small, values, st.text(max_size=20), st.text(max_size=20)),
+    st.builds(Reply, ids, values, nodes_or_none, st.text(max_size=20), small, any_maps),
+    st.builds(Chunk, ids, small, values, nodes_or_none, st.text(max_size=20)),
     st.builds(
-        Error, st.text(max_size=20), st.sampled_from(list(ErrorCode)), st.text(max_size=50), st.text(max_size=9), small
+        Error, st.text(max_size=20), st.sampled_from(list(ErrorCode)), st.text(max_size=50), nodes_or_none, small
     ),
-    st.builds(Reject, ids, st.text(max_size=20), small, st.text(max_size=20)),
+    st.builds(Reject, ids, nodes_or_none, small, st.text(max_size=20)),
     st.builds(
         LoadReport,
         names,
@@ -110,20 +112,26 @@ any_message = st.one_of(
     ),
     st.builds(Hello, addrs, st.integers(0, 2**63 - 1), st.text(max_size=20)),
     st.builds(Leave, names, st.integers(0, 2**63 - 1)),
-    st.builds(Ping, ids, st.text(max_size=20), st.booleans()),
-    st.builds(Pong, ids, st.text(max_size=20), st.none() | st.lists(any_maps, max_size=3)),
+    st.builds(Ping, ids, labels, st.booleans()),
+    st.builds(Pong, ids, nodes_or_none, st.none() | st.lists(any_maps, max_size=3)),
     st.builds(Cancel, ids, st.text(max_size=40)),
-    st.builds(Admin, ids, st.sampled_from(["models", "load", "unload", "switch", "pull"]), any_maps),
+    st.builds(
+        Admin,
+        ids,
+        st.sampled_from(["models", "load", "unload", "switch", "pull"]),
+        any_maps.filter(lambda m: "name" not in m and "version" not in m)
+        | st.fixed_dictionaries({"name": names, "version": st.text(alphabet="0123456789abcdef", max_size=64)}),
+    ),
     st.builds(
         Fetch,
         ids,
         names,
-        st.text(min_size=1, max_size=64),
+        st.text(alphabet="0123456789abcdef", min_size=1, max_size=64),
         st.text(max_size=40),
         st.integers(0, 2**40),
         st.integers(0, MAX_CHUNK_BYTES),
     ),  # fmt: skip
-    st.builds(Data, ids, st.text(max_size=20), st.integers(0, 2**40), st.binary(max_size=200)),
+    st.builds(Data, ids, nodes_or_none, st.integers(0, 2**40), st.binary(max_size=200)),
 )
 
 

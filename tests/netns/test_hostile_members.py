@@ -1,0 +1,150 @@
+"""Members and neighbours that lie, across hosts (network namespaces; root only): a key holder gossiping a model
+name that is a path, a process on a node's own machine forging that node's incarnation, hellos pointing a node at
+itself, at loopback, at nothing or at a multicast group. Each is refused and counted; the mesh keeps serving.
+
+The attackers are small scripts (below) run inside a host's namespace with the mesh key, as a member gone bad would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_mesh_hosts import MeshLan
+
+from bench.hosts import Lan
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A key holder on its own host: it says hello to the victim (so the victim subscribes to its gossip), gossips a model
+# whose name is a path, and serves that model's files to whoever pulls it.
+NAMER = """
+import os, sys, tempfile, time, zmq
+from pathlib import Path
+from mesh import Authenticator, client_security
+from nodes.models.catalog import Catalog, ModelEntry, make_manifest
+from nodes.models.transfer import ChunkServer, RateLimit
+from protocol import Hello, LoadReport, ModelLoad, PeerAddr, decode, encode
+me, victim, bad, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+folder = Path(tempfile.mkdtemp(prefix="namer-"))
+(folder / "model.onnx").write_bytes(os.urandom(3000))
+(folder / "config.json").write_text("{}")
+version = make_manifest(bad, "onnx-embed", folder, {})["version"]
+catalog = Catalog()
+catalog.add(ModelEntry(bad, version, "onnx-embed", str(folder), folder, state="ready"))
+server = ChunkServer(catalog, "namer", RateLimit(None))
+key = client_security()
+ctx = zmq.Context()
+auth = Authenticator(ctx, key, lambda kind, source: None)
+auth.start()
+router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+for s in (router, pub):
+    key.configure_server(s)
+router.bind(f"tcp://{me}:7100")
+pub.bind(f"tcp://{me}:7101")
+hello = ctx.socket(zmq.DEALER)
+key.configure_client(hello)
+hello.connect(f"tcp://{victim}")
+addr = PeerAddr("namer", me, 7100, 7101)
+inc = time.time_ns()
+print("ready", flush=True)
+end, seq = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    seq += 1
+    if seq % 4 == 1:
+        hello.send(encode(Hello(addr, inc, key.fingerprint)))
+    models = {bad: ModelLoad(0, 0, 1, 0.0, version), "fine": ModelLoad(0, 0, 1, 0.0, "ab" * 32)}
+    pub.send(encode(LoadReport("namer", inc, seq, addr, models, {}, (), False, key.fingerprint)))
+    while router.poll(250):
+        ident, frame = router.recv_multipart()
+        try:
+            router.send_multipart([ident, encode(server.serve(decode(frame)))])
+        except Exception as exc:  # a Fetch this (newer) decoder refuses: nothing to serve
+            print("refused", exc, flush=True)
+"""
+
+# Operator's side, on the client host: `lanmesh models pull NAME --node VICTIM` as a user types it, then the same
+# request as a raw Admin (what a script or an older CLI could send), and the victim's status.
+RAW_PULL = """
+import json, sys, zmq
+from mesh import client_security
+from protocol import Admin, decode, encode
+sock = zmq.Context.instance().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+client_security().configure_client(sock)
+sock.connect(f"tcp://{sys.argv[1]}")
+sock.send(encode(Admin("raw-pull", "pull", {"name": sys.argv[2]})))
+assert sock.poll(30_000), "no answer"
+answer = decode(sock.recv())
+print(json.dumps({"type": type(answer).__name__, "code": getattr(answer, "code", None),
+                  "message": getattr(answer, "message", ""), "output": getattr(answer, "output", None)}))
+"""
+STATUS = """
+import json, sys
+from mesh import Client
+with Client(sys.argv[1], timeout=15) as client:
+    print(json.dumps(client.status()))
+"""
+
+
+@pytest.fixture
+def mesh_lan(make_lan: Any, tmp_path: Path, keyed: Path) -> Iterator[MeshLan]:
+    m = MeshLan(make_lan(4), tmp_path)
+    yield m
+    for node in m.nodes.values():
+        node.stop(timeout=10)
+
+
+def _on_client(lan: Lan, argv: list[str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return lan.exec(lan.hosts[0], [sys.executable, *argv], timeout=timeout)
+
+
+def _status(lan: Lan, address: str) -> list[dict[str, Any]]:
+    done = _on_client(lan, ["-c", STATUS, address])
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows: list[dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return rows
+
+
+def _attacker(lan: Lan, host: int, script: str, *args: str) -> subprocess.Popen[str]:
+    proc = lan.spawn(lan.hosts[host], [sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, cwd=str(REPO), env={"PYTHONPATH": str(REPO)})  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", proc.stderr
+    return proc
+
+
+def test_a_model_name_that_is_a_path_is_refused_where_it_enters_and_never_pulled(
+    mesh_lan: MeshLan, tmp_path: Path
+) -> None:
+    """A key holder gossips `../../../escaped` and serves its files; an operator pulls it onto the victim. Before,
+    the pull published the rogue's files outside the victim's cache and exited 0."""
+    m, lan = mesh_lan, mesh_lan.lan
+    victim = m.start_node(1, model="echo", extra=["--cache-dir", str(tmp_path / "cache")])
+    m.converge()
+    bad = "../../../escaped"
+    namer = _attacker(lan, 2, NAMER, lan.hosts[2].ip, victim.address, bad, "40")
+    try:
+        s = m.tool("until-state", "--node", victim.address, "--peer", "namer", "--states", "alive")
+        assert s["reached"], f"the victim never heard the member\n{m.logs()}"
+        cli = _on_client(lan, ["-m", "nodes.cli", "models", "pull", bad, "--node", victim.address, "--timeout", "30"])
+        assert cli.returncode != 0, f"the CLI pulled a model named {bad!r}: {cli.stdout}"
+        assert "not a valid name" in cli.stderr, cli.stderr
+        raw = _on_client(lan, ["-c", RAW_PULL, victim.address, bad])
+        assert raw.returncode == 0, raw.stderr[-2000:]
+        answer = json.loads(raw.stdout.strip().splitlines()[-1])
+        assert answer["type"] == "Error" and "not a valid name" in answer["message"], answer
+        rows = {r["node"]: r for r in _status(lan, victim.address)}
+        assert bad not in rows.get("namer", {}).get("models", {}), "the victim believed a model named as a path"
+        assert rows[victim.name]["stats"].get("bad_frames", 0) > 0, "the refused gossip was not counted"
+    finally:
+        namer.kill()
+        namer.wait(10)
+    escaped = [str(p) for p in tmp_path.rglob("escaped*")]
+    assert not escaped, f"files published outside the cache: {escaped}"
