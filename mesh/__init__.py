@@ -33,7 +33,7 @@ from ._client import Client, Stream
 from ._directory import NodeDirectory
 from ._endpoints import parse_endpoints
 from ._entry import EntryTable, PendingState
-from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
+from ._failure import FORGOTTEN, INCARNATION_AHEAD_S, FailureDetector, PeerState, Transition
 from ._node import MeshNode
 from ._results import PingReply, Result
 from ._routing import POLICIES, Choice, RoutingPolicy
@@ -139,6 +139,7 @@ __all__ = [
     "RequestObserver",
     # the pure policies (fed with observations and `now`; no sockets): for tests and simulations
     "FORGOTTEN",
+    "INCARNATION_AHEAD_S",
     "POLICIES",
     "Call",
     "CallTable",

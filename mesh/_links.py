@@ -172,7 +172,11 @@ class PeerLinks:
         if addr.node == self.s.node_id:
             return None
         if not valid_peer_host(addr.host):
-            self._refuse("bad_peer_address", source, f"{addr.node} claims host {addr.host[:64]!r}")
+            self.refuse("bad_peer_address", source, f"{addr.node} claims host {addr.host[:64]!r}")
+            return None
+        if incarnation and not self.detector.incarnation_ok(incarnation, time.monotonic()):
+            self.refuse("incarnation_refused", source, f"{addr.node} claims an incarnation far ahead of this node's "
+                        "clock (a forgery, or one of the two clocks is wrong)")  # fmt: skip
             return None
         if self.s.fingerprint and fingerprint and fingerprint != self.s.fingerprint:
             self.stats["foreign_announcements"] += 1
@@ -319,7 +323,7 @@ class PeerLinks:
             return False
         if resolved is not None and same_host(str(resolved), seen):
             return True
-        self._refuse("identity_mismatch", seen or "?", f"gossip claiming to be {msg.node} at {host}")
+        self.refuse("identity_mismatch", seen or "?", f"gossip claiming to be {msg.node} at {host}")
         return False
 
     def speaks_for(self, peer: Peer, msg: Any) -> bool:
@@ -327,9 +331,7 @@ class PeerLinks:
         claimed = msg.addr.node if isinstance(msg, Hello) else getattr(msg, "node", "")
         if not claimed or claimed == peer.node:
             return True
-        self._refuse(
-            "identity_mismatch", f"{peer.addr.host}:{peer.addr.port}", f"{type(msg).__name__} naming {claimed}"
-        )
+        self.refuse("identity_mismatch", f"{peer.addr.host}:{peer.addr.port}", f"{type(msg).__name__} naming {claimed}")
         return False
 
     def identity_conflict(self, live: Peer, claimed_at: str, what: str) -> None:
@@ -341,7 +343,7 @@ class PeerLinks:
         if line is not None:
             log.warning("%s", line, extra={"source": claimed_at})
 
-    def _refuse(self, counter: str, source: str, what: str) -> None:
+    def refuse(self, counter: str, source: str, what: str) -> None:
         self.stats[counter] += 1
         line = self._log.note(counter.replace("_", " "), source, f"{what}, dropped")
         if line is not None:

@@ -204,6 +204,8 @@ class Membership:
         if self.s.fingerprint and r.fingerprint != self.s.fingerprint:
             self.stats["foreign_gossip"] += 1
             return
+        if not self._plausible(r.node, r.incarnation, r.addr.host):
+            return
         peer = self.links.peers.get(r.node)
         if peer is not None and peer.addr == r.addr and (r.incarnation, r.seq) <= (peer.incarnation, peer.seq):
             self.stats["stale_gossip"] += 1
@@ -233,11 +235,26 @@ class Membership:
         peer = self.links.peers.get(msg.node)
         if peer is None:
             return
+        if not self._plausible(msg.node, msg.incarnation, peer.addr.host):
+            return
         peer.leaving = True
         t = self.detector.left(msg.node, time.monotonic(), msg.incarnation)
         if t is not None:
             self.on_transition(t)
         log.info("peer %s is leaving", msg.node)
+
+    def _plausible(self, node: str, incarnation: int, host: str) -> bool:
+        """Gossip whose incarnation is far ahead of this node's clock is refused and counted: believed, it would make
+        the node's real reports stale (and keep it out of routing) until its clock caught up, restarts included."""
+        if self.detector.incarnation_ok(incarnation, time.monotonic()):
+            return True
+        ahead_s = (incarnation - time.time_ns()) / 1e9
+        self.links.refuse(
+            "incarnation_refused", host,
+            f"gossip as {node} with an incarnation {ahead_s / 3600:.1f} h ahead of this node's clock (the limit is "
+            f"{self.detector.incarnation_ahead / 3600:g} h): a forgery, or one of the two clocks is wrong",
+        )  # fmt: skip
+        return False
 
     def heard(self, node: str, now: float) -> None:
         """Any message from `node` (a reply, a pong, a hello): proof of life."""
@@ -269,6 +286,7 @@ class Membership:
     # ------------------------------------------------------------ housekeeping
 
     def housekeeping(self, now: float) -> None:
+        self.detector.sync_clock(time.time_ns(), now)  # incarnations are bounded by this clock (it may be stepped)
         for t in self.detector.tick(now):
             self.on_transition(t)
         for peer in self.links.peers:
@@ -358,6 +376,8 @@ class Membership:
             "handshake_failed": self.stats["handshake_failed"],
             "identity_mismatch": self.stats["identity_mismatch"],
             "identity_conflict": self.stats["identity_conflict"],
+            "incarnation_refused": self.stats["incarnation_refused"],
+            "bad_peer_address": self.stats["bad_peer_address"],
             "foreign": [
                 {k: v for k, v in e.items() if k != "last_seen"} | {"last_seen_s": round(now - e["last_seen"], 1)}
                 for e in self.links.foreign.values()

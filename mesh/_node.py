@@ -81,6 +81,7 @@ class MeshNode:
         self.incarnation = time.time_ns()
         self.ctx = zmq.Context()
         self.detector = FailureDetector(settings.suspect_after, settings.dead_after, settings.forget_after)
+        self.detector.sync_clock(self.incarnation, time.monotonic())  # before any gossip: incarnations are bounded
         self.policy = POLICIES[settings.routing](
             self.node_id,
             server.load,

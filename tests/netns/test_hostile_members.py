@@ -70,6 +70,59 @@ while time.monotonic() < end:
             print("refused", exc, flush=True)
 """
 
+# A process on a node's own machine, holding the key: it says hello as "imp" (so the peers subscribe to its gossip),
+# then for a few seconds publishes that node's load report with the largest incarnation there is. It arrives from
+# the node's own address, so the identity rule cannot tell it from the node.
+FORGER = """
+import sys, time, zmq
+from mesh import Authenticator, client_security
+from protocol import Hello, LoadReport, PeerAddr, encode
+me, targets, node = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+port, seconds = int(sys.argv[4]), float(sys.argv[5])
+key = client_security()
+ctx = zmq.Context()
+auth = Authenticator(ctx, key, lambda kind, source: None)
+auth.start()
+router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+for s in (router, pub):
+    key.configure_server(s)
+router.bind(f"tcp://{me}:7100")
+pub.bind(f"tcp://{me}:7101")
+dealers = []
+for target in targets:
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    key.configure_client(d)
+    d.connect(f"tcp://{target}")
+    dealers.append(d)
+print("ready", flush=True)
+real = PeerAddr(node, me, port, port + 1)
+end, seq = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    seq += 1
+    if seq % 5 == 1:
+        for d in dealers:
+            d.send(encode(Hello(PeerAddr("imp", me, 7100, 7101), 1, key.fingerprint)))
+    pub.send(encode(LoadReport(node, 2**63 - 2, seq, real, {}, {}, (), False, key.fingerprint)))
+    time.sleep(0.05)
+print("done", seq, flush=True)
+"""
+SERVED_BY = """
+import sys, time
+from mesh import Client
+end = time.monotonic() + float(sys.argv[3])
+with Client(sys.argv[1], timeout=5) as client:
+    while True:
+        try:
+            node = client.request(sys.argv[2], "complete", "x").node
+        except Exception as exc:
+            node = f"error: {exc}"
+        if node == sys.argv[4] or time.monotonic() > end:
+            break
+        time.sleep(0.2)
+print(node)
+"""
+
 # Operator's side, on the client host: `lanmesh models pull NAME --node VICTIM` as a user types it, then the same
 # request as a raw Admin (what a script or an older CLI could send), and the victim's status.
 RAW_PULL = """
@@ -148,3 +201,29 @@ def test_a_model_name_that_is_a_path_is_refused_where_it_enters_and_never_pulled
         namer.wait(10)
     escaped = [str(p) for p in tmp_path.rglob("escaped*")]
     assert not escaped, f"files published outside the cache: {escaped}"
+
+
+def test_a_forged_incarnation_from_a_nodes_own_machine_cannot_keep_it_out_of_routing(mesh_lan: MeshLan) -> None:
+    """Before, 3 s of forged reports with incarnation 2^63-2 made every real report of h2 stale for good: h2 went
+    dead on every peer and stayed out of routing even after restarting cleanly."""
+    m, lan = mesh_lan, mesh_lan.lan
+    h1 = m.start_node(1, model="echo")
+    h2 = m.start_node(2, model="sleep:100")
+    h3 = m.start_node(3, model="echo")
+    m.converge()
+    forger = _attacker(lan, 2, FORGER, lan.hosts[2].ip, f"{h1.address},{h3.address}", "h2", str(h2.port), "3")
+    assert forger.wait(30) == 0, forger.stderr.read() if forger.stderr else ""
+    for peer in (h1, h3):
+        # The forged reports carried no models: believed, they left h2 with nothing to route to it, for good.
+        served = _on_client(lan, ["-c", SERVED_BY, peer.address, "sleep:100", "5", "h2"])
+        assert served.stdout.strip() == "h2", f"{peer.name} no longer routes to h2: {served.stdout}\n{m.logs()}"
+        rows = {r["node"]: r for r in _status(lan, peer.address)}
+        assert rows["h2"]["state"] == "alive" and "sleep:100" in rows["h2"]["models"], rows["h2"]
+        me = rows[peer.name]
+        assert me["security"]["incarnation_refused"] > 0, f"{peer.name} did not count the refusals: {me['stats']}"
+    assert "incarnation" in h1.log_tail(200) and "ahead of this node's clock" in h1.log_tail(200)
+    # h2 restarts cleanly: its new incarnation is taken, and requests entering h1 go to it again.
+    h2.stop(timeout=15)
+    m.start_node(2, model="sleep:100")
+    served = _on_client(lan, ["-c", SERVED_BY, h1.address, "sleep:100", "20", "h2"])
+    assert served.stdout.strip() == "h2", f"{served.stdout}{served.stderr[-1500:]}\n{m.logs()}"
