@@ -62,6 +62,7 @@ _NOBODY: frozenset[str] = frozenset()
 _NB, _NB_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _TICK = 0.05  # seconds between housekeeping passes (detector, deadlines, retries)
 _FLUSH_AT = 32  # answers queued before the loop sends them mid-turn (bounds the wait of the first in a burst)
+_INBOX_PER_TURN = 1024  # events from other threads handled per turn: a flood of chunks cannot hold up the sockets
 _ERROR_LOG_EVERY_S = 10.0
 
 
@@ -280,7 +281,8 @@ class MeshNode:
             while self._running:
                 now = time.monotonic()
                 self.last_turn = now
-                events = self._poller.poll(math.ceil(max(0.0, min(next_gossip, next_tick) - now) * 1000))
+                wait = 0.0 if self._inbox else max(0.0, min(next_gossip, next_tick) - now)  # events left: go on
+                events = self._poller.poll(math.ceil(wait * 1000))
                 for sock, _ in events:
                     self._drain(sock)
                 self.links.close_later()
@@ -339,7 +341,9 @@ class MeshNode:
 
     def _drain_inbox(self) -> None:
         inbox = self._inbox
-        while inbox:
+        for _ in range(_INBOX_PER_TURN):
+            if not inbox:
+                return
             kind, payload = inbox.popleft()
             if kind == "done":
                 self._guarded("a local answer", self.local.done, *payload)

@@ -1,7 +1,6 @@
 """The local executor: a bounded priority queue per model, dynamic batching, worker threads.
 
-Model work never runs on the mesh loop (except backends marked `inline`, such
-as `echo`, whose work is cheaper than a thread hand-off).
+Model work never runs on the mesh loop, synthetic models' included: their work grows with their input.
 """
 
 from __future__ import annotations
@@ -35,8 +34,9 @@ class ModelLane:
         self.backend = backend
         self.max_queue = max_queue
         self.continuous = backend.continuous
+        if backend.batch_wait is not None:
+            batch_wait = backend.batch_wait
         self.batch_wait = batch_wait if backend.max_batch > 1 and not self.continuous else 0.0
-        self.inline = bool(getattr(backend, "inline", False))
         self._heap: list[tuple[int, int, Job]] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
@@ -68,8 +68,6 @@ class ModelLane:
         return ModelLoad(self.inflight, len(self._heap), self.capacity, round(self.rate(), 3), self.version[:8], tasks)
 
     def start(self) -> None:
-        if self.inline:
-            return
         target = self._serve if self.continuous else self._work
         for i in range(self.backend.concurrency):
             t = threading.Thread(target=target, name=f"model-{self.backend.name}-{i}", daemon=True)
@@ -100,14 +98,6 @@ class ModelLane:
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full or the lane is closing."""
-        if self.inline:
-            if not self.accepting:
-                return False
-            job.started = True
-            with self._cond:
-                self.inflight += 1
-            self._run([job])
-            return True
         with self._cond:
             if not self.accepting or len(self._heap) >= self.max_queue:
                 return False

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import zmq
 
-from bench.procs import ROOT, Cluster, NodeProc, free_port_pair
+from bench.procs import ROOT, Cluster, NodeProc, free_port_pair, ping
 from mesh import Authenticator, Client, MeshKey, Plaintext
 from protocol import Cancel, Hello, LoadReport, ModelLoad, PeerAddr, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
@@ -319,3 +319,50 @@ def test_a_mesh_loop_that_raises_makes_the_node_leave_and_exit_like_a_stalled_on
     finally:
         node.stop()
         executor.stop(1.0)
+
+
+@pytest.mark.timeout(180)
+def test_echo_streams_of_long_prompts_never_stall_the_mesh_loop(cluster: Cluster) -> None:
+    """48 streamed echo requests of 262,000 characters each: before, echo ran on the mesh loop and streamed a chunk
+    per word (2.5 million chunks in one turn), so the loop stopped turning until the watchdog killed the node."""
+    node = cluster.add("echoes", [*LOOPBACK, "--model", "echo"])
+    prompt = ("word " * 52_400)[:262_000]
+    waits: list[float] = []
+    unanswered = 0
+    done = threading.Event()
+
+    def probe() -> None:  # what peers and supervisors see meanwhile: does the node answer at once?
+        nonlocal unanswered
+        while not done.is_set():
+            t0 = time.monotonic()
+            if ping(node.address, timeout=5.0) is None:
+                unanswered += 1
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.05)
+
+    texts: list[str] = []
+    errors: list[BaseException] = []
+
+    def one(client: Client) -> None:
+        try:
+            texts.append("".join(client.complete("echo", prompt, stream=True)))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        with Client(node.address, timeout=60) as client:
+            streams = [threading.Thread(target=one, args=(client,)) for _ in range(48)]
+            for t in streams:
+                t.start()
+            for t in streams:
+                t.join(120)
+    finally:
+        done.set()
+        prober.join(10)
+    assert node.alive(), f"the node died:\n{node.log_tail()}"
+    assert not errors, errors[:3]
+    assert len(texts) == 48 and all(t == prompt for t in texts), "a stream lost or changed text"
+    assert unanswered == 0 and max(waits) < 1.0, f"pings waited up to {max(waits):.2f}s ({unanswered} unanswered)"
+    assert "has not turned" not in node.log_tail(100)

@@ -166,6 +166,7 @@ class Backend(ABC):
     max_batch: int = 1
     concurrency: int = 1
     continuous: bool = False
+    batch_wait: float | None = None  # seconds a batch may wait to fill; None: the node's --batch-wait-ms
     steps = 0  # continuous backends: decode steps run, and requests advanced by them (summed over steps)
     row_steps = 0
     labels: dict[str, str]
