@@ -123,6 +123,44 @@ with Client(sys.argv[1], timeout=5) as client:
 print(node)
 """
 
+# A member that tells a node about "peers" at addresses that are the node itself, loopback, nobody, or a group:
+# in hellos, and in the digest of its own (accepted) gossip.
+ALIASER = """
+import sys, time, zmq
+from mesh import Authenticator, client_security
+from protocol import Hello, LoadReport, PeerAddr, encode
+me, victim, victim_ip, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+key = client_security()
+ctx = zmq.Context()
+auth = Authenticator(ctx, key, lambda kind, source: None)
+auth.start()
+router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+for s in (router, pub):
+    key.configure_server(s)
+router.bind(f"tcp://{me}:7100")
+pub.bind(f"tcp://{me}:7101")
+dealer = ctx.socket(zmq.DEALER)
+dealer.setsockopt(zmq.LINGER, 0)
+key.configure_client(dealer)
+dealer.connect(f"tcp://{victim}")
+own = PeerAddr("aliaser", me, 7100, 7101)
+hosts = {"lo": "127.0.0.1", "any": "0.0.0.0", "mc": "224.0.0.251", "bc": "255.255.255.255", "self": victim_ip,
+         "localhost": "localhost"}
+aliases = [PeerAddr(f"alias-{k}", h, 7000, 7001) for k, h in hosts.items()]
+digest = (PeerAddr("digest-self", victim_ip, 7000, 7001), PeerAddr("digest-lo", "127.0.0.1", 7000, 7001))
+inc = time.time_ns()
+print("ready", flush=True)
+end, seq = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    seq += 1
+    if seq % 4 == 1:
+        for addr in (own, *aliases):
+            dealer.send(encode(Hello(addr, inc, key.fingerprint)))
+    pub.send(encode(LoadReport("aliaser", inc, seq, own, {}, {}, digest, False, key.fingerprint)))
+    while router.poll(250):
+        router.recv_multipart()
+"""
+
 # Operator's side, on the client host: `lanmesh models pull NAME --node VICTIM` as a user types it, then the same
 # request as a raw Admin (what a script or an older CLI could send), and the victim's status.
 RAW_PULL = """
@@ -227,3 +265,27 @@ def test_a_forged_incarnation_from_a_nodes_own_machine_cannot_keep_it_out_of_rou
     m.start_node(2, model="sleep:100")
     served = _on_client(lan, ["-c", SERVED_BY, h1.address, "sleep:100", "20", "h2"])
     assert served.stdout.strip() == "h2", f"{served.stdout}{served.stderr[-1500:]}\n{m.logs()}"
+
+
+def test_hellos_and_digests_pointing_a_node_at_itself_loopback_nobody_or_a_group_are_refused(mesh_lan: MeshLan) -> None:
+    """Before, the node connected to each of these and listed the aliases of itself as flapping peers."""
+    m, lan = mesh_lan, mesh_lan.lan
+    h1 = m.start_node(1, model="echo")
+    m.start_node(3, model="sleep:100")
+    m.converge()
+    aliaser = _attacker(lan, 2, ALIASER, lan.hosts[2].ip, h1.address, lan.hosts[1].ip, "12")
+    try:
+        s = m.tool("until-state", "--node", h1.address, "--peer", "aliaser", "--states", "alive")
+        assert s["reached"], f"h1 never heard the member's own gossip\n{m.logs()}"
+        for _ in range(3):  # a few looks while the claims keep coming (they were re-learned after each drop)
+            rows = {r["node"]: r for r in _status(lan, h1.address)}
+            aliases = sorted(n for n in rows if n.startswith(("alias-", "digest-")))
+            assert not aliases, f"h1 took these for peers: {[(n, rows[n]['address']) for n in aliases]}"
+            assert rows["h3"]["state"] == "alive" and rows["aliaser"]["state"] == "alive"
+        refused = rows["h1"]["security"]["bad_peer_address"]
+        assert refused >= 8, f"the refusals were not counted: {rows['h1']['stats']}"
+        served = _on_client(lan, ["-c", SERVED_BY, h1.address, "sleep:100", "10", "h3"])
+        assert served.stdout.strip() == "h3", served.stdout + served.stderr[-1500:]
+    finally:
+        aliaser.kill()
+        aliaser.wait(10)
