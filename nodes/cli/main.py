@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..runtime.config import DEFAULT_PORT, NodeConfig, parse_labels
-from . import request, service_unit
+from . import early_signals, note_early_signal, request, service_unit
 from .progress import ProgressLine, StageLog
 
 
@@ -187,7 +187,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         faulthandler.enable()  # systemd's watchdog sends SIGABRT: every thread's stack goes to the journal first
     node = Node(cfg, notifier=notifier)
     node.install_signal_handlers()  # from here on a signal leaves gracefully, model loading included
-    if _early_signals:  # one came while this process was still starting up
+    if early_signals:  # one came while this process was still starting up
         node.request_stop()
     progress = ProgressLine(sys.stderr) if sys.stderr.isatty() else None  # log lines print above its line
     logs.setup(node.node_id, cfg.log_level, cfg.log_format, stream=progress)
@@ -453,18 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_early_signals: list[int] = []
-
-
-def _note_early_signal(signum: int, _frame: Any) -> None:
-    _early_signals.append(signum)  # `lanmesh node` turns this into a graceful stop once its node exists
-
-
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "node":
-        # Before anything slow (imports, config, models): a SIGTERM from here on leaves gracefully, exit 0.
-        signal.signal(signal.SIGTERM, _note_early_signal)
-        signal.signal(signal.SIGINT, _note_early_signal)
+        # Installed already when this package was imported; again for a main() called after that import.
+        signal.signal(signal.SIGTERM, note_early_signal)
+        signal.signal(signal.SIGINT, note_early_signal)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -250,6 +250,53 @@ def test_sigterm_at_any_moment_of_start_up_leaves_gracefully_with_status_0(tmp_p
         assert "left the mesh" in text
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (Linux: the caught-signals mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (sig - 1) & 1)
+
+
+def test_the_first_code_lanmesh_node_runs_takes_sigterm_before_any_import() -> None:
+    """The package `nodes.cli` is imported before `main.py` and its imports (config, protocol, psutil: ~0.1 s): a
+    SIGTERM meanwhile killed the node by the signal. Its import now installs the handler, for `lanmesh node` only."""
+    probe = (
+        "import signal, sys; sys.argv[1:] = sys.argv[1:2]; import nodes.cli; "
+        "print(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, 'protocol' in sys.modules, "
+        "'nodes.runtime' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for argv, expected in ((["node"], "True False False"), (["status"], "False False False")):
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert done.stdout.strip() == expected, (argv, done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2])
+def test_sigterm_from_the_moment_a_node_can_take_it_leaves_with_status_0(tmp_path: Path, delay: float) -> None:
+    """Right after spawn the interpreter itself starts (~35 ms here), before any line of lanmesh runs: no program
+    can catch a signal then, and nothing has been opened. From the first line on, every SIGTERM leaves cleanly."""
+    proc, log = _spawn_node(tmp_path, f"first-{delay}", [*LOOPBACK, "--model", "echo"])
+    try:
+        t0 = time.monotonic()
+        while not _catches(proc.pid, signal.SIGTERM):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() - t0 < 20, "the node never installed a SIGTERM handler"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    if "node up" in text:
+        assert "left the mesh" in text
+
+
 def test_a_mesh_loop_stuck_in_a_handler_is_caught_by_the_watchdog() -> None:
     """A loop that stops turning (here: the executor's load view blocks) makes the node leave and exit; the exit
     itself is replaced by a recorder so this test's process lives on."""
