@@ -13,7 +13,9 @@ What lives where (private modules, free to move behind this face):
   `EntryTable` (`_entry.py`: the entry's tries, retries and fail-over), `RoutingPolicy` (`_routing.py`),
   `FailureDetector` (`_failure.py`), `Membership` (`_membership.py`: gossip), `PeerLinks` (`_links.py`: the
   DEALER per peer that forwards requests), `Discovery` (`_discovery.py`: mDNS)
-- security: `MeshKey`, CURVE and the ZAP `Authenticator` (`_security.py`)
+- security: `MeshKey`, CURVE and the ZAP `Authenticator` (`_security.py`); member identities: certificates
+  (`_certs.py`), the authority (`_authority.py`), a node's book of members (`_members.py`), a member's identity
+  file (`_identity.py`), finding a machine's key (`_keyfiles.py`)
 - errors: `mesh.errors` (one exception per wire error code)
 
 The mDNS names (`Discovery`, `browse`, `discovery`, ...) load zeroconf on first use, so a client that is given
@@ -26,14 +28,19 @@ import importlib
 from typing import Any
 
 from ._aclient import AsyncClient, AsyncStream
+from ._authority import Authority, AuthorityError
 from ._backoff import backoff_schedules
 from ._call import Call, request_call
 from ._calls import CallTable
+from ._certs import AuthorityKey, Certificate, CertificateError, InviteCode, RevocationList, Role, key_text
 from ._client import Client, Stream
 from ._directory import NodeDirectory
 from ._endpoints import parse_endpoints
 from ._entry import EntryTable, PendingState
 from ._failure import FORGOTTEN, INCARNATION_AHEAD_S, FailureDetector, PeerState, Transition
+from ._identity import KnownNode, MemberIdentity
+from ._keyfiles import MeshSecurity, client_security, default_key_path, key_path, load_key, load_mesh_key
+from ._members import Members, role_needed
 from ._node import MeshNode
 from ._results import PingReply, Result
 from ._routing import POLICIES, Choice, RoutingPolicy
@@ -47,13 +54,10 @@ from ._security import (
     Plaintext,
     RejectionLog,
     RequestLimits,
-    client_security,
-    default_key_path,
     fingerprint_of,
     handshake_failure,
+    judge_member_zap,
     judge_zap,
-    key_path,
-    load_mesh_key,
     require_curve,
     same_host,
     zap_reply,
@@ -112,6 +116,20 @@ __all__ = [
     "ProtocolError",
     "Unauthorized",
     # security
+    "Authority",
+    "AuthorityError",
+    "AuthorityKey",
+    "Certificate",
+    "CertificateError",
+    "InviteCode",
+    "KnownNode",
+    "MemberIdentity",
+    "Members",
+    "role_needed",
+    "MeshSecurity",
+    "RevocationList",
+    "Role",
+    "key_text",
     "INSECURE_ENV",
     "KEY_ENV",
     "Authenticator",
@@ -125,8 +143,10 @@ __all__ = [
     "default_key_path",
     "fingerprint_of",
     "handshake_failure",
+    "judge_member_zap",
     "judge_zap",
     "key_path",
+    "load_key",
     "load_mesh_key",
     "require_curve",
     "same_host",

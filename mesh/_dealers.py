@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 
-from ._security import client_security, handshake_failure
+from ._keyfiles import client_security
+from ._security import handshake_failure
 
 if TYPE_CHECKING:
     from ._calls import CallTable

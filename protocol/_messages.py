@@ -161,12 +161,14 @@ class ModelLoad:
 
 @dataclass(frozen=True, slots=True)
 class PeerAddr:
-    """How to reach a node: its ROUTER port and its gossip PUB port."""
+    """How to reach a node: its ROUTER port and its gossip PUB port; in a mesh of member identities also its CURVE
+    public key (`key`, Z85 text), which a node connecting there must expect of the server ("" otherwise)."""
 
     node: str
     host: str
     port: int
     pub_port: int
+    key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,7 @@ class LoadReport:
     peers: tuple[PeerAddr, ...] = ()
     leaving: bool = False
     fingerprint: str = ""
+    revocations: int = 0  # the serial of the revocation list the sender holds (member identities; 0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,19 +228,65 @@ class Pong:
     status: list[dict[str, Any]] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A member presents its certificate (the authority-signed bytes) as the first message on a new connection, so
+    the node learns who the connection's key is; `revocations` is the serial of the revocation list it holds. A
+    node answers a node's `Credentials` with its own. Only in a mesh of member identities."""
+
+    cert: bytes
+    revocations: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Spend a one-time invite `token`: the authority node signs a certificate for the key this connection was
+    made with, named `name` unless the invite names it. Answered with a Reply (the certificate, the revocation
+    list, the nodes the authority knows) or an Error."""
+
+    id: str
+    token: bytes
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Revocations:
+    """The mesh authority's signed revocation list, spread node to node; a higher serial replaces a lower one."""
+
+    document: bytes
+
+
 Message = (
-    Request | Reply | Chunk | Error | Reject | LoadReport | Hello | Leave | Ping | Pong | Cancel | Admin | Fetch | Data
+    Request
+    | Reply
+    | Chunk
+    | Error
+    | Reject
+    | LoadReport
+    | Hello
+    | Leave
+    | Ping
+    | Pong
+    | Cancel
+    | Admin
+    | Fetch
+    | Data
+    | Credentials
+    | Join
+    | Revocations
 )
 
 __all__ = [
     "Admin",
     "Cancel",
+    "Credentials",
     "Chunk",
     "Data",
     "Error",
     "ErrorCode",
     "Fetch",
     "Hello",
+    "Join",
     "Leave",
     "LoadReport",
     "Message",
@@ -248,5 +297,6 @@ __all__ = [
     "Reject",
     "Reply",
     "Request",
+    "Revocations",
     "Task",
 ]
