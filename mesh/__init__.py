@@ -28,12 +28,13 @@ import importlib
 from typing import Any
 
 from ._aclient import AsyncClient, AsyncStream
-from ._authority import Authority, AuthorityError
+from ._authority import AUTHORITY_DIR, Authority, AuthorityError
 from ._backoff import backoff_schedules
 from ._call import Call, request_call
 from ._calls import CallTable
 from ._certs import AuthorityKey, Certificate, CertificateError, InviteCode, RevocationList, Role, key_text
 from ._client import Client, Stream
+from ._dealers import connect_dealer
 from ._directory import NodeDirectory
 from ._endpoints import parse_endpoints
 from ._entry import EntryTable, PendingState
@@ -104,6 +105,7 @@ __all__ = [
     "PingReply",
     "Result",
     "Stream",
+    "connect_dealer",
     "parse_endpoints",
     # errors
     "BadRequest",
@@ -116,6 +118,7 @@ __all__ = [
     "ProtocolError",
     "Unauthorized",
     # security
+    "AUTHORITY_DIR",
     "Authority",
     "AuthorityError",
     "AuthorityKey",

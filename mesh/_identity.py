@@ -17,6 +17,7 @@ import os
 import socket
 import stat
 import threading
+import time
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any
 import zmq
 from nacl.signing import VerifyKey
 
-from protocol import Credentials, encode, is_name
+from protocol import Credentials, DecodeError, Ping, Pong, decode, encode, is_name
 
 from ._certs import Certificate, CertificateError, Role, fingerprint, key_bytes, key_text
 from ._security import ZAP_DOMAIN, MeshKeyError, require_curve
@@ -108,6 +109,11 @@ class NodeKeys:
                     self._by_address[address] = cert.key_text
                     new += 1
         return new
+
+    def learn(self, address: str, key: str) -> None:
+        """A node's key, from a source already trusted (a peer that presented its certificate to this node)."""
+        with self._lock:
+            self._by_address[address] = key
 
     def addresses(self) -> list[str]:
         with self._lock:
@@ -258,6 +264,42 @@ class MemberIdentity:
 
     def learn_status(self, rows: Sequence[Any]) -> None:
         self.node_keys.learn_rows(rows)
+
+    def resolve(self, endpoint: str, timeout: float = 1.5) -> None:
+        """Make sure a key is known for the node at `endpoint`: if not, ask the nodes this member knows for their
+        status (each row carries a node's certificate) until one lists it. Blocking; `configure_client` says what
+        is wrong when none does."""
+        if self.node_keys.key_for(endpoint) is not None:
+            return
+        for address in self.node_keys.addresses():
+            rows = self._ask_status(address, timeout)
+            if rows:
+                self.node_keys.learn_rows(rows)
+                if self.node_keys.key_for(endpoint) is not None:
+                    return
+
+    def _ask_status(self, address: str, timeout: float) -> list[Any]:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            self.configure_client(sock, f"tcp://{address}")
+            sock.connect(f"tcp://{address}")
+            sock.send(self.certificate_frame())
+            sock.send(encode(Ping("keys", self.name, True)))
+            end = time.monotonic() + timeout
+            while (left := end - time.monotonic()) > 0 and sock.poll(int(left * 1000)):
+                try:
+                    msg = decode(sock.recv())
+                except DecodeError:
+                    continue
+                if isinstance(msg, Pong) and msg.id == "keys":
+                    return msg.status or []
+            return []
+        except (zmq.ZMQError, MeshKeyError):
+            return []
+        finally:
+            ctx.destroy(0)
 
     def describe(self) -> str:
         return f"CURVE, member {self.name} ({self.role}) of mesh {self.fingerprint}"

@@ -131,9 +131,9 @@ class Trust:
         """Whether `msg`, from the connection whose key is `uid` (`member` when known), may go on; otherwise it is
         answered here (when it can be) and counted."""
         t = type(msg)
+        if t in FROM_ANYONE:
+            return True
         if member is None:
-            if t in FROM_ANYONE:
-                return True
             self._refuse_stranger(ident, msg, uid)
             return False
         needed = role_needed(msg)
@@ -208,9 +208,9 @@ class Trust:
             return
         if member.role >= Role.NODE:
             # A peer (or a seed contact) learns who this node is on the same connection, and catches up.
-            self._send_client(ident, self.credentials())
+            self._send_client(ident, Credentials(self.identity.certificate, self.serial))
             if msg.revocations < self.serial and self.members.revocations is not None:
-                self._send_client(ident, encode(Revocations(self.members.revocations.encode())))
+                self._send_client(ident, Revocations(self.members.revocations.encode()))
             self._heard_serial(msg.revocations)
 
     def on_peer_credentials(self, peer: Peer, msg: Credentials) -> None:
@@ -225,6 +225,7 @@ class Trust:
             return
         if not peer.verified:
             peer.verified = True
+            self.identity.node_keys.learn(f"{peer.addr.host}:{peer.addr.port}", peer.addr.key)  # pulls connect there
             log.info("peer %s presented its certificate (%s)", peer.node, member.role)
         if msg.revocations < self.serial:
             self._push(peer, force=True)

@@ -68,6 +68,10 @@ class NodeConfig:
     # Security (see docs/ARCHITECTURE.md, Security): the mesh key, or an explicitly open mesh.
     key_file: str = ""  # mesh key from `lanmesh keygen`; default: $LANMESH_KEY_FILE, then ~/.config/lanmesh/mesh.key
     insecure: bool = False  # plaintext, no authentication: anyone on the LAN can join and read the traffic
+    # Member identities: the mesh authority's folder (default: `authority` beside the key file, if there), and
+    # where the node keeps what must outlive it: the revocation list, the HTTP API's keys.
+    authority_dir: str = ""
+    state_dir: str = ""  # default: $STATE_DIRECTORY (systemd's StateDirectory=), else ~/.local/state/lanmesh
     # Limits on what one request, client or peer may ask of this node (beyond them: BAD_REQUEST or OVERLOADED).
     max_prompt_chars: int = 262_144  # characters of input (prompt, chat messages, texts to embed) per request
     max_tokens: int = 4096  # highest max_tokens a request may ask for
@@ -111,7 +115,7 @@ class NodeConfig:
         for spec in self.models:  # a bad spec is refused now, not after the models before it have loaded
             parse_model_arg(spec)
         for seed in self.peers:
-            parse_hostport(seed)
+            parse_hostport(seed.rpartition("@")[2])  # KEY@host:port with member identities
         if not 0 <= self.http_port <= 65535:
             raise ValueError("http_port must be between 0 and 65535 (0 = no HTTP gateway)")
         limits = ("max_prompt_chars", "max_tokens", "max_embed_inputs", "max_inflight_per_client")
@@ -163,6 +167,13 @@ class NodeConfig:
             return self.name
         host = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname().split(".")[0]).strip("-_")[:64] or "node"
         return f"{host}-{uuid.uuid4().hex[:6]}"  # a valid name whatever the hostname holds
+
+    def state_folder(self) -> Path:
+        """Where this node keeps state across restarts (member identities' revocation list, the API's keys)."""
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(systemd) if systemd else Path("~/.local/state/lanmesh").expanduser()
 
     def advertised_host(self) -> str:
         return self.advertise or (interface_ipv4(self.interface) if self.interface else default_ipv4())
