@@ -76,6 +76,24 @@ class Authority:
         self.folder = folder
         self.key = key
         self._lock = threading.Lock()
+        self._seen: tuple[int, int] = self._stamp()
+        self._load(state)
+
+    def _stamp(self) -> tuple[int, int]:
+        try:
+            st = (self.folder / _STATE_FILE).stat()
+        except FileNotFoundError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_size)
+
+    def _refresh(self) -> None:
+        """Read the state again if another process (a command run on this machine) changed it since."""
+        if self._stamp() != self._seen:
+            self._load(json.loads((self.folder / _STATE_FILE).read_text(encoding="utf-8")))
+            self._seen = self._stamp()
+
+    def _load(self, state: dict[str, Any]) -> None:
+        key = self.key
         self._next_serial: int = int(state.get("next_serial", 1))
         self._invites: dict[str, dict[str, Any]] = dict(state.get("invites", {}))
         self._issued: dict[str, Issued] = {}
@@ -150,6 +168,7 @@ class Authority:
             "revocations": base64.b64encode(self._revocations.encode()).decode() if self._revocations else "",
         }
         _write_private(self.folder / _STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
+        self._seen = self._stamp()
 
     # ------------------------------------------------------------- what it does
 
@@ -159,6 +178,7 @@ class Authority:
 
     def issued(self) -> list[Issued]:
         with self._lock:
+            self._refresh()
             return sorted(self._issued.values(), key=lambda i: i.serial)
 
     def issue(self, name: str, key: bytes, role: Role, valid_s: int = DEFAULT_VALID_S, now: float | None = None,
@@ -166,6 +186,7 @@ class Authority:
         """Sign a certificate for `key` as `name`. A name held by another (live) key is refused unless `replace`,
         which revokes that key first."""
         with self._lock:
+            self._refresh()
             return self._issue(name, key, role, valid_s, time.time() if now is None else now, replace)
 
     def _issue(self, name: str, key: bytes, role: Role, valid_s: int, now: float, replace: bool) -> Certificate:
@@ -203,6 +224,7 @@ class Authority:
         now = time.time() if now is None else now
         token = secrets.token_bytes(16)
         with self._lock:
+            self._refresh()
             self._invites = {h: i for h, i in self._invites.items() if i["expires"] > now}  # forget spent ones
             self._invites[token_hash(token)] = {"role": int(role), "expires": now + expires_s, "valid_s": int(valid_s),
                                                 "name": name}  # fmt: skip
@@ -213,6 +235,7 @@ class Authority:
         """Spend an invite token: a certificate for `key` (the joiner's CURVE key, as its handshake proved)."""
         now = time.time() if now is None else now
         with self._lock:
+            self._refresh()
             invite = self._invites.get(token_hash(token))
             if invite is None:
                 raise AuthorityError("this invite code is unknown or was used already; ask for a new one "
@@ -231,6 +254,7 @@ class Authority:
         """Revoke the member named `who` (or whose key, Z85, it is): a new revocation list, signed."""
         now = time.time() if now is None else now
         with self._lock:
+            self._refresh()
             found = [i for i in self._issued.values() if who in (i.name, key_text(i.key))]
             if not found:
                 raise AuthorityError(f"no member named {who!r} was enrolled by this authority (lanmesh members lists "

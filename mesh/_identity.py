@@ -258,9 +258,10 @@ class MemberIdentity:
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
 
-    def certificate_frame(self, revocations: int = 0) -> bytes:
-        """What this member sends first on every new connection."""
-        return encode(Credentials(self.certificate, revocations))
+    def certificate_frame(self, revocations: int = 0, reply: bool = False) -> bytes:
+        """What this member sends first on every new connection (`reply`: a node linking to a peer asks for the
+        peer's certificate in return)."""
+        return encode(Credentials(self.certificate, revocations, reply))
 
     def learn_status(self, rows: Sequence[Any]) -> None:
         self.node_keys.learn_rows(rows)

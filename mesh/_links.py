@@ -196,12 +196,11 @@ class PeerLinks:
         peer = Peer(addr=addr, dealer=dealer, source=source, incarnation=incarnation, fingerprint=fingerprint)
         peer.verified = self.members is None  # with member identities: once it presented its certificate
         peer.monitor = monitor
-        peer.sub = self._sub(addr)
         self.monitors[monitor] = peer
-        self.subs[peer.sub] = peer
         self.poller.register(monitor, zmq.POLLIN)
         self.poller.register(dealer, zmq.POLLIN)
-        self.poller.register(peer.sub, zmq.POLLIN)
+        if peer.verified:
+            self.subscribe(peer)
         peer.last_heard = time.monotonic()
         self.peers.add(peer)
         # Known now: silence from here on makes it suspect, then dead, then forgotten.
@@ -250,6 +249,23 @@ class PeerLinks:
             return False
         finally:
             probe.close()
+
+    def subscribe(self, peer: Peer) -> None:
+        """Listen to a peer's gossip; again on a link already made (member identities: the peer just answered this
+        node's certificate, so its PUB, which admits only nodes it knows, lets the new handshake in; libzmq never
+        retries a handshake its ZAP refused, as one made before the peer knew this node may have been)."""
+        if peer.sub is None:
+            peer.sub = self._sub(peer.addr)
+            self.subs[peer.sub] = peer
+            self.poller.register(peer.sub, zmq.POLLIN)
+            return
+        endpoint = f"tcp://{peer.addr.host}:{peer.addr.pub_port}"
+        try:
+            peer.sub.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass  # not connected (any more): connect afresh
+        self.security.configure_client(peer.sub, server_key=peer.addr.key)
+        peer.sub.connect(endpoint)
 
     def key_problem(self, addr: PeerAddr) -> str:
         """Why a claim that node `addr.node` is at `addr` cannot be taken, with member identities ('' if it can)."""

@@ -99,8 +99,8 @@ class Members:
     def present(self, cert_bytes: bytes, key: bytes) -> tuple[Member | None, str]:
         """Take a certificate presented on a connection made with `key` (raw): the member, or None and why not."""
         known = self.by_uid.get(key_text(key))
-        if known is not None and known.cert_bytes == cert_bytes:
-            return known, ""  # presented again (each new connection does): nothing to check twice
+        if known is not None and known.cert_bytes == cert_bytes and self.clock() < known.cert.not_after:
+            return known, ""  # presented again (each new connection does): its signature is not checked twice
         try:
             cert = Cert.decode(cert_bytes, self.authority)
         except CertificateError as exc:
@@ -109,6 +109,8 @@ class Members:
             return None, f"a certificate for {cert.name} presented by another key"
         problem = cert.problem(self.clock())
         if problem:
+            if known is not None and known.cert.key == cert.key and problem.endswith("expired"):
+                self._remove(known)  # its certificate ran out: gone now, not at the next sweep
             return None, problem
         if cert.key in self.revoked:
             return None, f"{cert.name}'s key was revoked"

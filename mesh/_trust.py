@@ -91,8 +91,13 @@ class Trust:
         # itself: a list issued while it was away would otherwise reach it after a revoked key's requests.
         self.synced = False
         self._sync_deadline = time.monotonic() + settings.dead_after
+        if self.authority is not None:  # the authority's own list is the newest there is
+            if self.authority.revocations is not None:
+                self.members.adopt(self.authority.revocations.encode())
+            self.synced = True
         self._next_expiry = 0.0
         self._pushed: dict[str, float] = {}  # peer -> when it was last sent the list
+        self._refused: dict[str, str] = {}  # key -> why its certificate was refused (its requests hear why)
         self.address = ""  # host:port of this node's ROUTER, once bound (invite codes name it)
         self.directory: list[tuple[str, str, str]] = []  # (name, host:port, key) of verified nodes: joiners get it
 
@@ -101,7 +106,8 @@ class Trust:
         return self.members.serial
 
     def credentials(self) -> bytes:
-        return self.identity.certificate_frame(self.serial)
+        """What this node sends first on a link to a peer: its certificate, asking for the peer's."""
+        return self.identity.certificate_frame(self.serial, reply=True)
 
     # ------------------------------------------------------------- the door (every ROUTER message)
 
@@ -168,7 +174,11 @@ class Trust:
             return
         self.stats["unknown_key"] += 1
         rid = getattr(msg, "id", None)
-        if type(msg) is Request and rid is not None:
+        refused = self._refused.get(uid or "")
+        if refused and isinstance(rid, str):  # its certificate was refused: a retry changes nothing
+            self._send_client(ident, Error(rid, ErrorCode.UNAUTHORIZED, f"this node refused your certificate: "
+                                           f"{refused}", self.node_id))  # fmt: skip
+        elif type(msg) is Request and rid is not None:
             # The certificate may be on its way (the sender's connection is new, or this node restarted): retryable.
             why = "this node does not know your certificate yet (it is sent first on each connection); try again"
             if msg.hops:
@@ -204,13 +214,17 @@ class Trust:
         member, why = self.members.present(msg.cert, key)
         if member is None:
             self.stats["credentials_refused"] += 1
+            if len(self._refused) >= 1024:
+                self._refused.clear()
+            self._refused[key_text(key)] = why
             self._note("certificate refused", f"key {key_text(key)[:8]}...", why)
             return
-        if member.role >= Role.NODE:
-            # A peer (or a seed contact) learns who this node is on the same connection, and catches up.
-            self._send_client(ident, Credentials(self.identity.certificate, self.serial))
+        self._refused.pop(key_text(key), None)
+        if member.role >= Role.NODE and member is not self.members.own:
+            if msg.reply:  # a peer (or a seed contact) learns who this node is on the same connection
+                self._send_client(ident, Credentials(self.identity.certificate, self.serial))
             if msg.revocations < self.serial and self.members.revocations is not None:
-                self._send_client(ident, Revocations(self.members.revocations.encode()))
+                self._send_client(ident, Revocations(self.members.revocations.encode()))  # it catches up
             self._heard_serial(msg.revocations)
 
     def on_peer_credentials(self, peer: Peer, msg: Credentials) -> None:
@@ -227,6 +241,7 @@ class Trust:
             peer.verified = True
             self.identity.node_keys.learn(f"{peer.addr.host}:{peer.addr.port}", peer.addr.key)  # pulls connect there
             log.info("peer %s presented its certificate (%s)", peer.node, member.role)
+        self.links.subscribe(peer)  # it knows this node now (it answered this node's certificate): its gossip
         if msg.revocations < self.serial:
             self._push(peer, force=True)
         self._heard_serial(msg.revocations)
@@ -315,6 +330,8 @@ class Trust:
             return
         self._next_expiry = now + _EXPIRY_EVERY_S
         gone = self.members.expire()
+        for m in gone:
+            self._refused[m.uid] = f"the certificate of {m.name} expired"
         if gone:
             log.warning("certificates expired: %s", ", ".join(m.name for m in gone))
             self._cut({m.key for m in gone}, "peer-expired")

@@ -490,8 +490,12 @@ def _bytes(v: Any, what: str, max_len: int, rid: str | None) -> bytes:
 
 
 def _dec_credentials(b: list[Any], lim: Limits) -> Credentials:
-    f = _fields(b, 1, 2, "certificate", None)
-    return Credentials(_bytes(f[0], "certificate", 4096, None), _int(_or(f[1], 0), "revocations", 0, 2**63 - 1, None))
+    f = _fields(b, 1, 3, "credentials", None)
+    return Credentials(
+        _bytes(f[0], "certificate", 4096, None),
+        _int(_or(f[1], 0), "revocations", 0, 2**63 - 1, None),
+        _bool(_or(f[2], False), "reply", None),
+    )
 
 
 def _dec_join(b: list[Any], lim: Limits) -> Join:

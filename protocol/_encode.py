@@ -105,7 +105,7 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Admin: lambda m: [T_ADMIN, m.id, m.action, m.args],
     Fetch: lambda m: [T_FETCH, m.id, m.name, m.version, m.path, m.offset, m.length],
     Data: lambda m: [T_DATA, m.id, m.node, m.offset, m.data],
-    Credentials: lambda m: [T_CREDENTIALS, m.cert, m.revocations],
+    Credentials: lambda m: [T_CREDENTIALS, m.cert, m.revocations, m.reply],
     Join: lambda m: [T_JOIN, m.id, m.token, m.name],
     Revocations: lambda m: [T_REVOCATIONS, m.document],
 }

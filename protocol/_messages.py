@@ -231,11 +231,12 @@ class Pong:
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """A member presents its certificate (the authority-signed bytes) as the first message on a new connection, so
-    the node learns who the connection's key is; `revocations` is the serial of the revocation list it holds. A
-    node answers a node's `Credentials` with its own. Only in a mesh of member identities."""
+    the node learns who the connection's key is; `revocations` is the serial of the revocation list it holds. With
+    `reply` (a node linking to a peer) the node answers with its own. Only in a mesh of member identities."""
 
     cert: bytes
     revocations: int = 0
+    reply: bool = False
 
 
 @dataclass(frozen=True, slots=True)

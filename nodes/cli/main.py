@@ -109,6 +109,19 @@ def _add_node_parser(sub: Any) -> None:
         default=None,
         help="run an OPEN mesh without a key: no encryption, anyone on the LAN may join and read traffic",
     )
+    p.add_argument(
+        "--authority-dir",
+        dest="authority_dir",
+        metavar="DIR",
+        help="the mesh authority this node holds (default: `authority` beside the key file, when there)",
+    )
+    p.add_argument(
+        "--state-dir",
+        dest="state_dir",
+        metavar="DIR",
+        help="what this node keeps across restarts: the revocation list, the HTTP API's keys "
+        "($STATE_DIRECTORY, else ~/.local/state/lanmesh)",
+    )
     for flag, what in (
         ("--max-prompt-chars", "characters of input per request (262144)"),
         ("--max-tokens", "highest max_tokens a request may ask for (4096)"),
