@@ -116,7 +116,8 @@ def test_a_rogue_with_a_client_key_cannot_serve_gossip_or_load(identity_lan: Cal
     announce = (
         "import sys, time\nfrom mesh import Discovery, load_key\nfrom protocol import PeerAddr\n"
         "key = load_key(sys.argv[1]); ip = sys.argv[2]\n"
-        "d = Discovery(PeerAddr(key.name, ip, 7000, 7001, key.key_text), fingerprint=key.fingerprint)\n"
+        "d = Discovery(PeerAddr(key.name, ip, 7000, 7001, key.key_text), fingerprint=key.fingerprint,\n"
+        "              on_found=lambda a: None, on_lost=lambda n: None)\n"
         "d.start(); time.sleep(float(sys.argv[3])); d.stop()\n"
     )
     laptop_key = str(m.ca.folder / "laptop" / "mesh.key")
@@ -219,7 +220,8 @@ def test_a_second_key_claiming_a_nodes_name_is_refused_and_counted(
         "from protocol import Hello, PeerAddr, encode\n"
         "key = load_key(sys.argv[1]); ip, target = sys.argv[2], sys.argv[3]\n"
         "fake = PeerAddr('h2', ip, 7000, 7001, key.key_text)\n"
-        "d = Discovery(fake, fingerprint=key.fingerprint); d.start()\n"
+        "d = Discovery(fake, fingerprint=key.fingerprint, on_found=lambda a: None, on_lost=lambda n: None)\n"
+        "d.start()\n"
         "s = zmq.Context.instance().socket(zmq.DEALER); connect_dealer(s, f'tcp://{target}', key)\n"
         "for _ in range(20):\n    s.send(encode(Hello(fake, time.time_ns(), key.fingerprint))); time.sleep(0.2)\n"
         "d.stop()\n"
