@@ -305,3 +305,44 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--node", help="a node, HOST:PORT (default: this machine's)")
     _key_file_arg(p, "this machine's identity")
     p.set_defaults(func=_cmd_members)
+
+
+# ---------------------------------------------------------------- lanmesh apikey
+
+
+def _cmd_apikey(args: argparse.Namespace) -> int:
+    from ..api.keys import CallerKeys
+
+    if args.action != "list" and not args.name:
+        print(f"lanmesh apikey {args.action}: give the caller's name", file=sys.stderr)
+        return 2
+    keys = CallerKeys(NodeConfig(state_dir=args.state_dir or "").state_folder())
+    try:
+        if args.action == "add":
+            key = keys.add(args.name)
+            print(f"API key for {args.name} (shown once; the node keeps only its hash):\n\n  {key}\n")
+            print("send it as `Authorization: Bearer KEY`; a running node takes it within a second")
+        elif args.action == "revoke":
+            keys.revoke(args.name)
+            print(f"revoked the API key of {args.name}: a running node refuses it within a second")
+        else:
+            for row in keys.listing():
+                state = "revoked " + time.strftime("%Y-%m-%d", time.localtime(row["revoked"])) if row.get(
+                    "revoked") else "live"  # fmt: skip
+                print(f"{row['name']:<24} created {time.strftime('%Y-%m-%d', time.localtime(row['created']))}  {state}")
+    except (ValueError, OSError) as exc:
+        print(f"lanmesh apikey: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_apikey_parser(sub: Any) -> None:
+    p = sub.add_parser("apikey", help="the HTTP API's keys, one per caller: add, list, revoke",
+                       description="Keys for the node's OpenAI-compatible HTTP API, one per caller (a person, an "
+                       "app), kept hashed in the node's state folder; run on the node's machine. The caller's name "
+                       "shows in the node's log, metrics and web console.")  # fmt: skip
+    p.add_argument("action", choices=["add", "list", "revoke"])
+    p.add_argument("name", nargs="?", type=_member_name, help="the caller's name (add, revoke)")
+    p.add_argument("--state-dir", dest="state_dir", help="the node's state folder ($STATE_DIRECTORY, else "
+                   "~/.local/state/lanmesh)")  # fmt: skip
+    p.set_defaults(func=_cmd_apikey)

@@ -470,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_doctor_parser(sub)
     _add_keygen_parser(sub)
     enrol.add_parsers(sub)
+    enrol.add_apikey_parser(sub)
     _add_models_parser(sub)
     service_unit.add_parser(sub)
     _add_bench_parser(sub)

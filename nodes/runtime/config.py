@@ -22,7 +22,7 @@ import psutil
 
 from protocol import check_name
 
-from ..api.keys import check_api_key
+from ..api.keys import CallerKeys, check_api_key
 from ..models.specs import parse_model_arg, split_model_specs
 
 DEFAULT_PORT = 5555
@@ -124,10 +124,15 @@ class NodeConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_frame_bytes < 64 * 1024:
             raise ValueError("max_frame_bytes must be at least 65536 (64 KiB)")
-        if self.http_port and not is_loopback(self.http_host) and not (self.api_key or self.api_key_file):
+        if (
+            self.http_port
+            and not is_loopback(self.http_host)
+            and not (self.api_key or self.api_key_file or self.has_caller_keys())
+        ):
             raise ValueError(
                 f"--http-host {self.http_host} would expose the HTTP API beyond this machine without a key; "
-                "give one with --api-key, LANMESH_API_KEY or --api-key-file (or keep --http-host 127.0.0.1)"
+                "give one with --api-key, LANMESH_API_KEY, --api-key-file or `lanmesh apikey add NAME` (or keep "
+                "--http-host 127.0.0.1)"
             )
         if self.api_key:
             check_api_key(self.api_key, "--api-key (or LANMESH_API_KEY)")
@@ -167,6 +172,10 @@ class NodeConfig:
             return self.name
         host = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname().split(".")[0]).strip("-_")[:64] or "node"
         return f"{host}-{uuid.uuid4().hex[:6]}"  # a valid name whatever the hostname holds
+
+    def has_caller_keys(self) -> bool:
+        """Whether `lanmesh apikey add` gave the HTTP API keys per caller (in the state folder)."""
+        return CallerKeys(self.state_folder()).configured()
 
     def state_folder(self) -> Path:
         """Where this node keeps state across restarts (member identities' revocation list, the API's keys)."""

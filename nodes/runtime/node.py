@@ -300,7 +300,13 @@ class Node:
         assert self.mesh is not None
         cfg = self.config
         settings = GatewaySettings(
-            self.node_id, cfg.http_host, cfg.http_port, mesh_endpoint(cfg.bind, self.mesh.addr.port), api_key, cfg.grace
+            self.node_id,
+            cfg.http_host,
+            cfg.http_port,
+            mesh_endpoint(cfg.bind, self.mesh.addr.port),
+            api_key,
+            cfg.grace,
+            str(cfg.state_folder()),
         )
         gateway = Gateway(settings, self.metrics)
         try:

@@ -34,6 +34,7 @@ from protocol import (
     ErrorCode,
     Hello,
     PeerAddr,
+    Ping,
     Request,
     Task,
     decode,
@@ -152,6 +153,36 @@ def test_a_client_key_may_ask_but_not_load_forward_or_say_hello(nodes: Cluster, 
     assert "laptop" not in {r["node"] for r in a.status()}
     assert admin_call(a.address, "models", {}, me, 5)["models"]  # reading is a client's right
     sock.close(0)
+
+
+def test_a_key_without_a_certificate_gets_nothing_not_even_gossip(nodes: Cluster, ca: TestAuthority) -> None:
+    a = start(nodes, ca, "a", "echo", authority=True)
+    a_key = ca.identity("a").key_text.encode()
+    ctx = zmq.Context.instance()
+    public, secret = zmq.curve_keypair()  # anyone on the LAN can make a key pair; nobody certified this one
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    for opt, value in ((zmq.CURVE_SERVERKEY, a_key), (zmq.CURVE_PUBLICKEY, public), (zmq.CURVE_SECRETKEY, secret)):
+        stranger.setsockopt(opt, value)
+    stranger.connect(f"tcp://{a.address}")
+    stranger.send(encode(Request("r1", "echo", Task.COMPLETE, "x")))
+    stranger.send(encode(Admin("a1", "models")))
+    stranger.send(encode(Ping("p1", "stranger", True)))
+    first = answer(stranger, "r1")
+    assert isinstance(first, Error) and first.code == ErrorCode.UNAVAILABLE and "certificate" in first.message
+    second = answer(stranger, "a1")
+    assert isinstance(second, Error) and second.code == ErrorCode.UNAUTHORIZED
+    assert isinstance(answer(stranger, "p1"), Error)  # no status: who is in the mesh is not a stranger's business
+    listener = ctx.socket(zmq.SUB)
+    listener.setsockopt(zmq.LINGER, 0)
+    listener.setsockopt(zmq.SUBSCRIBE, b"")
+    for opt, value in ((zmq.CURVE_SERVERKEY, a_key), (zmq.CURVE_PUBLICKEY, public), (zmq.CURVE_SECRETKEY, secret)):
+        listener.setsockopt(opt, value)
+    listener.connect(f"tcp://127.0.0.1:{a.port + 1}")
+    assert not listener.poll(1500), "a stranger heard the gossip"
+    assert security_of(a)["unknown_key"] >= 3
+    for sock in (stranger, listener):
+        sock.close(0)
 
 
 def test_a_node_key_cannot_change_models_on_other_nodes(nodes: Cluster, ca: TestAuthority) -> None:

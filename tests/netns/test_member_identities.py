@@ -111,7 +111,8 @@ def test_a_rogue_with_a_client_key_cannot_serve_gossip_or_load(identity_lan: Cal
     m.converge()
     # Host 3: a stolen laptop's client key, running a fake node that announces itself over mDNS with the mesh's
     # fingerprint and its own key, answers with its client certificate, and gossips an irresistible load.
-    m.ca.enrol("laptop", Role.CLIENT)
+    h1 = m.nodes["h1"]
+    m.ca.enrol("laptop", Role.CLIENT, nodes=[m.ca.known("h1", h1.address)])  # as `lanmesh join` left it
     h3 = m.lan.hosts[3]
     announce = (
         "import sys, time\nfrom mesh import Discovery, load_key\nfrom protocol import PeerAddr\n"
@@ -125,7 +126,6 @@ def test_a_rogue_with_a_client_key_cannot_serve_gossip_or_load(identity_lan: Cal
                         stdout=subprocess.PIPE, cwd=str(REPO))  # fmt: skip
     m.lan.spawn(h3, [sys.executable, "-c", announce, laptop_key, h3.ip, "25"], cwd=str(REPO))
     assert rogue.stdout is not None and rogue.stdout.readline().strip() == "ready"
-    h1 = m.nodes["h1"]
     t0 = time.monotonic()
     while time.monotonic() - t0 < 15 and m.status(h1.address, m.ca.folder / "user" / "mesh.key")[0]["security"][
         "name_refused"] < 1:  # fmt: skip
@@ -155,7 +155,7 @@ def test_a_revoked_node_is_refused_by_every_node_within_5s_and_nothing_is_lost(
         m.start_member(i)
     use(monkeypatch, m.user())
     m.converge()
-    admin = m.ca.folder / "h1" / "mesh.key"
+    admin = m.user("ops", Role.ADMIN)  # an operator's laptop: an admin's identity knowing the nodes
     revoked: dict[str, float] = {}
 
     def revoke() -> None:
@@ -211,22 +211,22 @@ def test_a_second_key_claiming_a_nodes_name_is_refused_and_counted(
     h2 = m.start_member(2, model="sleep:50")
     use(monkeypatch, m.user())
     m.converge()
-    # A real node of the mesh (its own valid certificate, as "imp") on host 3 says it is h2: over mDNS, in a
-    # hello on its own key, and by running a node under h2's name with its own key.
-    m.ca.enrol("imp", Role.NODE)
+    # A real node of the mesh (its own valid certificate, as "imp") on host 3 says it is h2, from another address,
+    # in hellos on a connection made with its own key: once naming its own key, once naming h2's.
+    # (A node started as h2 with imp's key does not start: its certificate names it imp.)
+    m.ca.enrol("imp", Role.NODE, nodes=[m.ca.known("h1", m.nodes["h1"].address)])
     h3, imp_key = m.lan.hosts[3], str(m.ca.folder / "imp" / "mesh.key")
+    h2_key = m.ca.identity("h2").key_text
     claim = (
-        "import sys, time, zmq\nfrom mesh import Discovery, connect_dealer, load_key\n"
+        "import sys, time, zmq\nfrom mesh import connect_dealer, load_key\n"
         "from protocol import Hello, PeerAddr, encode\n"
-        "key = load_key(sys.argv[1]); ip, target = sys.argv[2], sys.argv[3]\n"
-        "fake = PeerAddr('h2', ip, 7000, 7001, key.key_text)\n"
-        "d = Discovery(fake, fingerprint=key.fingerprint, on_found=lambda a: None, on_lost=lambda n: None)\n"
-        "d.start()\n"
+        "key = load_key(sys.argv[1]); ip, target, h2_key = sys.argv[2], sys.argv[3], sys.argv[4]\n"
         "s = zmq.Context.instance().socket(zmq.DEALER); connect_dealer(s, f'tcp://{target}', key)\n"
-        "for _ in range(20):\n    s.send(encode(Hello(fake, time.time_ns(), key.fingerprint))); time.sleep(0.2)\n"
-        "d.stop()\n"
+        "for i in range(20):\n"
+        "    fake = PeerAddr('h2', ip, 7000, 7001, key.key_text if i % 2 else h2_key)\n"
+        "    s.send(encode(Hello(fake, time.time_ns(), key.fingerprint))); time.sleep(0.1)\n"
     )
-    done = m.lan.exec(h3, [sys.executable, "-c", claim, imp_key, h3.ip, m.nodes["h1"].address], timeout=60)
+    done = m.lan.exec(h3, [sys.executable, "-c", claim, imp_key, h3.ip, m.nodes["h1"].address, h2_key], timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     user = m.ca.folder / "user" / "mesh.key"
     rows = {r["node"]: r for r in m.status(m.nodes["h1"].address, user)}
