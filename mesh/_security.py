@@ -1,10 +1,12 @@
-"""Mesh security: the mesh key file and its fingerprint, CURVE set-up for server and client sockets, the ZAP
-authenticator that admits only holders of the mesh key, and the limits a request must fit.
+"""Mesh security: the shared mesh key file and its fingerprint, CURVE set-up for server and client sockets, the ZAP
+authenticator, and the limits a request must fit.
 
-One keypair is shared by the whole mesh: nodes use it as their CURVE server key, and every member (node or
-client) connects with it as both its own key and the server's. ZAP then admits exactly that public key, which
-only someone who holds the secret half can present. Core decisions (`judge_zap`, `RequestLimits.check`) are
-plain functions; `Authenticator` is the thin thread that carries them out on a node's ZeroMQ context.
+With one shared keypair, nodes use it as their CURVE server key, and every member (node or client) connects with
+it as both its own key and the server's; ZAP then admits exactly that public key, which only someone who holds the
+secret half can present. With member identities (`_identity`, `_members`, `_trust`) every member has its own key,
+and ZAP admits any key that is not revoked (`judge_member_zap`), naming it as the User-Id of every message. Core
+decisions (`judge_zap`, `judge_member_zap`, `RequestLimits.check`) are plain functions; `Authenticator` is the
+thin thread that carries them out on a node's ZeroMQ context.
 """
 
 from __future__ import annotations

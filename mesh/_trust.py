@@ -50,6 +50,7 @@ log = logging.getLogger("lanmesh.security")
 _EXPIRY_EVERY_S = 1.0
 _PUSH_EVERY_S = 2.0  # at most one revocation list a peer behind is sent per this period (its reports repeat)
 DEFAULT_INVITE_S = 3600.0
+_WARN_EXPIRY_S = 14 * 86_400.0  # a node whose own certificate runs out sooner says so, hourly
 
 
 class Trust:
@@ -96,6 +97,7 @@ class Trust:
                 self.members.adopt(self.authority.revocations.encode())
             self.synced = True
         self._next_expiry = 0.0
+        self._next_expiry_warning = 0.0
         self._pushed: dict[str, float] = {}  # peer -> when it was last sent the list
         self._refused: dict[str, str] = {}  # key -> why its certificate was refused (its requests hear why)
         self.address = ""  # host:port of this node's ROUTER, once bound (invite codes name it)
@@ -329,6 +331,12 @@ class Trust:
         if now < self._next_expiry:
             return
         self._next_expiry = now + _EXPIRY_EVERY_S
+        left = self.members.own.cert.not_after - time.time()
+        if left < _WARN_EXPIRY_S and now >= self._next_expiry_warning:
+            self._next_expiry_warning = now + 3600.0
+            log.warning("this node's certificate %s: enrol it again before then (lanmesh invite --name %s, then "
+                        "lanmesh join CODE here)", f"expires in {left / 86_400:.1f} days" if left > 0 else "expired",
+                        self.node_id)  # fmt: skip
         gone = self.members.expire()
         for m in gone:
             self._refused[m.uid] = f"the certificate of {m.name} expired"

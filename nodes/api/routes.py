@@ -337,8 +337,9 @@ def _key_check(keys: CallerKeys, metrics: NodeMetrics) -> Callable[..., Awaitabl
             return
         owner = keys.revoked_owner(credentials.credentials) if credentials is not None else None
         why = "no API key" if credentials is None else f"the revoked API key of {owner}" if owner else "wrong API key"
+        kind = "http_unauthorized_revoked" if owner else "http_unauthorized"  # a revoked key in use: its own line
         metrics.http_unauthorized.inc()
-        line = refusals.note("http_unauthorized", _caller(request), f"{why} for {request.method} {request.url.path}")
+        line = refusals.note(kind, _caller(request), f"{why} for {request.method} {request.url.path}")
         if line is not None:
             log.warning("refused an HTTP request: %s", line, extra={"source": _caller(request)})
         message = "missing API key: send Authorization: Bearer KEY" if credentials is None else "wrong API key"

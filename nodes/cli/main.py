@@ -236,7 +236,8 @@ def _add_status_parser(sub: Any) -> None:
         description="Ask a node for its view of the mesh and print it as a table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--node", help=f"node address host:port (default: 127.0.0.1:{DEFAULT_PORT}, or a client's node)")
+    p.add_argument("--node", default=argparse.SUPPRESS,
+                   help=f"node address host:port (default: 127.0.0.1:{DEFAULT_PORT}, or a client's node)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the raw rows as JSON")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     p.add_argument("--once", action="store_true", help="at a terminal: print the table once instead of a live one")
@@ -381,7 +382,8 @@ def _add_chat_parser(sub: Any) -> None:
         description="Interactive chat through a node. /exit or Ctrl-D quits, Ctrl-C stops an answer, /reset forgets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--node", help=f"node address host:port (default: 127.0.0.1:{DEFAULT_PORT}, or a client's node)")
+    p.add_argument("--node", default=argparse.SUPPRESS,
+                   help=f"node address host:port (default: 127.0.0.1:{DEFAULT_PORT}, or a client's node)")  # fmt: skip
     p.add_argument("--model", default="smollm2", help="chat model")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, dest="max_tokens")
@@ -454,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
             "start here:\n"
             "  lanmesh init                        start a mesh on the first machine (its authority, its own key)\n"
             "  lanmesh invite                      a one-time code for one more machine: `lanmesh join CODE` there\n"
+            "  lanmesh keygen                      or instead: one key shared by the whole mesh (copy it everywhere)\n"
             "  lanmesh node                        serve the default models (smollm2, minilm) and join the mesh\n"
             "  lanmesh request smollm2 'Hello!'    ask any node; it routes the request in the mesh\n"
             "  lanmesh status                      every node, its models and load\n"
@@ -487,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if hasattr(args, "node") and args.node is None and args.command in ("status", "chat", "request"):
+    if args.command in ("status", "chat", "request") and not getattr(args, "node", None):
         args.node = enrol.default_node(None, getattr(args, "key_file", None))  # a client's machine runs no node
     try:
         return int(args.func(args))
