@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -67,10 +66,9 @@ def test_smollm2_knows_the_capital_of_france(smollm2: OnnxChat) -> None:
 
 def test_smollm2_second_start_loads_the_build_and_answers_the_same(smollm2: OnnxChat, cache_dir: Path) -> None:
     assert smollm2.model_dir is not None and smollm2.model_dir.parent == cache_dir / "models"
-    started = time.monotonic()
     again = load_backend(parse_model_arg("smollm2"), cache_dir=cache_dir)
+    # The build was found, not made again (no torch, no conversion); how fast that is, `bench models` measures.
     assert isinstance(again, OnnxChat) and again.loaded_from == "cache"
-    assert time.monotonic() - started < 3  # a warm chat node is up in seconds: no torch, no conversion
     request = chat(QUESTION, model="smollm2", max_tokens=16)
     assert serve(again, [request])[0].text == serve(smollm2, [request])[0].text
     again.close()
