@@ -24,13 +24,24 @@ from ._messages import (
     Request,
     Task,
 )
-from ._wire import DEFAULT_LIMITS, MAX_CHUNK_BYTES, MAX_DEADLINE_MS, MAX_HOPS, VERSION, Limits
+from ._wire import (
+    DEFAULT_LIMITS,
+    MAX_CHUNK_BYTES,
+    MAX_DEADLINE_MS,
+    MAX_HOPS,
+    PREFIX_DIGEST_BYTES,
+    PREFIX_REPORT_BYTES,
+    VERSION,
+    Limits,
+)
 
 __all__ = [
     "DEFAULT_LIMITS",
     "MAX_CHUNK_BYTES",
     "MAX_DEADLINE_MS",
     "MAX_HOPS",
+    "PREFIX_DIGEST_BYTES",
+    "PREFIX_REPORT_BYTES",
     "RETRYABLE",
     "VERSION",
     "Admin",

@@ -17,6 +17,9 @@ MAX_DEADLINE_MS = 86_400_000  # one day; anything longer is a bug on the caller'
 MAX_HOPS = 8
 ID_LEN = 128
 NAME_LEN = 256
+# A LoadReport's prefix-cache summaries (`LoadReport.prefixes`): 8-byte chain digests, at most this many bytes in all.
+PREFIX_DIGEST_BYTES = 8
+PREFIX_REPORT_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
