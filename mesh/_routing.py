@@ -243,13 +243,15 @@ class CacheAwarePolicy(RoutingPolicy):
 
     Each node gossips which chains of chat messages its prefix cache holds (`observe_prefixes`; this node's own from
     `local_prefixes(model)`, exact). For a chat request every candidate's depth is the number of leading messages of
-    which it holds the chain. The deepest wins; several as deep (a system prompt every node holds) are compared by
-    power of two choices. A holder is passed over when it is out of balance with the least loaded candidate: at
-    least `balance_abs` more requests (in flight + queued, estimated as p2c does) *and* more than `balance_rel`
-    times its load per slot, as SGLang's cache-aware router bounds load; then p2c over all candidates decides. So a
-    hot conversation or a shared system prompt fills its holder only up to that bound, and the nodes that take the
-    overflow hold that prefix too from then on. Requests without a chain (other tasks) and chats no node holds any
-    prefix of go by p2c, and so does everything when no node gossips a summary.
+    which it holds the chain. The deepest wins; several as deep are compared by power of two choices. Holding only
+    the first message does not count: that is the system prompt every conversation shares, which any node holds
+    after serving one of them, so following it would pile every new conversation onto the first node that did (a
+    new conversation is placed by p2c, and its later turns follow it). A holder is passed over when it is out of
+    balance with the least loaded candidate: at least `balance_abs` more requests (in flight + queued, estimated as
+    p2c does) *and* more than `balance_rel` times its load per slot, as SGLang's cache-aware router bounds load;
+    then p2c over all candidates decides. So a hot conversation fills its holder only up to that bound, and the
+    nodes that take the overflow hold that prefix too from then on. Requests without a chain (other tasks) and chats
+    no node holds more than the first message of go by p2c, and so does everything when no node gossips a summary.
     """
 
     def __init__(
@@ -295,7 +297,7 @@ class CacheAwarePolicy(RoutingPolicy):
         chain = request_chain(request.task, request.input, request.params)
         depth = {node: _depth(chain, held[node]) for node in unique}
         best = max(depth.values(), default=0)
-        if best == 0:
+        if best <= 1:  # nothing, or only the first message: a system prompt every node holds after one request
             return super().choose(model, candidates, now)
         holders = [node for node in unique if depth[node] == best]
         calm = [node for node in holders if not self._out_of_balance(node, unique, model, now)]
