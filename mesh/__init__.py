@@ -43,6 +43,7 @@ from ._prefixes import (
     next_link,
     pack_summary,
     request_chain,
+    summary_news,
     unpack_summary,
 )
 from ._results import PingReply, Result
@@ -170,6 +171,7 @@ __all__ = [
     "next_link",
     "pack_summary",
     "request_chain",
+    "summary_news",
     "unpack_summary",
     # mDNS (loaded on first use)
     "Announcement",

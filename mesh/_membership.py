@@ -21,7 +21,7 @@ from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, deco
 
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._peers import Peer
-from ._prefixes import bound_summaries
+from ._prefixes import summary_news
 
 if TYPE_CHECKING:
     from ._admission import Admission
@@ -182,11 +182,9 @@ class Membership:
         caches hold (`mesh._prefixes.REPORT_BYTES`)."""
         summaries = getattr(self.server, "prefix_summaries", None)
         current: dict[str, bytes] = summaries() if summaries is not None else {}
-        everything = self._seq % PREFIXES_RESENT_EVERY == 0
-        news = {m: b for m, b in current.items() if everything or self._prefixes_sent.get(m) != b}
-        news |= {m: b"" for m in self._prefixes_sent if m not in current}  # a model no longer served: nothing held
+        news = summary_news(current, self._prefixes_sent, self._seq % PREFIXES_RESENT_EVERY == 0)
         self._prefixes_sent = dict(current)
-        return bound_summaries(news)
+        return news
 
     def drain_sub(self) -> None:
         for _ in range(DRAIN):

@@ -33,6 +33,7 @@ __all__ = [
     "next_link",
     "pack_summary",
     "request_chain",
+    "summary_news",
     "unpack_summary",
 ]
 
@@ -81,6 +82,14 @@ def pack_summary(digests: Iterable[bytes], limit: int = SUMMARY_BYTES) -> bytes:
 
 def unpack_summary(blob: bytes) -> frozenset[bytes]:
     return frozenset(blob[i : i + DIGEST_BYTES] for i in range(0, len(blob) - DIGEST_BYTES + 1, DIGEST_BYTES))
+
+
+def summary_news(current: dict[str, bytes], sent: dict[str, bytes], everything: bool) -> dict[str, bytes]:
+    """What a report says of prefix caches: the summaries that changed since `sent` (all of them when
+    `everything`), b"" for a model no longer served, bounded to one report's bytes."""
+    news = {m: b for m, b in current.items() if everything or sent.get(m) != b}
+    news |= {m: b"" for m in sent if m not in current}
+    return bound_summaries(news)
 
 
 def bound_summaries(summaries: dict[str, bytes], limit: int = REPORT_BYTES) -> dict[str, bytes]:

@@ -17,6 +17,7 @@ from mesh import (
     next_link,
     pack_summary,
     request_chain,
+    summary_news,
     unpack_summary,
 )
 from nodes.models.backends.cache_summary import ConversationIndex
@@ -201,3 +202,13 @@ def test_a_report_with_summaries_past_the_bound_or_of_the_wrong_shape_is_refused
         decode(encode(LoadReport("n1", 1, 1, addr, prefixes={"a": b"x" * 7})))
     old = encode(LoadReport("n1", 1, 1, addr))  # what an older peer sends decodes with no summaries
     assert decode(old).prefixes == {}  # type: ignore[union-attr]
+
+
+def test_reports_carry_a_summary_when_it_changed_and_every_so_often_and_say_when_a_model_is_gone() -> None:
+    held = holds(turn(1, 2))
+    assert summary_news({MODEL: held}, {}, everything=False) == {MODEL: held}  # new
+    assert summary_news({MODEL: held}, {MODEL: held}, everything=False) == {}  # no news
+    assert summary_news({MODEL: held}, {MODEL: held}, everything=True) == {MODEL: held}  # the periodic full report
+    assert summary_news({}, {MODEL: held}, everything=False) == {MODEL: b""}  # no longer served: nothing held
+    big = {f"chat{i}": held * 256 for i in range(5)}  # 2048 bytes each, 10 KiB in all
+    assert sum(len(b) for b in summary_news(big, {}, everything=True).values()) <= REPORT_BYTES
