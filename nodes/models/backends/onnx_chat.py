@@ -379,7 +379,7 @@ class OnnxChat(Backend):
         first = 0
         if req.task is Task.CHAT:
             tools = check_tools(req.params["tools"]) if req.params.get("tools") is not None else None
-            prompt_ids, first = self._chat_ids(req.input, tools)
+            prompt_ids, first = self._chat_prompt(req.input, tools)
         elif req.task is Task.COMPLETE:
             if not isinstance(req.input, str):
                 raise ValueError(f"complete input must be a prompt string, got {type(req.input).__name__}")
@@ -409,7 +409,10 @@ class OnnxChat(Backend):
         need = len(context) + max(budget.new_tokens, 0)
         return _Prepared(context, text, need, rng, heal[1] if heal else None, matcher, first)
 
-    def _chat_ids(self, messages: Any, tools: list[dict[str, Any]] | None = None) -> tuple[list[int], int]:
+    def _chat_ids(self, messages: Any, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self._chat_prompt(messages, tools)[0]
+
+    def _chat_prompt(self, messages: Any, tools: list[dict[str, Any]] | None = None) -> tuple[list[int], int]:
         """The prompt's tokens, and (with a prefix cache) how many of them its first message takes."""
         clean: list[dict[str, Any]] = chat_messages(messages)
         if self._template is None:
