@@ -21,6 +21,7 @@ from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, deco
 
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._peers import Peer
+from ._prefixes import summary_news
 
 if TYPE_CHECKING:
     from ._admission import Admission
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lanmesh.mesh")
 
 DRAIN = 256  # messages read from one socket per turn: gossip and replies keep their rhythm under load
+PREFIXES_RESENT_EVERY = 8  # reports: a prefix-cache summary that did not change is sent again this often (2 s)
 
 
 def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
@@ -88,6 +90,7 @@ class Membership:
         self._sub: zmq.Socket[Any] | None = None
         self._seq = 0
         self._next_admission_sweep = 0.0
+        self._prefixes_sent: dict[str, bytes] = {}  # each model's prefix-cache summary as last gossiped
 
     def attach(self, pub: zmq.Socket[Any], sub: zmq.Socket[Any], addr: PeerAddr) -> None:
         """The node's gossip sockets and its address as bound (the loop thread makes them once it starts)."""
@@ -167,11 +170,22 @@ class Membership:
             peers=digest,
             leaving=self.leaving,
             fingerprint=self.s.fingerprint,
+            prefixes={} if self.leaving else self._prefix_news(),
         )
         try:
             self.pub.send(encode(report), zmq.NOBLOCK)
         except zmq.Again:
             self.stats["gossip_dropped"] += 1
+
+    def _prefix_news(self) -> dict[str, bytes]:
+        """Prefix-cache summaries for this report: those that changed since the last one, and all of them every
+        PREFIXES_RESENT_EVERY reports (a report may be lost; a peer may be new). Bounded in bytes whatever the
+        caches hold (`mesh._prefixes.REPORT_BYTES`)."""
+        summaries = getattr(self.server, "prefix_summaries", None)
+        current: dict[str, bytes] = summaries() if summaries is not None else {}
+        news = summary_news(current, self._prefixes_sent, self._seq % PREFIXES_RESENT_EVERY == 0)
+        self._prefixes_sent = dict(current)
+        return news
 
     def drain_sub(self) -> None:
         for _ in range(DRAIN):
@@ -227,6 +241,8 @@ class Membership:
         peer.leaving = r.leaving
         for model, load in r.models.items():
             self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, now, load.rate)
+        for model, summary in r.prefixes.items():
+            self.policy.observe_prefixes(r.node, model, summary)
         for addr in r.peers:
             if addr.node != self.node_id and self.links.peers.get(addr.node) is None:
                 self.links.learn(addr, "gossip")
@@ -351,6 +367,9 @@ class Membership:
                     "source": peer.source,
                 }
             )
+            chains_held = getattr(self.policy, "chains_held", None)  # cache-aware routing: what its gossip says
+            if chains_held is not None:
+                rows[-1]["prefix_chains"] = chains_held(peer.node)
         return rows
 
     def holders(self, name: str) -> list[tuple[str, str, str]]:

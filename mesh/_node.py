@@ -47,7 +47,7 @@ from ._links import PeerLinks
 from ._local import LocalWork
 from ._membership import DRAIN, Membership
 from ._peers import Peer
-from ._routing import POLICIES
+from ._routing import POLICIES, CacheAwarePolicy
 from ._security import Authenticator
 from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
@@ -83,14 +83,20 @@ class MeshNode:
         self.ctx = zmq.Context()
         self.detector = FailureDetector(settings.suspect_after, settings.dead_after, settings.forget_after)
         self.detector.sync_clock(self.incarnation, time.monotonic())  # before any gossip: incarnations are bounded
-        self.policy = POLICIES[settings.routing](
+        policy = POLICIES[settings.routing]
+        # Cache-aware routing reads what this node's own prefix caches hold (an executor without them: none).
+        extra = {"local_prefixes": getattr(server, "prefix_summary", None)} if policy is CacheAwarePolicy else {}
+        self.policy = policy(
             self.node_id,
             server.load,
             stale_after=3 * settings.gossip_interval,
             rng=rng,
             local_rate=getattr(server, "rate", None),
+            **extra,
         )
         self.stats: collections.Counter[str] = collections.Counter()
+        if isinstance(self.policy, CacheAwarePolicy):
+            self.policy.counts = self.stats  # routed_prefix, routed_prefix_busy: in status rows and /metrics
         self._poller = zmq.Poller()
         self.links = PeerLinks(
             self.ctx,
@@ -428,7 +434,7 @@ class MeshNode:
             return
         # The common case first: the policy picks this node and it has room, or a peer that takes the try.
         candidates, _known = self.eligible(req, _NOBODY)
-        choice = self.policy.choose(req.model, candidates, now) if candidates else None
+        choice = self.policy.choose(req.model, candidates, now, req) if candidates else None
         if choice is not None and choice.node == self.node_id:
             if self.local.submit(ident, req, deadline, choice.reason, 0, now, "local"):
                 self.stats["served_local"] += 1

@@ -80,6 +80,7 @@ def _enc_load(m: LoadReport) -> list[Any]:
         [_addr(p) for p in m.peers],
         m.leaving,
         m.fingerprint,
+        m.prefixes,
     ]
 
 
