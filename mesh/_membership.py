@@ -21,6 +21,7 @@ from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, deco
 
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._peers import Peer
+from ._prefixes import summary_news
 from ._sockets import bind_pub
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lanmesh.mesh")
 
 DRAIN = 256  # messages read from one socket per turn: gossip and replies keep their rhythm under load
+PREFIXES_RESENT_EVERY = 8  # reports: a prefix-cache summary that did not change is sent again this often (2 s)
 
 
 def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
@@ -91,6 +93,7 @@ class Membership:
         self.trust: Trust | None = None  # member identities (set by the node)
         self.pub_stale = False  # the gossip PUB is to be bound again (after a revocation)
         self._next_admission_sweep = 0.0
+        self._prefixes_sent: dict[str, bytes] = {}  # each model's prefix-cache summary as last gossiped
 
     def attach(self, pub: zmq.Socket[Any], addr: PeerAddr) -> None:
         """The node's gossip socket and its address as bound (the loop thread makes them once it starts)."""
@@ -183,12 +186,23 @@ class Membership:
             peers=digest,
             leaving=self.leaving,
             fingerprint=self.s.fingerprint,
+            prefixes={} if self.leaving else self._prefix_news(),
             revocations=self.revocations_serial(),
         )
         try:
             self.pub.send(encode(report), zmq.NOBLOCK)
         except zmq.Again:
             self.stats["gossip_dropped"] += 1
+
+    def _prefix_news(self) -> dict[str, bytes]:
+        """Prefix-cache summaries for this report: those that changed since the last one, and all of them every
+        PREFIXES_RESENT_EVERY reports (a report may be lost; a peer may be new). Bounded in bytes whatever the
+        caches hold (`mesh._prefixes.REPORT_BYTES`)."""
+        summaries = getattr(self.server, "prefix_summaries", None)
+        current: dict[str, bytes] = summaries() if summaries is not None else {}
+        news = summary_news(current, self._prefixes_sent, self._seq % PREFIXES_RESENT_EVERY == 0)
+        self._prefixes_sent = dict(current)
+        return news
 
     def drain_sub(self, sock: zmq.Socket[Any], peer: Peer) -> None:
         """Gossip on one peer's SUB."""
@@ -250,6 +264,8 @@ class Membership:
         peer.leaving = r.leaving
         for model, load in r.models.items():
             self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, now, load.rate)
+        for model, summary in r.prefixes.items():
+            self.policy.observe_prefixes(r.node, model, summary)
         for addr in r.peers:
             if addr.node != self.node_id and self.links.peers.get(addr.node) is None:
                 self.links.learn(addr, "gossip")
@@ -378,6 +394,9 @@ class Membership:
                     **(self.trust.row(peer.addr.key) if self.trust is not None and peer.verified else {}),
                 }
             )
+            chains_held = getattr(self.policy, "chains_held", None)  # cache-aware routing: what its gossip says
+            if chains_held is not None:
+                rows[-1]["prefix_chains"] = chains_held(peer.node)
         if self.trust is not None:
             rows[0].update(self.trust.row(self.addr.key))
         return rows

@@ -49,7 +49,7 @@ from ._local import LocalWork
 from ._members import Members
 from ._membership import DRAIN, Membership
 from ._peers import Peer
-from ._routing import POLICIES
+from ._routing import POLICIES, CacheAwarePolicy
 from ._security import Authenticator
 from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
@@ -67,7 +67,6 @@ _TICK = 0.05  # seconds between housekeeping passes (detector, deadlines, retrie
 _FLUSH_AT = 32  # answers queued before the loop sends them mid-turn (bounds the wait of the first in a burst)
 _INBOX_PER_TURN = 1024  # events from other threads handled per turn: a flood of chunks cannot hold up the sockets
 _ERROR_LOG_EVERY_S = 10.0
-_STRANGER_FRAME = 8192  # bytes: the most a key this node does not know may send (a certificate, a join)
 
 
 class MeshNode:
@@ -87,14 +86,20 @@ class MeshNode:
         self.ctx = zmq.Context()
         self.detector = FailureDetector(settings.suspect_after, settings.dead_after, settings.forget_after)
         self.detector.sync_clock(self.incarnation, time.monotonic())  # before any gossip: incarnations are bounded
-        self.policy = POLICIES[settings.routing](
+        policy = POLICIES[settings.routing]
+        # Cache-aware routing reads what this node's own prefix caches hold (an executor without them: none).
+        extra = {"local_prefixes": getattr(server, "prefix_summary", None)} if policy is CacheAwarePolicy else {}
+        self.policy = policy(
             self.node_id,
             server.load,
             stale_after=3 * settings.gossip_interval,
             rng=rng,
             local_rate=getattr(server, "rate", None),
+            **extra,
         )
         self.stats: collections.Counter[str] = collections.Counter()
+        if isinstance(self.policy, CacheAwarePolicy):
+            self.policy.counts = self.stats  # routed_prefix, routed_prefix_busy: in status rows and /metrics
         self._poller = zmq.Poller()
         self.links = PeerLinks(
             self.ctx,
@@ -132,7 +137,7 @@ class MeshNode:
             self.trust = Trust(
                 identity, members, self.links, self.stats, settings, send_client=self._send_client, post=self.post,
                 drop_peer=self.membership.drop_peer, router_frame=self._on_router_frame, services=self.services,
-                on_hello=self.membership.on_hello, rebind_pub=self.membership.rebind_pub,
+                on_hello=self.membership.on_hello, rebind_pub=self.membership.rebind_pub, guarded=self._guarded,
             )  # fmt: skip
             self.links.members, self.links.credentials = members, self.trust.credentials
             self.membership.trust, self.services.membership = self.trust, self.trust.handle
@@ -389,13 +394,8 @@ class MeshNode:
                 while router.recv(_NB, copy=False).more:
                     pass
                 continue
-            if trust is not None:  # member identities: ZAP put the sender's key on every message (~1 us to read)
-                uid: str = part.get("User-Id")
-                member = trust.members.by_uid.get(uid)
-                if member is None and len(part) > _STRANGER_FRAME:  # a certificate or a token is small
-                    self.stats["unknown_key"] += 1
-                    continue
-                self._guarded("a message from a member", trust.on_frame, ident, part.bytes, member, uid)
+            if trust is not None:  # member identities: who sent it is on the message (ZAP's User-Id)
+                trust.on_part(ident, part)
                 continue
             self._guarded("a message from a client", self._on_router_frame, ident, part.bytes)
 
@@ -447,7 +447,7 @@ class MeshNode:
             return
         # The common case first: the policy picks this node and it has room, or a peer that takes the try.
         candidates, _known = self.eligible(req, _NOBODY)
-        choice = self.policy.choose(req.model, candidates, now) if candidates else None
+        choice = self.policy.choose(req.model, candidates, now, req) if candidates else None
         if choice is not None and choice.node == self.node_id:
             if self.local.submit(ident, req, deadline, choice.reason, 0, now, "local"):
                 self.stats["served_local"] += 1

@@ -50,6 +50,7 @@ log = logging.getLogger("lanmesh.security")
 _EXPIRY_EVERY_S = 1.0
 _PUSH_EVERY_S = 2.0  # at most one revocation list a peer behind is sent per this period (its reports repeat)
 DEFAULT_INVITE_S = 3600.0
+_STRANGER_FRAME = 8192  # bytes: the most a key this node does not know may send (a certificate, a join)
 _WARN_EXPIRY_S = 14 * 86_400.0  # a node whose own certificate runs out sooner says so, hourly
 
 
@@ -72,6 +73,7 @@ class Trust:
         services: Services,
         on_hello: Callable[..., None],
         rebind_pub: Callable[[], None],
+        guarded: Callable[..., None],
     ) -> None:
         self.identity = identity
         self.members = members
@@ -85,6 +87,7 @@ class Trust:
         self._router_frame = router_frame
         self.services = services
         self._on_hello = on_hello
+        self._guarded = guarded
         self._rebind_pub = rebind_pub
         self.limits = settings.limits
         self._log = RejectionLog()
@@ -112,6 +115,16 @@ class Trust:
         return self.identity.certificate_frame(self.serial, reply=True)
 
     # ------------------------------------------------------------- the door (every ROUTER message)
+
+    def on_part(self, ident: bytes, part: zmq.Frame) -> None:
+        """A message on the node's ROUTER: its sender's key is the ZAP User-Id libzmq put on it (~1 us to read),
+        looked up in the book; a key the book does not know may send only a small frame (a certificate, a join)."""
+        uid = str(part.get("User-Id"))
+        member = self.members.by_uid.get(uid)
+        if member is None and len(part) > _STRANGER_FRAME:
+            self.stats["unknown_key"] += 1
+            return
+        self._guarded("a message from a member", self.on_frame, ident, part.bytes, member, uid)
 
     def on_frame(self, ident: bytes, frame: bytes, member: Member | None, uid: str | None) -> None:
         """A message on the node's ROUTER from the connection with key `uid`: through the door, then certificates,

@@ -28,7 +28,16 @@ from ._messages import (
     Task,
 )
 from ._names import NAME_MAX, NAME_RULE, check_name, is_name, is_version, name_problem
-from ._wire import DEFAULT_LIMITS, MAX_CHUNK_BYTES, MAX_DEADLINE_MS, MAX_HOPS, VERSION, Limits
+from ._wire import (
+    DEFAULT_LIMITS,
+    MAX_CHUNK_BYTES,
+    MAX_DEADLINE_MS,
+    MAX_HOPS,
+    PREFIX_DIGEST_BYTES,
+    PREFIX_REPORT_BYTES,
+    VERSION,
+    Limits,
+)
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -37,6 +46,8 @@ __all__ = [
     "MAX_HOPS",
     "NAME_MAX",
     "NAME_RULE",
+    "PREFIX_DIGEST_BYTES",
+    "PREFIX_REPORT_BYTES",
     "RETRYABLE",
     "VERSION",
     "Admin",

@@ -43,6 +43,8 @@ from ._wire import (
     MAX_HOPS,
     MAX_MODEL_TASKS,
     NAME_LEN,
+    PREFIX_DIGEST_BYTES,
+    PREFIX_REPORT_BYTES,
     T_ADMIN,
     T_CANCEL,
     T_CHUNK,
@@ -300,8 +302,22 @@ def _dec_tasks(v: Any) -> tuple[str, ...]:
     return tuple(_str(t, "model task", 32, None, empty=False) for t in v)
 
 
+def _dec_prefixes(v: Any) -> dict[str, bytes]:
+    if not isinstance(v, dict):
+        raise _fail("prefixes must be a map")
+    out, total = {}, 0
+    for name, blob in v.items():
+        if not isinstance(blob, bytes) or len(blob) % PREFIX_DIGEST_BYTES:
+            raise _fail(f"a prefix summary must be bytes, {PREFIX_DIGEST_BYTES} per digest")
+        total += len(blob)
+        out[_name(name, "model", None)] = blob
+    if total > PREFIX_REPORT_BYTES:
+        raise _fail(f"prefix summaries hold {total} bytes; at most {PREFIX_REPORT_BYTES} in one report")
+    return out
+
+
 def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
-    f = _fields(b, 4, 10, "load report", None)
+    f = _fields(b, 4, 11, "load report", None)
     peers = _or(f[6], [])
     if not isinstance(peers, list):
         raise _fail("peers must be a list")
@@ -315,7 +331,8 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
         peers=tuple(_dec_addr(p) for p in peers),
         leaving=_bool(_or(f[7], False), "leaving", None),
         fingerprint=_str(_or(f[8], ""), "fingerprint", NAME_LEN, None),
-        revocations=_int(_or(f[9], 0), "revocations", 0, 2**63 - 1, None),
+        prefixes=_dec_prefixes(_or(f[9], {})),
+        revocations=_int(_or(f[10], 0), "revocations", 0, 2**63 - 1, None),
     )
 
 

@@ -86,6 +86,7 @@ def _enc_load(m: LoadReport) -> list[Any]:
         [_addr(p) for p in m.peers],
         m.leaving,
         m.fingerprint,
+        m.prefixes,
         m.revocations,
     ]
 

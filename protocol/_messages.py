@@ -179,6 +179,12 @@ class LoadReport:
     incarnation, so receivers can tell a restart from a stale or repeated
     report. `peers` is the membership digest: one live peer is enough to
     learn the whole mesh.
+
+    `prefixes` says, per chat model, what the node's prefix cache holds: the
+    8-byte digests of the chains of chat messages whose keys and values it
+    keeps (`mesh._prefixes`), most recent first, at most PREFIX_REPORT_BYTES
+    in all. It is news: a model left out is unchanged since the last report
+    that named it, and b"" means the cache holds nothing.
     """
 
     node: str
@@ -190,6 +196,7 @@ class LoadReport:
     peers: tuple[PeerAddr, ...] = ()
     leaving: bool = False
     fingerprint: str = ""
+    prefixes: dict[str, bytes] = field(default_factory=dict)
     revocations: int = 0  # the serial of the revocation list the sender holds (member identities; 0: none)
 
 

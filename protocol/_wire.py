@@ -20,6 +20,9 @@ MAX_HOPS = 8
 ID_LEN = 128
 NAME_LEN = 256
 MAX_MODEL_TASKS = 8  # tasks one model may say it serves in a load report
+# A LoadReport's prefix-cache summaries (`LoadReport.prefixes`): 8-byte chain digests, at most this many bytes in all.
+PREFIX_DIGEST_BYTES = 8
+PREFIX_REPORT_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,8 +133,10 @@ def _add_node_parser(sub: Any) -> None:
         p.add_argument(flag, type=int, dest=flag[2:].replace("-", "_"), help=what)
     p.add_argument(
         "--routing",
-        choices=["p2c", "round-robin", "random", "least-loaded"],
-        help="routing policy (p2c = power of two choices; the others are baselines for benchmarks)",
+        choices=["cache-aware", "p2c", "round-robin", "random", "least-loaded"],
+        help="routing policy (cache-aware, the default: a chat goes to the node that holds the most of its earlier "
+        "messages unless that node is out of balance with the others, else p2c = power of two choices; the others "
+        "are baselines for benchmarks)",
     )
     p.add_argument(
         "--max-memory",
@@ -150,6 +152,15 @@ def _add_node_parser(sub: Any) -> None:
         metavar="MIB",
         help="key/value cache of each chat model, in MiB: what its running requests may hold at most together "
         "(default 1024, cut to fit the memory limit; a model spec's kv_cache=MIB sets one model's)",
+    )
+    p.add_argument(
+        "--prefix-cache",
+        type=int,
+        dest="prefix_cache",
+        metavar="MIB",
+        help="MiB of each chat model's key/value cache kept for its prefix cache: earlier prompts and answers, so "
+        "a conversation's next turn reads only what is new (default half of --kv-cache; 0 = none; a model spec's "
+        "prefix_cache=MIB sets one model's)",
     )
     p.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (~/.cache/lanmesh)")
     p.add_argument(

@@ -44,7 +44,7 @@ class ModelSpec:
 # ---------------------------------------------------------------- parsing
 
 
-_INT_KEYS = {"max_batch", "concurrency", "cap", "max_tokens", "threads", "context", "kv_cache"}
+_INT_KEYS = {"max_batch", "concurrency", "cap", "max_tokens", "threads", "context", "kv_cache", "prefix_cache"}
 _FLOAT_KEYS = {"ms"}
 _STR_KEYS = {"name", "kind", "path", "task", "device", "engine", "precision"}
 _KEY_ALIASES = {"batch": "max_batch", "capacity": "cap"}
@@ -169,6 +169,8 @@ def _spec_from_values(values: dict[str, Any], labels: dict[str, str], requires: 
         _check_sleep(options, text)
     if "kv_cache" in options and options["kv_cache"] < 1:
         raise ValueError(f"kv_cache is in MiB and must be at least 1, got {options['kv_cache']} in {text!r}")
+    if "prefix_cache" in options and options["prefix_cache"] < 0:
+        raise ValueError(f"prefix_cache is in MiB (0: none), got {options['prefix_cache']} in {text!r}")
     if task is None:
         task = {"onnx-embed": "embed", "transformers": "chat", "gguf": "chat", "onnx-chat": "chat"}.get(kind)
     return ModelSpec(
@@ -274,6 +276,14 @@ def with_precision(spec: ModelSpec, precision: str) -> ModelSpec:
     if spec.kind not in ("gguf", "transformers") or "precision" in spec.options:
         return spec
     return replace(spec, options={**spec.options, "precision": precision})
+
+
+def with_prefix_cache(spec: ModelSpec, mib: int) -> ModelSpec:
+    """A chat spec with the node's prefix cache (`--prefix-cache`, MiB of the key/value cache; 0: none) where the
+    spec sets none (-1: the engine's default, half the key/value cache)."""
+    if mib < 0 or spec.kind not in ("gguf", "transformers", "onnx-chat") or "prefix_cache" in spec.options:
+        return spec
+    return replace(spec, options={**spec.options, "prefix_cache": mib})
 
 
 def with_kv_cache(spec: ModelSpec, mib: int) -> ModelSpec:

@@ -54,9 +54,10 @@ class NodeConfig:
     stall_timeout: float = 10.0  # the watchdog exits the node when its mesh loop stops turning this long (0: off)
     max_tries: int = 4
     grace: float = 10.0  # seconds to finish in-flight work on SIGTERM
-    routing: str = "p2c"  # p2c (power of two choices); round-robin, random, least-loaded are benchmark baselines
+    routing: str = "cache-aware"  # p2c unless a node holds a chat's prefix; p2c, round-robin, random, least-loaded
     max_memory: str = ""  # e.g. "8G": refuse models that would take the process past this (and the cgroup's limit)
     kv_cache: int = 0  # MiB of key/value cache per chat model (0: 1024, cut to fit the memory limits)
+    prefix_cache: int = -1  # MiB of that kept for the chat model's prefix cache (-1: half of it; 0: none)
     cache_dir: str = ""
     transfer_rate: float = 400.0  # Mbit/s this node sends model files to peers at, at most (0: no cap)
     log_level: str = "info"
@@ -98,12 +99,16 @@ class NodeConfig:
             raise ValueError("gossip_interval must be positive and shorter than suspect_after")
         if self.max_tries < 1 or self.try_timeout < 0 or self.grace < 0 or self.stall_timeout < 0:
             raise ValueError("max_tries >= 1, try_timeout >= 0, stall_timeout >= 0 and grace >= 0 are required")
-        if self.routing not in ("p2c", "round-robin", "random", "least-loaded"):
-            raise ValueError(f"routing must be p2c, round-robin, random or least-loaded, not {self.routing!r}")
+        if self.routing not in ("cache-aware", "p2c", "round-robin", "random", "least-loaded"):
+            raise ValueError(
+                f"routing must be cache-aware, p2c, round-robin, random or least-loaded, not {self.routing!r}"
+            )
         if self.transfer_rate < 0:
             raise ValueError("transfer_rate must be >= 0 Mbit/s (0: no cap)")
         if self.kv_cache < 0:
             raise ValueError("kv_cache must be >= 0 MiB (0: the default, cut to fit the memory limit)")
+        if self.prefix_cache < -1:
+            raise ValueError("prefix_cache must be >= 0 MiB (0: none), or -1 for the default (half the kv cache)")
         if self.precision not in ("int4", "int8", "fp16", "fp32"):
             raise ValueError(f"precision must be int4, int8, fp16 or fp32, not {self.precision!r}")
         if self.log_format not in ("text", "json"):

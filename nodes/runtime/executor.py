@@ -378,6 +378,19 @@ class Executor:
         lane = self._lane(model)
         return 0 if lane is None else lane.inflight + lane.queued()
 
+    def prefix_summary(self, model: str) -> bytes:
+        """What `model`'s prefix cache holds here, as cache-aware routing reads it (b"": none, or nothing held)."""
+        lane = self._lane(model)
+        return b"" if lane is None or not lane.accepting else getattr(lane.backend, "prefix_summary", b"")
+
+    def prefix_summaries(self) -> dict[str, bytes]:
+        """Every current chat model with a prefix cache, and what it holds (gossiped: `LoadReport.prefixes`)."""
+        return {
+            name: lane.backend.prefix_summary
+            for name, lane in self.lanes.items()
+            if lane.accepting and isinstance(getattr(lane.backend, "prefix_summary", None), bytes)
+        }
+
     def submit(self, request: Request, deadline: float, on_chunk: ChunkFn, on_done: DoneFn) -> bool:
         lane = self._lane(request.model)
         if lane is None:
@@ -408,12 +421,16 @@ class Executor:
         return True
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per model: batches run and requests in them (continuous engines: decode steps and rows in them)."""
+        """Per model: batches run and requests in them (continuous engines: decode steps and rows in them), and a chat
+        engine's prefix cache counters (`prefix_*`)."""
         out = {}
         for name, lane in self.lanes.items():
             b = lane.backend
             batches, jobs = (b.steps, b.row_steps) if lane.continuous else (lane.batches, lane.batched_jobs)
             out[name] = {"batches": batches, "batched_requests": jobs, "max_batch": b.max_batch}
+            cache_stats = getattr(b, "cache_stats", None)
+            if cache_stats is not None:
+                out[name] |= cache_stats()
         return out
 
     def drain(self, grace: float) -> None:

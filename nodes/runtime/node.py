@@ -35,7 +35,15 @@ from ..models.cache import CACHE_MARKER
 from ..models.hardware import detect_labels, unmet
 from ..models.loader import load_backend
 from ..models.memory import MemoryNeed, estimate_memory, fit_kv_cache
-from ..models.specs import ModelSpec, default_models, parse_model_arg, resolve_path, with_kv_cache, with_precision
+from ..models.specs import (
+    ModelSpec,
+    default_models,
+    parse_model_arg,
+    resolve_path,
+    with_kv_cache,
+    with_precision,
+    with_prefix_cache,
+)
 from ..models.transfer import PullError
 from .admin import NodeAdmin, pulled_copy, spec_for_folder
 from .config import NodeConfig, parse_hostport
@@ -182,7 +190,8 @@ class Node:
 
     def with_node_defaults(self, spec: ModelSpec) -> ModelSpec:
         """A spec as this node serves it (its precision and key/value cache, unless the spec names them)."""
-        return with_kv_cache(with_precision(spec, self.config.precision), self.config.kv_cache)
+        spec = with_kv_cache(with_precision(spec, self.config.precision), self.config.kv_cache)
+        return with_prefix_cache(spec, self.config.prefix_cache)
 
     def mesh_security(self) -> MeshKey | MemberIdentity | Plaintext:
         return self.mesh_key if self.mesh_key is not None else Plaintext()

@@ -46,7 +46,16 @@ export function liveModels(view) {
   return [...tasks.keys()].sort(byName).map((name) => ({ name, tasks: tasks.get(name) }));
 }
 
-function modelCell(models) {
+/** What a node's prefix cache does for `name`: its own share of prompt tokens reused, or what a peer's gossip says. */
+function cacheText(row, name) {
+  const reused = (row.prefix_reused || {})[name];
+  if (reused !== undefined) return `prefix cache: ${(reused * 100).toFixed(0)}% of prompt tokens reused`;
+  const chains = (row.prefix_chains || {})[name];
+  return chains ? `prefix cache: ${chains} conversation links` : "";
+}
+
+function modelCell(row) {
+  const models = row.models;
   const cell = el("td", { className: "models" });
   for (const name of Object.keys(models || {}).sort(byName)) {
     const load = modelLoad(models[name]);
@@ -63,6 +72,7 @@ function modelCell(models) {
         load.version ? el("span", { className: "version", text: load.version }) : null,
         el("span", { className: "meter", title: text }, fill),
         el("span", { className: "load", text }),
+        cacheText(row, name) ? el("div", { className: "cache", text: cacheText(row, name) }) : null,
       ),
     );
   }
@@ -94,7 +104,7 @@ function nodeRow(row) {
     { data: { node: row.node, state } },
     name,
     el("td", {}, el("span", { className: `state state-${state}`, text: state })),
-    modelCell(row.models),
+    modelCell(row),
     labelCell(row.labels),
     el("td", { className: "heard", text: self ? "—" : `${seconds(row.last_heard_s || 0)} ago` }),
     el("td", { text: SOURCES[row.source] || row.source || "" }),
