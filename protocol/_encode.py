@@ -13,10 +13,12 @@ from ._messages import (
     Admin,
     Cancel,
     Chunk,
+    Credentials,
     Data,
     Error,
     Fetch,
     Hello,
+    Join,
     Leave,
     LoadReport,
     Message,
@@ -26,15 +28,18 @@ from ._messages import (
     Reject,
     Reply,
     Request,
+    Revocations,
 )
 from ._wire import (
     T_ADMIN,
     T_CANCEL,
     T_CHUNK,
+    T_CREDENTIALS,
     T_DATA,
     T_ERROR,
     T_FETCH,
     T_HELLO,
+    T_JOIN,
     T_LEAVE,
     T_LOAD,
     T_PING,
@@ -42,12 +47,13 @@ from ._wire import (
     T_REJECT,
     T_REPLY,
     T_REQUEST,
+    T_REVOCATIONS,
     VERSION,
 )
 
 
 def _addr(a: PeerAddr) -> list[Any]:
-    return [a.node, a.host, a.port, a.pub_port]
+    return [a.node, a.host, a.port, a.pub_port, a.key] if a.key else [a.node, a.host, a.port, a.pub_port]
 
 
 def _enc_request(m: Request) -> list[Any]:
@@ -75,11 +81,13 @@ def _enc_load(m: LoadReport) -> list[Any]:
         m.incarnation,
         m.seq,
         _addr(m.addr),
-        {k: [v.inflight, v.queued, v.capacity, v.rate, v.version] for k, v in m.models.items()},
+        {k: [v.inflight, v.queued, v.capacity, v.rate, v.version, list(v.tasks)] for k, v in m.models.items()},
         m.labels,
         [_addr(p) for p in m.peers],
         m.leaving,
         m.fingerprint,
+        m.prefixes,
+        m.revocations,
     ]
 
 
@@ -98,6 +106,9 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Admin: lambda m: [T_ADMIN, m.id, m.action, m.args],
     Fetch: lambda m: [T_FETCH, m.id, m.name, m.version, m.path, m.offset, m.length],
     Data: lambda m: [T_DATA, m.id, m.node, m.offset, m.data],
+    Credentials: lambda m: [T_CREDENTIALS, m.cert, m.revocations, m.reply],
+    Join: lambda m: [T_JOIN, m.id, m.token, m.name],
+    Revocations: lambda m: [T_REVOCATIONS, m.document],
 }
 
 _VERSION_BYTE = bytes([VERSION])

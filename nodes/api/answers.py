@@ -25,6 +25,7 @@ from .bodies import (
     ErrorResponse,
     FinishReason,
     FunctionCallOut,
+    PromptTokensDetails,
     ToolCall,
     Usage,
 )
@@ -60,7 +61,10 @@ def usage_of(meta: dict[str, Any]) -> Usage:
 
     prompt, completion = count("prompt_tokens"), count("completion_tokens")
     return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=count("total_tokens") or prompt + completion
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=count("total_tokens") or prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=count("cached_tokens")),
     )
 
 

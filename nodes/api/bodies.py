@@ -479,10 +479,15 @@ class EmbeddingRequest(BaseModel):
 FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens the serving node's prefix cache did not read again.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class FunctionCallOut(BaseModel):

@@ -237,6 +237,7 @@ class TextRow:
         self.job = job
         self.sampling = sampling
         self.prompt_tokens = budget.prompt_tokens
+        self.cached_tokens: int | None = None  # prompt tokens an engine with a prefix cache did not read again
         self.prefix_tokens = budget.prefix_tokens
         self.budget = budget.new_tokens
         self.generated = 0
@@ -308,15 +309,11 @@ class TextRow:
         text = job.request.prefix + self.text
         output: Any = {"role": "assistant", "content": text} if job.request.task is Task.CHAT else text
         completion = self.prefix_tokens + self.generated
-        job.finish(
-            output,
-            {
-                "model": model,
-                "finish_reason": reason,
-                "usage": {
-                    "prompt_tokens": self.prompt_tokens,
-                    "completion_tokens": completion,
-                    "total_tokens": self.prompt_tokens + completion,
-                },
-            },
-        )
+        usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+        if self.cached_tokens is not None:
+            usage["cached_tokens"] = min(self.cached_tokens, self.prompt_tokens)
+        job.finish(output, {"model": model, "finish_reason": reason, "usage": usage})
