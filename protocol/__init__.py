@@ -1,5 +1,5 @@
 """lanmesh wire protocol: messages (`_messages.py`), the codec (`_encode.py`, `_decode.py`, with what they share in
-`_wire.py`) and error codes (`_errors.py`). Pure code: no I/O."""
+`_wire.py`) and error codes (`_errors.py`), the naming of pipeline stages (`_stages.py`). Pure code: no I/O."""
 
 from ._decode import decode, error_code_name
 from ._encode import encode, restamp_reply, restamp_request
@@ -22,8 +22,11 @@ from ._messages import (
     Reject,
     Reply,
     Request,
+    Stage,
+    StageWant,
     Task,
 )
+from ._stages import StageName, parse_stage, stage_name, tensor_nbytes
 from ._wire import DEFAULT_LIMITS, MAX_CHUNK_BYTES, MAX_DEADLINE_MS, MAX_HOPS, VERSION, Limits
 
 __all__ = [
@@ -53,10 +56,16 @@ __all__ = [
     "Reject",
     "Reply",
     "Request",
+    "Stage",
+    "StageName",
+    "StageWant",
     "Task",
     "decode",
     "encode",
     "error_code_name",
+    "parse_stage",
     "restamp_reply",
     "restamp_request",
+    "stage_name",
+    "tensor_nbytes",
 ]

@@ -28,6 +28,8 @@ from ._messages import (
     Reject,
     Reply,
     Request,
+    Stage,
+    StageWant,
     Task,
 )
 from ._wire import (
@@ -36,7 +38,10 @@ from ._wire import (
     MAX_CHUNK_BYTES,
     MAX_DEADLINE_MS,
     MAX_HOPS,
+    MAX_STAGES,
     NAME_LEN,
+    STAGE_DTYPES,
+    STAGE_KINDS,
     T_ADMIN,
     T_CANCEL,
     T_CHUNK,
@@ -51,6 +56,7 @@ from ._wire import (
     T_REJECT,
     T_REPLY,
     T_REQUEST,
+    T_STAGE,
     VERSION,
     Limits,
 )
@@ -199,7 +205,7 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
 def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
     rid_raw = b[1] if len(b) > 1 else None
     rid = rid_raw if isinstance(rid_raw, str) and 0 < len(rid_raw) <= ID_LEN else None
-    f = _fields(b, 4, 12, "request", rid)
+    f = _fields(b, 4, 14, "request", rid)
     rid = _str(f[0], "id", ID_LEN, None, empty=False)
     model = _str(f[1], "model", NAME_LEN, rid, empty=False)
     task = _TASKS.get(f[2]) if isinstance(f[2], str) else None
@@ -218,7 +224,28 @@ def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
         stream=_bool(_or(f[9], False), "stream", rid),
         require=_strmap(_or(f[10], {}), "require", rid, lim, str_values=True),
         prefix=_str(_or(f[11], ""), "prefix", lim.max_str_len, rid),
+        stages=_stages(_or(f[12], []), rid),
+        prefix_ids=_token_ids(_or(f[13], []), "prefix_ids", rid),
     )
+
+
+def _stages(v: Any, rid: str | None) -> tuple[tuple[str, str], ...]:
+    """A pipeline's chain: [[node, stage name], ...], at most MAX_STAGES."""
+    if not isinstance(v, list) or len(v) > MAX_STAGES:
+        raise _fail(f"stages must be a list of at most {MAX_STAGES} [node, stage] pairs", rid)
+    out = []
+    for pair in v:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise _fail("each stage must be a [node, stage] pair", rid)
+        out.append((_str(pair[0], "stage node", NAME_LEN, rid, empty=False),
+                    _str(pair[1], "stage", NAME_LEN, rid, empty=False)))  # fmt: skip
+    return tuple(out)
+
+
+def _token_ids(v: Any, name: str, rid: str | None) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(type(x) is int and 0 <= x < 2**31 for x in v):
+        raise _fail(f"{name} must be a list of token ids (integers >= 0)", rid)
+    return tuple(v)
 
 
 def _dec_addr(v: Any) -> PeerAddr:
@@ -249,12 +276,29 @@ def _dec_models(v: Any) -> dict[str, ModelLoad]:
             _int(load[2], "capacity", 0, 2**31, None),
             float(rate),
             version,
+            _int(load[5], "model layers", 0, 2**20, None) if len(load) > 5 else 0,
+        )
+    return out
+
+
+def _dec_wants(v: Any) -> dict[str, StageWant]:
+    if not isinstance(v, dict):
+        raise _fail("wants must be a map")
+    out = {}
+    for name, want in v.items():
+        if not isinstance(want, list) or len(want) < 3:
+            raise _fail("a want must be [version, budget, speed]")
+        speed = want[2]
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 <= speed < 1e6:
+            raise _fail("a want's speed must be a number >= 0")
+        out[_str(name, "model", NAME_LEN, None, empty=False)] = StageWant(
+            _str(want[0], "want version", 64, None), _int(want[1], "want budget", 0, 2**62, None), float(speed)
         )
     return out
 
 
 def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
-    f = _fields(b, 4, 9, "load report", None)
+    f = _fields(b, 4, 10, "load report", None)
     peers = _or(f[6], [])
     if not isinstance(peers, list):
         raise _fail("peers must be a list")
@@ -268,6 +312,7 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
         peers=tuple(_dec_addr(p) for p in peers),
         leaving=_bool(_or(f[7], False), "leaving", None),
         fingerprint=_str(_or(f[8], ""), "fingerprint", NAME_LEN, None),
+        wants=_dec_wants(_or(f[9], {})),
     )
 
 
@@ -431,6 +476,39 @@ def _dec_data(b: list[Any], lim: Limits) -> Data:
     return Data(rid, _str(f[1], "node", NAME_LEN, rid), _int(f[2], "offset", 0, 2**62, rid), f[3])
 
 
+def _dec_stage(b: list[Any], lim: Limits) -> Stage:
+    f = _fields(b, 4, 14, "stage", None)
+    rid = _rid(b)
+    kind = _str(f[2], "stage kind", 16, rid)
+    if kind not in STAGE_KINDS:
+        raise _fail(f"stage kind must be one of {list(STAGE_KINDS)}, got {kind!r}", rid)
+    shape = _or(f[6], [])
+    if not isinstance(shape, list) or len(shape) > 4 or not all(type(x) is int and 0 <= x <= 2**24 for x in shape):
+        raise _fail("stage shape must be a list of at most 4 sizes", rid)
+    dtype = _str(_or(f[7], "float32"), "stage dtype", 16, rid)
+    if dtype not in STAGE_DTYPES:
+        raise _fail(f"stage dtype must be one of {list(STAGE_DTYPES)}, got {dtype!r}", rid)
+    request = _or(f[9], b"")
+    if not isinstance(request, bytes):
+        raise _fail("stage request must be bytes (an encoded Request)", rid)
+    return Stage(
+        id=rid,
+        model=_str(f[1], "model", NAME_LEN, rid, empty=False),
+        kind=kind,
+        first=_str(f[3], "first", NAME_LEN, rid, empty=False),
+        start=_int(_or(f[4], 0), "start", 0, 2**31, rid),
+        tokens=_token_ids(_or(f[5], []), "tokens", rid),
+        shape=tuple(shape),
+        dtype=dtype,
+        last=_bool(_or(f[8], False), "last", rid),
+        request=request,
+        stages=_stages(_or(f[10], []), rid),
+        need=_int(_or(f[11], 0), "need", 0, 2**31, rid),
+        deadline_ms=_int(_or(f[12], 0), "deadline_ms", 0, MAX_DEADLINE_MS, rid),
+        data=_value(f[13], "data", lim, rid),
+    )
+
+
 _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     T_REQUEST: _dec_request,
     T_REPLY: _dec_reply,
@@ -446,6 +524,7 @@ _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     T_ADMIN: _dec_admin,
     T_FETCH: _dec_fetch,
     T_DATA: _dec_data,
+    T_STAGE: _dec_stage,
 }
 
 

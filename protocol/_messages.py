@@ -45,6 +45,10 @@ class Request:
     stream: bool = False
     require: dict[str, str] = field(default_factory=dict)
     prefix: str = ""
+    # A pipeline try (see Stage): the chain of (node, stage name) that serves it, the receiver first, and the exact
+    # tokens a failed chain already generated (the text of which is `prefix`). Sent only when set.
+    stages: tuple[tuple[str, str], ...] = ()
+    prefix_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,17 @@ class ModelLoad:
     capacity: int
     rate: float = 0.0
     version: str = ""
+    layers: int = 0  # a stage (`name[a-b]`): how many layers the whole model has; 0 for a whole model
+
+
+@dataclass(frozen=True, slots=True)
+class StageWant:
+    """A node wants to serve a model it cannot hold whole (see `LoadReport.wants`): of the build `version`, it can
+    give a stage `budget` bytes, and runs `speed` times as fast as a one-core node (its cores)."""
+
+    version: str
+    budget: int
+    speed: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +200,7 @@ class LoadReport:
     peers: tuple[PeerAddr, ...] = ()
     leaving: bool = False
     fingerprint: str = ""
+    wants: dict[str, StageWant] = field(default_factory=dict)  # models this node would hold a stage of
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +238,54 @@ class Pong:
     status: list[dict[str, Any]] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """Stage-to-stage traffic of a pipeline (a model whose layers several nodes hold). The header of a multi-part
+    message: when `shape` is not empty, one more frame follows with the tensor's raw bytes (`dtype`, C order).
+
+    `id` names the sequence (the entry's try id), `model` the receiving stage (`name[a-b]`), `first` the node of the
+    pipeline's first stage, which owns the request. Kinds:
+    - `run`: the residual stream of positions `start`..`start + len(tokens) - 1` (or, to the first stage, nothing:
+      it has the tokens); `tokens` are those positions' token ids; `last`: the prompt is complete after them, a token
+      is due. A sequence's first `run` to a stage also carries the `request` (its encoded Request), the chain
+      (`stages`), the key/value tokens it may need (`need`) and what is left of its deadline (`deadline_ms`).
+    - `token`: from the last stage to the first: `tokens` is the token picked, `data` a map with `text` (a piece to
+      stream), `output` and `meta` (the request is done), or `code` and `message` (it failed).
+    - `close`: the sequence is over (`data`: why); its keys and values are freed.
+    """
+
+    id: str
+    model: str
+    kind: str
+    first: str
+    start: int = 0
+    tokens: tuple[int, ...] = ()
+    shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    last: bool = False
+    request: bytes = b""
+    stages: tuple[tuple[str, str], ...] = ()
+    need: int = 0
+    deadline_ms: int = 0
+    data: Any = None
+
+
 Message = (
-    Request | Reply | Chunk | Error | Reject | LoadReport | Hello | Leave | Ping | Pong | Cancel | Admin | Fetch | Data
+    Request
+    | Reply
+    | Chunk
+    | Error
+    | Reject
+    | LoadReport
+    | Hello
+    | Leave
+    | Ping
+    | Pong
+    | Cancel
+    | Admin
+    | Fetch
+    | Data
+    | Stage
 )
 
 __all__ = [
@@ -245,5 +307,7 @@ __all__ = [
     "Reject",
     "Reply",
     "Request",
+    "Stage",
+    "StageWant",
     "Task",
 ]

@@ -11,12 +11,16 @@ VERSION = 1
 T_REQUEST, T_REPLY, T_CHUNK, T_ERROR, T_REJECT = 1, 2, 3, 4, 5
 T_LOAD, T_HELLO, T_LEAVE, T_PING, T_PONG = 6, 7, 8, 9, 10
 T_CANCEL, T_ADMIN, T_FETCH, T_DATA = 11, 12, 13, 14
+T_STAGE = 15
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # the most one Fetch may ask for (one Data frame, well under the frame limit)
 
 MAX_DEADLINE_MS = 86_400_000  # one day; anything longer is a bug on the caller's side
 MAX_HOPS = 8
 ID_LEN = 128
 NAME_LEN = 256
+MAX_STAGES = 16  # nodes in one pipeline
+STAGE_KINDS = ("run", "token", "close")
+STAGE_DTYPES = {"float32": 4, "float16": 2}  # what a Stage's tensor frame may hold, and bytes per number
 
 
 @dataclass(frozen=True, slots=True)
