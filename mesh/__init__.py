@@ -35,6 +35,7 @@ from ._endpoints import parse_endpoints
 from ._entry import EntryTable, PendingState
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._node import MeshNode
+from ._pipeline import StageHolder, compose_chain, holders_of
 from ._results import PingReply, Result
 from ._routing import POLICIES, Choice, RoutingPolicy
 from ._security import (
@@ -93,6 +94,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "StageHolder",
+    "compose_chain",
+    "holders_of",
     # clients
     "AsyncClient",
     "AsyncStream",

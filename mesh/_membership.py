@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, decode, encode
+from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, Request, StageWant, decode, encode
 
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._peers import Peer
+from ._pipeline import compose_chain, holders_of
 
 if TYPE_CHECKING:
     from ._admission import Admission
@@ -166,6 +167,7 @@ class Membership:
             peers=digest,
             leaving=self.leaving,
             fingerprint=self.s.fingerprint,
+            wants={} if self.leaving else dict(getattr(self.server, "wants", dict)()),
         )
         try:
             self.pub.send(encode(report), zmq.NOBLOCK)
@@ -221,6 +223,7 @@ class Membership:
         peer.incarnation, peer.seq = r.incarnation, r.seq
         peer.models = dict(r.models)
         peer.labels = dict(r.labels)
+        peer.wants = dict(r.wants)
         peer.leaving = r.leaving
         for model, load in r.models.items():
             self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, now, load.rate)
@@ -341,6 +344,54 @@ class Membership:
             load = peer.models.get(name)
             if load is not None and load.version and self.detector.state(peer.node) is PeerState.ALIVE:
                 out.append((peer.node, f"{peer.addr.host}:{peer.addr.port}", load.version))
+        return out
+
+    def stage_servers(self, req: Request, excluded: set[str] | frozenset[str]) -> list[tuple[str, str, int, str]]:
+        """(node, served name, the whole model's layers, version) of every pipeline stage this node and its live
+        peers serve that may take `req` now (alive, not leaving, not excluded, labels matching)."""
+        out = []
+        if not self.leaving and self.node_id not in excluded:
+            labels = self.server.labels
+            if all(labels.get(k) == v for k, v in req.require.items()):
+                out += [(self.node_id, name, load.layers, load.version) for name, load in self.server.models().items()
+                        if load.layers]  # fmt: skip
+        for peer in self.links.peers:
+            if peer.node in excluded or peer.leaving or self.detector.state(peer.node) is not PeerState.ALIVE:
+                continue
+            out += [(peer.node, name, load.layers, load.version) for name, load in peer.models.items()
+                    if load.layers and peer.serves(name, req.require)]  # fmt: skip
+        return out
+
+    def pipeline(self, req: Request, excluded: set[str], now: float) -> tuple[list[tuple[str, str]], str] | None:
+        """A chain of live stage holders serving `req`'s model together (P2C among each stage's holders), and the
+        route that says so (`pipeline:<why stage 1>><why stage 2>...`); None when they cannot cover it now."""
+        holders = holders_of(req.model, self.stage_servers(req, excluded))
+
+        def choose(stage: str, nodes: list[str]) -> tuple[str, str] | None:
+            choice = self.policy.choose(stage, nodes, now)
+            return (choice.node, choice.reason) if choice is not None else None
+
+        found = compose_chain(holders, choose) if holders else None
+        return None if found is None else (found[0], "pipeline:" + ">".join(found[1]))
+
+    def stage_known(self, model: str) -> bool:
+        """Whether any node (alive or not) serves a stage of `model`."""
+        prefix = model.partition("@")[0] + "["
+        models = [self.server.models(), *(p.models for p in self.links.peers)]
+        return any(name.startswith(prefix) and load.layers for m in models for name, load in m.items())
+
+    def stage_view(self, model: str) -> list[tuple[str, StageWant | None, list[tuple[str, str]]]]:
+        """For the automatic split (any thread): every live peer's want of `model` and the stages of it it serves,
+        as (node, want or None, [(stage name, version)])."""
+        out = []
+        prefix = model + "["
+        for peer in self.links.peers:
+            if peer.leaving or self.detector.state(peer.node) is not PeerState.ALIVE:
+                continue
+            held = [(n, load.version) for n, load in peer.models.items() if n.startswith(prefix) and load.layers]
+            want = peer.wants.get(model)
+            if want is not None or held:
+                out.append((peer.node, want, held))
         return out
 
     def on_refused_connection(self, kind: str, source: str) -> None:

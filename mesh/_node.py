@@ -36,6 +36,7 @@ from protocol import (
     Reject,
     Reply,
     Request,
+    Stage,
     decode,
     encode,
 )
@@ -44,7 +45,7 @@ from ._admission import Admission
 from ._entry import EntryTable
 from ._failure import FailureDetector, PeerState
 from ._links import PeerLinks
-from ._local import LocalWork
+from ._local import TRACKED, LocalWork
 from ._membership import DRAIN, Membership
 from ._peers import Peer
 from ._routing import POLICIES
@@ -52,6 +53,7 @@ from ._security import Authenticator
 from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
 from ._sockets import Waker, bind_pub, bind_router, bound_port
+from ._stages import FailFn, StageTraffic
 from ._watchdog import LoopWatchdog
 
 log = logging.getLogger("lanmesh.mesh")
@@ -117,9 +119,10 @@ class MeshNode:
         )  # fmt: skip
         self.observer: RequestObserver | None = None
         self.local = LocalWork(self.node_id, server, self.stats, send_client=self._send_client, post=self.post,
-                               observer=lambda: self.observer)  # fmt: skip
+                               observer=lambda: self.observer, entry=self.entry)  # fmt: skip
         # Operators' commands and model files (`Admin`, `Fetch`), answered on worker threads (the node sets the handler)
         self.services = Services(self.node_id, self.post)
+        self.stages = StageTraffic(self.node_id, server, self.stats, settings.limits, self._dealer_of)
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._outbox: list[tuple[bytes, bytes]] = []  # answers to clients, sent at the end of the loop's turn
         self._waker: Waker | None = None  # made with the loop's sockets; until then the inbox waits for the loop
@@ -338,6 +341,8 @@ class MeshNode:
                 self._guarded("a local answer", self.local.done, *payload)
             elif kind == "chunk":
                 self._guarded("a local chunk", self.local.chunk, *payload)
+            elif kind == "stage":
+                self._guarded("a stage's message", self.stages.send, *payload)
             elif kind == "answer":
                 ident, frame, done = payload
                 self.services.done(done)
@@ -361,10 +366,8 @@ class MeshNode:
             except zmq.Again:
                 return
             part = router.recv(_NB, copy=False)  # a ROUTER hands over whole messages: the body is there
-            if part.more:  # a sender's multi-part message: not ours to read; skip the rest of it
-                self.stats["bad_frames"] += 1
-                while router.recv(_NB, copy=False).more:
-                    pass
+            if part.more:  # multi-part: a pipeline stage's header and tensor, or dropped (counted) whole
+                self._guarded("a stage's message", self.stages.read, router, part)
                 continue
             self._guarded("a message from a client", self._on_router_frame, ident, part.bytes)
 
@@ -386,6 +389,8 @@ class MeshNode:
             self._send_client(ident, Pong(msg.id, self.node_id, self.status() if msg.want_status else None))
         elif isinstance(msg, Hello):
             self.membership.on_hello(ident, msg)
+        elif isinstance(msg, Stage):
+            self.stages.deliver(msg, None)
         elif isinstance(msg, Admin | Fetch):
             refused = self.services.submit(ident, msg)
             if refused is not None:
@@ -432,7 +437,20 @@ class MeshNode:
         self.stats["cancels_in"] += 1
         if self.entry.cancel(ident, msg.id, msg.reason, time.monotonic()):
             return
-        self.local.cancel(msg.id, msg.reason)
+        self.cancel_here(msg.id, msg.reason)
+
+    def cancel_here(self, request_id: str, reason: str) -> None:
+        """Stop a request running here, and free a pipeline sequence of that id on this node's stages."""
+        self.local.cancel(request_id, reason)
+        self.stages.cancel(request_id, reason)
+
+    def send_stage(self, node: str, msg: Stage, tensor: Any, on_fail: FailFn | None) -> None:
+        """Send a pipeline stage's message to `node` (any thread: the header is encoded here, the loop sends it)."""
+        self.post("stage", (node, msg, encode(msg), tensor, on_fail))
+
+    def _dealer_of(self, node: str) -> zmq.Socket[Any] | None:
+        peer = self.links.peers.get(node)
+        return None if peer is None else peer.dealer
 
     def _in_flight_for(self, ident: bytes, rid: str) -> bool:
         p = self.entry.get(rid)
@@ -454,6 +472,7 @@ class MeshNode:
             known = True
             if not self.membership.leaving and self.node_id not in excluded and self._labels_match(req.require):
                 out.append(self.node_id)
+        known = known or self.membership.stage_known(req.model)
         for peer in self.links.peers:
             if req.model not in peer.models:
                 continue
@@ -474,6 +493,12 @@ class MeshNode:
 
     def serve_here(self, client: bytes, req: Request, deadline: float, route: str, seq0: int, started: float) -> bool:
         return self.local.submit(client, req, deadline, route, seq0, started, "local")
+
+    def pipeline(self, req: Request, excluded: set[str], now: float) -> tuple[list[tuple[str, str]], str] | None:
+        return self.membership.pipeline(req, excluded, now)
+
+    def serve_tracked(self, req: Request, deadline: float, started: float) -> bool:
+        return self.local.submit(TRACKED, req, deadline, "", 0, started, "local")
 
     def send_peer(self, node: str, frame: bytes) -> bool:
         peer = self.links.peers.get(node)

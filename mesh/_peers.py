@@ -8,7 +8,7 @@ from typing import Any
 
 import zmq
 
-from protocol import ModelLoad, PeerAddr
+from protocol import ModelLoad, PeerAddr, StageWant
 
 
 @dataclass(slots=True)
@@ -28,6 +28,7 @@ class Peer:
     fingerprint: str = ""
     monitor: zmq.Socket[Any] | None = None  # transport events of `dealer`
     disconnected: bool = False  # its connection closed and has not come back yet
+    wants: dict[str, StageWant] = field(default_factory=dict)  # models it would hold a stage of (gossiped)
 
     @property
     def node(self) -> str:

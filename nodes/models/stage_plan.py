@@ -100,9 +100,7 @@ def balanced_split(
     return ranges[::-1]
 
 
-def _keep_what_is_held(
-    ranges: list[tuple[int, int]], order: list[Member], need: NeedFn
-) -> dict[str, int] | None:
+def _keep_what_is_held(ranges: list[tuple[int, int]], order: list[Member], need: NeedFn) -> dict[str, int] | None:
     """Holders where members that hold a planned range keep it; None when that leaves a stage without a holder
     that fits (then the plain deal stands)."""
     holders: dict[str, int] = {}

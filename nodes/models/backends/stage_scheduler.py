@@ -167,7 +167,7 @@ class StageScheduler:
     # ------------------------------------------------------------ sequences in and out
 
     def add(self, seq: StageSeq, *, preparing: bool = False) -> None:
-        """A new sequence: PREPARING (the first stage tokenizes it), else WAITING. ValueError when it could never fit."""
+        """A new sequence: PREPARING (the first stage tokenizes it), else WAITING; ValueError when it cannot fit."""
         if preparing:
             self.preparing.append(seq)
             return
