@@ -82,6 +82,13 @@ def _add_node_parser(sub: Any) -> None:
         ),
     )
     p.add_argument(
+        "--layers",
+        metavar="A-B|auto",
+        help="serve only layers A to B (from 0) of the chat model: one stage of a model several nodes serve together "
+        "(shown as NAME[A-B]); auto: take the stage the automatic split gives this node. Without it, a chat model "
+        "too big for this node's memory joins the automatic split",
+    )
+    p.add_argument(
         "--precision",
         choices=["int4", "int8", "fp16", "fp32"],
         help=(

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from ..api.keys import check_api_key
+from ..models.specs import parse_layers
 
 DEFAULT_PORT = 5555
 DEFAULT_HTTP_PORT = 8000
@@ -37,6 +38,7 @@ class NodeConfig:
     peers: list[str] = field(default_factory=list)  # static seeds host:port
     mdns: bool = True
     models: list[str] = field(default_factory=list)  # model specs; empty: the default models
+    layers: str = ""  # A-B: serve only those layers of the chat model (a pipeline stage); auto: join the split plan
     precision: str = "int4"  # chat models built for the onnxruntime engine: int4, int8, fp16 (GPU) or fp32
     labels: dict[str, str] = field(default_factory=dict)
     max_queue: int = 256
@@ -92,6 +94,8 @@ class NodeConfig:
             raise ValueError("transfer_rate must be >= 0 Mbit/s (0: no cap)")
         if self.kv_cache < 0:
             raise ValueError("kv_cache must be >= 0 MiB (0: the default, cut to fit the memory limit)")
+        if self.layers:
+            parse_layers(self.layers, "--layers")
         if self.precision not in ("int4", "int8", "fp16", "fp32"):
             raise ValueError(f"precision must be int4, int8, fp16 or fp32, not {self.precision!r}")
         if self.log_format not in ("text", "json"):

@@ -62,8 +62,8 @@ class Wire:
         return tuple((node, e.name) for node, e in self.engines.items())
 
     def submit(self, req: Request, outcome: Outcome, timeout: float = 60.0) -> Job:
-        job = self.lanes[0].make_job(replace(req, model=self.chain[0][1], stages=self.chain), time.monotonic() + timeout,
-                                     *_recorders(outcome))  # fmt: skip
+        piped = replace(req, model=self.chain[0][1], stages=self.chain)
+        job = self.lanes[0].make_job(piped, time.monotonic() + timeout, *_recorders(outcome))
         assert self.lanes[0].submit(job)
         return job
 
@@ -194,9 +194,7 @@ def test_a_cancelled_request_is_freed_on_every_stage(whole: OnnxChat, tmp_path: 
         wire.close()
 
 
-def test_a_stage_that_cannot_hold_a_request_fails_it_with_a_message_naming_it(
-    whole: OnnxChat, tmp_path: Path
-) -> None:
+def test_a_stage_that_cannot_hold_a_request_fails_it_with_a_message_naming_it(whole: OnnxChat, tmp_path: Path) -> None:
     assert whole.model_dir is not None
     engines = [
         OnnxStage("tiny[0-1]", "tiny", whole.model_dir, 0, 1, cache_dir=tmp_path),

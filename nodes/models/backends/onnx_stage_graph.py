@@ -103,9 +103,20 @@ def _part(node_name: str, layers: int) -> str:
     return "mask"
 
 
+_COSTS: dict[tuple[str, int], LayerCosts] = {}  # by (folder, graph mtime): a build's costs do not change
+
+
 def layer_costs(folder: str | Path) -> LayerCosts:
-    """The costs of each layer of the model built in `folder` (reads the graph only)."""
-    model, config = _load_graph(Path(folder))
+    """The costs of each layer of the model built in `folder` (reads the graph only, once per build)."""
+    folder = Path(folder)
+    key = (str(folder.resolve()), (folder / "genai_config.json").stat().st_mtime_ns)
+    if key not in _COSTS:
+        _COSTS[key] = _layer_costs(folder)
+    return _COSTS[key]
+
+
+def _layer_costs(folder: Path) -> LayerCosts:
+    model, config = _load_graph(folder)
     decoder = config["model"]["decoder"]
     layers, hidden = int(decoder["num_hidden_layers"]), int(decoder["hidden_size"])
     sizes = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
