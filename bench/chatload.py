@@ -1,11 +1,13 @@
 """Chat streams as a process of their own (e.g. inside the client host's network namespace): `--streams` callers,
 each streaming its share of `--count` chats one after another, greedy, through one entry node.
 
-    python -m bench.chatload --nodes 10.213.0.2:7000 --model smollm2 --streams 8 --count 16 --max-tokens 128 \
-        --prompts prompts.json
+    python -m bench.chatload chat --nodes 10.213.0.2:7000 --model smollm2 --streams 8 --count 16 \
+        --max-tokens 128 --prompts prompts.json
+    python -m bench.chatload status --nodes 10.213.0.2:7000,10.213.0.3:7000
 
 JSON lines on stdout: `chunks` every 25 streamed pieces (for a harness that faults the mesh mid-stream), `done` per
 finished chat (time to first piece, seconds, completion tokens, its text, the node and route), one `summary`.
+`status` asks each node for its own status row (its models, counters) and prints them as the summary.
 Times are time.monotonic(), which network namespaces share.
 """
 
@@ -19,6 +21,8 @@ import time
 from typing import Any
 
 from mesh import Client, client_security
+
+from .procs import ping
 
 _lock = threading.Lock()
 
@@ -85,8 +89,19 @@ def run(nodes: list[str], model: str, prompts: list[str], streams: int, count: i
     return summary
 
 
+def status(nodes: list[str]) -> dict[str, Any]:
+    rows = {}
+    for node in nodes:
+        pong = ping(node, 2.0, want_status=True, security=client_security())
+        rows[node] = pong.status[0] if pong is not None and pong.status else None
+    emit("summary", rows=rows)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.chatload", description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.chatload", description=(__doc__ or "").split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("chat", help="chat streams: --streams callers, --count chats in all")
     p.add_argument("--nodes", required=True, help="comma-separated host:port of entry nodes")
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True, help="a JSON file with a list of prompts")
@@ -94,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=128, dest="max_tokens")
     p.add_argument("--timeout", type=float, default=300.0)
-    args = p.parse_args(argv)
+    st = sub.add_parser("status", help="each node's own status row")
+    st.add_argument("--nodes", required=True)
+    args = parser.parse_args(argv)
+    if args.cmd == "status":
+        status(args.nodes.split(","))
+        return 0
     with open(args.prompts) as f:
         prompts = json.load(f)
     s = run(args.nodes.split(","), args.model, prompts, args.streams, args.count, args.max_tokens, args.timeout)

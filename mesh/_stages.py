@@ -107,3 +107,4 @@ class StageTraffic:
                 on_fail(node, msg)
             return
         self.stats["stage_messages_out"] += 1
+        self.stats["stage_bytes_out"] += len(header) + (0 if tensor is None else memoryview(tensor).nbytes)

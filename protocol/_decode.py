@@ -477,7 +477,7 @@ def _dec_data(b: list[Any], lim: Limits) -> Data:
 
 
 def _dec_stage(b: list[Any], lim: Limits) -> Stage:
-    f = _fields(b, 4, 14, "stage", None)
+    f = _fields(b, 4, 15, "stage", None)
     rid = _rid(b)
     kind = _str(f[2], "stage kind", 16, rid)
     if kind not in STAGE_KINDS:
@@ -506,6 +506,7 @@ def _dec_stage(b: list[Any], lim: Limits) -> Stage:
         need=_int(_or(f[11], 0), "need", 0, 2**31, rid),
         deadline_ms=_int(_or(f[12], 0), "deadline_ms", 0, MAX_DEADLINE_MS, rid),
         data=_value(f[13], "data", lim, rid),
+        due=_bool(_or(f[14], False), "due", rid),
     )
 
 

@@ -98,7 +98,7 @@ def _enc_load(m: LoadReport) -> list[Any]:
 
 def _enc_stage(m: Stage) -> list[Any]:
     return [T_STAGE, m.id, m.model, m.kind, m.first, m.start, list(m.tokens), list(m.shape), m.dtype, m.last,
-            m.request, [list(pair) for pair in m.stages], m.need, m.deadline_ms, m.data]  # fmt: skip
+            m.request, [list(pair) for pair in m.stages], m.need, m.deadline_ms, m.data, m.due]  # fmt: skip
 
 
 _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {

@@ -245,10 +245,12 @@ class Stage:
 
     `id` names the sequence (the entry's try id), `model` the receiving stage (`name[a-b]`), `first` the node of the
     pipeline's first stage, which owns the request. Kinds:
-    - `run`: the residual stream of positions `start`..`start + len(tokens) - 1` (or, to the first stage, nothing:
-      it has the tokens); `tokens` are those positions' token ids; `last`: the prompt is complete after them, a token
-      is due. A sequence's first `run` to a stage also carries the `request` (its encoded Request), the chain
-      (`stages`), the key/value tokens it may need (`need`) and what is left of its deadline (`deadline_ms`).
+    - `run`: the residual stream of positions `start`..`start + len(tokens) - 1`; `tokens` are those positions' token
+      ids; `last`: the prompt is complete after them (each later input is one decode step); `due`: the last stage
+      chooses a token after them (not while tokens a failed chain generated are replayed, one decode step each, so
+      their keys and values are computed as they first were). A sequence's first `run` to a stage also carries the
+      `request` (its encoded Request), the chain (`stages`), the key/value tokens it may need (`need`) and what is
+      left of its deadline (`deadline_ms`).
     - `token`: from the last stage to the first: `tokens` is the token picked, `data` a map with `text` (a piece to
       stream), `output` and `meta` (the request is done), or `code` and `message` (it failed).
     - `close`: the sequence is over (`data`: why); its keys and values are freed.
@@ -268,6 +270,7 @@ class Stage:
     need: int = 0
     deadline_ms: int = 0
     data: Any = None
+    due: bool = False
 
 
 Message = (

@@ -60,8 +60,8 @@ def staged_lan(make_lan: Callable[[int], Lan], tmp_path: Path, keyed: Path) -> I
 
 
 def _chats(lan: Lan, entry: str, prompts: Path, on_event: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "bench.chatload", "--nodes", entry, "--model", "smollm2", "--prompts", str(prompts),
-            "--streams", "4", "--count", "8", "--max-tokens", "64", "--timeout", "300"]  # fmt: skip
+    argv = [sys.executable, "-m", "bench.chatload", "chat", "--nodes", entry, "--model", "smollm2", "--prompts",
+            str(prompts), "--streams", "4", "--count", "8", "--max-tokens", "64", "--timeout", "300"]  # fmt: skip
     proc = lan.spawn(lan.hosts[0], argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
     assert proc.stdout is not None
     summary: dict[str, Any] | None = None

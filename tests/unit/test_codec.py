@@ -108,7 +108,7 @@ wants = st.builds(StageWant, st.text(alphabet="0123456789abcdef", max_size=64), 
 stages = st.builds(
     Stage, ids, names, st.sampled_from(["run", "token", "close"]), names, small, token_ids,
     st.lists(st.integers(0, 4096), max_size=3).map(tuple), st.sampled_from(["float32", "float16"]), st.booleans(),
-    st.binary(max_size=100), chains, small, st.integers(0, MAX_DEADLINE_MS), values,
+    st.binary(max_size=100), chains, small, st.integers(0, MAX_DEADLINE_MS), values, st.booleans(),
 )  # fmt: skip
 any_message = st.one_of(
     requests(),

@@ -68,12 +68,12 @@ class Pipeline:
         for start in range(0, length, chunk):
             end = min(length, start + chunk)
             tokens = [token(n, p) for p in range(start, end)]
-            self.sched.feed(self.seqs[n], StageInput(start, tokens, last=end == length))
+            self.sched.feed(self.seqs[n], StageInput(start, tokens, last=end == length, due=end == length))
 
     def feed_token(self, n: int) -> None:
         seq = self.seqs[n]
         pos = seq.cached + sum(i.left for i in seq.inputs)
-        self.sched.feed(seq, StageInput(pos, [token(n, pos)], last=True))
+        self.sched.feed(seq, StageInput(pos, [token(n, pos)], last=True, due=True))
 
     def step(self, cap: int | None = None) -> StagePlan | None:
         plan = self.sched.schedule(cap)

@@ -329,7 +329,11 @@ class OnnxStage(Backend):
         seq.need = read.need
         seq.request = encode(seq.job.request)
         seq.extra = {"heal": read.heal_ids, "prefix": read.prefix} if read.heal_ids or read.prefix else None
-        self._scheduler.feed(seq.sched, StageInput(0, read.tokens, last=True))
+        replay = read.replay
+        self._scheduler.feed(seq.sched, StageInput(0, read.tokens, last=True, due=not replay))
+        for i, token in enumerate(replay):  # a failed chain's tokens: one decode step each, as they were made
+            position = len(read.tokens) + i
+            self._scheduler.feed(seq.sched, StageInput(position, [token], last=True, due=i == len(replay) - 1))
 
     def _drain_inbox(self) -> None:
         items = self._inbox.items
@@ -412,7 +416,7 @@ class OnnxStage(Backend):
         hidden = None
         if tensor is not None:
             hidden = np.frombuffer(tensor, dtype=np.dtype(msg.dtype)).reshape(msg.shape)
-        self._scheduler.feed(sched, StageInput(msg.start, list(msg.tokens), hidden, msg.last))
+        self._scheduler.feed(sched, StageInput(msg.start, list(msg.tokens), hidden, msg.last, msg.due))
 
     def _on_token(self, seq: _Seq, msg: Stage) -> None:
         """The first stage: the last stage chose a token (or a stage failed the sequence)."""
@@ -448,7 +452,7 @@ class OnnxStage(Backend):
 
     def _scheduler_feed_token(self, seq: _Seq, token: int) -> None:
         assert self._scheduler is not None
-        self._scheduler.feed(seq.sched, StageInput(seq.sched.cached, [token], last=True))
+        self._scheduler.feed(seq.sched, StageInput(seq.sched.cached, [token], last=True, due=True))
 
     # ------------------------------------------------------------ sequences out
 
@@ -539,8 +543,9 @@ class OnnxStage(Backend):
         except Exception as exc:  # noqa: BLE001 - only this sequence was in the run
             self._fail(seq, ErrorCode.INTERNAL, f"reading the prompt failed: {type(exc).__name__}: {exc}")
             return
+        due = head.due and head.taken + chunk == len(head.tokens)
         complete = scheduler.ran_prefill(sched, chunk)
-        self._forward([seq], out, [start], [tokens], [complete])
+        self._forward([seq], out, [start], [tokens], [complete], [due])
 
     def _decode(self, first_row: int, rows: list[StageSeq]) -> None:
         import numpy as np
@@ -553,7 +558,7 @@ class OnnxStage(Backend):
             inputs = np.asarray([[h.tokens[h.taken]] for h in heads])
         else:
             inputs = np.stack([h.hidden[h.taken : h.taken + 1] for h in heads])
-        starts, tokens = [s.cached for s in rows], [[h.tokens[h.taken]] for h in heads]
+        starts, tokens, due = [s.cached for s in rows], [[h.tokens[h.taken]] for h in heads], [h.due for h in heads]
         try:
             out = runner.run(first_row, inputs, starts)
         except Exception as exc:  # noqa: BLE001 - the step's sequences fail, the stage goes on
@@ -564,10 +569,10 @@ class OnnxStage(Backend):
         self.row_steps += len(rows)
         for sched in rows:
             scheduler.ran_decode(sched)
-        self._forward(seqs, out, starts, tokens, [True] * len(seqs))
+        self._forward(seqs, out, starts, tokens, [True] * len(seqs), due)
 
     def _forward(self, seqs: list[_Seq], out: np.ndarray, starts: list[int], tokens: list[list[int]],
-                 due: list[bool]) -> None:  # fmt: skip
+                 last: list[bool], due: list[bool]) -> None:  # fmt: skip
         """What a run computed: hidden states to the next stage, or (the last stage) each due sequence's token to
         the first."""
         if self.is_last:
@@ -590,10 +595,10 @@ class OnnxStage(Backend):
             node, stage = seq.stages[seq.index + 1]
             rows = out[i]
             msg = Stage(seq.id, stage, "run", seq.first, starts[i], tuple(tokens[i]), tuple(rows.shape), "float32",
-                        due[i])  # fmt: skip
+                        last[i], due=due[i])  # fmt: skip
             if not seq.opened_next:
                 left = max(1, int((seq.deadline - time.monotonic()) * 1000))
                 msg = Stage(msg.id, msg.model, msg.kind, msg.first, msg.start, msg.tokens, msg.shape, msg.dtype,
-                            msg.last, seq.request, seq.stages, seq.need, left, seq.extra)  # fmt: skip
+                            msg.last, seq.request, seq.stages, seq.need, left, seq.extra, msg.due)  # fmt: skip
                 seq.opened_next = True
             self._emit(node, msg, rows)

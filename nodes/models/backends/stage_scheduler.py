@@ -62,7 +62,8 @@ class StageInput:
     start: int
     tokens: list[int]
     hidden: Any = None  # [len(tokens), hidden] rows, or None at the first stage
-    last: bool = False  # the prompt is complete after these (a token is due)
+    last: bool = False  # the prompt is complete after these: each later input is one decode step
+    due: bool = False  # a token is chosen after these (not while a failed chain's tokens are replayed)
     taken: int = 0  # how many of them ran
     arrived: int = 0  # the order inputs arrived in at this stage (the longest waiting run first)
 
@@ -296,7 +297,7 @@ class StageScheduler:
         return swaps, best_start, [self.active[r] for r in window]
 
     def ran_prefill(self, seq: StageSeq, tokens: int) -> bool:
-        """`tokens` positions of its head input ran; True when that completed its prompt (a token is due)."""
+        """`tokens` positions of its head input ran; True when that completed its prompt."""
         head = seq.inputs[0]
         head.taken += tokens
         seq.cached += tokens

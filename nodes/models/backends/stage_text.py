@@ -2,8 +2,10 @@
 writes the answer (`TextRow`: stream, stop strings, usage); the last stage only chooses tokens (sampling, grammar).
 
 A try that continues a failed chain gets the exact tokens that chain generated (`Request.prefix_ids`): they are read
-as part of the prompt, and the answer's text state is rebuilt by detokenizing them, so the stream goes on exactly
-after the last character the caller has, with no token re-tokenized or lost.
+after the prompt one decode step each, as they were first made (read as a prompt chunk instead, their keys and values
+differ in the last bits and a near tie can go the other way), and the answer's text state is rebuilt by detokenizing
+them, so the stream goes on exactly after the last character the caller has, with the tokens the unbroken run would
+have made.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ if TYPE_CHECKING:
 class PromptRead:
     """A request as the first stage reads it: every token to read before the first new one, and its answer."""
 
-    tokens: list[int]
+    tokens: list[int]  # read as the prompt (in chunks)
     text: TextRow
     need: int  # key/value tokens it may hold: its tokens and every one it may still write
     heal_ids: list[int] | None  # the first new token must be one of these (a prefix taken back by token healing)
-    prefix: list[int]  # the tokens of the answer so far, read as part of the prompt (a grammar is that far)
+    prefix: list[int]  # the tokens of the answer so far (a grammar is that far)
+    replay: list[int]  # of which those a failed chain generated: read one decode step each after the prompt
 
 
 class Emitter:
@@ -102,8 +105,11 @@ class PromptReader:
             text.text = generated[len(req.prefix) :] if generated.startswith(req.prefix) else ""
         else:
             text = TextRow(emitter, sampling, budget, Detokenizer(self.decode, prompt + prefix), heal)
-        tokens = prompt + prefix
-        return PromptRead(tokens, text, len(tokens) + max(budget.new_tokens, 0), heal[1] if heal else None, prefix)
+        # Exact tokens are read as they were made (a decode step each: the same numbers, so the same next token);
+        # a prefix known only as text is read with the prompt.
+        tokens, replay = (prompt, prefix) if req.prefix_ids else (prompt + prefix, [])
+        need = len(prompt) + len(prefix) + max(budget.new_tokens, 0)
+        return PromptRead(tokens, text, need, heal[1] if heal else None, prefix, replay)
 
     def _chat_ids(self, messages: Any, tools: list[dict[str, Any]] | None) -> list[int]:
         clean: list[dict[str, Any]] = chat_messages(messages)
