@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,13 +69,6 @@ class _Seq:
     @property
     def first(self) -> str:
         return self.stages[0][0]
-
-
-@dataclass
-class _Inbox:
-    """Messages from the mesh loop, taken by the engine thread."""
-
-    items: collections.deque[tuple[Stage, Any]] = field(default_factory=collections.deque)
 
 
 class OnnxStage(Backend):
@@ -130,7 +123,7 @@ class OnnxStage(Backend):
         self._eos: frozenset[int] = frozenset()
         self._vocab_size = 0
         self._preparer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._inbox = _Inbox()
+        self._inbox: collections.deque[tuple[Stage, Any]] = collections.deque()  # from the mesh loop
         self._wake: Callable[[], None] = lambda: None
         self._seqs: dict[str, _Seq] = {}
         self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -146,7 +139,7 @@ class OnnxStage(Backend):
         return self.model_layers > 0 and self.last == self.model_layers - 1
 
     @property
-    def held_for_others(self) -> int:
+    def held_for_others(self) -> int:  # type: ignore[override]  # a count, read-only here
         """Sequences held for pipelines whose request is on another node (they count in this stage's load)."""
         return 0 if self.is_first else len(self._seqs)
 
@@ -211,7 +204,7 @@ class OnnxStage(Backend):
 
     def stage_in(self, msg: Stage, tensor: Any) -> None:
         """A message for this stage (`tensor`: a zero-copy buffer of its frame, or None)."""
-        self._inbox.items.append((msg, tensor))
+        self._inbox.append((msg, tensor))
         self._wake()
 
     def cancel_sequence(self, seq_id: str, why: str) -> None:
@@ -233,7 +226,7 @@ class OnnxStage(Backend):
         try:
             while True:
                 self._take_prepared()
-                ready = any(s.ready() for s in scheduler.active) or bool(self._inbox.items)
+                ready = any(s.ready() for s in scheduler.active) or bool(self._inbox)
                 wait = 0.0 if ready else _PREPARE_WAIT if scheduler.busy() else _IDLE_WAIT
                 for job in source.take(scheduler.room() if self.is_first else 0, wait):
                     self._admit(job)
@@ -243,7 +236,7 @@ class OnnxStage(Backend):
                 if plan is not None:
                     self._step(plan)
                     self._worked = True
-                elif not scheduler.busy() and not self._inbox.items:
+                elif not scheduler.busy() and not self._inbox:
                     if source.stopping:
                         return
                     self._idle()
@@ -287,10 +280,11 @@ class OnnxStage(Backend):
         if job.expired():
             job.fail(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the model could start")
             return
-        seq = _Seq(req.id, StageSeq(owner=req.id, need=0), req.stages, 0, job.deadline, job=job, emitter=Emitter(job))
+        emitter = Emitter(job)
+        seq = _Seq(req.id, StageSeq(owner=req.id, need=0), req.stages, 0, job.deadline, job=job, emitter=emitter)
         self._seqs[seq.id] = seq
         self._scheduler.add(seq.sched, preparing=True)
-        seq.preparing = self._preparer.submit(self._reader.read, seq.emitter)
+        seq.preparing = self._preparer.submit(self._reader.read, emitter)
 
     def _take_prepared(self) -> None:
         assert self._scheduler is not None
@@ -336,9 +330,8 @@ class OnnxStage(Backend):
             self._scheduler.feed(seq.sched, StageInput(position, [token], last=True, due=i == len(replay) - 1))
 
     def _drain_inbox(self) -> None:
-        items = self._inbox.items
-        while items:
-            msg, tensor = items.popleft()
+        while self._inbox:
+            msg, tensor = self._inbox.popleft()
             try:
                 self._on_message(msg, tensor)
             except Exception:  # one bad message must not stop the stage
@@ -448,9 +441,6 @@ class OnnxStage(Backend):
             seq.text.finish("length", self.model)
             self._end(seq, StageState.FINISHED)
             return
-        self._scheduler_feed_token(seq, token)
-
-    def _scheduler_feed_token(self, seq: _Seq, token: int) -> None:
         assert self._scheduler is not None
         self._scheduler.feed(seq.sched, StageInput(seq.sched.cached, [token], last=True, due=True))
 

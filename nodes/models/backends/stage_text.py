@@ -47,7 +47,7 @@ class Emitter:
 
     @property
     def request(self) -> Request:
-        return self.job.request  # type: ignore[no-any-return]
+        return self.job.request
 
     def emit(self, text: str) -> None:
         tokens, self.unsent = self.unsent, []
@@ -100,11 +100,11 @@ class PromptReader:
         if req.prefix_ids:
             detokenizer = Detokenizer(self.decode, prompt)
             generated = "".join(detokenizer.push(t) for t in prefix)
-            text = TextRow(emitter, sampling, budget, detokenizer, None)
+            text = TextRow(emitter, sampling, budget, detokenizer, None)  # type: ignore[arg-type]  # a Job's face
             # What the failed chain had generated but not yet sent (held back: a stop string may be starting).
             text.text = generated[len(req.prefix) :] if generated.startswith(req.prefix) else ""
         else:
-            text = TextRow(emitter, sampling, budget, Detokenizer(self.decode, prompt + prefix), heal)
+            text = TextRow(emitter, sampling, budget, Detokenizer(self.decode, prompt + prefix), heal)  # type: ignore[arg-type]
         # Exact tokens are read as they were made (a decode step each: the same numbers, so the same next token);
         # a prefix known only as text is read with the prompt.
         tokens, replay = (prompt, prefix) if req.prefix_ids else (prompt + prefix, [])
