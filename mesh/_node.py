@@ -390,7 +390,7 @@ class MeshNode:
         elif isinstance(msg, Hello):
             self.membership.on_hello(ident, msg)
         elif isinstance(msg, Stage):
-            self.stages.deliver(msg, None)
+            self.stages.deliver([(msg, None)])
         elif isinstance(msg, Admin | Fetch):
             refused = self.services.submit(ident, msg)
             if refused is not None:
@@ -444,9 +444,10 @@ class MeshNode:
         self.local.cancel(request_id, reason)
         self.stages.cancel(request_id, reason)
 
-    def send_stage(self, node: str, msg: Stage, tensor: Any, on_fail: FailFn | None) -> None:
-        """Send a pipeline stage's message to `node` (any thread: the header is encoded here, the loop sends it)."""
-        self.post("stage", (node, msg, encode(msg), tensor, on_fail))
+    def send_stage(self, node: str, items: list[tuple[Stage, Any]], on_fail: FailFn | None) -> None:
+        """Send a pipeline stage's messages (with their tensors) to `node` as one (any thread: the headers are
+        encoded here, the loop sends them)."""
+        self.post("stage", (node, [(msg, encode(msg), tensor) for msg, tensor in items], on_fail))
 
     def _dealer_of(self, node: str) -> zmq.Socket[Any] | None:
         peer = self.links.peers.get(node)

@@ -42,42 +42,55 @@ class StageTraffic:
 
     # ------------------------------------------------------------ in
 
-    def read(self, router: zmq.Socket[Any], header: zmq.Frame) -> None:
-        """A multi-part message on the ROUTER whose first part (after the identity) is `header`: a `Stage` header
-        and exactly the tensor frame it announces, or it is dropped and counted as a bad frame."""
-        try:
-            msg = decode(header.bytes, self.limits)
-        except DecodeError as exc:
-            log.debug("bad stage header: %s", exc)
-            msg = None
-        if not isinstance(msg, Stage) or not msg.shape:
-            self._skip(router, header)
-            return
-        tensor = router.recv(_NB, copy=False)
-        size = tensor_nbytes(msg.shape, msg.dtype)
-        if tensor.more or len(tensor) != size or size > self.limits.max_frame_bytes:
-            self._skip(router, tensor)
-            return
-        self.deliver(msg, tensor.buffer)
+    def read(self, router: zmq.Socket[Any], part: zmq.Frame) -> None:
+        """A multi-part message on the ROUTER whose first part (after the identity) is `part`: one or more `Stage`
+        headers, each followed by exactly the tensor frame it announces (if any), or it is dropped whole and counted
+        as a bad frame."""
+        items: list[tuple[Stage, Any]] = []
+        while True:
+            try:
+                msg = decode(part.bytes, self.limits)
+            except DecodeError as exc:
+                log.debug("bad stage header: %s", exc)
+                msg = None
+            if not isinstance(msg, Stage):
+                self._skip(router, part)
+                return
+            tensor = None
+            if msg.shape:
+                if not part.more:
+                    self.stats["bad_frames"] += 1
+                    return
+                frame = router.recv(_NB, copy=False)
+                size = tensor_nbytes(msg.shape, msg.dtype)
+                if len(frame) != size or size > self.limits.max_frame_bytes:
+                    self._skip(router, frame)
+                    return
+                tensor, part = frame.buffer, frame
+            items.append((msg, tensor))
+            if not part.more:
+                break
+            part = router.recv(_NB, copy=False)
+        self.deliver(items)
 
     def _skip(self, router: zmq.Socket[Any], part: zmq.Frame) -> None:
         self.stats["bad_frames"] += 1
         while part.more:
             part = router.recv(_NB, copy=False)
 
-    def deliver(self, msg: Stage, tensor: Any) -> None:
-        """A stage message for this node (from a peer, or from a stage here to another stage here)."""
-        self.stats["stage_messages_in"] += 1
+    def deliver(self, items: list[tuple[Stage, Any]]) -> None:
+        """Stage messages for this node (from a peer, or from a stage here to another stage here)."""
+        self.stats["stage_messages_in"] += len(items)
         stage_in = getattr(self.server, "stage_in", None)
-        if stage_in is not None and stage_in(msg, tensor):
-            return
-        self.stats["stage_unknown"] += 1
-        if msg.kind == "run":  # tell the pipeline's first stage: its entry then tries another chain
-            stage = parse_stage(msg.model)
-            why = f"node {self.node_id} does not serve {msg.model}"
-            back = Stage(msg.id, stage.model if stage else msg.model, "token", msg.first,
-                         data={"code": int(ErrorCode.UNAVAILABLE), "message": why})  # fmt: skip
-            self.send(msg.first, back, encode(back), None, None)
+        unknown = stage_in(items) if stage_in is not None else [msg for msg, _ in items]
+        for msg in unknown:
+            self.stats["stage_unknown"] += 1
+            if msg.kind == "run":  # tell the pipeline's first stage: its entry then tries another chain
+                stage = parse_stage(msg.model)
+                why = f"node {self.node_id} does not serve {msg.model}"
+                back = Stage(msg.id, stage.model if stage else msg.model, "token", msg.first,
+                             data={"code": int(ErrorCode.UNAVAILABLE), "message": why})  # fmt: skip
+                self.send(msg.first, [(back, encode(back), None)], None)
 
     def cancel(self, sequence: str, reason: str) -> None:
         cancel = getattr(self.server, "cancel_stage", None)
@@ -86,25 +99,26 @@ class StageTraffic:
 
     # ------------------------------------------------------------ out
 
-    def send(self, node: str, msg: Stage, header: bytes, tensor: Any, on_fail: FailFn | None) -> None:
-        """Send one stage message (header encoded by the caller, off the loop) to `node`'s ROUTER; `on_fail` hears
-        of it when the node is gone or its socket cannot take it now."""
+    def send(self, node: str, items: list[tuple[Stage, bytes, Any]], on_fail: FailFn | None) -> None:
+        """Send stage messages (each with its header encoded by the caller, off the loop, and its tensor or None) to
+        `node`'s ROUTER as one multi-part message; `on_fail` hears of each when the node is gone or its socket
+        cannot take them now."""
         if node == self.node_id:
-            self.deliver(msg, tensor)
+            self.deliver([(msg, tensor) for msg, _, tensor in items])
             return
         dealer = self._dealer_of(node)
+        parts = [p for _, header, tensor in items for p in (header, tensor) if p is not None]
         try:
             if dealer is None:
                 raise zmq.Again()
-            if tensor is None:
-                dealer.send(header, _NB)
-            else:
-                dealer.send(header, _NB_MORE)
-                dealer.send(tensor, _NB, copy=False)
+            for part in parts[:-1]:
+                dealer.send(part, _NB_MORE, copy=False)
+            dealer.send(parts[-1], _NB, copy=False)
         except zmq.ZMQError:
-            self.stats["stage_undeliverable"] += 1
+            self.stats["stage_undeliverable"] += len(items)
             if on_fail is not None:
-                on_fail(node, msg)
+                for msg, _, _ in items:
+                    on_fail(node, msg)
             return
-        self.stats["stage_messages_out"] += 1
-        self.stats["stage_bytes_out"] += len(header) + (0 if tensor is None else memoryview(tensor).nbytes)
+        self.stats["stage_messages_out"] += len(items)
+        self.stats["stage_bytes_out"] += sum(memoryview(p).nbytes for p in parts)

@@ -438,20 +438,33 @@ class Executor:
         if attach is not None and self._stage_sender is not None:
             attach(*self._stage_sender(backend))
 
-    def stage_in(self, msg: Any, tensor: Any) -> bool:
-        """A pipeline message for one of this node's stages; False when none of them is its stage (unloaded, or
-        never here). A stage being unloaded still takes what its sequences need until they end."""
+    def stage_in(self, items: list[tuple[Any, Any]]) -> list[Any]:
+        """Pipeline messages (a group that arrived together) for this node's stages; each stage is woken once, after
+        all of its messages are in. Returns the messages no stage here takes (unloaded, or never here). A stage
+        being unloaded still takes what its sequences need until they end."""
+        woken: dict[int, Any] = {}
+        unknown = []
+        for msg, tensor in items:
+            backend = self._stage_for(msg)
+            if backend is None:
+                unknown.append(msg)
+                continue
+            backend.stage_in(msg, tensor, wake=False)
+            woken[id(backend)] = backend
+        for backend in woken.values():
+            backend.wake()
+        return unknown
+
+    def _stage_for(self, msg: Any) -> Any:
         for (name, _), lane in self._all.items():
             if name == msg.model and hasattr(lane.backend, "stage_in"):
-                lane.backend.stage_in(msg, tensor)
-                return True
+                return lane.backend
         if msg.kind == "token":  # to the first stage of a model, by the model's name (its stage name unknown)
             for lane in self._all.values():
                 backend = lane.backend
                 if getattr(backend, "model", None) == msg.model and getattr(backend, "first", -1) == 0:
-                    backend.stage_in(msg, tensor)  # type: ignore[attr-defined]
-                    return True
-        return False
+                    return backend
+        return None
 
     def cancel_stage(self, sequence: str, reason: str) -> None:
         """Free a pipeline sequence on every stage here (its caller or its entry gave up)."""

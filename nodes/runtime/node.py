@@ -306,8 +306,7 @@ class Node:
         self.mesh.services.handler = self.admin.handle
         mesh = self.mesh
         self.executor.attach_stages(
-            lambda stage: (self.node_id, lambda node, msg, tensor: mesh.send_stage(node, msg, tensor,
-                                                                                  stage.undeliverable))
+            lambda stage: (self.node_id, lambda node, items: mesh.send_stage(node, items, stage.undeliverable))
         )  # fmt: skip
         try:
             self.mesh.start()

@@ -46,14 +46,17 @@ class Wire:
             lane.start()
 
     def _sender(self, engine: OnnxStage) -> Any:
-        def send(node: str, msg: Stage, tensor: Any) -> None:
-            self.sent.append((node, msg))
-            if node in self.drop_to:
-                engine.undeliverable(node, msg)
-                return
-            header = decode(encode(msg))
-            assert isinstance(header, Stage)
-            self.engines[node].stage_in(header, None if tensor is None else bytes(memoryview(tensor).cast("B")))
+        def send(node: str, items: list[tuple[Stage, Any]]) -> None:
+            for msg, tensor in items:
+                self.sent.append((node, msg))
+                if node in self.drop_to:
+                    engine.undeliverable(node, msg)
+                    continue
+                header = decode(encode(msg))
+                assert isinstance(header, Stage)
+                frame = None if tensor is None else bytes(memoryview(tensor).cast("B"))
+                self.engines[node].stage_in(header, frame, wake=False)
+            self.engines[node].wake()
 
         return send
 

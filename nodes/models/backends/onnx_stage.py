@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SendFn = Callable[[str, Stage, Any], None]  # (node, header, tensor or None): the mesh sends it
+# (node, [(header, tensor or None), ...]): the mesh sends them to that node as one multi-part message, so a group of
+# sequences that ran together arrives together (and runs together at the next stage)
+SendFn = Callable[[str, list[tuple[Stage, Any]]], None]
 DEFAULT_SLOTS = 16
 PREFILL_CHUNK = 128  # as the unsplit engine reads prompts: the same chunks give the same numbers
 _IDLE_WAIT = 0.25
@@ -202,9 +204,14 @@ class OnnxStage(Backend):
 
     # ------------------------------------------------------------ from the mesh loop (any thread)
 
-    def stage_in(self, msg: Stage, tensor: Any) -> None:
-        """A message for this stage (`tensor`: a zero-copy buffer of its frame, or None)."""
+    def stage_in(self, msg: Stage, tensor: Any, wake: bool = True) -> None:
+        """A message for this stage (`tensor`: a zero-copy buffer of its frame, or None); `wake=False` when more of
+        the same group follow (then `wake()` once they are all in)."""
         self._inbox.append((msg, tensor))
+        if wake:
+            self._wake()
+
+    def wake(self) -> None:
         self._wake()
 
     def cancel_sequence(self, seq_id: str, why: str) -> None:
@@ -469,7 +476,7 @@ class OnnxStage(Backend):
         if tell and self.is_first:
             why = state.value
             for node, stage in seq.stages[1:]:
-                self._emit(node, Stage(seq.id, stage, "close", self.node_id, data=why), None)
+                self._emit(node, [(Stage(seq.id, stage, "close", self.node_id, data=why), None)])
 
     def _fail(self, seq: _Seq, code: ErrorCode, why: str, *, alone: bool = True, tell: bool = True) -> None:
         """`seq` fails: at the first stage its caller hears `code`; elsewhere the first stage is told."""
@@ -484,18 +491,18 @@ class OnnxStage(Backend):
 
     def _tell_first(self, first: str, seq_id: str, code: ErrorCode, why: str) -> None:
         stage = next((s for n, s in self._seqs[seq_id].stages if n == first), "") if seq_id in self._seqs else ""
-        self._emit(first, Stage(seq_id, stage or self.model, "token", first, data={"code": int(code), "message": why}),
-                   None)  # fmt: skip
+        data = {"code": int(code), "message": why}
+        self._emit(first, [(Stage(seq_id, stage or self.model, "token", first, data=data), None)])
 
     def _remember_closed(self, seq_id: str) -> None:
         self._closed[seq_id] = None
         while len(self._closed) > _CLOSED_KEPT:
             self._closed.popitem(last=False)
 
-    def _emit(self, node: str, msg: Stage, tensor: Any) -> None:
+    def _emit(self, node: str, items: list[tuple[Stage, Any]]) -> None:
         if self._send is None:
             raise RuntimeError(f"stage {self.name} is not attached to a mesh")
-        self._send(node, msg, tensor)
+        self._send(node, items)
 
     def undeliverable(self, node: str, msg: Stage) -> None:
         """The mesh could not send `msg` to `node` (gone): the sequence fails (its entry retries it elsewhere)."""
@@ -565,6 +572,7 @@ class OnnxStage(Backend):
                  last: list[bool], due: list[bool]) -> None:  # fmt: skip
         """What a run computed: hidden states to the next stage, or (the last stage) each due sequence's token to
         the first."""
+        out_to: dict[str, list[tuple[Stage, Any]]] = {}
         if self.is_last:
             choosing = [i for i, d in enumerate(due) if d]
             if not choosing:
@@ -578,17 +586,19 @@ class OnnxStage(Backend):
                     continue
                 matcher = seq.chooser.matcher if seq.chooser is not None else None
                 data = {"end": True} if matcher is not None and matcher.finished else None
-                self._emit(seq.first, Stage(seq.id, seq.stages[0][1], "token", seq.first, seq.sched.cached,
-                                            (token,), data=data), None)  # fmt: skip
-            return
-        for i, seq in enumerate(seqs):
-            node, stage = seq.stages[seq.index + 1]
-            rows = out[i]
-            msg = Stage(seq.id, stage, "run", seq.first, starts[i], tuple(tokens[i]), tuple(rows.shape), "float32",
-                        last[i], due=due[i])  # fmt: skip
-            if not seq.opened_next:
-                left = max(1, int((seq.deadline - time.monotonic()) * 1000))
-                msg = Stage(msg.id, msg.model, msg.kind, msg.first, msg.start, msg.tokens, msg.shape, msg.dtype,
-                            msg.last, seq.request, seq.stages, seq.need, left, seq.extra, msg.due)  # fmt: skip
-                seq.opened_next = True
-            self._emit(node, msg, rows)
+                msg = Stage(seq.id, seq.stages[0][1], "token", seq.first, seq.sched.cached, (token,), data=data)
+                out_to.setdefault(seq.first, []).append((msg, None))
+        else:
+            for i, seq in enumerate(seqs):
+                node, stage = seq.stages[seq.index + 1]
+                rows = out[i]
+                msg = Stage(seq.id, stage, "run", seq.first, starts[i], tuple(tokens[i]), tuple(rows.shape),
+                            "float32", last[i], due=due[i])  # fmt: skip
+                if not seq.opened_next:
+                    left = max(1, int((seq.deadline - time.monotonic()) * 1000))
+                    msg = Stage(msg.id, msg.model, msg.kind, msg.first, msg.start, msg.tokens, msg.shape, msg.dtype,
+                                msg.last, seq.request, seq.stages, seq.need, left, seq.extra, msg.due)  # fmt: skip
+                    seq.opened_next = True
+                out_to.setdefault(node, []).append((msg, rows))
+        for node, items in out_to.items():
+            self._emit(node, items)
