@@ -49,6 +49,13 @@ def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
     return out
 
 
+def _wants_row(wants: dict[str, StageWant]) -> dict[str, Any]:
+    """A status row's `wants`: models the node would hold a stage of (the automatic split), when there are any."""
+    if not wants:
+        return {}
+    return {"wants": {m: {"budget_mib": w.budget >> 20, "cores": w.speed} for m, w in wants.items()}}
+
+
 class Membership:
     """Gossip and peer-state handling of one node (see the module docstring)."""
 
@@ -319,6 +326,7 @@ class Membership:
                 "stats": dict(self.stats),
                 "executor": self.server.stats(),
                 "security": self.security_view(now),
+                **_wants_row(getattr(self.server, "wants", dict)()),
             }
         ]
         for peer in self.links.peers:
@@ -333,6 +341,7 @@ class Membership:
                     "last_heard_s": round(now - peer.last_heard, 3),
                     "inflight_to": self.policy.inflight_to(peer.node),
                     "source": peer.source,
+                    **_wants_row(peer.wants),
                 }
             )
         return rows

@@ -314,7 +314,8 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     head = ["NODE", "ADDRESS", "STATE", "MODELS (inflight/queued/cap)", "LABELS", "HEARD", "VIA"]
     table = [head]
     for r in rows:
-        models = " ".join(f"{m}:{v[0]}/{v[1]}/{v[2]}" for m, v in sorted(r.get("models", {}).items())) or "-"
+        models = " ".join([*(f"{m}:{v[0]}/{v[1]}/{v[2]}" for m, v in sorted(r.get("models", {}).items())),
+                           *(f"({m}:wanted)" for m in sorted(r.get("wants") or {}))]) or "-"  # fmt: skip
         labels = ",".join(f"{k}={v}" for k, v in sorted(r.get("labels", {}).items())) or "-"
         heard = "-" if r.get("source") == "self" else f"{r.get('last_heard_s', 0):.1f}s ago"
         table.append([r["node"], r["address"], r["state"], models, labels, heard, r.get("source", "")])

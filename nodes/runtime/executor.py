@@ -342,7 +342,7 @@ class Executor:
             with lane._cond:
                 lane.accepting = False
         end = time.monotonic() + grace
-        while time.monotonic() < end and (lane.inflight or lane.queued()):
+        while time.monotonic() < end and (lane.inflight or lane.queued() or lane.backend.held_for_others):
             time.sleep(0.02)
         handed_back = 0
         for job in lane.close_queue():
@@ -501,7 +501,11 @@ class Executor:
         for lane in lanes:
             with lane._cond:
                 lane.accepting = False
-        while time.monotonic() < end and any(lane.inflight or lane.queued() for lane in lanes):
+        # A pipeline stage also finishes the sequences it holds for other nodes' requests (its peers route no new
+        # chain through a leaving node); what is left at the grace fails over at their entries.
+        while time.monotonic() < end and any(
+            lane.inflight or lane.queued() or lane.backend.held_for_others for lane in lanes
+        ):
             time.sleep(0.02)
         for lane in lanes:
             for job in lane.close_queue():
