@@ -227,6 +227,22 @@ def test_a_stage_whose_next_node_is_gone_fails_the_request_as_retryable(whole: O
         wire.close()
 
 
+def test_a_middle_stage_whose_next_node_is_gone_fails_the_request_as_retryable(whole: OnnxChat, tmp_path: Path) -> None:
+    wire = stages(whole, [(0, 0), (1, 2), (3, 3)], tmp_path)
+    wire.drop_to.add("n2")  # what n1 sends to the last stage is lost
+    try:
+        outcome = Outcome()
+        wire.submit(complete("The quick brown fox", max_tokens=8), outcome)
+        wait([outcome])
+        assert outcome.code is ErrorCode.UNAVAILABLE and "n2" in outcome.message
+        end = time.monotonic() + 10
+        while any(e._seqs for e in wire.engines.values()) and time.monotonic() < end:
+            time.sleep(0.01)
+        assert not any(e._seqs for e in wire.engines.values())
+    finally:
+        wire.close()
+
+
 def test_a_request_for_a_stage_by_name_is_refused_with_the_models_name(whole: OnnxChat, tmp_path: Path) -> None:
     wire = stages(whole, [(0, 1), (2, 3)], tmp_path)
     try:

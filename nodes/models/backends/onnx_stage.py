@@ -1,14 +1,8 @@
-"""A pipeline stage: a contiguous range of a model's layers served on onnxruntime, continuous like the chat engine,
-with sequences of several requests in different stages at once (see docs/ARCHITECTURE.md, "A model across nodes").
-
-- `stage_scheduler.StageScheduler` decides (rows, inputs, the decode batch, the key/value cap), pure;
-- `onnx_stage_runner.StageRunner` holds the stage's session and its layers' key/value arrays and runs the plan;
-- `stage_text` reads a request at the first stage and chooses tokens at the last;
-- this module is the engine between them and the mesh: it takes requests from the executor (the first stage),
-  `Stage` messages from the mesh loop (`stage_in`), and sends what it computed to the next stage (`attach`).
-
-The first stage owns the request: its job answers the entry, and it closes the sequence on every stage when it ends
-for any reason. A sequence that fails at one stage fails alone.
+"""A pipeline stage: a range of a model's layers on onnxruntime, continuous like the chat engine (docs/ARCHITECTURE.md,
+"A model across nodes"). `stage_scheduler` decides, `onnx_stage_runner` runs, `stage_text` reads requests (first
+stage) and chooses tokens (last); this engine takes requests from the executor (first stage) and `Stage` messages
+from the mesh loop (`stage_in`), and sends what it computed on (`attach`). The first stage owns the request: its
+job answers the entry, and it closes the sequence on every stage when it ends. A sequence that fails fails alone.
 """
 
 from __future__ import annotations
@@ -354,6 +348,8 @@ class OnnxStage(Backend):
         if msg.kind == "token":
             if seq is not None and self.is_first:
                 self._on_token(seq, msg)
+            elif seq is not None and isinstance(msg.data, dict) and "code" in msg.data:  # its next node is gone
+                self._fail(seq, ErrorCode.UNAVAILABLE, str(msg.data.get("message", "")), alone=False)
             return
         if seq is None:
             if msg.id in self._closed:
