@@ -142,6 +142,20 @@ def test_a_split_model_answers_token_for_token_what_the_whole_model_answers(
     assert all(e.held_for_others == 0 for e in wire.engines.values())
 
 
+def test_a_grammar_is_followed_by_the_last_stage_as_by_the_whole_model(whole: OnnxChat, tmp_path: Path) -> None:
+    req = complete("A number:", max_tokens=8, guidance={"type": "regex", "grammar": "[0-9]{4}"})
+    expected = solo(whole, req)
+    wire = stages(whole, [(0, 1), (2, 3)], tmp_path)
+    try:
+        outcome = Outcome()
+        wire.submit(replace(req, stream=True), outcome)
+        wait([outcome])
+        assert outcome.code is None, outcome.message
+        assert outcome.text == expected and len(expected) == 4 and expected.isdigit()
+    finally:
+        wire.close()
+
+
 def test_requests_share_the_stages_at_once_and_all_are_answered(whole: OnnxChat, tmp_path: Path) -> None:
     wire = stages(whole, [(0, 1), (2, 3)], tmp_path)
     try:

@@ -226,3 +226,17 @@ def test_under_random_churn_every_row_holds_exactly_its_own_positions(seed: int)
         if p.step(cap=rng.choice([None, 1, 2, 4])) is not None:  # else copies may be owed until the next step
             p.check_rows()
         assert [s.slot for s in p.sched.active] == list(range(len(p.sched.active)))
+
+
+def test_a_first_stage_forms_as_many_groups_as_its_pipeline_has_stages() -> None:
+    p = Pipeline()
+    for n in range(6):
+        p.open(n).stages = 3
+        p.feed_prompt(n, 8)
+    while p.step() is not None:
+        pass
+    for n in range(6):
+        p.feed_token(n)
+    plan = p.sched.schedule(groups=True)
+    assert plan is not None and len(plan.decode) == 2  # 6 sequences over 3 stages: groups of 2
+    assert p.sched.schedule(groups=False) is not None  # a later stage runs whatever is here

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from .chat_template import ChatTemplate, find_template, special_tokens
 from .guidance import GrammarTokenizer
 from .onnx_stage_runner import StageRunner, open_stage, stage_folder
 from .stage_scheduler import StageInput, StagePlan, StageScheduler, StageSeq, StageState
-from .stage_text import Chooser, Emitter, PromptReader, make_chooser
+from .stage_text import Chooser, Emitter, PromptReader, grammar_tokenizer, make_chooser
 from .textgen import DEFAULT_MAX_TOKENS_LIMIT, TextRow
 from .token_choice import pick_tokens
 
@@ -153,7 +152,7 @@ class OnnxStage(Backend):
         if self.kv_cache_bytes is None:  # the whole model's default, for this stage's share of the layers
             self.kv_cache_bytes = (1 << 30) * runner.layout.layers // self.model_layers
         self._scheduler = self._new_scheduler()
-        if self.is_first or self.is_last:  # a middle stage reads and writes no text
+        if self.is_first:  # the last stage reads the tokenizer only for a grammar's vocabulary (when one comes)
             self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
             self._tokenizer.no_padding()
             self._tokenizer.no_truncation()
@@ -233,7 +232,7 @@ class OnnxStage(Backend):
                     self._admit(job)
                 self._drain_inbox()
                 self._drop_unwanted()
-                plan = scheduler.schedule(self._cap())
+                plan = scheduler.schedule(groups=self.is_first)
                 if plan is not None:
                     self._step(plan)
                     self._worked = True
@@ -248,16 +247,6 @@ class OnnxStage(Backend):
             self._scheduler = self._new_scheduler()
             runner.release()
             raise
-
-    def _cap(self) -> int | None:
-        """The first stage decodes at most 1/stages of its sequences a step, so they fall into as many groups as
-        the pipeline has stages and every stage has work; later stages run whatever arrived."""
-        if not self.is_first or self._scheduler is None:
-            return None
-        seqs = [self._seqs[s.owner] for s in self._scheduler.active if s.prompted and s.owner in self._seqs]
-        if not seqs:
-            return None
-        return math.ceil(len(seqs) / max(len(s.stages) for s in seqs))
 
     def _idle(self) -> None:
         assert self._scheduler is not None and self._runner is not None
@@ -282,7 +271,8 @@ class OnnxStage(Backend):
             job.fail(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the model could start")
             return
         emitter = Emitter(job)
-        seq = _Seq(req.id, StageSeq(owner=req.id, need=0), req.stages, 0, job.deadline, job=job, emitter=emitter)
+        sched = StageSeq(owner=req.id, need=0, stages=len(req.stages))
+        seq = _Seq(req.id, sched, req.stages, 0, job.deadline, job=job, emitter=emitter)
         self._seqs[seq.id] = seq
         self._scheduler.add(seq.sched, preparing=True)
         seq.preparing = self._preparer.submit(self._reader.read, emitter)
@@ -396,7 +386,8 @@ class OnnxStage(Backend):
 
     def _grammar_tokenizer(self) -> GrammarTokenizer:
         if self._grammar is None:
-            self._grammar = GrammarTokenizer(self._tokenizer.to_str(), self._eos, self._vocab_size)
+            assert self.stage_dir is not None
+            self._grammar = grammar_tokenizer(self.stage_dir, self._eos, self._vocab_size)
         return self._grammar
 
     def _feed(self, seq: _Seq, msg: Stage, tensor: Any) -> None:

@@ -16,9 +16,13 @@ stage of a model bigger than the node's memory needs no more memory than the gra
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,13 +110,60 @@ def _part(node_name: str, layers: int) -> str:
 _COSTS: dict[tuple[str, int], LayerCosts] = {}  # by (folder, graph mtime): a build's costs do not change
 
 
-def layer_costs(folder: str | Path) -> LayerCosts:
-    """The costs of each layer of the model built in `folder` (reads the graph only, once per build)."""
-    folder = Path(folder)
-    key = (str(folder.resolve()), (folder / "genai_config.json").stat().st_mtime_ns)
-    if key not in _COSTS:
-        _COSTS[key] = _layer_costs(folder)
-    return _COSTS[key]
+def layer_costs(folder: str | Path, *, child: bool = True) -> LayerCosts:
+    """The costs of each layer of the model built in `folder`, read from its graph once per build: in a child process
+    (`child`), so a node never imports onnx (12 MB it would keep), and remembered in the model cache."""
+    folder = Path(folder).resolve()
+    key = (str(folder), (folder / "genai_config.json").stat().st_mtime_ns)
+    if key in _COSTS:
+        return _COSTS[key]
+    from ..cache import cache_root
+
+    memo = cache_root() / "stage-costs" / f"{hashlib.sha256(key[0].encode()).hexdigest()[:16]}-{key[1]}.json"
+    try:
+        costs = LayerCosts.from_json(json.loads(memo.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        costs = LayerCosts.from_json(json.loads(_in_child("costs", str(folder)))) if child else _layer_costs(folder)
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            memo.write_text(json.dumps(costs.to_json()))
+        except OSError:
+            pass  # a read-only cache: read the graph again next time
+    _COSTS[key] = costs
+    return costs
+
+
+def cut_stage_in_child(source: str | Path, first: int, last: int, out: str | Path) -> dict[str, Any]:
+    """`cut_stage` in a child process (a node never imports onnx)."""
+    facts: dict[str, Any] = json.loads(_in_child("cut", str(source), str(first), str(last), str(out)))
+    return facts
+
+
+def _in_child(*args: str) -> str:
+    """`python -m nodes.models.backends.onnx_stage_graph ARGS`: its stdout, or StageGraphError with its last error."""
+    root = Path(__file__).resolve().parents[3]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    done = subprocess.run([sys.executable, "-m", "nodes.models.backends.onnx_stage_graph", *args], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise StageGraphError(lines[-1] if lines else f"the stage cutter exited with status {done.returncode}")
+    return done.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`costs FOLDER` prints a build's layer costs as JSON; `cut SOURCE FIRST LAST OUT` cuts a stage into OUT."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["costs"] and len(args) == 2:
+        print(json.dumps(_layer_costs(Path(args[1])).to_json()))
+    elif args[:1] == ["cut"] and len(args) == 5:
+        print(json.dumps(cut_stage(args[1], int(args[2]), int(args[3]), args[4])))
+    else:
+        print("usage: python -m nodes.models.backends.onnx_stage_graph costs FOLDER | cut SOURCE FIRST LAST OUT",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    return 0
 
 
 def _layer_costs(folder: Path) -> LayerCosts:
@@ -292,3 +343,7 @@ def _copy_weights(stage: Any, source: Path, data_file: Path) -> None:
             for key, value in (("location", data_file.name), ("offset", str(where)), ("length", str(length))):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,7 +21,7 @@ from ..cache import cache_entry, cache_ready, publish_cache
 from .base import ProgressFn
 from .onnx_build import build_in_child, build_key, built_entry, check_precision
 from .onnx_runner import KVLayout, OnnxRunner
-from .onnx_stage_graph import HIDDEN_IN, HIDDEN_OUT, cut_stage
+from .onnx_stage_graph import HIDDEN_IN, HIDDEN_OUT, cut_stage_in_child
 
 if TYPE_CHECKING:
     import numpy as np
@@ -112,7 +112,7 @@ def stage_folder(model: str, path: Path, first: int, last: int, precision: str, 
     entry = cache_entry(f"{model}-stage-{first}-{last}", built, build_key(precision, "cpu"), cache_dir)
     if not cache_ready(entry):
         report(f"{model}[{first}-{last}]: cutting its layers out of the build", 0.85)
-        publish_cache(entry, lambda tmp: cut_stage(built, first, last, tmp))
+        publish_cache(entry, lambda tmp: cut_stage_in_child(built, first, last, tmp))
     report(f"{model}[{first}-{last}]: starting onnxruntime", 0.92)
     return built, entry
 

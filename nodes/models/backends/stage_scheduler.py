@@ -84,6 +84,7 @@ class StageSeq:
     prompted: bool = False  # its prompt is read: from now on each input is one decode token
     inputs: deque[StageInput] = field(default_factory=deque)
     order: int = 0  # admission order (the oldest prompt chunk runs first)
+    stages: int = 1  # how many stages its pipeline has (the first stage forms that many groups)
 
     def move(self, to: StageState) -> None:
         if to not in _MOVES[self.state]:
@@ -249,13 +250,18 @@ class StageScheduler:
             seq.order = self._admitted
             self.active.append(seq)
 
-    def schedule(self, cap: int | None = None) -> StagePlan | None:
-        """The next step, or None when nothing can run. `cap` bounds the decode batch (None: every ready row)."""
+    def schedule(self, cap: int | None = None, groups: bool = False) -> StagePlan | None:
+        """The next step, or None when nothing can run. `cap` bounds the decode batch (None: every ready row).
+        `groups` (the first stage): at most 1/stages of the decoding sequences a step, so they fall into as many
+        groups as their pipeline has stages and every stage has work (with one group the stages take turns)."""
         self._admit()
         prompts = [s for s in self.active if not s.prompted and s.ready()]
         ready = [s for s in self.active if s.prompted and s.ready()]
         if not prompts and not ready:
             return None
+        if groups and cap is None:
+            decoding = [s for s in self.active if s.prompted]
+            cap = -(-len(decoding) // max(s.stages for s in decoding)) if decoding else None
         limit = len(ready) if cap is None else max(1, min(cap, len(ready)))
         swaps, start, batch = self._batch(ready, limit)
         prefill, chunk = None, 0

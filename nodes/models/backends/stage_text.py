@@ -11,6 +11,7 @@ have made.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocol import Request, Task
@@ -136,6 +137,17 @@ class PromptReader:
         if self._vocab is None:
             self._vocab = [str(t) for t in self.tokenizer.decode_batch([[i] for i in range(self.vocab_size)])]
         return self._vocab
+
+
+def grammar_tokenizer(folder: Path, eos: frozenset[int], vocab_size: int) -> GrammarTokenizer:
+    """The last stage's vocabulary for grammars, read when the first request with one comes (its tokenizer is
+    held for nothing else there)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return GrammarTokenizer(tokenizer.to_str(), eos, vocab_size)
 
 
 @dataclass
