@@ -34,7 +34,7 @@ def emit(event: str, **fields: Any) -> None:
 
 
 def run(nodes: list[str], model: str, prompts: list[str], streams: int, count: int, max_tokens: int,
-        timeout: float) -> dict[str, Any]:  # fmt: skip
+        timeout: float, require: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     client = Client(nodes, timeout=timeout, security=client_security())
     results: list[dict[str, Any]] = []
     pieces = [0]
@@ -48,8 +48,9 @@ def run(nodes: list[str], model: str, prompts: list[str], streams: int, count: i
             text: list[str] = []
             row: dict[str, Any] = {"i": i, "prompt": i % len(prompts), "start": start - t0}
             try:
-                stream = client.chat(model, [{"role": "user", "content": prompt}], stream=True,
-                                     max_tokens=max_tokens, temperature=0, timeout=timeout)  # fmt: skip
+                messages = [{"role": "user", "content": prompt}]
+                stream = client.chat(model, messages, stream=True, max_tokens=max_tokens, temperature=0,
+                                     timeout=timeout, require=require)  # fmt: skip
                 for piece in stream:
                     first = first or time.monotonic()
                     text.append(piece)
@@ -64,6 +65,7 @@ def run(nodes: list[str], model: str, prompts: list[str], streams: int, count: i
                 assert result is not None
                 row |= {"ok": True, "seconds": end - start, "ttft_ms": ((first or end) - start) * 1000,
                         "tokens": int(result.usage.get("completion_tokens", 0)), "text": "".join(text),
+                        "prompt_tokens": int(result.usage.get("prompt_tokens", 0)),
                         "node": result.node, "route": result.route}  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - every failure is a result the harness counts
                 row |= {"ok": False, "seconds": time.monotonic() - start, "error": f"{type(exc).__name__}: {exc}"}
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=128, dest="max_tokens")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--require", action="append", default=[], metavar="KEY=VALUE", help="node labels to match")
     st = sub.add_parser("status", help="each node's own status row")
     st.add_argument("--nodes", required=True)
     args = parser.parse_args(argv)
@@ -117,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with open(args.prompts) as f:
         prompts = json.load(f)
-    s = run(args.nodes.split(","), args.model, prompts, args.streams, args.count, args.max_tokens, args.timeout)
+    require = dict(r.split("=", 1) for r in args.require) or None
+    s = run(args.nodes.split(","), args.model, prompts, args.streams, args.count, args.max_tokens, args.timeout,
+            require)  # fmt: skip
     return 0 if s["failed"] == 0 else 1
 
 

@@ -5,8 +5,10 @@ three-stage case puts its first and third stages on one core, and the kill case 
 one core (said in the result). Hosts are network namespaces (root) with the client on a host of its own; without
 root, processes on 127.0.0.1. Parts:
 - engines: a range of layers as the stage's ONNX graph vs torch, one thread (bench/stage_engines.py);
-- whole (one node, one core), then 2 and 3 stages: one stream (tok/s, time to first token), 8 streams (tok/s),
-  each node's resident memory, bytes sent between stages per generated token;
+- whole (one node, one core), 2 stages and 3 stages, all running at once and kept apart by a `set` label the
+  requests require, measured in turn round after round (so the machine's other load falls on all alike): one
+  stream (tok/s, time to first token), 8 streams (tok/s), each node's resident memory, bytes sent between stages
+  per generated token;
 - kill: 8 streams over a chain whose last stage has two holders; one of them is killed (kill -9) mid-stream;
 - too big: nodes whose --max-memory refuses SmolLM2 whole, two of them and then three, split it by the automatic
   plan and answer;
@@ -70,7 +72,7 @@ class Run:
             name = f"n{index}"
             self.bed.start_node(index, [*argv, "--grace", "3"], name=name, cpus=cpus)
             names.append(name)
-        self.bed.converge(names, timeout=timeout)
+        self.bed.converge(timeout=timeout)  # every running node sees every other (the tool checks whole meshes)
         return names
 
     def stop(self, names: list[str]) -> None:
@@ -78,10 +80,11 @@ class Run:
             self.bed.nodes[name].stop(timeout=20)
             del self.bed.nodes[name]
 
-    def chats(self, entry: str, streams: int, count: int, on_event: Any = None) -> dict[str, Any]:
+    def chats(self, entry: str, streams: int, count: int, on_event: Any = None, require: str = "") -> dict[str, Any]:
         argv = [sys.executable, "-m", "bench.chatload", "chat", "--nodes", self.bed.nodes[entry].address, "--model",
                 MODEL, "--prompts", str(self.prompts), "--streams", str(streams), "--count", str(count),
                 "--max-tokens", str(self.max_tokens), "--timeout", "600"]  # fmt: skip
+        argv += ["--require", require] if require else []
         proc = self.bed.spawn_client(argv)
         summary = None
         for event in read_events(proc):
@@ -104,29 +107,52 @@ class Run:
 
         return {n: psutil.Process(self.bed.nodes[n].pid).memory_info().rss / 2**20 for n in names}
 
-    def measure(self, label: str, names: list[str], entry: str) -> dict[str, Any]:
-        """One stream (reps chats one after another), then 8 streams; memory and bytes between stages."""
-        self.chats(entry, 1, 1)  # warm-up: sessions, caches, connections
-        before = self.rows(names)
-        progress(0, 2, f"{label}: one stream")
-        single = self.chats(entry, 1, self.reps)
-        progress(1, 2, f"{label}: 8 streams")
-        eight = self.chats(entry, 8, 8 * (1 if self.quick else 2))
-        progress(2, 2, f"{label}: 8 streams")
-        after = self.rows(names)
-        moved = sum(after[n].get("stats", {}).get("stage_bytes_out", 0) - before[n].get("stats", {}).get(
-            "stage_bytes_out", 0) for n in names)  # fmt: skip
-        tokens = single["tokens"] + eight["tokens"]
-        ok = [r for r in single["results"] if r["ok"]]
-        return {
-            "nodes": {n: sorted(after[n].get("models", {})) for n in names},
-            "single_tok_per_s": median([r["tokens"] / r["seconds"] for r in ok]),
-            "ttft_ms": median([r["ttft_ms"] for r in ok]),
-            "aggregate_tok_per_s": eight["tok_per_s"],
-            "failed": single["failed"] + eight["failed"],
-            "rss_mib": self.rss_mib(names),
-            "bytes_per_token_between_stages": moved / tokens if tokens else 0.0,
-        }
+    def compare(self, sets: dict[str, tuple[list[str], str]]) -> dict[str, dict[str, Any]]:
+        """Every set of nodes (kept apart by a `set` label the requests require) measured in turn, round after
+        round, so the machine's other load falls on all of them alike: one stream (one chat), then 8 streams (8
+        chats at once). Medians over the rounds; memory, and bytes sent between stages per generated token."""
+        for label, (_, entry) in sets.items():
+            self.chats(entry, 1, 1, require=f"set={label}")  # warm-up: sessions, caches, connections
+        before = {label: self.rows(names) for label, (names, _) in sets.items()}
+        single: dict[str, list[dict[str, Any]]] = {label: [] for label in sets}
+        eight: dict[str, list[float]] = {label: [] for label in sets}
+        tokens = dict.fromkeys(sets, 0)
+        positions = dict.fromkeys(sets, 0)  # prompt and generated tokens: what crosses each hop
+        for rep in range(self.reps):
+            progress(rep, self.reps, "one stream, then 8 streams, on each set in turn")
+            for label, (_, entry) in sets.items():
+                done = self.chats(entry, 1, 1, require=f"set={label}")
+                single[label] += [x for x in done["results"] if x["ok"]]
+                tokens[label] += done["tokens"]
+                positions[label] += sum(x["tokens"] + x["prompt_tokens"] for x in done["results"] if x["ok"])
+            for label, (_, entry) in sets.items():
+                done = self.chats(entry, 8, 8, require=f"set={label}")
+                eight[label].append(done["tok_per_s"])
+                tokens[label] += done["tokens"]
+                positions[label] += sum(x["tokens"] + x["prompt_tokens"] for x in done["results"] if x["ok"])
+        progress(self.reps, self.reps, "one stream, then 8 streams, on each set in turn")
+        out = {}
+        for label, (names, _) in sets.items():
+            after = self.rows(names)
+            moved = sum(after[n].get("stats", {}).get("stage_bytes_out", 0) - before[label][n].get("stats", {}).get(
+                "stage_bytes_out", 0) for n in names)  # fmt: skip
+            out[label] = {
+                "nodes": {n: sorted(after[n].get("models", {})) for n in names},
+                "single_tok_per_s": median([x["tokens"] / x["seconds"] for x in single[label]]),
+                "ttft_ms": median([x["ttft_ms"] for x in single[label]]),
+                "aggregate_tok_per_s": median(eight[label]),
+                "runs": {
+                    "single_tok_per_s": [x["tokens"] / x["seconds"] for x in single[label]],
+                    "aggregate_tok_per_s": eight[label],
+                },  # fmt: skip
+                "rss_mib": self.rss_mib(names),
+                "bytes_per_token_between_stages": moved / tokens[label] if tokens[label] else 0.0,
+                # each position crosses every hop once (its hidden state), and each generated token comes back once
+                "bytes_per_position_per_hop": moved / positions[label] / max(1, len(names) - 1)
+                if len(names) > 1
+                else 0.0,
+            }
+        return out
 
 
 def run(quick: bool = False, mode: str = "auto", reps: int = 3) -> dict[str, Any] | None:
@@ -134,29 +160,36 @@ def run(quick: bool = False, mode: str = "auto", reps: int = 3) -> dict[str, Any
     if missing:
         print(f"split: skipped, SmolLM2 cannot run here: {missing}")
         return None
-    reps = 1 if quick else reps
+    reps = 2 if quick else reps
     result: dict[str, Any] = {"quick": quick, "repetitions": reps, "goals": GOALS}
-    with Testbed(4, mode) as bed:
+    with Testbed(6, mode) as bed:
         r = Run(bed, quick, reps)
-        pinning = ("each node to one core (taskset): n1 core 0, n2 core 1; 3 stages: n3 on core 0 with n1; kill: both "
-                   "copies of the last stage on core 1; the client unpinned")  # fmt: skip
+        pinning = ("each node pinned to one core (taskset): the whole node on core 0; 2 stages on cores 0 and 1; 3 "
+                   "stages on cores 0, 1, 0 (this machine has two); kill: the two copies of the last stage both on "
+                   "core 1; the client unpinned")  # fmt: skip
         result["testbed"] = {**bed.describe(), "pinning": pinning}
-        print("split: one node holding SmolLM2 whole, on one core")
-        names = r.start([(1, ["--model", MODEL], "0")])
-        result["whole"] = r.measure("whole", names, names[0])
-        r.stop(names)
-        result["engines"] = _engines(bed, quick)
-        names = r.start([(4, ["--model", "echo"], "0")])
+        print("split: SmolLM2 whole on one node (one core), in 2 stages and in 3, all running; measured in turn")
+        whole = r.start([(1, ["--model", MODEL, "--label", "set=whole"], "0")])
+        ranges = {2: _ranges(2), 3: _ranges(3)}
+        sets = {"whole": (whole, whole[0])}
+        host = 2
+        for stages, label in ((2, "two"), (3, "three")):
+            nodes = []
+            for i, (a, b) in enumerate(ranges[stages]):
+                nodes.append((host, ["--model", MODEL, "--layers", f"{a}-{b}", "--label", f"set={label}"], str(i % 2)))
+                host += 1
+            names = r.start(nodes)
+            sets[label] = (names, names[-1])
+        measured = r.compare(sets)
+        result["whole"] = measured["whole"]
+        for stages, label in ((2, "two"), (3, "three")):
+            result[f"stages_{stages}"] = {"ranges": ranges[stages], **measured[label]}
+        r.stop([n for names, _ in sets.values() for n in names])
+        names = r.start([(1, ["--model", "echo"], "0")])
         result["empty_node_rss_mib"] = r.rss_mib(names)[names[0]]
         r.stop(names)
-        for stages in (2, 3):
-            ranges = _ranges(stages)
-            print(f"split: {stages} stages {ranges}, one node each")
-            nodes = [(i + 1, ["--model", MODEL, "--layers", f"{a}-{b}"], str(i % 2)) for i, (a, b) in enumerate(ranges)]
-            names = r.start(nodes)
-            result[f"stages_{stages}"] = {"ranges": ranges, **r.measure(f"{stages} stages", names, names[-1])}
-            r.stop(names)
-        result["kill"] = _kill(r, _ranges(2))
+        result["engines"] = _engines(bed, quick)
+        result["kill"] = _kill(r, ranges[2])
         result["too_big"] = _too_big(r)
     result["summary"] = _summary(result)
     path = write("split", result)
@@ -306,7 +339,8 @@ def _print(result: dict[str, Any]) -> None:
         rss = ", ".join(f"{v:.0f}" for v in c["rss_mib"].values())
         print(f"{stages} stages {c['ranges']}: one stream {c['single_tok_per_s']:.1f} tok/s (first token "
               f"{c['ttft_ms']:.0f} ms), 8 streams {c['aggregate_tok_per_s']:.1f} tok/s; RSS {rss} MiB; "
-              f"{c['bytes_per_token_between_stages']:.0f} bytes per token between stages")  # fmt: skip
+              f"{c['bytes_per_token_between_stages']:.0f} bytes between stages per generated token "
+              f"({c['bytes_per_position_per_hop']:.0f} per position and hop)")  # fmt: skip
     print(f"2 stages / whole: 8 streams {goal('aggregate_over_whole', s['aggregate_over_whole'])}, one stream "
           f"{goal('single_over_whole', s['single_over_whole'])}")  # fmt: skip
     k = result["kill"]

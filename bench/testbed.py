@@ -135,7 +135,8 @@ class Testbed:
 
     def converge(self, names: Sequence[str] | None = None, timeout: float = 60.0) -> float:
         """Wait until the given nodes (default all) answer and see each other alive; seconds since all answered."""
-        s = self.tool("converge", "--nodes", ",".join(self.addresses(names)), "--timeout", str(timeout))
+        s = self.tool("converge", "--nodes", ",".join(self.addresses(names)), "--timeout", str(timeout),
+                      timeout=timeout + 30)  # fmt: skip
         if not s.get("converged"):
             dead = [n for n, p in self.nodes.items() if not p.alive()]
             views = s.get("views")
