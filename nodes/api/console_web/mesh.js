@@ -23,10 +23,13 @@ export function modelLoad(value) {
   return { inflight: v.inflight || 0, queued: v.queued || 0, capacity: v.capacity || 0, version: v.version || "" };
 }
 
-/** Names of the models that at least one live node serves, sorted. */
+/** Names of the models that at least one live node serves, sorted; a model split into stages (`smollm2[0-14]`,
+ * shown as such in the table) is asked for by its own name, once. */
 export function liveModels(view) {
   const names = new Set();
-  for (const row of view.nodes) if (isLive(row)) Object.keys(row.models || {}).forEach((m) => names.add(m));
+  for (const row of view.nodes) {
+    if (isLive(row)) Object.keys(row.models || {}).forEach((m) => names.add(m.replace(/\[\d+-\d+\]$/, "")));
+  }
   return [...names].sort(byName);
 }
 
