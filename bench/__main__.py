@@ -19,6 +19,7 @@ SCENARIOS = {
     "models": "the default models through one node: tokens/s, time to first token, embeddings/s, start times",
     "transfer": "a >= 100 MB model pulled from 3 peers over a 200 Mbit/s link: clean, a sender killed, rotten chunks",
     "rollout": "every node of a 4-node mesh moves to a new model version under steady load: failures, step times",
+    "prefix": "conversations on 3 SmolLM2 nodes: cache-aware routing vs p2c with and without the prefix cache",
     "split": "SmolLM2 split over 2 and 3 pinned hosts vs one node whole: tok/s, first token, memory, a stage killed",
 }
 
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--reps", type=int, default=3, help="repetitions; the summary reports medians")
         if name == "overhead":
             p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve anchor")
+        if name == "prefix":
+            p.add_argument("--conversations", type=int, help="conversations of 8 turns (default 12; --quick: 3 of 3)")
+            p.add_argument("--seed", type=int, default=1, help="seed of the conversations, their times and entries")
+            p.add_argument("--order", default="abc", help="the order of the runs (e.g. cba; the machine may change)")
         if name == "soak":
             p.add_argument("--minutes", type=float, default=10.0, help="length of the run (--quick: 1)")
             p.add_argument("--seed", type=int, default=7, help="seed of the fault schedule")
@@ -115,6 +120,11 @@ def _run(args: argparse.Namespace) -> int:
 
         result = rollout.run(quick=args.quick, mode=args.mode)
         return 0 if result["summary"]["failed"] == 0 else 1
+    elif args.scenario == "prefix":
+        from . import prefix
+
+        result = prefix.run(args.quick, args.mode, args.conversations, args.seed, args.order)
+        return 0 if not any(result["summary"]["failed"].values()) else 1
     return 0
 
 

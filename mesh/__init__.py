@@ -10,7 +10,8 @@ What lives where (private modules, free to move behind this face):
 - clients: `Client` (`_client.py`, over `_client_io.py`), `AsyncClient` (`_aclient.py`); both feed the sans-IO
   `CallTable` (`_calls.py`: retries, fail-over, cancels, learning the mesh), `NodeDirectory` (`_directory.py`)
 - a node's mesh layer: `MeshNode` (`_node.py`: the socket loop, where a request enters and is answered),
-  `EntryTable` (`_entry.py`: the entry's tries, retries and fail-over), `RoutingPolicy` (`_routing.py`),
+  `EntryTable` (`_entry.py`: the entry's tries, retries and fail-over), `RoutingPolicy` and `CacheAwarePolicy`
+  (`_routing.py`; the chains of chat messages they compare and the gossiped summaries: `_prefixes.py`),
   `FailureDetector` (`_failure.py`), `Membership` (`_membership.py`: gossip), `PeerLinks` (`_links.py`: the
   DEALER per peer that forwards requests), `Discovery` (`_discovery.py`: mDNS)
 - security: `MeshKey`, CURVE and the ZAP `Authenticator` (`_security.py`)
@@ -33,11 +34,21 @@ from ._client import Client, Stream
 from ._directory import NodeDirectory
 from ._endpoints import parse_endpoints
 from ._entry import EntryTable, PendingState
-from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
+from ._failure import FORGOTTEN, INCARNATION_AHEAD_S, FailureDetector, PeerState, Transition
 from ._node import MeshNode
 from ._pipeline import StageHolder, compose_chain, holders_of
+from ._prefixes import (
+    SUMMARY_BYTES,
+    bound_summaries,
+    chat_chain,
+    next_link,
+    pack_summary,
+    request_chain,
+    summary_news,
+    unpack_summary,
+)
 from ._results import PingReply, Result
-from ._routing import POLICIES, Choice, RoutingPolicy
+from ._routing import POLICIES, CacheAwarePolicy, Choice, RoutingPolicy
 from ._security import (
     INSECURE_ENV,
     KEY_ENV,
@@ -143,6 +154,7 @@ __all__ = [
     "RequestObserver",
     # the pure policies (fed with observations and `now`; no sockets): for tests and simulations
     "FORGOTTEN",
+    "INCARNATION_AHEAD_S",
     "POLICIES",
     "Call",
     "CallTable",
@@ -152,10 +164,20 @@ __all__ = [
     "NodeDirectory",
     "PeerState",
     "PendingState",
+    "CacheAwarePolicy",
     "RoutingPolicy",
     "Transition",
     "backoff_schedules",
     "request_call",
+    # what a node's prefix cache holds, as entries know it (chains of chat messages, gossiped summaries)
+    "SUMMARY_BYTES",
+    "bound_summaries",
+    "chat_chain",
+    "next_link",
+    "pack_summary",
+    "request_chain",
+    "summary_news",
+    "unpack_summary",
     # mDNS (loaded on first use)
     "Announcement",
     "Discovery",

@@ -21,7 +21,7 @@ from zeroconf import IPVersion, NonUniqueNameException, ServiceStateChange, Zero
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 import protocol
-from protocol import PeerAddr
+from protocol import PeerAddr, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ class Discovery:
         except NonUniqueNameException:
             self._abandon_start()
             raise RuntimeError(
-                f"another machine on the LAN already announces {self.service_name!r}: node ids must be unique"
+                f"another node on the LAN already uses the name {self.addr.node!r} (it announces "
+                f"{self.service_name!r} on mDNS): give this node another name (lanmesh node --name NAME)"
             ) from None
         except TimeoutError:
             self._abandon_start()
@@ -419,6 +420,9 @@ def _node_id(value: str) -> str:
         raise ValueError(f"node id is longer than a TXT entry allows ({_TXT_ENTRY_MAX - len(_K_NODE) - 1} bytes)")
     if not value.isprintable():
         raise ValueError(f"node id {value!r} contains unprintable characters")
+    problem = name_problem(value, "node id")  # the one rule for names (protocol._names), as on the wire
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
@@ -112,6 +112,10 @@ class Pending:
         self.state = to
 
 
+PipelineFn = Callable[[Request, set[str], float], "tuple[list[tuple[str, str]], str] | None"]
+ServeTrackedFn = Callable[[Request, float, float], bool]
+
+
 class EntryHost(Protocol):
     """What the entry table needs from its node: who may serve, and the sockets and executor behind plain calls."""
 
@@ -135,18 +139,14 @@ class EntryHost(Protocol):
         """Send an encoded Request or Cancel to a peer's ROUTER; False when its socket cannot take it now."""
         ...
 
-    def pipeline(self, request: Request, excluded: set[str], now: float) -> tuple[list[tuple[str, str]], str] | None:
-        """A chain of stage holders that serves `request`'s model together, and why (None: none can now)."""
-        ...
+    # A chain of stage holders that serves a request's model together, and why (None: none can now).
+    pipeline: PipelineFn
+    # Serve a try here whose answers come back to this table (`on_chunk`, `on_reply`, `on_error` with this node's
+    # id), as a peer's would: a pipeline whose first stage is this node.
+    serve_tracked: ServeTrackedFn
 
-    def serve_tracked(self, request: Request, deadline: float, started: float) -> bool:
-        """Serve a try here whose answers come back to this table (`on_chunk`, `on_reply`, `on_error` with this
-        node's id), as a peer's would: a pipeline whose first stage is this node."""
-        ...
-
-    def cancel_here(self, request_id: str, reason: str) -> None:
-        """Stop a try running here (and free a pipeline sequence of that id held here)."""
-        ...
+    # Stop a try running here (and free a pipeline sequence of that id held here).
+    cancel_here: Callable[[str, str], None]
 
     def send_client(self, client: bytes, frame: bytes) -> None:
         """Send an encoded Reply, Chunk or Error to a client (or to the entry node that forwarded to us)."""
@@ -377,7 +377,7 @@ class EntryTable:
                     return
                 p.excluded.add(chain[0][0])
                 continue
-            choice = self.policy.choose(req.model, candidates, now)
+            choice = self.policy.choose(req.model, candidates, now, req)
             route = f"{why}{choice.reason}" if why else choice.reason
             if choice.node == self.host.node_id:
                 local = replace(req, prefix=req.prefix + "".join(p.streamed)) if p.streamed else req

@@ -43,6 +43,13 @@ _RECONNECT_MS, _RECONNECT_MAX_MS = 100, 500
 _SEED_HELLO_S = 1.0
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() in ("localhost", "localhost.")
+
+
 def link_options(sock: zmq.Socket[Any], heartbeat_s: float, dead_after_s: float) -> None:
     """What every peer link (DEALER, SUB) sets: reconnect quickly, notice a silent drop, never wait on a dead SYN."""
     sock.setsockopt(zmq.LINGER, 0)
@@ -60,6 +67,7 @@ def link_options(sock: zmq.Socket[Any], heartbeat_s: float, dead_after_s: float)
 
 class LinkSettings(Protocol):
     node_id: str
+    bind: str
     fingerprint: str
     hwm: int
     gossip_interval: float
@@ -172,7 +180,15 @@ class PeerLinks:
         if addr.node == self.s.node_id:
             return None
         if not valid_peer_host(addr.host):
-            self._refuse("bad_peer_address", source, f"{addr.node} claims host {addr.host[:64]!r}")
+            self.refuse("bad_peer_address", source, f"{addr.node} claims host {addr.host[:64]!r}")
+            return None
+        nowhere = self.not_a_peer_address(addr.host, addr.port)
+        if nowhere:
+            self.refuse("bad_peer_address", source, f"{addr.node} claims {addr.host}:{addr.port}, {nowhere}")
+            return None
+        if incarnation and not self.detector.incarnation_ok(incarnation, time.monotonic()):
+            self.refuse("incarnation_refused", source, f"{addr.node} claims an incarnation far ahead of this node's "
+                        "clock (a forgery, or one of the two clocks is wrong)")  # fmt: skip
             return None
         if self.s.fingerprint and fingerprint and fingerprint != self.s.fingerprint:
             self.stats["foreign_announcements"] += 1
@@ -215,6 +231,45 @@ class PeerLinks:
         self.hello(dealer)
         log.info("learned peer %s at %s:%d via %s", addr.node, addr.host, addr.port, source)
         return peer
+
+    def not_a_peer_address(self, host: str, port: int) -> str:
+        """Why a claimed peer address cannot be another node ("" when it may be): this node itself under another
+        name, the unspecified address, a multicast or broadcast group, or loopback while this node is not on it.
+        Connecting there made a node list aliases of itself as flapping peers."""
+        ip: ipaddress.IPv4Address | None
+        try:
+            ip = ipaddress.IPv4Address(host)
+        except ValueError:
+            ip = ipaddress.IPv4Address("127.0.0.1") if host.lower() in ("localhost", "localhost.") else None
+        own = self.addr
+        if own is not None and port == own.port and (host == own.host or ip is not None and self._is_local(ip)):
+            return "which is this node itself"
+        if ip is None:
+            return ""  # a DNS name: resolved off the loop, its gossip checked against that address
+        if ip.is_unspecified:
+            return "the unspecified address (nobody)"
+        if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+            return "a multicast or broadcast address"
+        if ip.is_loopback and not (own is not None and _is_loopback(own.host)):
+            return "a loopback address while this node is not on loopback (it would reach this machine)"
+        return ""
+
+    def _is_local(self, ip: ipaddress.IPv4Address) -> bool:
+        """Whether `ip` reaches this node's ROUTER: the address it binds, or, where it binds every address, any
+        address of this machine (a bind to a free port on `ip` succeeds only for this machine's addresses)."""
+        bind = self.s.bind
+        if bind not in ("0.0.0.0", "*", ""):
+            return str(ip) == bind
+        if ip.is_loopback or ip.is_unspecified:
+            return True
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind((str(ip), 0))
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
 
     def may_move(self, old: Peer) -> bool:
         """Whether a peer's name may move to another address: only once the old one is dead, left or never spoke."""
@@ -319,7 +374,7 @@ class PeerLinks:
             return False
         if resolved is not None and same_host(str(resolved), seen):
             return True
-        self._refuse("identity_mismatch", seen or "?", f"gossip claiming to be {msg.node} at {host}")
+        self.refuse("identity_mismatch", seen or "?", f"gossip claiming to be {msg.node} at {host}")
         return False
 
     def speaks_for(self, peer: Peer, msg: Any) -> bool:
@@ -327,9 +382,7 @@ class PeerLinks:
         claimed = msg.addr.node if isinstance(msg, Hello) else getattr(msg, "node", "")
         if not claimed or claimed == peer.node:
             return True
-        self._refuse(
-            "identity_mismatch", f"{peer.addr.host}:{peer.addr.port}", f"{type(msg).__name__} naming {claimed}"
-        )
+        self.refuse("identity_mismatch", f"{peer.addr.host}:{peer.addr.port}", f"{type(msg).__name__} naming {claimed}")
         return False
 
     def identity_conflict(self, live: Peer, claimed_at: str, what: str) -> None:
@@ -341,7 +394,7 @@ class PeerLinks:
         if line is not None:
             log.warning("%s", line, extra={"source": claimed_at})
 
-    def _refuse(self, counter: str, source: str, what: str) -> None:
+    def refuse(self, counter: str, source: str, what: str) -> None:
         self.stats[counter] += 1
         line = self._log.note(counter.replace("_", " "), source, f"{what}, dropped")
         if line is not None:

@@ -75,6 +75,10 @@ class LocalWork:
             self._running.pop(rid, None)
         return ok
 
+    def submit_tracked(self, req: Request, deadline: float, started: float) -> bool:
+        """Queue a try whose answers go back to this node's entry table (a pipeline whose first stage is here)."""
+        return self.submit(TRACKED, req, deadline, "", 0, started, "local")
+
     def cancel(self, request_id: str, reason: str) -> None:
         """Stop work running here, whoever asks (a request's id is its caller's capability: see EntryTable.cancel)."""
         if request_id not in self._running:

@@ -22,6 +22,7 @@ from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, Requ
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._peers import Peer
 from ._pipeline import compose_chain, holders_of
+from ._prefixes import summary_news
 
 if TYPE_CHECKING:
     from ._admission import Admission
@@ -33,19 +34,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("lanmesh.mesh")
 
 DRAIN = 256  # messages read from one socket per turn: gossip and replies keep their rhythm under load
+PREFIXES_RESENT_EVERY = 8  # reports: a prefix-cache summary that did not change is sent again this often (2 s)
 
 
 def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
-    """A node's models as status rows show them: `name: [in flight, queued, capacity, version (8 hex)]`, each loaded
-    version once. Gossip lists the current version twice (as `name` and as its pin `name@v8`); the pin is left out
-    here, so loads add up. A version loaded beside the current one (a rollout's moment) shows as `name@v8`."""
+    """A node's models as status rows show them: `name: [in flight, queued, capacity, version (8 hex), tasks]`, each
+    loaded version once (tasks: the ones it serves, [] when its node did not say). Gossip lists the current version
+    twice (as `name` and as its pin `name@v8`); the pin is left out here, so loads add up. A version loaded beside
+    the current one (a rollout's moment) shows as `name@v8`."""
     out: dict[str, list[Any]] = {}
     for m, v in models.items():
         name, _, pin = m.partition("@")
         current = models.get(name)
         if pin and current is not None and name != m and str(getattr(current, "version", "")).startswith(pin):
             continue
-        out[m] = [v.inflight, v.queued, v.capacity, str(getattr(v, "version", ""))[:8]]
+        out[m] = [v.inflight, v.queued, v.capacity, str(getattr(v, "version", ""))[:8], list(getattr(v, "tasks", ()))]
     return out
 
 
@@ -95,6 +98,7 @@ class Membership:
         self._sub: zmq.Socket[Any] | None = None
         self._seq = 0
         self._next_admission_sweep = 0.0
+        self._prefixes_sent: dict[str, bytes] = {}  # each model's prefix-cache summary as last gossiped
 
     def attach(self, pub: zmq.Socket[Any], sub: zmq.Socket[Any], addr: PeerAddr) -> None:
         """The node's gossip sockets and its address as bound (the loop thread makes them once it starts)."""
@@ -174,12 +178,23 @@ class Membership:
             peers=digest,
             leaving=self.leaving,
             fingerprint=self.s.fingerprint,
+            prefixes={} if self.leaving else self._prefix_news(),
             wants={} if self.leaving else dict(getattr(self.server, "wants", dict)()),
         )
         try:
             self.pub.send(encode(report), zmq.NOBLOCK)
         except zmq.Again:
             self.stats["gossip_dropped"] += 1
+
+    def _prefix_news(self) -> dict[str, bytes]:
+        """Prefix-cache summaries for this report: those that changed since the last one, and all of them every
+        PREFIXES_RESENT_EVERY reports (a report may be lost; a peer may be new). Bounded in bytes whatever the
+        caches hold (`mesh._prefixes.REPORT_BYTES`)."""
+        summaries = getattr(self.server, "prefix_summaries", None)
+        current: dict[str, bytes] = summaries() if summaries is not None else {}
+        news = summary_news(current, self._prefixes_sent, self._seq % PREFIXES_RESENT_EVERY == 0)
+        self._prefixes_sent = dict(current)
+        return news
 
     def drain_sub(self) -> None:
         for _ in range(DRAIN):
@@ -212,6 +227,8 @@ class Membership:
         if self.s.fingerprint and r.fingerprint != self.s.fingerprint:
             self.stats["foreign_gossip"] += 1
             return
+        if not self._plausible(r.node, r.incarnation, r.addr.host):
+            return
         peer = self.links.peers.get(r.node)
         if peer is not None and peer.addr == r.addr and (r.incarnation, r.seq) <= (peer.incarnation, peer.seq):
             self.stats["stale_gossip"] += 1
@@ -234,6 +251,8 @@ class Membership:
         peer.leaving = r.leaving
         for model, load in r.models.items():
             self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, now, load.rate)
+        for model, summary in r.prefixes.items():
+            self.policy.observe_prefixes(r.node, model, summary)
         for addr in r.peers:
             if addr.node != self.node_id and self.links.peers.get(addr.node) is None:
                 self.links.learn(addr, "gossip")
@@ -242,11 +261,26 @@ class Membership:
         peer = self.links.peers.get(msg.node)
         if peer is None:
             return
+        if not self._plausible(msg.node, msg.incarnation, peer.addr.host):
+            return
         peer.leaving = True
         t = self.detector.left(msg.node, time.monotonic(), msg.incarnation)
         if t is not None:
             self.on_transition(t)
         log.info("peer %s is leaving", msg.node)
+
+    def _plausible(self, node: str, incarnation: int, host: str) -> bool:
+        """Gossip whose incarnation is far ahead of this node's clock is refused and counted: believed, it would make
+        the node's real reports stale (and keep it out of routing) until its clock caught up, restarts included."""
+        if self.detector.incarnation_ok(incarnation, time.monotonic()):
+            return True
+        ahead_s = (incarnation - time.time_ns()) / 1e9
+        self.links.refuse(
+            "incarnation_refused", host,
+            f"gossip as {node} with an incarnation {ahead_s / 3600:.1f} h ahead of this node's clock (the limit is "
+            f"{self.detector.incarnation_ahead / 3600:g} h): a forgery, or one of the two clocks is wrong",
+        )  # fmt: skip
+        return False
 
     def heard(self, node: str, now: float) -> None:
         """Any message from `node` (a reply, a pong, a hello): proof of life."""
@@ -278,6 +312,7 @@ class Membership:
     # ------------------------------------------------------------ housekeeping
 
     def housekeeping(self, now: float) -> None:
+        self.detector.sync_clock(time.time_ns(), now)  # incarnations are bounded by this clock (it may be stepped)
         for t in self.detector.tick(now):
             self.on_transition(t)
         for peer in self.links.peers:
@@ -344,6 +379,9 @@ class Membership:
                     **_wants_row(peer.wants),
                 }
             )
+            chains_held = getattr(self.policy, "chains_held", None)  # cache-aware routing: what its gossip says
+            if chains_held is not None:
+                rows[-1]["prefix_chains"] = chains_held(peer.node)
         return rows
 
     def holders(self, name: str) -> list[tuple[str, str, str]]:
@@ -417,6 +455,8 @@ class Membership:
             "handshake_failed": self.stats["handshake_failed"],
             "identity_mismatch": self.stats["identity_mismatch"],
             "identity_conflict": self.stats["identity_conflict"],
+            "incarnation_refused": self.stats["incarnation_refused"],
+            "bad_peer_address": self.stats["bad_peer_address"],
             "foreign": [
                 {k: v for k, v in e.items() if k != "last_seen"} | {"last_seen_s": round(now - e["last_seen"], 1)}
                 for e in self.links.foreign.values()

@@ -42,13 +42,13 @@ from protocol import (
 )
 
 from ._admission import Admission
-from ._entry import EntryTable
+from ._entry import EntryTable, PipelineFn, ServeTrackedFn
 from ._failure import FailureDetector, PeerState
 from ._links import PeerLinks
-from ._local import TRACKED, LocalWork
+from ._local import LocalWork
 from ._membership import DRAIN, Membership
 from ._peers import Peer
-from ._routing import POLICIES
+from ._routing import POLICIES, CacheAwarePolicy
 from ._security import Authenticator
 from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
@@ -64,11 +64,16 @@ _NOBODY: frozenset[str] = frozenset()
 _NB, _NB_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _TICK = 0.05  # seconds between housekeeping passes (detector, deadlines, retries)
 _FLUSH_AT = 32  # answers queued before the loop sends them mid-turn (bounds the wait of the first in a burst)
+_INBOX_PER_TURN = 1024  # events from other threads handled per turn: a flood of chunks cannot hold up the sockets
 _ERROR_LOG_EVERY_S = 10.0
 
 
 class MeshNode:
     """Runs the mesh loop for one node in a thread of its own."""
+
+    pipeline: PipelineFn  # EntryHost's: a chain of stage holders (`Membership.pipeline`)
+    serve_tracked: ServeTrackedFn  # EntryHost's: a try served here, answered to the entry table (`LocalWork`)
+    cancel_here: Callable[[str, str], None]  # EntryHost's: a request here, and a stage's sequence of that id
 
     def __init__(
         self,
@@ -83,14 +88,21 @@ class MeshNode:
         self.incarnation = time.time_ns()
         self.ctx = zmq.Context()
         self.detector = FailureDetector(settings.suspect_after, settings.dead_after, settings.forget_after)
-        self.policy = POLICIES[settings.routing](
+        self.detector.sync_clock(self.incarnation, time.monotonic())  # before any gossip: incarnations are bounded
+        policy = POLICIES[settings.routing]
+        # Cache-aware routing reads what this node's own prefix caches hold (an executor without them: none).
+        extra = {"local_prefixes": getattr(server, "prefix_summary", None)} if policy is CacheAwarePolicy else {}
+        self.policy = policy(
             self.node_id,
             server.load,
             stale_after=3 * settings.gossip_interval,
             rng=rng,
             local_rate=getattr(server, "rate", None),
+            **extra,
         )
         self.stats: collections.Counter[str] = collections.Counter()
+        if isinstance(self.policy, CacheAwarePolicy):
+            self.policy.counts = self.stats  # routed_prefix, routed_prefix_busy: in status rows and /metrics
         self._poller = zmq.Poller()
         self.links = PeerLinks(
             self.ctx,
@@ -122,7 +134,9 @@ class MeshNode:
                                observer=lambda: self.observer, entry=self.entry)  # fmt: skip
         # Operators' commands and model files (`Admin`, `Fetch`), answered on worker threads (the node sets the handler)
         self.services = Services(self.node_id, self.post)
-        self.stages = StageTraffic(self.node_id, server, self.stats, settings.limits, self._dealer_of)
+        self.stages = StageTraffic(self.node_id, server, self.stats, settings.limits, self.links.peers, self.local)
+        self.pipeline, self.serve_tracked = self.membership.pipeline, self.local.submit_tracked
+        self.cancel_here = self.stages.cancel_here
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._outbox: list[tuple[bytes, bytes]] = []  # answers to clients, sent at the end of the loop's turn
         self._waker: Waker | None = None  # made with the loop's sockets; until then the inbox waits for the loop
@@ -225,6 +239,7 @@ class MeshNode:
         if self._thread is not None and self._thread.is_alive():
             self.post("stop", None)
             self._thread.join(5.0)
+        self._stopped.set()  # leaving on purpose from here on, whatever the loop did
         self.services.close()
         if self._auth is not None:
             self._auth.stop()  # it closes its own sockets; destroy() must not close them under its feet
@@ -276,11 +291,13 @@ class MeshNode:
         self._ready.set()
         log.info("node up", extra={"addr": f"{self.addr.host}:{self.addr.port}", "pub": self.addr.pub_port})
         next_gossip = next_tick = 0.0
+        crashed = True
         try:
             while self._running:
                 now = time.monotonic()
                 self.last_turn = now
-                events = self._poller.poll(math.ceil(max(0.0, min(next_gossip, next_tick) - now) * 1000))
+                wait = 0.0 if self._inbox else max(0.0, min(next_gossip, next_tick) - now)  # events left: go on
+                events = self._poller.poll(math.ceil(wait * 1000))
                 for sock, _ in events:
                     self._drain(sock)
                 self.links.close_later()
@@ -295,11 +312,12 @@ class MeshNode:
                 if now >= next_tick:
                     self._guarded("housekeeping", self.membership.housekeeping, now)
                     next_tick = now + _TICK
+            crashed = False
         except Exception:
-            log.exception("mesh loop crashed")  # the watchdog ends the process
-            raise
+            # The watchdog sees the loop thread gone and ends the process (goodbye, exit 70).
+            log.exception("mesh loop crashed")
         finally:
-            self._shutdown()
+            self._shutdown(intended=not crashed)
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         if sock is self.router:
@@ -325,17 +343,22 @@ class MeshNode:
                 log.exception("error handling %s (the loop goes on; %d such errors so far)", what,
                               self.stats["handler_errors"])  # fmt: skip
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, intended: bool) -> None:
+        """The loop ends: every caller hears UNAVAILABLE. Only a stop asked for (`stop()`) tells the watchdog it was
+        meant; a loop that crashed leaves it to see a dead loop, so the process leaves the mesh and exits."""
         self._guarded("shutdown", self.entry.hand_back, "entry node stopped", time.monotonic())
         self._guarded("handing back local work", self.local.hand_back)
         self._guarded("the last answers", self._flush)
         if self._waker is not None:
             self._waker.silence()
-        self._stopped.set()
+        if intended:
+            self._stopped.set()
 
     def _drain_inbox(self) -> None:
         inbox = self._inbox
-        while inbox:
+        for _ in range(_INBOX_PER_TURN):
+            if not inbox:
+                return
             kind, payload = inbox.popleft()
             if kind == "done":
                 self._guarded("a local answer", self.local.done, *payload)
@@ -346,7 +369,8 @@ class MeshNode:
             elif kind == "answer":
                 ident, frame, done = payload
                 self.services.done(done)
-                self.send_client(ident, frame)
+                if frame is not None:
+                    self.send_client(ident, frame)
             elif kind == "found":
                 self._guarded("an announcement", self.membership.on_announcement, payload)
             elif kind == "lost":
@@ -421,7 +445,7 @@ class MeshNode:
             return
         # The common case first: the policy picks this node and it has room, or a peer that takes the try.
         candidates, _known = self.eligible(req, _NOBODY)
-        choice = self.policy.choose(req.model, candidates, now) if candidates else None
+        choice = self.policy.choose(req.model, candidates, now, req) if candidates else None
         if choice is not None and choice.node == self.node_id:
             if self.local.submit(ident, req, deadline, choice.reason, 0, now, "local"):
                 self.stats["served_local"] += 1
@@ -439,19 +463,9 @@ class MeshNode:
             return
         self.cancel_here(msg.id, msg.reason)
 
-    def cancel_here(self, request_id: str, reason: str) -> None:
-        """Stop a request running here, and free a pipeline sequence of that id on this node's stages."""
-        self.local.cancel(request_id, reason)
-        self.stages.cancel(request_id, reason)
-
     def send_stage(self, node: str, items: list[tuple[Stage, Any]], on_fail: FailFn | None) -> None:
-        """Send a pipeline stage's messages (with their tensors) to `node` as one (any thread: the headers are
-        encoded here, the loop sends them)."""
+        """Send a stage's messages to `node` as one (any thread: headers encoded here, sent by the loop)."""
         self.post("stage", (node, [(msg, encode(msg), tensor) for msg, tensor in items], on_fail))
-
-    def _dealer_of(self, node: str) -> zmq.Socket[Any] | None:
-        peer = self.links.peers.get(node)
-        return None if peer is None else peer.dealer
 
     def _in_flight_for(self, ident: bytes, rid: str) -> bool:
         p = self.entry.get(rid)
@@ -494,12 +508,6 @@ class MeshNode:
 
     def serve_here(self, client: bytes, req: Request, deadline: float, route: str, seq0: int, started: float) -> bool:
         return self.local.submit(client, req, deadline, route, seq0, started, "local")
-
-    def pipeline(self, req: Request, excluded: set[str], now: float) -> tuple[list[tuple[str, str]], str] | None:
-        return self.membership.pipeline(req, excluded, now)
-
-    def serve_tracked(self, req: Request, deadline: float, started: float) -> bool:
-        return self.local.submit(TRACKED, req, deadline, "", 0, started, "local")
 
     def send_peer(self, node: str, frame: bytes) -> bool:
         peer = self.links.peers.get(node)

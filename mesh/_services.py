@@ -36,8 +36,9 @@ class Services:
         self._pending: collections.Counter[type] = collections.Counter()
 
     def submit(self, ident: bytes, msg: Admin | Fetch) -> Error | None:
-        """Queue `msg` for a worker (its answer is posted to the loop as ("answer", (ident, frame, kind))); or the
-        error to answer at once: nobody handles it here, or too many are pending."""
+        """Queue `msg` for a worker (its answer is posted to the loop as ("answer", (ident, frame, kind)), exactly
+        once, the frame None only when not even an error could be encoded); or the error to answer at once: nobody
+        handles it here, or too many are pending."""
         kind = type(msg)
         handler = self.handler
         if handler is None:
@@ -49,12 +50,22 @@ class Services:
         self._pending[kind] += 1
 
         def run() -> None:
+            frame: bytes | None = None
             try:
-                answer = handler(msg)
-            except Exception as exc:  # a handler bug answers its caller; the pool thread lives on
-                log.exception("%s %s failed", kind.__name__, msg.id)
-                answer = Error(msg.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", self.node_id)
-            self._post("answer", (ident, encode(answer), kind))
+                try:
+                    answer = handler(msg)
+                except Exception as exc:  # a handler bug answers its caller; the pool thread lives on
+                    log.exception("%s %s failed", kind.__name__, msg.id)
+                    answer = Error(msg.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", self.node_id)
+                try:
+                    frame = encode(answer)
+                except Exception as exc:  # an answer msgpack cannot carry: the caller hears why, not nothing
+                    log.exception("%s %s: the answer cannot be encoded", kind.__name__, msg.id)
+                    why = f"the answer could not be sent: {type(exc).__name__}: {str(exc)[:200]}"
+                    frame = encode(Error(msg.id, ErrorCode.INTERNAL, why, self.node_id))
+            finally:
+                # Always posted, even empty-handed: the loop counts every answer down, or the bound fills for good.
+                self._post("answer", (ident, frame, kind))
 
         pool.submit(run)
         return None

@@ -17,6 +17,9 @@ import zmq
 
 from protocol import DecodeError, ErrorCode, Limits, Stage, decode, encode, parse_stage, tensor_nbytes
 
+from ._local import LocalWork
+from ._peers import PeerTable
+
 log = logging.getLogger("lanmesh.mesh")
 
 _NB, _NB_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
@@ -32,13 +35,15 @@ class StageTraffic:
         server: Any,
         stats: collections.Counter[str],
         limits: Limits,
-        dealer_of: Callable[[str], zmq.Socket[Any] | None],
+        peers: PeerTable,
+        local: LocalWork,
     ) -> None:
         self.node_id = node_id
         self.server = server
         self.stats = stats
         self.limits = limits
-        self._dealer_of = dealer_of
+        self._peers = peers
+        self._local = local
 
     # ------------------------------------------------------------ in
 
@@ -92,10 +97,12 @@ class StageTraffic:
                              data={"code": int(ErrorCode.UNAVAILABLE), "message": why})  # fmt: skip
                 self.send(msg.first, [(back, encode(back), None)], None)
 
-    def cancel(self, sequence: str, reason: str) -> None:
+    def cancel_here(self, request_id: str, reason: str) -> None:
+        """Stop a request running here (its job) and free a stage's sequence of that id held here."""
+        self._local.cancel(request_id, reason)
         cancel = getattr(self.server, "cancel_stage", None)
         if cancel is not None:
-            cancel(sequence, reason or "cancelled by the caller")
+            cancel(request_id, reason or "cancelled by the caller")
 
     # ------------------------------------------------------------ out
 
@@ -106,7 +113,8 @@ class StageTraffic:
         if node == self.node_id:
             self.deliver([(msg, tensor) for msg, _, tensor in items])
             return
-        dealer = self._dealer_of(node)
+        peer = self._peers.get(node)
+        dealer = None if peer is None else peer.dealer
         parts = [p for _, header, tensor in items for p in (header, tensor) if p is not None]
         try:
             if dealer is None:

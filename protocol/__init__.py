@@ -26,14 +26,28 @@ from ._messages import (
     StageWant,
     Task,
 )
+from ._names import NAME_MAX, NAME_RULE, check_name, is_name, is_version, name_problem
 from ._stages import StageName, parse_stage, stage_name, tensor_nbytes
-from ._wire import DEFAULT_LIMITS, MAX_CHUNK_BYTES, MAX_DEADLINE_MS, MAX_HOPS, VERSION, Limits
+from ._wire import (
+    DEFAULT_LIMITS,
+    MAX_CHUNK_BYTES,
+    MAX_DEADLINE_MS,
+    MAX_HOPS,
+    PREFIX_DIGEST_BYTES,
+    PREFIX_REPORT_BYTES,
+    VERSION,
+    Limits,
+)
 
 __all__ = [
     "DEFAULT_LIMITS",
     "MAX_CHUNK_BYTES",
     "MAX_DEADLINE_MS",
     "MAX_HOPS",
+    "NAME_MAX",
+    "NAME_RULE",
+    "PREFIX_DIGEST_BYTES",
+    "PREFIX_REPORT_BYTES",
     "RETRYABLE",
     "VERSION",
     "Admin",
@@ -60,9 +74,13 @@ __all__ = [
     "StageName",
     "StageWant",
     "Task",
+    "check_name",
     "decode",
     "encode",
     "error_code_name",
+    "is_name",
+    "is_version",
+    "name_problem",
     "parse_stage",
     "restamp_reply",
     "restamp_request",

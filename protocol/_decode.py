@@ -9,7 +9,9 @@ from typing import Any
 
 import msgpack
 
+from ._decode_stages import _dec_stage, _dec_wants, _stages, _token_ids
 from ._errors import DecodeError, ErrorCode
+from ._fields import _bool, _fail, _fields, _int, _label, _name, _or, _rid, _str, _strmap, _value, _version
 from ._messages import (
     Admin,
     Cancel,
@@ -28,20 +30,19 @@ from ._messages import (
     Reject,
     Reply,
     Request,
-    Stage,
-    StageWant,
     Task,
 )
+from ._names import is_name
 from ._wire import (
     DEFAULT_LIMITS,
     ID_LEN,
     MAX_CHUNK_BYTES,
     MAX_DEADLINE_MS,
     MAX_HOPS,
-    MAX_STAGES,
+    MAX_MODEL_TASKS,
     NAME_LEN,
-    STAGE_DTYPES,
-    STAGE_KINDS,
+    PREFIX_DIGEST_BYTES,
+    PREFIX_REPORT_BYTES,
     T_ADMIN,
     T_CANCEL,
     T_CHUNK,
@@ -63,67 +64,6 @@ from ._wire import (
 
 _TASKS = {t.value: t for t in Task}
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
-
-
-def _fail(what: str, rid: str | None = None) -> DecodeError:
-    return DecodeError(what, rid)
-
-
-def _str(v: Any, name: str, max_len: int, rid: str | None, *, empty: bool = True) -> str:
-    if type(v) is str and (empty or v) and len(v) <= max_len:
-        return v  # the common case, checked cheaply: this runs several times per request
-    if not isinstance(v, str):
-        raise _fail(f"{name} must be a string, got {type(v).__name__}", rid)
-    if len(v) > max_len:
-        raise _fail(f"{name} is longer than {max_len} characters", rid)
-    if not empty and not v:
-        raise _fail(f"{name} must not be empty", rid)
-    return v
-
-
-def _int(v: Any, name: str, lo: int, hi: int, rid: str | None) -> int:
-    if type(v) is int and lo <= v <= hi:
-        return v
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _fail(f"{name} must be an integer, got {type(v).__name__}", rid)
-    if not lo <= v <= hi:
-        raise _fail(f"{name} must be between {lo} and {hi}, got {v}", rid)
-    return v
-
-
-def _bool(v: Any, name: str, rid: str | None) -> bool:
-    if not isinstance(v, bool):
-        raise _fail(f"{name} must be true or false, got {type(v).__name__}", rid)
-    return v
-
-
-def _depth_ok(v: Any, limit: int) -> bool:
-    """True when `v` nests no deeper than `limit` containers."""
-    t = type(v)
-    if t is str or t is int or t is float or t is bool or v is None:
-        return True
-    if isinstance(v, (list, tuple, dict)):
-        if limit <= 0:
-            return False
-        items = v.values() if isinstance(v, dict) else v
-        return all(_depth_ok(x, limit - 1) for x in items)
-    return True
-
-
-def _value(v: Any, name: str, lim: Limits, rid: str | None) -> Any:
-    if not _depth_ok(v, lim.max_depth):
-        raise _fail(f"{name} nests deeper than {lim.max_depth} levels", rid)
-    return v
-
-
-def _strmap(v: Any, name: str, rid: str | None, lim: Limits, *, str_values: bool) -> dict[str, Any]:
-    if type(v) is dict and not v:
-        return v
-    if not isinstance(v, dict):
-        raise _fail(f"{name} must be a map, got {type(v).__name__}", rid)
-    if str_values and not all(isinstance(x, str) for x in v.values()):
-        raise _fail(f"{name} values must be strings", rid)
-    return _value(v, name, lim, rid)
 
 
 def _chat_input(v: Any, rid: str | None) -> list[dict[str, str]]:
@@ -154,18 +94,6 @@ def _task_input(task: Task, v: Any, lim: Limits, rid: str | None) -> Any:
     return _value(v, "input", lim, rid)
 
 
-def _fields(body: list[Any], n_required: int, n_total: int, kind: str, rid: str | None) -> list[Any]:
-    """Pad optional trailing fields with None; ignore fields added by newer peers."""
-    n = len(body) - 1
-    if n < n_required:
-        raise _fail(f"{kind} needs at least {n_required} fields, got {n}", rid)
-    return body[1 : n_total + 1] + [None] * max(0, n_total - n)
-
-
-def _or(v: Any, default: Any) -> Any:
-    return default if v is None else v
-
-
 _SCALAR_TYPES = (str, int, float, bool, type(None))
 
 
@@ -181,8 +109,7 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
             and type(inp) is str
             and type(rid) is str
             and 0 < len(rid) <= ID_LEN
-            and type(model) is str
-            and 0 < len(model) <= NAME_LEN
+            and is_name(model)
             and type(params) is dict
             and all(type(v) in _SCALAR_TYPES for v in params.values())
             and type(dl) is int
@@ -193,6 +120,7 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
             and 0 <= hops <= MAX_HOPS
             and type(origin) is str
             and len(origin) <= NAME_LEN
+            and origin.isprintable()
             and type(stream) is bool
             and type(require) is dict
             and all(type(v) is str for v in require.values())
@@ -207,7 +135,7 @@ def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
     rid = rid_raw if isinstance(rid_raw, str) and 0 < len(rid_raw) <= ID_LEN else None
     f = _fields(b, 4, 14, "request", rid)
     rid = _str(f[0], "id", ID_LEN, None, empty=False)
-    model = _str(f[1], "model", NAME_LEN, rid, empty=False)
+    model = _name(f[1], "model", rid)
     task = _TASKS.get(f[2]) if isinstance(f[2], str) else None
     if task is None:
         raise _fail(f"task must be one of {list(_TASKS)}, got {f[2]!r}", rid)
@@ -220,7 +148,7 @@ def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
         deadline_ms=_int(_or(f[5], 60_000), "deadline_ms", 1, MAX_DEADLINE_MS, rid),
         priority=_int(_or(f[6], 0), "priority", 0, 9, rid),
         hops=_int(_or(f[7], 0), "hops", 0, MAX_HOPS, rid),
-        origin=_str(_or(f[8], ""), "origin", NAME_LEN, rid),
+        origin=_label(_or(f[8], ""), "origin", rid),
         stream=_bool(_or(f[9], False), "stream", rid),
         require=_strmap(_or(f[10], {}), "require", rid, lim, str_values=True),
         prefix=_str(_or(f[11], ""), "prefix", lim.max_str_len, rid),
@@ -229,30 +157,11 @@ def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
     )
 
 
-def _stages(v: Any, rid: str | None) -> tuple[tuple[str, str], ...]:
-    """A pipeline's chain: [[node, stage name], ...], at most MAX_STAGES."""
-    if not isinstance(v, list) or len(v) > MAX_STAGES:
-        raise _fail(f"stages must be a list of at most {MAX_STAGES} [node, stage] pairs", rid)
-    out = []
-    for pair in v:
-        if not isinstance(pair, list) or len(pair) != 2:
-            raise _fail("each stage must be a [node, stage] pair", rid)
-        out.append((_str(pair[0], "stage node", NAME_LEN, rid, empty=False),
-                    _str(pair[1], "stage", NAME_LEN, rid, empty=False)))  # fmt: skip
-    return tuple(out)
-
-
-def _token_ids(v: Any, name: str, rid: str | None) -> tuple[int, ...]:
-    if not isinstance(v, list) or not all(type(x) is int and 0 <= x < 2**31 for x in v):
-        raise _fail(f"{name} must be a list of token ids (integers >= 0)", rid)
-    return tuple(v)
-
-
 def _dec_addr(v: Any) -> PeerAddr:
     if not isinstance(v, list) or len(v) < 4:
         raise _fail("peer address must be [node, host, port, pub_port]")
     return PeerAddr(
-        node=_str(v[0], "node", NAME_LEN, None, empty=False),
+        node=_name(v[0], "node", None),
         host=_str(v[1], "host", NAME_LEN, None, empty=False),
         port=_int(v[2], "port", 1, 65535, None),
         pub_port=_int(v[3], "pub_port", 1, 65535, None),
@@ -269,41 +178,47 @@ def _dec_models(v: Any) -> dict[str, ModelLoad]:
         rate = load[3] if len(load) > 3 else 0.0  # absent from older peers
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
             raise _fail("model rate must be a number of requests per second >= 0")
-        version = _str(load[4], "model version", 64, None) if len(load) > 4 else ""
-        out[_str(name, "model", NAME_LEN, None, empty=False)] = ModelLoad(
+        version = _version(load[4], "model version", None, empty=True) if len(load) > 4 else ""
+        out[_name(name, "model", None)] = ModelLoad(
             _int(load[0], "inflight", 0, 2**31, None),
             _int(load[1], "queued", 0, 2**31, None),
             _int(load[2], "capacity", 0, 2**31, None),
             float(rate),
             version,
-            _int(load[5], "model layers", 0, 2**20, None) if len(load) > 5 else 0,
+            _dec_tasks(load[5]) if len(load) > 5 else (),
+            _int(load[6], "model layers", 0, 2**20, None) if len(load) > 6 else 0,
         )
     return out
 
 
-def _dec_wants(v: Any) -> dict[str, StageWant]:
+def _dec_tasks(v: Any) -> tuple[str, ...]:
+    """The tasks a model serves: a short list of short names (kept as strings, so a newer peer's new task passes)."""
+    if not isinstance(v, list) or len(v) > MAX_MODEL_TASKS:
+        raise _fail(f"model tasks must be a list of at most {MAX_MODEL_TASKS} names")
+    return tuple(_str(t, "model task", 32, None, empty=False) for t in v)
+
+
+def _dec_prefixes(v: Any) -> dict[str, bytes]:
     if not isinstance(v, dict):
-        raise _fail("wants must be a map")
-    out = {}
-    for name, want in v.items():
-        if not isinstance(want, list) or len(want) < 3:
-            raise _fail("a want must be [version, budget, speed]")
-        speed = want[2]
-        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 <= speed < 1e6:
-            raise _fail("a want's speed must be a number >= 0")
-        out[_str(name, "model", NAME_LEN, None, empty=False)] = StageWant(
-            _str(want[0], "want version", 64, None), _int(want[1], "want budget", 0, 2**62, None), float(speed)
-        )
+        raise _fail("prefixes must be a map")
+    out, total = {}, 0
+    for name, blob in v.items():
+        if not isinstance(blob, bytes) or len(blob) % PREFIX_DIGEST_BYTES:
+            raise _fail(f"a prefix summary must be bytes, {PREFIX_DIGEST_BYTES} per digest")
+        total += len(blob)
+        out[_name(name, "model", None)] = blob
+    if total > PREFIX_REPORT_BYTES:
+        raise _fail(f"prefix summaries hold {total} bytes; at most {PREFIX_REPORT_BYTES} in one report")
     return out
 
 
 def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
-    f = _fields(b, 4, 10, "load report", None)
+    f = _fields(b, 4, 11, "load report", None)
     peers = _or(f[6], [])
     if not isinstance(peers, list):
         raise _fail("peers must be a list")
     return LoadReport(
-        node=_str(f[0], "node", NAME_LEN, None, empty=False),
+        node=_name(f[0], "node", None),
         incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
         seq=_int(f[2], "seq", 0, 2**63 - 1, None),
         addr=_dec_addr(f[3]),
@@ -312,12 +227,9 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
         peers=tuple(_dec_addr(p) for p in peers),
         leaving=_bool(_or(f[7], False), "leaving", None),
         fingerprint=_str(_or(f[8], ""), "fingerprint", NAME_LEN, None),
-        wants=_dec_wants(_or(f[9], {})),
+        prefixes=_dec_prefixes(_or(f[9], {})),
+        wants=_dec_wants(_or(f[10], {})),
     )
-
-
-def _rid(b: list[Any]) -> str:
-    return _str(b[1], "id", ID_LEN, None, empty=False)
 
 
 def _flat(v: Any) -> bool:
@@ -338,8 +250,7 @@ def _dec_reply(b: list[Any], lim: Limits) -> Reply:
         if (
             type(rid) is str
             and 0 < len(rid) <= ID_LEN
-            and type(node) is str
-            and len(node) <= NAME_LEN
+            and (is_name(node) or node == "")
             and type(route) is str
             and len(route) <= NAME_LEN
             and type(queue) is int
@@ -354,7 +265,7 @@ def _dec_reply(b: list[Any], lim: Limits) -> Reply:
     return Reply(
         id=rid,
         output=_value(f[1], "output", lim, rid),
-        node=_str(f[2], "node", NAME_LEN, rid),
+        node=_name(f[2], "node", rid, empty=True),
         route=_str(_or(f[3], ""), "route", NAME_LEN, rid),
         queue=_int(_or(f[4], 0), "queue", 0, 2**31, rid),
         meta=_strmap(_or(f[5], {}), "meta", rid, lim, str_values=False),
@@ -368,7 +279,7 @@ def _dec_chunk(b: list[Any], lim: Limits) -> Chunk:
         id=rid,
         seq=_int(f[1], "seq", 0, 2**31, rid),
         data=_value(f[2], "data", lim, rid),
-        node=_str(f[3], "node", NAME_LEN, rid),
+        node=_name(f[3], "node", rid, empty=True),
         route=_str(_or(f[4], ""), "route", NAME_LEN, rid),
     )
 
@@ -384,7 +295,7 @@ def _dec_error(b: list[Any], lim: Limits) -> Error:
         id=rid,
         code=code,
         message=_str(f[2], "message", 64 * 1024, rid),
-        node=_str(_or(f[3], ""), "node", NAME_LEN, rid),
+        node=_name(_or(f[3], ""), "node", rid, empty=True),
         queue=_int(_or(f[4], 0), "queue", 0, 2**31, rid),
     )
 
@@ -394,7 +305,7 @@ def _dec_reject(b: list[Any], lim: Limits) -> Reject:
     rid = _rid(b)
     return Reject(
         id=rid,
-        node=_str(f[1], "node", NAME_LEN, rid),
+        node=_name(f[1], "node", rid, empty=True),
         queue=_int(f[2], "queue", 0, 2**31, rid),
         reason=_str(_or(f[3], ""), "reason", 4096, rid),
     )
@@ -412,7 +323,7 @@ def _dec_hello(b: list[Any], lim: Limits) -> Hello:
 def _dec_leave(b: list[Any], lim: Limits) -> Leave:
     f = _fields(b, 2, 2, "leave", None)
     return Leave(
-        node=_str(f[0], "node", NAME_LEN, None, empty=False),
+        node=_name(f[0], "node", None),
         incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
     )
 
@@ -421,7 +332,7 @@ def _dec_ping(b: list[Any], lim: Limits) -> Ping:
     f = _fields(b, 1, 3, "ping", None)
     return Ping(
         id=_rid(b),
-        node=_str(_or(f[1], ""), "node", NAME_LEN, None),
+        node=_label(_or(f[1], ""), "node", None),  # a node's, or a client's own id
         want_status=_bool(_or(f[2], False), "want_status", None),
     )
 
@@ -433,7 +344,7 @@ def _dec_pong(b: list[Any], lim: Limits) -> Pong:
         raise _fail("pong status must be a list of maps")
     return Pong(
         id=_rid(b),
-        node=_str(f[1], "node", NAME_LEN, None),
+        node=_name(f[1], "node", None, empty=True),
         status=_value(status, "status", lim, None),
     )
 
@@ -452,7 +363,12 @@ def _dec_admin(b: list[Any], lim: Limits) -> Admin:
     action = _str(f[1], "action", 32, rid, empty=False)
     if action not in _ACTIONS:
         raise _fail(f"admin action must be one of {sorted(_ACTIONS)}, got {action!r}", rid)
-    return Admin(rid, action, _strmap(_or(f[2], {}), "args", rid, lim, str_values=False))
+    args = _strmap(_or(f[2], {}), "args", rid, lim, str_values=False)
+    if "name" in args:  # every action naming a model: it may become a folder name (pull) and a lane name
+        _name(args["name"], "model", rid)
+    if args.get("version"):
+        _version(args["version"], "version", rid, empty=False)
+    return Admin(rid, action, args)
 
 
 def _dec_fetch(b: list[Any], lim: Limits) -> Fetch:
@@ -460,8 +376,8 @@ def _dec_fetch(b: list[Any], lim: Limits) -> Fetch:
     rid = _rid(b)
     return Fetch(
         id=rid,
-        name=_str(f[1], "name", NAME_LEN, rid, empty=False),
-        version=_str(f[2], "version", 64, rid, empty=False),
+        name=_name(f[1], "model", rid),
+        version=_version(f[2], "version", rid, empty=False),
         path=_str(_or(f[3], ""), "path", 4096, rid),
         offset=_int(_or(f[4], 0), "offset", 0, 2**62, rid),
         length=_int(_or(f[5], 0), "length", 0, MAX_CHUNK_BYTES, rid),
@@ -473,41 +389,7 @@ def _dec_data(b: list[Any], lim: Limits) -> Data:
     rid = _rid(b)
     if not isinstance(f[3], bytes):
         raise _fail("data must be bytes", rid)
-    return Data(rid, _str(f[1], "node", NAME_LEN, rid), _int(f[2], "offset", 0, 2**62, rid), f[3])
-
-
-def _dec_stage(b: list[Any], lim: Limits) -> Stage:
-    f = _fields(b, 4, 15, "stage", None)
-    rid = _rid(b)
-    kind = _str(f[2], "stage kind", 16, rid)
-    if kind not in STAGE_KINDS:
-        raise _fail(f"stage kind must be one of {list(STAGE_KINDS)}, got {kind!r}", rid)
-    shape = _or(f[6], [])
-    if not isinstance(shape, list) or len(shape) > 4 or not all(type(x) is int and 0 <= x <= 2**24 for x in shape):
-        raise _fail("stage shape must be a list of at most 4 sizes", rid)
-    dtype = _str(_or(f[7], "float32"), "stage dtype", 16, rid)
-    if dtype not in STAGE_DTYPES:
-        raise _fail(f"stage dtype must be one of {list(STAGE_DTYPES)}, got {dtype!r}", rid)
-    request = _or(f[9], b"")
-    if not isinstance(request, bytes):
-        raise _fail("stage request must be bytes (an encoded Request)", rid)
-    return Stage(
-        id=rid,
-        model=_str(f[1], "model", NAME_LEN, rid, empty=False),
-        kind=kind,
-        first=_str(f[3], "first", NAME_LEN, rid, empty=False),
-        start=_int(_or(f[4], 0), "start", 0, 2**31, rid),
-        tokens=_token_ids(_or(f[5], []), "tokens", rid),
-        shape=tuple(shape),
-        dtype=dtype,
-        last=_bool(_or(f[8], False), "last", rid),
-        request=request,
-        stages=_stages(_or(f[10], []), rid),
-        need=_int(_or(f[11], 0), "need", 0, 2**31, rid),
-        deadline_ms=_int(_or(f[12], 0), "deadline_ms", 0, MAX_DEADLINE_MS, rid),
-        data=_value(f[13], "data", lim, rid),
-        due=_bool(_or(f[14], False), "due", rid),
-    )
+    return Data(rid, _name(f[1], "node", rid, empty=True), _int(f[2], "offset", 0, 2**62, rid), f[3])
 
 
 _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {

@@ -75,8 +75,8 @@ def _enc_request(m: Request) -> list[Any]:
 
 
 def _load(v: Any) -> list[Any]:
-    out = [v.inflight, v.queued, v.capacity, v.rate, v.version]
-    if v.layers:
+    out = [v.inflight, v.queued, v.capacity, v.rate, v.version, list(v.tasks)]
+    if v.layers:  # a stage's: sent only then
         out.append(v.layers)
     return out
 
@@ -93,6 +93,7 @@ def _enc_load(m: LoadReport) -> list[Any]:
         [_addr(p) for p in m.peers],
         m.leaving,
         m.fingerprint,
+        m.prefixes,
     ] + ([{k: [w.version, w.budget, w.speed] for k, w in m.wants.items()}] if m.wants else [])
 
 

@@ -151,6 +151,8 @@ class ModelLoad:
     `rate` is the requests per second the node completes when busy, measured (0: not measured yet).
     Capacity counts slots; rate tells a fast node from a slow one with the same number of slots.
     `version` is the content hash of the model's files (hex; "" from older peers), so a request may pin one.
+    `tasks` are the tasks it serves (`Task` values: chat, complete, embed, infer), so a picker can offer a chat
+    model for chat and an embedding model for embeddings; () from older peers: not known.
     """
 
     inflight: int
@@ -158,6 +160,7 @@ class ModelLoad:
     capacity: int
     rate: float = 0.0
     version: str = ""
+    tasks: tuple[str, ...] = ()
     layers: int = 0  # a stage (`name[a-b]`): how many layers the whole model has; 0 for a whole model
 
 
@@ -189,6 +192,12 @@ class LoadReport:
     incarnation, so receivers can tell a restart from a stale or repeated
     report. `peers` is the membership digest: one live peer is enough to
     learn the whole mesh.
+
+    `prefixes` says, per chat model, what the node's prefix cache holds: the
+    8-byte digests of the chains of chat messages whose keys and values it
+    keeps (`mesh._prefixes`), most recent first, at most PREFIX_REPORT_BYTES
+    in all. It is news: a model left out is unchanged since the last report
+    that named it, and b"" means the cache holds nothing.
     """
 
     node: str
@@ -200,6 +209,7 @@ class LoadReport:
     peers: tuple[PeerAddr, ...] = ()
     leaving: bool = False
     fingerprint: str = ""
+    prefixes: dict[str, bytes] = field(default_factory=dict)
     wants: dict[str, StageWant] = field(default_factory=dict)  # models this node would hold a stage of
 
 

@@ -18,6 +18,10 @@ MAX_DEADLINE_MS = 86_400_000  # one day; anything longer is a bug on the caller'
 MAX_HOPS = 8
 ID_LEN = 128
 NAME_LEN = 256
+MAX_MODEL_TASKS = 8  # tasks one model may say it serves in a load report
+# A LoadReport's prefix-cache summaries (`LoadReport.prefixes`): 8-byte chain digests, at most this many bytes in all.
+PREFIX_DIGEST_BYTES = 8
+PREFIX_REPORT_BYTES = 4096
 MAX_STAGES = 16  # nodes in one pipeline
 STAGE_KINDS = ("run", "token", "close")
 STAGE_DTYPES = {"float32": 4, "float16": 2}  # what a Stage's tensor frame may hold, and bytes per number

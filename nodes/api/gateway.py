@@ -195,13 +195,13 @@ class Gateway:
 
 
 def _route_uvicorn_logs() -> None:
-    """uvicorn's own warnings and errors go through the node's log handler (its INFO chatter does not)."""
-    ours = logging.getLogger("lanmesh")
+    """uvicorn's own warnings and errors go through the node's log handler, the root logger's (its INFO chatter
+    does not)."""
     for name in ("uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
-        logger.handlers[:] = ours.handlers
+        logger.handlers.clear()
         logger.setLevel(logging.WARNING)
-        logger.propagate = False
+        logger.propagate = True
 
 
 def mesh_endpoint(bind: str, port: int) -> str:

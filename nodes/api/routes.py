@@ -23,6 +23,7 @@ from .answers import (
     TextStream,
     b64_vector,
     chat_answer,
+    checked_chat,
     finish_reason,
     guidance_param,
     sse,
@@ -30,8 +31,10 @@ from .answers import (
     text_of,
     usage_of,
     vectors_of,
+    whole_as_stream,
 )
 from .bodies import (
+    DEFAULT_PROMPT,
     ApiError,
     ChatChoice,
     ChatCompletion,
@@ -47,6 +50,7 @@ from .bodies import (
     ModelCard,
     ModelList,
     Usage,
+    unsupported,
 )
 from .errors import api_error, install_error_handlers
 from .feed import note_model
@@ -107,22 +111,30 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
     ) -> Any:
         body.check()
         shape = body.answer_shape()
+        checks = body.answer_checks(shape)
         params = {**body.mesh_params(body.max_completion_tokens), **shape.params()}
         messages = body.wire_messages()
         seconds = timeout or DEFAULT_TIMEOUT_S
         caller = _caller(request)
-        if body.streams:
+        if checks.needed:  # the grammar cannot promise all of the schema: answers are checked, then sent
+            result, text = await checked_chat(api, caller, body, shape, checks, messages, params, seconds)
+            if body.streams:
+                chat = ChatStream(shape.expects_calls, body.legacy_functions)
+                return whole_as_stream(chat, result, text, body.model, body.include_usage)
+        elif body.streams:
             chat = ChatStream(shape.expects_calls, body.legacy_functions)
             return await stream_response(
                 api, chat, caller, body.model, Task.CHAT, messages, params, seconds, body, shape
             )
-        try:
-            result = await api.serve(caller, body.model, Task.CHAT, messages, params, seconds)
-        except BadRequest as exc:
-            raise api_error(exc, guidance_param(shape)) from None
-        reader = read_answer(text_of(result, body.model), shape.expects_calls)
+        else:
+            try:
+                result = await api.serve(caller, body.model, Task.CHAT, messages, params, seconds)
+            except BadRequest as exc:
+                raise api_error(exc, guidance_param(shape)) from None
+            text = text_of(result, body.model)
+            api.metrics.count_tokens(body.model, result.usage)
+        reader = read_answer(text, shape.expects_calls)
         message, finish = chat_answer(reader, result.meta, body.legacy_functions)
-        api.metrics.count_tokens(body.model, result.usage)
         _served_headers(response, result)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -151,10 +163,11 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         if body.streams:
             shaper = TextStream(prompts[0] if body.echo else "")
             return await stream_response(
-                api, shaper, caller, body.model, Task.COMPLETE, prompts[0], params, seconds, body
+                api, shaper, caller, body.model, Task.COMPLETE, _model_prompt(prompts[0]), params, seconds, body
             )
         tasks = [
-            asyncio.ensure_future(api.serve(caller, body.model, Task.COMPLETE, p, params, seconds)) for p in prompts
+            asyncio.ensure_future(api.serve(caller, body.model, Task.COMPLETE, _model_prompt(p), params, seconds))
+            for p in prompts
         ]
         try:
             results = await asyncio.gather(*tasks)
@@ -197,7 +210,10 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
                 code="not_an_embedding_model",
             )
         if body.dimensions is not None and body.dimensions != len(vectors[0]):
-            raise ApiError(400, f"model {body.model!r} makes {len(vectors[0])} dimensions", param="dimensions")
+            # Shortening vectors is sound only for models trained for it (OpenAI's text-embedding-3); a model here
+            # answers its own size, or the request is refused.
+            size = f"dimensions={body.dimensions} (model {body.model!r} makes {len(vectors[0])})"
+            raise unsupported("dimensions", size)
         api.metrics.count_tokens(body.model, result.usage)
         _served_headers(response, result)
         data = [
@@ -265,6 +281,11 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)
     return app
+
+
+def _model_prompt(prompt: str) -> str:
+    """What the model continues: an empty prompt is the start of a document, as OpenAI serves it."""
+    return prompt or DEFAULT_PROMPT
 
 
 async def _no_new_tokens(api: MeshApi, body: CompletionRequest, prompts: list[str]) -> Any:

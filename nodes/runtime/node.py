@@ -29,6 +29,7 @@ from ..models.specs import (
     with_kv_cache,
     with_layers,
     with_precision,
+    with_prefix_cache,
 )
 from ..models.transfer import PullError
 from .admin import NodeAdmin, pulled_copy, spec_for_folder
@@ -217,7 +218,8 @@ class Node:
 
     def with_node_defaults(self, spec: ModelSpec) -> ModelSpec:
         """A spec as this node serves it (its precision and key/value cache, unless the spec names them)."""
-        return with_kv_cache(with_precision(spec, self.config.precision), self.config.kv_cache)
+        spec = with_kv_cache(with_precision(spec, self.config.precision), self.config.kv_cache)
+        return with_prefix_cache(spec, self.config.prefix_cache)
 
     def mesh_security(self) -> MeshKey | Plaintext:
         return self.mesh_key if self.mesh_key is not None else Plaintext()
@@ -260,6 +262,7 @@ class Node:
         cfg = self.config
         api_key = cfg.http_api_key()  # an unreadable key file fails now, not after a long model load
         self.mesh_key = self._load_mesh_key()  # likewise: no key, no model load
+        cfg.check_machine()  # and no such interface, or a port in use
         self.labels = {**detect_labels(False), **cfg.labels}
         backends = self._backends if self._backends is not None else self._build_backends(progress)
         release_free_memory()  # what loading the models freed (parsers, conversion buffers) leaves the process

@@ -13,27 +13,51 @@ const byName = (a, b) => a.localeCompare(b, undefined, { numeric: true }); // sl
 const stateOf = (row) => (row.state === "self" ? "alive" : row.state);
 const isLive = (row) => row.state === "self" || row.state === "alive";
 
-/** A model's load as [inflight, queued, capacity] or as a map (with a version once nodes report one). */
+/** A model's load as [inflight, queued, capacity, version, tasks] or as a map with those keys. `tasks`: the tasks
+ * it serves (chat, complete, embed, infer), or null where its node did not say (an older node). */
 export function modelLoad(value) {
+  const tasksOf = (t) => (Array.isArray(t) && t.length ? t : null);
   if (Array.isArray(value)) {
     const [inflight = 0, queued = 0, capacity = 0] = value;
-    return { inflight, queued, capacity, version: typeof value[3] === "string" ? value[3] : "" };
+    const version = typeof value[3] === "string" ? value[3] : "";
+    return { inflight, queued, capacity, version, tasks: tasksOf(value[4]) };
   }
   const v = value || {};
-  return { inflight: v.inflight || 0, queued: v.queued || 0, capacity: v.capacity || 0, version: v.version || "" };
+  return {
+    inflight: v.inflight || 0,
+    queued: v.queued || 0,
+    capacity: v.capacity || 0,
+    version: v.version || "",
+    tasks: tasksOf(v.tasks),
+  };
 }
 
-/** Names of the models that at least one live node serves, sorted; a model split into stages (`smollm2[0-14]`,
- * shown as such in the table) is asked for by its own name, once. */
+/** The models at least one live node serves, sorted by name, each with the tasks it serves (null: not known). A
+ * model split into stages (`smollm2[0-14]`, shown as such in the table) is offered once, by its own name. */
 export function liveModels(view) {
-  const names = new Set();
+  const tasks = new Map();
   for (const row of view.nodes) {
-    if (isLive(row)) Object.keys(row.models || {}).forEach((m) => names.add(m.replace(/\[\d+-\d+\]$/, "")));
+    if (!isLive(row)) continue;
+    for (const [served, value] of Object.entries(row.models || {})) {
+      const name = served.replace(/\[\d+-\d+\]$/, "");
+      const said = modelLoad(value).tasks;
+      const known = tasks.has(name) ? tasks.get(name) : said;
+      tasks.set(name, known && said ? [...new Set([...known, ...said])] : null);
+    }
   }
-  return [...names].sort(byName);
+  return [...tasks.keys()].sort(byName).map((name) => ({ name, tasks: tasks.get(name) }));
 }
 
-function modelCell(models) {
+/** What a node's prefix cache does for `name`: its own share of prompt tokens reused, or what a peer's gossip says. */
+function cacheText(row, name) {
+  const reused = (row.prefix_reused || {})[name];
+  if (reused !== undefined) return `prefix cache: ${(reused * 100).toFixed(0)}% of prompt tokens reused`;
+  const chains = (row.prefix_chains || {})[name];
+  return chains ? `prefix cache: ${chains} conversation links` : "";
+}
+
+function modelCell(row) {
+  const models = row.models;
   const cell = el("td", { className: "models" });
   for (const name of Object.keys(models || {}).sort(byName)) {
     const load = modelLoad(models[name]);
@@ -50,6 +74,7 @@ function modelCell(models) {
         load.version ? el("span", { className: "version", text: load.version }) : null,
         el("span", { className: "meter", title: text }, fill),
         el("span", { className: "load", text }),
+        cacheText(row, name) ? el("div", { className: "cache", text: cacheText(row, name) }) : null,
       ),
     );
   }
@@ -81,7 +106,7 @@ function nodeRow(row) {
     { data: { node: row.node, state } },
     name,
     el("td", {}, el("span", { className: `state state-${state}`, text: state })),
-    modelCell(row.models),
+    modelCell(row),
     labelCell(row.labels),
     el("td", { className: "heard", text: self ? "—" : `${seconds(row.last_heard_s || 0)} ago` }),
     el("td", { text: SOURCES[row.source] || row.source || "" }),
