@@ -313,7 +313,7 @@ class OnnxStage(Backend):
             return
         seq.need = read.need
         seq.request = encode(seq.job.request)
-        seq.extra = {"heal": read.heal_ids, "prefix": read.prefix} if read.heal_ids or read.prefix else None
+        seq.extra = {"heal": read.heal_ids, "prefix": read.prefix, "budget": read.text.budget}
         replay = read.replay
         self._scheduler.feed(seq.sched, StageInput(0, read.tokens, last=True, due=not replay))
         for i, token in enumerate(replay):  # a failed chain's tokens: one decode step each, as they were made
@@ -379,9 +379,11 @@ class OnnxStage(Backend):
             return seq
         extra = msg.data if isinstance(msg.data, dict) else {}
         heal, prefix = extra.get("heal") or None, list(extra.get("prefix") or [])
+        budget = int(extra.get("budget") or msg.need)
         grammar = self._grammar_tokenizer() if req.params.get("guidance") is not None else None
         self._scheduler.add(seq.sched, preparing=True)  # the grammar compiles off the engine thread
-        seq.preparing = self._preparer.submit(make_chooser, req, self.max_tokens_limit, grammar, heal, prefix)
+        seq.preparing = self._preparer.submit(make_chooser, req, self.max_tokens_limit, grammar, heal, prefix,
+                                              budget)  # fmt: skip
         return seq
 
     def _grammar_tokenizer(self) -> GrammarTokenizer:
@@ -571,7 +573,9 @@ class OnnxStage(Backend):
                 if token is None:
                     self._fail(seq, ErrorCode.INTERNAL, errors.get(j, "choosing a token failed"))
                     continue
-                matcher = seq.chooser.matcher if seq.chooser is not None else None
+                assert seq.chooser is not None
+                seq.chooser.text.generated += 1
+                matcher = seq.chooser.matcher
                 data = {"end": True} if matcher is not None and matcher.finished else None
                 msg = Stage(seq.id, seq.stages[0][1], "token", seq.first, seq.sched.cached, (token,), data=data)
                 out_to.setdefault(seq.first, []).append((msg, None))

@@ -154,25 +154,31 @@ def grammar_tokenizer(folder: Path, eos: frozenset[int], vocab_size: int) -> Gra
 class Chooser:
     """How the last stage picks one sequence's tokens (what `token_choice.pick_tokens` reads)."""
 
-    text: Any  # anything with `.sampling`
+    text: Tally
     rng: np.random.Generator | None = None
     heal_ids: list[int] | None = None
     matcher: Matcher | None = None
 
 
-@dataclass(frozen=True)
-class _SamplingOnly:
+@dataclass
+class Tally:
+    """What the last stage knows of an answer's length: its budget of new tokens (the first stage's count) and how
+    many it chose so far, so a grammar closes the answer in time."""
+
     sampling: Sampling
+    budget: int
+    generated: int = 0
 
 
 def make_chooser(req: Request, max_tokens_limit: int, grammar: GrammarTokenizer | None,
-                 heal_ids: list[int] | None, prefix: list[int]) -> Chooser:  # fmt: skip
-    """The last stage's chooser for a request whose answer so far is `prefix` (its grammar compiled: call off the
-    engine thread when it has one). ValueError when the request is at fault."""
+                 heal_ids: list[int] | None, prefix: list[int], budget: int) -> Chooser:  # fmt: skip
+    """The last stage's chooser for a request whose answer so far is `prefix` and which may write `budget` more
+    tokens (its grammar compiled: call off the engine thread when it has one). ValueError when the request is at
+    fault."""
     import numpy as np
 
     sampling = Sampling.from_params(req.params, max_tokens_limit)
-    chooser = Chooser(_SamplingOnly(sampling), heal_ids=heal_ids)
+    chooser = Chooser(Tally(sampling, budget), heal_ids=heal_ids)
     if not sampling.greedy:
         chooser.rng = np.random.default_rng(sampling.seed % (2**63) if sampling.seed is not None else None)
     guidance = parse_guidance(req.params)
