@@ -18,7 +18,7 @@ NAME_RULE = (
     "slashes or control characters); a pipeline stage's ends in its layers, [A-B]"
 )
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@+-]{{0,{NAME_MAX - 1}}}")
-_STAGE_SUFFIX = re.compile(r"\[\d{1,6}-\d{1,6}\]$")
+_STAGE_SUFFIX = re.compile(r"\[\d{1,6}-\d{1,6}\](?=@[0-9a-f]{1,64}$|$)")  # before a pin, or at the end
 _VERSION = re.compile(r"[0-9a-f]{1,64}")
 _known: set[str] = set()  # names that passed: a node sees the same few names in every message
 
@@ -29,7 +29,7 @@ def is_name(value: object) -> bool:
         return False
     if value in _known:
         return True
-    base = _STAGE_SUFFIX.sub("", value) if value.endswith("]") else value
+    base = _STAGE_SUFFIX.sub("", value, count=1) if "[" in value else value
     if len(value) > NAME_MAX or _NAME.fullmatch(base) is None or ".." in value:
         return False
     if len(_known) >= 4096:  # bounded: a stream of distinct names costs the check, never memory

@@ -371,7 +371,7 @@ class Executor:
     def models(self) -> dict[str, ModelLoad]:
         out = {name: lane.load() for name, lane in self.lanes.items() if lane.accepting}
         for (name, version), lane in self._all.items():
-            if version and lane.accepting:
+            if version and lane.accepting and not lane.backend.model_layers:  # a stage is never asked for by name
                 out[f"{name}@{version[:8]}"] = lane.load()
         return out
 

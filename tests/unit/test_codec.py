@@ -356,3 +356,16 @@ def test_bad_stage_headers_are_refused_and_name_the_sequence(field: int, value: 
     with pytest.raises(DecodeError, match=message) as info:
         decode(bytes([VERSION]) + msgpack.packb(body, use_bin_type=True))
     assert info.value.request_id == "s1"
+
+
+def test_a_load_report_with_stages_and_wants_reaches_older_and_newer_peers() -> None:
+    load = ModelLoad(1, 0, 16, 2.5, "3f7583b1", ("chat", "complete"), 30)
+    report = LoadReport(
+        "a", 1, 2, PeerAddr("a", "10.0.0.1", 7000, 7001),
+        {"smollm2[0-18]": load, "smollm2[0-18]@3f7583b1": load, "minilm": ModelLoad(0, 0, 8)},
+        wants={"smollm2": StageWant("3f7583b1" * 8, 300 << 20, 2.0)},
+    )  # fmt: skip
+    assert decode(encode(report)) == report
+    body = msgpack.unpackb(encode(report)[1:])
+    older = decode(bytes([VERSION]) + msgpack.packb(body[:10], use_bin_type=True))  # a peer before stages
+    assert isinstance(older, LoadReport) and older.wants == {} and older.models["minilm"].layers == 0
