@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--reps", type=int, default=3, help="repetitions; the summary reports medians")
         if name == "overhead":
             p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve anchor")
+            p.add_argument("--identities", action="store_true",
+                           help="every node and the client its own key (lanmesh init), not one mesh key")  # fmt: skip
         if name == "prefix":
             p.add_argument("--conversations", type=int, help="conversations of 8 turns (default 12; --quick: 3 of 3)")
             p.add_argument("--seed", type=int, default=1, help="seed of the conversations, their times and entries")
@@ -81,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.scenario == "overhead":
         from . import overhead
 
-        overhead.run(quick=args.quick, reps=args.reps, mode=args.mode, ray=not args.no_ray)
+        overhead.run(quick=args.quick, reps=args.reps, mode=args.mode, ray=not args.no_ray, identities=args.identities)
     elif args.scenario == "scaling":
         from . import scaling
 

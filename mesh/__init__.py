@@ -14,7 +14,9 @@ What lives where (private modules, free to move behind this face):
   (`_routing.py`; the chains of chat messages they compare and the gossiped summaries: `_prefixes.py`),
   `FailureDetector` (`_failure.py`), `Membership` (`_membership.py`: gossip), `PeerLinks` (`_links.py`: the
   DEALER per peer that forwards requests), `Discovery` (`_discovery.py`: mDNS)
-- security: `MeshKey`, CURVE and the ZAP `Authenticator` (`_security.py`)
+- security: `MeshKey`, CURVE and the ZAP `Authenticator` (`_security.py`); member identities: certificates
+  (`_certs.py`), the authority (`_authority.py`), a node's book of members (`_members.py`), a member's identity
+  file (`_identity.py`), finding a machine's key (`_keyfiles.py`)
 - errors: `mesh.errors` (one exception per wire error code)
 
 The mDNS names (`Discovery`, `browse`, `discovery`, ...) load zeroconf on first use, so a client that is given
@@ -27,14 +29,20 @@ import importlib
 from typing import Any
 
 from ._aclient import AsyncClient, AsyncStream
+from ._authority import AUTHORITY_DIR, Authority, AuthorityError
 from ._backoff import backoff_schedules
 from ._call import Call, request_call
 from ._calls import CallTable
+from ._certs import AuthorityKey, Certificate, CertificateError, InviteCode, RevocationList, Role, key_text
 from ._client import Client, Stream
+from ._dealers import connect_dealer
 from ._directory import NodeDirectory
 from ._endpoints import parse_endpoints
 from ._entry import EntryTable, PendingState
 from ._failure import FORGOTTEN, INCARNATION_AHEAD_S, FailureDetector, PeerState, Transition
+from ._identity import KnownNode, MemberIdentity
+from ._keyfiles import MeshSecurity, client_security, default_key_path, key_path, load_key, load_mesh_key
+from ._members import Members, role_needed
 from ._node import MeshNode
 from ._pipeline import StageHolder, compose_chain, holders_of
 from ._prefixes import (
@@ -59,13 +67,10 @@ from ._security import (
     Plaintext,
     RejectionLog,
     RequestLimits,
-    client_security,
-    default_key_path,
     fingerprint_of,
     handshake_failure,
+    judge_member_zap,
     judge_zap,
-    key_path,
-    load_mesh_key,
     require_curve,
     same_host,
     zap_reply,
@@ -115,6 +120,7 @@ __all__ = [
     "PingReply",
     "Result",
     "Stream",
+    "connect_dealer",
     "parse_endpoints",
     # errors
     "BadRequest",
@@ -127,6 +133,21 @@ __all__ = [
     "ProtocolError",
     "Unauthorized",
     # security
+    "AUTHORITY_DIR",
+    "Authority",
+    "AuthorityError",
+    "AuthorityKey",
+    "Certificate",
+    "CertificateError",
+    "InviteCode",
+    "KnownNode",
+    "MemberIdentity",
+    "Members",
+    "role_needed",
+    "MeshSecurity",
+    "RevocationList",
+    "Role",
+    "key_text",
     "INSECURE_ENV",
     "KEY_ENV",
     "Authenticator",
@@ -140,8 +161,10 @@ __all__ = [
     "default_key_path",
     "fingerprint_of",
     "handshake_failure",
+    "judge_member_zap",
     "judge_zap",
     "key_path",
+    "load_key",
     "load_mesh_key",
     "require_curve",
     "same_host",

@@ -23,6 +23,7 @@ from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._peers import Peer
 from ._pipeline import compose_chain, holders_of
 from ._prefixes import summary_news
+from ._sockets import bind_pub
 
 if TYPE_CHECKING:
     from ._admission import Admission
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from ._links import PeerLinks
     from ._routing import RoutingPolicy
     from ._settings import LocalServer, MeshSettings
+    from ._trust import Trust
 
 log = logging.getLogger("lanmesh.mesh")
 
@@ -95,14 +97,15 @@ class Membership:
         self.addr = addr  # as bound once the loop runs (`attach`)
         self.leaving = False  # this node is leaving: it gossips so, and takes no new work
         self._pub: zmq.Socket[Any] | None = None
-        self._sub: zmq.Socket[Any] | None = None
         self._seq = 0
+        self.trust: Trust | None = None  # member identities (set by the node)
+        self.pub_stale = False  # the gossip PUB is to be bound again (after a revocation)
         self._next_admission_sweep = 0.0
         self._prefixes_sent: dict[str, bytes] = {}  # each model's prefix-cache summary as last gossiped
 
-    def attach(self, pub: zmq.Socket[Any], sub: zmq.Socket[Any], addr: PeerAddr) -> None:
-        """The node's gossip sockets and its address as bound (the loop thread makes them once it starts)."""
-        self._pub, self._sub, self.addr = pub, sub, addr
+    def attach(self, pub: zmq.Socket[Any], addr: PeerAddr) -> None:
+        """The node's gossip socket and its address as bound (the loop thread makes them once it starts)."""
+        self._pub, self.addr = pub, addr
 
     @property
     def pub(self) -> zmq.Socket[Any]:
@@ -110,11 +113,21 @@ class Membership:
             raise RuntimeError("membership has no PUB socket before the node binds")
         return self._pub
 
-    @property
-    def sub(self) -> zmq.Socket[Any]:
-        if self._sub is None:
-            raise RuntimeError("membership has no SUB socket before the node binds")
-        return self._sub
+    def rebind_pub(self) -> None:
+        """Bind the gossip PUB again: every subscriber reconnects (within half a second) and passes ZAP again, so a
+        key revoked since it subscribed hears nothing more. Retried each tick while the old port is not free yet."""
+        self.pub_stale = True
+        old = self._pub
+        if old is not None and not old.closed:
+            old.close(0)
+        try:
+            self._pub = bind_pub(self.links.ctx, self.s, self.links.security, None, self.addr.port, self.addr.pub_port)
+        except zmq.ZMQError:
+            return  # the old listener is still closing: the next housekeeping tick tries again
+        self.pub_stale = False
+
+    def revocations_serial(self) -> int:
+        return self.trust.serial if self.trust is not None else 0
 
     def drain_monitor(self, sock: zmq.Socket[Any]) -> None:
         peer = self.links.monitors.get(sock)
@@ -136,13 +149,16 @@ class Membership:
                 self.on_transition(t)
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             peer.disconnected = False
+            self.links.introduce(peer.dealer)  # member identities: who we are comes first on a new connection
             # Back after an outage (or new): ask at once rather than wait for its next gossip to route to it.
             self._ping(peer)
             if not peer.last_report:
                 self.links.hello(peer.dealer)
 
-    def on_hello(self, ident: bytes, msg: Hello) -> None:
-        self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
+    def on_hello(self, ident: bytes, msg: Hello, by_itself: bool = False) -> None:
+        """A node says hello on this node's ROUTER; `by_itself`: on a connection made with its own key (member
+        identities), so where it says it is now is where it is."""
+        self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint, by_itself=by_itself)
         # Tell the newcomer who we are, so a seed contact learns our id and gossip port.
         self._send_client(ident, Hello(self.addr, self.incarnation, self.s.fingerprint))
 
@@ -180,6 +196,7 @@ class Membership:
             fingerprint=self.s.fingerprint,
             prefixes={} if self.leaving else self._prefix_news(),
             wants={} if self.leaving else dict(getattr(self.server, "wants", dict)()),
+            revocations=self.revocations_serial(),
         )
         try:
             self.pub.send(encode(report), zmq.NOBLOCK)
@@ -196,17 +213,20 @@ class Membership:
         self._prefixes_sent = dict(current)
         return news
 
-    def drain_sub(self) -> None:
+    def drain_sub(self, sock: zmq.Socket[Any], peer: Peer) -> None:
+        """Gossip on one peer's SUB."""
         for _ in range(DRAIN):
+            if sock.closed or self.links.subs.get(sock) is not peer:
+                return  # its peer was dropped while this drain ran
             try:
-                frame = self.sub.recv(zmq.NOBLOCK, copy=False)
+                frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._guarded("gossip", self._on_gossip_frame, frame)
+            self._guarded("gossip", self._on_gossip_frame, frame, peer)
 
-    def _on_gossip_frame(self, frame: zmq.Frame) -> None:
+    def _on_gossip_frame(self, frame: bytes, peer: Peer) -> None:
         try:
-            msg = decode(frame.bytes, self.s.limits)
+            msg = decode(frame, self.s.limits)
         except DecodeError as exc:
             self.stats["bad_frames"] += 1
             log.debug("bad gossip frame: %s", exc)
@@ -214,14 +234,17 @@ class Membership:
         if not isinstance(msg, LoadReport | Leave):
             self.stats["bad_frames"] += 1
             return
-        if not self.links.gossip_from_claimed_host(msg, frame):
+        if not self.links.gossip_from(peer, msg):
             return
         if isinstance(msg, LoadReport):
-            self._on_report(msg)
+            if self.trust is not None:
+                self.trust.peer_serial(peer, msg.revocations)
+            # With member identities the SUB's connection was made with the peer's key: its word on where it is.
+            self._on_report(msg, by_itself=self.trust is not None)
         else:
             self._on_leave(msg)
 
-    def _on_report(self, r: LoadReport) -> None:
+    def _on_report(self, r: LoadReport, by_itself: bool = False) -> None:
         if r.node == self.node_id:
             return
         if self.s.fingerprint and r.fingerprint != self.s.fingerprint:
@@ -236,7 +259,7 @@ class Membership:
         if peer is None or peer.addr != r.addr:
             if peer is not None:
                 self.entry.node_gone(peer.node, "peer-moved", time.monotonic())
-            peer = self.links.learn(r.addr, "gossip", r.incarnation, r.fingerprint)
+            peer = self.links.learn(r.addr, "gossip", r.incarnation, r.fingerprint, by_itself=by_itself)
             if peer is None:
                 return
         now = time.monotonic()
@@ -293,7 +316,7 @@ class Membership:
             peer = self.links.peers.get(t.node)
             if peer is not None:
                 log.info("forgetting peer %s", t.node)
-                self._drop_peer(peer, "peer-gone")
+                self.drop_peer(peer, "peer-gone")
             return
         log.info("peer %s: %s -> %s (%s)", t.node, t.old.value if t.old else "-", t.new.value, t.reason)
         self.stats[f"peer_{t.new.value}"] += 1
@@ -304,7 +327,7 @@ class Membership:
         if t.new is PeerState.ALIVE:
             self.entry.node_back(time.monotonic())
 
-    def _drop_peer(self, peer: Peer, why: str) -> None:
+    def drop_peer(self, peer: Peer, why: str) -> None:
         self.entry.node_gone(peer.node, why, time.monotonic())
         self.policy.forget(peer.node)
         self.links.drop(peer)
@@ -312,6 +335,8 @@ class Membership:
     # ------------------------------------------------------------ housekeeping
 
     def housekeeping(self, now: float) -> None:
+        if self.pub_stale:
+            self.rebind_pub()
         self.detector.sync_clock(time.time_ns(), now)  # incarnations are bounded by this clock (it may be stepped)
         for t in self.detector.tick(now):
             self.on_transition(t)
@@ -319,11 +344,11 @@ class Membership:
             state = self.detector.state(peer.node)
             if state is None:
                 log.info("forgetting peer %s", peer.node)
-                self._drop_peer(peer, "peer-gone")
+                self.drop_peer(peer, "peer-gone")
             elif state is PeerState.DEAD and not peer.last_report:
                 # Claimed (Hello, mDNS, digest) but never heard from: free its sockets now, not in forget_after.
                 log.info("dropping %s at %s:%d: never heard from it", peer.node, peer.addr.host, peer.addr.port)
-                self._drop_peer(peer, "peer-gone")
+                self.drop_peer(peer, "peer-gone")
             elif state is PeerState.SUSPECT:
                 self._ping(peer)
             elif state is PeerState.LEFT and now - peer.last_heard > self.s.suspect_after:
@@ -377,11 +402,15 @@ class Membership:
                     "inflight_to": self.policy.inflight_to(peer.node),
                     "source": peer.source,
                     **_wants_row(peer.wants),
+                    # member identities: each node's key and certificate (clients learn node keys from them)
+                    **(self.trust.row(peer.addr.key) if self.trust is not None and peer.verified else {}),
                 }
             )
             chains_held = getattr(self.policy, "chains_held", None)  # cache-aware routing: what its gossip says
             if chains_held is not None:
                 rows[-1]["prefix_chains"] = chains_held(peer.node)
+        if self.trust is not None:
+            rows[0].update(self.trust.row(self.addr.key))
         return rows
 
     def holders(self, name: str) -> list[tuple[str, str, str]]:
@@ -393,6 +422,42 @@ class Membership:
                 out.append((peer.node, f"{peer.addr.host}:{peer.addr.port}", load.version))
         return out
 
+    def eligible(self, req: Request, excluded: set[str] | frozenset[str]) -> tuple[list[str], bool]:
+        """Eligible node ids for `req` (the node's `EntryHost.eligible`), and whether any node at all serves the
+        model (a stage of it counts)."""
+        out: list[str] = []
+        known = False
+        if self.server.serves(req.model):
+            known = True
+            labels = self.server.labels
+            if (
+                not self.leaving
+                and self.node_id not in excluded
+                and all(labels.get(k) == v for k, v in req.require.items())
+            ):
+                out.append(self.node_id)
+        known = known or self.stage_known(req.model)
+        if self.trust is not None and not self.trust.synced:
+            return out, known  # catching up with revocations: no peer is routed to yet
+        for peer in self.links.peers:
+            if req.model not in peer.models:
+                continue
+            known = True
+            if peer.node in excluded or peer.leaving:
+                continue
+            if self.detector.state(peer.node) is not PeerState.ALIVE:
+                continue
+            if peer.serves(req.model, req.require):
+                out.append(peer.node)
+        return out, known
+
+    def servers(self, model: str) -> list[str]:
+        """Every node (alive or not) that announced `model`, this one included."""
+        nodes = [peer.node for peer in self.links.peers if model in peer.models]
+        if self.server.serves(model):
+            nodes.append(self.node_id)
+        return nodes
+
     def stage_servers(self, req: Request, excluded: set[str] | frozenset[str]) -> list[tuple[str, str, int, str]]:
         """(node, served name, the whole model's layers, version) of every pipeline stage this node and its live
         peers serve that may take `req` now (alive, not leaving, not excluded, labels matching)."""
@@ -402,6 +467,8 @@ class Membership:
             if all(labels.get(k) == v for k, v in req.require.items()):
                 out += [(self.node_id, name, load.layers, load.version) for name, load in self.server.models().items()
                         if load.layers]  # fmt: skip
+        if self.trust is not None and not self.trust.synced:
+            return out  # catching up with revocations: no peer is routed to yet
         for peer in self.links.peers:
             if peer.node in excluded or peer.leaving or self.detector.state(peer.node) is not PeerState.ALIVE:
                 continue
@@ -449,7 +516,7 @@ class Membership:
     def security_view(self, now: float) -> dict[str, Any]:
         """This node's security state for `lanmesh status` and `lanmesh doctor`."""
         return {
-            "mode": "curve" if self.s.key is not None else "insecure",
+            "mode": "insecure" if self.s.key is None else "identities" if self.trust is not None else "curve",
             "fingerprint": self.s.fingerprint,
             "auth_rejected": self.stats["auth_rejected"],
             "handshake_failed": self.stats["handshake_failed"],
@@ -457,6 +524,7 @@ class Membership:
             "identity_conflict": self.stats["identity_conflict"],
             "incarnation_refused": self.stats["incarnation_refused"],
             "bad_peer_address": self.stats["bad_peer_address"],
+            **(self.trust.view() if self.trust is not None else {}),
             "foreign": [
                 {k: v for k, v in e.items() if k != "last_seen"} | {"last_seen_s": round(now - e["last_seen"], 1)}
                 for e in self.links.foreign.values()

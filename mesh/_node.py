@@ -43,9 +43,11 @@ from protocol import (
 
 from ._admission import Admission
 from ._entry import EntryTable, PipelineFn, ServeTrackedFn
-from ._failure import FailureDetector, PeerState
+from ._failure import FailureDetector
+from ._identity import MemberIdentity
 from ._links import PeerLinks
 from ._local import LocalWork
+from ._members import Members
 from ._membership import DRAIN, Membership
 from ._peers import Peer
 from ._routing import POLICIES, CacheAwarePolicy
@@ -54,7 +56,8 @@ from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
 from ._sockets import Waker, bind_pub, bind_router, bound_port
 from ._stages import FailFn, StageTraffic
-from ._watchdog import LoopWatchdog
+from ._trust import Trust
+from ._watchdog import LoopWatchdog, within
 
 log = logging.getLogger("lanmesh.mesh")
 
@@ -110,7 +113,6 @@ class MeshNode:
             settings,
             self.detector,
             self.stats,
-            self._wake,
             lambda t: self.membership.on_transition(t),
         )
         self.entry = EntryTable(
@@ -123,17 +125,31 @@ class MeshNode:
         )
         self.admission = Admission(self.node_id, settings.request_limits, settings.max_inflight_per_client,
                                    settings.max_inflight_per_peer, self.stats)  # fmt: skip
-        self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1)
+        identity = settings.key if isinstance(settings.key, MemberIdentity) else None
+        self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1,
+                             identity.key_text if identity is not None else "")  # fmt: skip
         self.membership = Membership(
             settings, self.addr, self.incarnation, server, self.detector, self.policy, self.links, self.entry,
             self.admission, self.stats,
             send_client=self._send_client, guarded=self._guarded, in_flight_for=self._in_flight_for,
         )  # fmt: skip
+        # Operators' commands and model files (`Admin`, `Fetch`), answered on worker threads (the node sets the handler)
+        self.services = Services(self.node_id, self.post)
+        # Member identities: who is who (`_members`) and the door every message passes (`_trust`); None: one key.
+        self.trust: Trust | None = None
+        if identity is not None:
+            members = Members(identity.verify_key, identity.cert, identity.certificate, self.stats,
+                              state_dir=settings.state_dir or None, clock=time.time)  # fmt: skip
+            self.trust = Trust(
+                identity, members, self.links, self.stats, settings, send_client=self._send_client, post=self.post,
+                drop_peer=self.membership.drop_peer, router_frame=self._on_router_frame, services=self.services,
+                on_hello=self.membership.on_hello, rebind_pub=self.membership.rebind_pub, guarded=self._guarded,
+            )  # fmt: skip
+            self.links.members, self.links.credentials = members, self.trust.credentials
+            self.membership.trust, self.services.membership = self.trust, self.trust.handle
         self.observer: RequestObserver | None = None
         self.local = LocalWork(self.node_id, server, self.stats, send_client=self._send_client, post=self.post,
                                observer=lambda: self.observer, entry=self.entry)  # fmt: skip
-        # Operators' commands and model files (`Admin`, `Fetch`), answered on worker threads (the node sets the handler)
-        self.services = Services(self.node_id, self.post)
         self.stages = StageTraffic(self.node_id, server, self.stats, settings.limits, self.links.peers, self.local)
         self.pipeline, self.serve_tracked = self.membership.pipeline, self.local.submit_tracked
         self.cancel_here = self.stages.cancel_here
@@ -204,20 +220,8 @@ class MeshNode:
     def unregister(self, timeout: float = 3.0) -> None:
         """Say goodbye on mDNS (bounded: a stuck zeroconf must not keep a dying node alive)."""
         discovery, self._discovery = self._discovery, None
-        if discovery is None:
-            return
-        done = threading.Event()
-
-        def stop() -> None:
-            try:
-                discovery.stop()
-            except Exception:  # leaving must go on even if mDNS is unhappy
-                log.exception("mDNS unregister failed")
-            done.set()
-
-        threading.Thread(target=stop, name="mdns-goodbye", daemon=True).start()
-        if not done.wait(timeout):
-            log.error("mDNS unregister did not finish within %gs", timeout)
+        if discovery is not None:
+            within(discovery.stop, timeout, "mdns goodbye")
 
     def begin_leave(self) -> None:
         """Graceful leave, step 1: unregister, gossip 'leaving', take no new local work."""
@@ -263,18 +267,20 @@ class MeshNode:
         security = self.links.security
         if s.key is not None:
             # Before any bind: without a ZAP handler CURVE would admit any key (the sockets also fail closed).
-            self._auth = Authenticator(self.ctx, s.key, self.membership.on_refused_connection)
+            admits = self.trust.members.zap_admits if self.trust is not None else None
+            self._auth = Authenticator(self.ctx, s.key, self.membership.on_refused_connection, admits)
             self._auth.start()
         self.router = bind_router(self.ctx, s, security, self._auth)
         port = bound_port(self.router)
         self.pub = bind_pub(self.ctx, s, security, self._auth, port)
-        self.addr = PeerAddr(self.node_id, s.advertise, port, bound_port(self.pub))
+        self.addr = PeerAddr(self.node_id, s.advertise, port, bound_port(self.pub), self.addr.key)
         self.links.addr, self.links.incarnation = self.addr, self.incarnation
-        self.sub = self.links.open_sub()
-        self.membership.attach(self.pub, self.sub, self.addr)
+        self.membership.attach(self.pub, self.addr)
+        if self.trust is not None:
+            self.trust.address = f"{self.addr.host}:{self.addr.port}"
         self._waker = Waker(self.ctx)
         self.wake_pull, self._drain_wake = self._waker.pull, self._waker.drain
-        for sock in (self.router, self.sub, self.wake_pull):
+        for sock in (self.router, self.wake_pull):
             self._poller.register(sock, zmq.POLLIN)
 
     def _main(self) -> None:
@@ -311,6 +317,8 @@ class MeshNode:
                     next_gossip = now + self.s.gossip_interval
                 if now >= next_tick:
                     self._guarded("housekeeping", self.membership.housekeeping, now)
+                    if self.trust is not None:
+                        self._guarded("identities", self.trust.housekeeping, now)
                     next_tick = now + _TICK
             crashed = False
         except Exception:
@@ -322,12 +330,12 @@ class MeshNode:
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         if sock is self.router:
             self._drain_router()
-        elif sock is self.sub:
-            self.membership.drain_sub()
         elif sock is self.wake_pull:
             self._drain_wake()
         elif sock in self.links.monitors:
             self.membership.drain_monitor(sock)
+        elif sock in self.links.subs:
+            self.membership.drain_sub(sock, self.links.subs[sock])
         else:
             self._drain_dealer(sock)
 
@@ -375,6 +383,8 @@ class MeshNode:
                 self._guarded("an announcement", self.membership.on_announcement, payload)
             elif kind == "lost":
                 log.info("mDNS says %s is gone", payload)
+            elif kind == "revocations" and self.trust is not None:
+                self._guarded("a revocation list", self.trust.on_revocations, payload, "an admin's command")
             elif kind == "leave":
                 self.membership.leave()
             elif kind == "stop":
@@ -383,21 +393,27 @@ class MeshNode:
     # ------------------------------------------------------------ requests in
 
     def _drain_router(self) -> None:
-        router = self.router
+        router, trust = self.router, self.trust
         for _ in range(DRAIN):
             try:
                 ident = router.recv(_NB)
             except zmq.Again:
                 return
             part = router.recv(_NB, copy=False)  # a ROUTER hands over whole messages: the body is there
-            if part.more:  # multi-part: a pipeline stage's header and tensor, or dropped (counted) whole
+            if part.more:  # multi-part: a pipeline stage's header and tensor (from a node), or dropped (counted) whole
+                if trust is not None and not trust.from_node(part):
+                    self.stages.skip(router, part)
+                    continue
                 self._guarded("a stage's message", self.stages.read, router, part)
+                continue
+            if trust is not None:  # member identities: who sent it is on the message (ZAP's User-Id)
+                trust.on_part(ident, part)
                 continue
             self._guarded("a message from a client", self._on_router_frame, ident, part.bytes)
 
-    def _on_router_frame(self, ident: bytes, frame: bytes) -> None:
+    def _on_router_frame(self, ident: bytes, frame: bytes, decoded: Any = None) -> None:
         try:
-            msg = decode(frame, self.s.limits)
+            msg = decoded if decoded is not None else decode(frame, self.s.limits)
         except DecodeError as exc:
             self.stats["bad_frames"] += 1
             if exc.request_id is not None:
@@ -480,31 +496,10 @@ class MeshNode:
     # ------------------------------------------------------------ EntryHost: what the entry table asks of us
 
     def eligible(self, req: Request, excluded: set[str] | frozenset[str]) -> tuple[list[str], bool]:
-        """Eligible node ids for `req`, and whether any node at all serves the model."""
-        out: list[str] = []
-        known = False
-        if self.server.serves(req.model):
-            known = True
-            if not self.membership.leaving and self.node_id not in excluded and self._labels_match(req.require):
-                out.append(self.node_id)
-        known = known or self.membership.stage_known(req.model)
-        for peer in self.links.peers:
-            if req.model not in peer.models:
-                continue
-            known = True
-            if peer.node in excluded or peer.leaving:
-                continue
-            if self.detector.state(peer.node) is not PeerState.ALIVE:
-                continue
-            if peer.serves(req.model, req.require):
-                out.append(peer.node)
-        return out, known
+        return self.membership.eligible(req, excluded)
 
     def servers(self, model: str) -> list[str]:
-        nodes = [peer.node for peer in self.links.peers if model in peer.models]
-        if self.server.serves(model):
-            nodes.append(self.node_id)
-        return nodes
+        return self.membership.servers(model)
 
     def serve_here(self, client: bytes, req: Request, deadline: float, route: str, seq0: int, started: float) -> bool:
         return self.local.submit(client, req, deadline, route, seq0, started, "local")
@@ -545,10 +540,6 @@ class MeshNode:
         if self.observer is not None:
             self.observer.first_chunk(model, seconds)
 
-    def _labels_match(self, require: dict[str, str]) -> bool:
-        labels = self.server.labels
-        return all(labels.get(k) == v for k, v in require.items())
-
     def _send_client(self, ident: bytes, msg: Any) -> None:
         self.send_client(ident, encode(msg))
 
@@ -556,7 +547,7 @@ class MeshNode:
 
     def _drain_dealer(self, sock: zmq.Socket[Any]) -> None:
         peer = self.links.peers.by_socket(sock)
-        seed = peer is None and self.links.is_seed(sock)
+        seed_key = self.links.seed_key(sock) if peer is None else None
         for _ in range(DRAIN):
             if sock.closed or (peer is not None and self.links.peers.get(peer.node) is not peer):
                 return  # its peer was dropped (re-addressed, forgotten) while this drain ran
@@ -571,13 +562,14 @@ class MeshNode:
                 log.debug("bad frame from a peer: %s", exc)
                 continue
             if peer is None:
-                if seed and isinstance(msg, Hello):
-                    self._guarded("a seed's hello", self.links.learn, msg.addr, "seed", msg.incarnation,
-                                  msg.fingerprint)  # fmt: skip
+                if seed_key is not None:
+                    self._guarded("a seed's answer", self.links.on_seed_answer, seed_key, msg)
                 continue
             self._guarded("a message from a peer", self._on_peer_message, peer, msg, frame)
 
     def _on_peer_message(self, peer: Peer, msg: Any, frame: bytes) -> None:
+        if self.trust is not None and self.trust.from_peer(peer, msg):
+            return  # member identities: its certificate, a revocation list, or anything before its certificate
         now = time.monotonic()
         peer.last_heard = now
         self.membership.heard(peer.node, now)
@@ -592,7 +584,7 @@ class MeshNode:
         elif isinstance(msg, Error):
             self.entry.on_error(peer.node, msg, now)
         elif isinstance(msg, Hello):
-            self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
+            self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint, by_itself=self.trust is not None)
         elif not isinstance(msg, Pong):
             self.stats["bad_frames"] += 1
 

@@ -59,7 +59,7 @@ class StageTraffic:
                 log.debug("bad stage header: %s", exc)
                 msg = None
             if not isinstance(msg, Stage):
-                self._skip(router, part)
+                self.skip(router, part)
                 return
             tensor = None
             if msg.shape:
@@ -69,7 +69,7 @@ class StageTraffic:
                 frame = router.recv(_NB, copy=False)
                 size = tensor_nbytes(msg.shape, msg.dtype)
                 if len(frame) != size or size > self.limits.max_frame_bytes:
-                    self._skip(router, frame)
+                    self.skip(router, frame)
                     return
                 tensor, part = frame.buffer, frame
             items.append((msg, tensor))
@@ -78,7 +78,7 @@ class StageTraffic:
             part = router.recv(_NB, copy=False)
         self.deliver(items)
 
-    def _skip(self, router: zmq.Socket[Any], part: zmq.Frame) -> None:
+    def skip(self, router: zmq.Socket[Any], part: zmq.Frame) -> None:
         self.stats["bad_frames"] += 1
         while part.more:
             part = router.recv(_NB, copy=False)

@@ -16,10 +16,12 @@ from ._messages import (
     Admin,
     Cancel,
     Chunk,
+    Credentials,
     Data,
     Error,
     Fetch,
     Hello,
+    Join,
     Leave,
     LoadReport,
     Message,
@@ -30,6 +32,7 @@ from ._messages import (
     Reject,
     Reply,
     Request,
+    Revocations,
     Task,
 )
 from ._names import is_name
@@ -38,6 +41,7 @@ from ._wire import (
     ID_LEN,
     MAX_CHUNK_BYTES,
     MAX_DEADLINE_MS,
+    MAX_DOCUMENT_BYTES,
     MAX_HOPS,
     MAX_MODEL_TASKS,
     NAME_LEN,
@@ -46,10 +50,12 @@ from ._wire import (
     T_ADMIN,
     T_CANCEL,
     T_CHUNK,
+    T_CREDENTIALS,
     T_DATA,
     T_ERROR,
     T_FETCH,
     T_HELLO,
+    T_JOIN,
     T_LEAVE,
     T_LOAD,
     T_PING,
@@ -57,6 +63,7 @@ from ._wire import (
     T_REJECT,
     T_REPLY,
     T_REQUEST,
+    T_REVOCATIONS,
     T_STAGE,
     VERSION,
     Limits,
@@ -165,7 +172,15 @@ def _dec_addr(v: Any) -> PeerAddr:
         host=_str(v[1], "host", NAME_LEN, None, empty=False),
         port=_int(v[2], "port", 1, 65535, None),
         pub_port=_int(v[3], "pub_port", 1, 65535, None),
+        key=_key(v[4]) if len(v) > 4 else "",
     )
+
+
+def _key(v: Any) -> str:
+    """A CURVE public key as Z85 text (40 characters), or "" (none: a mesh of one shared key)."""
+    if v == "" or (type(v) is str and len(v) == 40 and v.isascii() and v.isprintable() and " " not in v):
+        return v
+    raise _fail("key must be 40 characters of Z85 text")
 
 
 def _dec_models(v: Any) -> dict[str, ModelLoad]:
@@ -213,7 +228,7 @@ def _dec_prefixes(v: Any) -> dict[str, bytes]:
 
 
 def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
-    f = _fields(b, 4, 11, "load report", None)
+    f = _fields(b, 4, 12, "load report", None)
     peers = _or(f[6], [])
     if not isinstance(peers, list):
         raise _fail("peers must be a list")
@@ -228,7 +243,8 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
         leaving=_bool(_or(f[7], False), "leaving", None),
         fingerprint=_str(_or(f[8], ""), "fingerprint", NAME_LEN, None),
         prefixes=_dec_prefixes(_or(f[9], {})),
-        wants=_dec_wants(_or(f[10], {})),
+        revocations=_int(_or(f[10], 0), "revocations", 0, 2**63 - 1, None),
+        wants=_dec_wants(_or(f[11], {})),
     )
 
 
@@ -354,7 +370,7 @@ def _dec_cancel(b: list[Any], lim: Limits) -> Cancel:
     return Cancel(id=_rid(b), reason=_str(_or(f[1], ""), "reason", 4096, None))
 
 
-_ACTIONS = frozenset({"models", "load", "unload", "switch", "pull"})
+_ACTIONS = frozenset({"models", "load", "unload", "switch", "pull", "invite", "revoke", "members"})
 
 
 def _dec_admin(b: list[Any], lim: Limits) -> Admin:
@@ -392,6 +408,33 @@ def _dec_data(b: list[Any], lim: Limits) -> Data:
     return Data(rid, _name(f[1], "node", rid, empty=True), _int(f[2], "offset", 0, 2**62, rid), f[3])
 
 
+def _bytes(v: Any, what: str, max_len: int, rid: str | None) -> bytes:
+    if isinstance(v, bytes) and len(v) <= max_len:
+        return v
+    raise _fail(f"{what} must be bytes (at most {max_len})", rid)
+
+
+def _dec_credentials(b: list[Any], lim: Limits) -> Credentials:
+    f = _fields(b, 1, 3, "credentials", None)
+    return Credentials(
+        _bytes(f[0], "certificate", 4096, None),
+        _int(_or(f[1], 0), "revocations", 0, 2**63 - 1, None),
+        _bool(_or(f[2], False), "reply", None),
+    )
+
+
+def _dec_join(b: list[Any], lim: Limits) -> Join:
+    f = _fields(b, 2, 3, "join", None)
+    rid = _rid(b)
+    name = _or(f[2], "")
+    return Join(rid, _bytes(f[1], "token", 64, rid), _name(name, "member name", rid) if name else "")
+
+
+def _dec_revocations(b: list[Any], lim: Limits) -> Revocations:
+    f = _fields(b, 1, 1, "revocations", None)
+    return Revocations(_bytes(f[0], "revocation list", MAX_DOCUMENT_BYTES, None))
+
+
 _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     T_REQUEST: _dec_request,
     T_REPLY: _dec_reply,
@@ -408,6 +451,9 @@ _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     T_FETCH: _dec_fetch,
     T_DATA: _dec_data,
     T_STAGE: _dec_stage,
+    T_CREDENTIALS: _dec_credentials,
+    T_JOIN: _dec_join,
+    T_REVOCATIONS: _dec_revocations,
 }
 
 

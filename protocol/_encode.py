@@ -14,10 +14,12 @@ from ._messages import (
     Admin,
     Cancel,
     Chunk,
+    Credentials,
     Data,
     Error,
     Fetch,
     Hello,
+    Join,
     Leave,
     LoadReport,
     Message,
@@ -27,16 +29,19 @@ from ._messages import (
     Reject,
     Reply,
     Request,
+    Revocations,
     Stage,
 )
 from ._wire import (
     T_ADMIN,
     T_CANCEL,
     T_CHUNK,
+    T_CREDENTIALS,
     T_DATA,
     T_ERROR,
     T_FETCH,
     T_HELLO,
+    T_JOIN,
     T_LEAVE,
     T_LOAD,
     T_PING,
@@ -44,13 +49,14 @@ from ._wire import (
     T_REJECT,
     T_REPLY,
     T_REQUEST,
+    T_REVOCATIONS,
     T_STAGE,
     VERSION,
 )
 
 
 def _addr(a: PeerAddr) -> list[Any]:
-    return [a.node, a.host, a.port, a.pub_port]
+    return [a.node, a.host, a.port, a.pub_port, a.key] if a.key else [a.node, a.host, a.port, a.pub_port]
 
 
 def _enc_request(m: Request) -> list[Any]:
@@ -94,6 +100,7 @@ def _enc_load(m: LoadReport) -> list[Any]:
         m.leaving,
         m.fingerprint,
         m.prefixes,
+        m.revocations,
     ] + ([{k: [w.version, w.budget, w.speed] for k, w in m.wants.items()}] if m.wants else [])
 
 
@@ -118,6 +125,9 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Fetch: lambda m: [T_FETCH, m.id, m.name, m.version, m.path, m.offset, m.length],
     Data: lambda m: [T_DATA, m.id, m.node, m.offset, m.data],
     Stage: _enc_stage,
+    Credentials: lambda m: [T_CREDENTIALS, m.cert, m.revocations, m.reply],
+    Join: lambda m: [T_JOIN, m.id, m.token, m.name],
+    Revocations: lambda m: [T_REVOCATIONS, m.document],
 }
 
 _VERSION_BYTE = bytes([VERSION])

@@ -176,12 +176,14 @@ class StageWant:
 
 @dataclass(frozen=True, slots=True)
 class PeerAddr:
-    """How to reach a node: its ROUTER port and its gossip PUB port."""
+    """How to reach a node: its ROUTER port and its gossip PUB port; in a mesh of member identities also its CURVE
+    public key (`key`, Z85 text), which a node connecting there must expect of the server ("" otherwise)."""
 
     node: str
     host: str
     port: int
     pub_port: int
+    key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +213,7 @@ class LoadReport:
     fingerprint: str = ""
     prefixes: dict[str, bytes] = field(default_factory=dict)
     wants: dict[str, StageWant] = field(default_factory=dict)  # models this node would hold a stage of
+    revocations: int = 0  # the serial of the revocation list the sender holds (member identities; 0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +286,35 @@ class Stage:
     due: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A member presents its certificate (the authority-signed bytes) as the first message on a new connection, so
+    the node learns who the connection's key is; `revocations` is the serial of the revocation list it holds. With
+    `reply` (a node linking to a peer) the node answers with its own. Only in a mesh of member identities."""
+
+    cert: bytes
+    revocations: int = 0
+    reply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Spend a one-time invite `token`: the authority node signs a certificate for the key this connection was
+    made with, named `name` unless the invite names it. Answered with a Reply (the certificate, the revocation
+    list, the nodes the authority knows) or an Error."""
+
+    id: str
+    token: bytes
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Revocations:
+    """The mesh authority's signed revocation list, spread node to node; a higher serial replaces a lower one."""
+
+    document: bytes
+
+
 Message = (
     Request
     | Reply
@@ -299,17 +331,22 @@ Message = (
     | Fetch
     | Data
     | Stage
+    | Credentials
+    | Join
+    | Revocations
 )
 
 __all__ = [
     "Admin",
     "Cancel",
+    "Credentials",
     "Chunk",
     "Data",
     "Error",
     "ErrorCode",
     "Fetch",
     "Hello",
+    "Join",
     "Leave",
     "LoadReport",
     "Message",
@@ -322,5 +359,6 @@ __all__ = [
     "Request",
     "Stage",
     "StageWant",
+    "Revocations",
     "Task",
 ]

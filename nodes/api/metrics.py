@@ -117,6 +117,13 @@ class NodeMetrics:
             "HTTP requests refused for a missing or wrong API key (logged with the address, rate-limited).",
             registry=r,
         )
+        self.http_callers = Counter(
+            "lanmesh_http_caller_requests",
+            "HTTP requests let in, by the name of the API key they came with (`lanmesh apikey add NAME`; the "
+            "single --api-key is `default`).",
+            ["caller"],
+            registry=r,
+        )
         self.schema_checks = Counter(
             "lanmesh_http_schema_checks",
             "JSON answers checked after generation against schema keywords the grammar cannot enforce, by "
@@ -173,6 +180,9 @@ class NodeMetrics:
             n = usage.get(f"{kind}_tokens")
             if isinstance(n, int) and not isinstance(n, bool) and n > 0:
                 self.tokens.labels(label, kind).inc(n)
+
+    def http_caller(self, name: str) -> None:
+        self.http_callers.labels(name).inc()
 
     def http_done(self, endpoint: str, status: int, seconds: float) -> None:
         self.http_requests.labels(endpoint, str(status)).inc()

@@ -53,8 +53,8 @@ from .bodies import (
     unsupported,
 )
 from .errors import api_error, install_error_handlers
-from .feed import note_model
-from .keys import key_matches
+from .feed import note_caller, note_model
+from .keys import CallerKeys
 from .mesh_api import MeshApi, live_servers, model_names
 from .metrics import CONTENT_TYPE, NodeMetrics
 from .openapi import error_responses, install_openapi, served_responses
@@ -78,9 +78,11 @@ def _served_headers(response: Response, result: Result) -> None:
     response.headers["X-Lanmesh-Route"] = result.route
 
 
-def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
+def build_app(api: MeshApi, api_key: str | CallerKeys = "") -> FastAPI:
     """The FastAPI app: OpenAI-compatible routes, /health, /metrics and the web console; every route but /health
-    and the console's static files (which hold no data) needs the key, and /health says more with it."""
+    and the console's static files (which hold no data) needs a key, and /health says more with one. `api_key`:
+    the one key, or the keys per caller (`CallerKeys`, which holds the one key too)."""
+    keys = api_key if isinstance(api_key, CallerKeys) else CallerKeys(None, api_key)
     app = FastAPI(
         title="lanmesh",
         version="1",
@@ -88,8 +90,8 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    guarded: list[Any] = [Depends(_key_check(api_key, api.metrics))] if api_key else []
-    auth = (401,) if api_key else ()
+    guarded: list[Any] = [Depends(_key_check(keys, api.metrics))] if keys.configured() else []
+    auth = (401,) if guarded else ()
     router = APIRouter(dependencies=guarded)
     inference = error_responses(400, *auth, 404, 408, 413, 429, 500, 502, 503, 504)
     timeout_header = Header(
@@ -272,7 +274,7 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         body = Health(status=status, ready=status == "ready")
         # Read by hand, not through BEARER: /health declares no security, since it answers without a key.
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if not api_key or (scheme.lower() == "bearer" and key_matches(given.strip(), api_key)):
+        if not guarded or (scheme.lower() == "bearer" and keys.caller(given.strip()) is not None):
             body.node, body.models = api.node_id, sorted(me.get("models") or {})
         return body if body.ready else JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
@@ -318,17 +320,26 @@ async def _no_new_tokens(api: MeshApi, body: CompletionRequest, prompts: list[st
 BEARER = HTTPBearer(auto_error=False, description="The node's API key (--api-key, LANMESH_API_KEY or --api-key-file).")
 
 
-def _key_check(api_key: str, metrics: NodeMetrics) -> Callable[..., Awaitable[None]]:
+def _key_check(keys: CallerKeys, metrics: NodeMetrics) -> Callable[..., Awaitable[None]]:
     refusals = RejectionLog()  # the first refusal from an address is logged at once, then a count per period
+    arrivals = RejectionLog(every=600.0)  # each caller's name and address once per ten minutes: who uses the API
 
     async def check(
         request: HttpRequest, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
     ) -> None:
-        if credentials is not None and key_matches(credentials.credentials, api_key):
+        name = keys.caller(credentials.credentials) if credentials is not None else None
+        if name is not None:
+            request.state.api_caller = name
+            note_caller(name)
+            metrics.http_caller(name)
+            if arrivals.note("http caller", f"{name}@{_caller(request)}", name) is not None:
+                log.info("HTTP caller %s from %s", name, _caller(request), extra={"caller": name})
             return
-        why = "no API key" if credentials is None else "wrong API key"
+        owner = keys.revoked_owner(credentials.credentials) if credentials is not None else None
+        why = "no API key" if credentials is None else f"the revoked API key of {owner}" if owner else "wrong API key"
+        kind = "http_unauthorized_revoked" if owner else "http_unauthorized"  # a revoked key in use: its own line
         metrics.http_unauthorized.inc()
-        line = refusals.note("http_unauthorized", _caller(request), f"{why} for {request.method} {request.url.path}")
+        line = refusals.note(kind, _caller(request), f"{why} for {request.method} {request.url.path}")
         if line is not None:
             log.warning("refused an HTTP request: %s", line, extra={"source": _caller(request)})
         message = "missing API key: send Authorization: Bearer KEY" if credentials is None else "wrong API key"

@@ -84,9 +84,9 @@ def _load_bar(busy: int, cap: int, width: int = 10) -> Any:
 def open_client(node: str, timeout: float, key_file: str | None = None) -> Client:
     """A client for `node`; with `key_file`, that mesh key (else the client's own default lookup)."""
     if key_file:
-        from mesh import MeshKey
+        from mesh import load_key
 
-        return Client(node, timeout=timeout, security=MeshKey.load(key_file))
+        return Client(node, timeout=timeout, security=load_key(key_file))
     return Client(node, timeout=timeout)
 
 

@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..runtime.config import DEFAULT_PORT, NodeConfig, parse_labels
-from . import early_signals, note_early_signal, request, service_unit
+from . import early_signals, enrol, note_early_signal, request, service_unit
 from .progress import ProgressLine, StageLog
 
 
@@ -115,6 +115,19 @@ def _add_node_parser(sub: Any) -> None:
         action="store_true",
         default=None,
         help="run an OPEN mesh without a key: no encryption, anyone on the LAN may join and read traffic",
+    )
+    p.add_argument(
+        "--authority-dir",
+        dest="authority_dir",
+        metavar="DIR",
+        help="the mesh authority this node holds (default: `authority` beside the key file, when there)",
+    )
+    p.add_argument(
+        "--state-dir",
+        dest="state_dir",
+        metavar="DIR",
+        help="what this node keeps across restarts: the revocation list, the HTTP API's keys "
+        "($STATE_DIRECTORY, else ~/.local/state/lanmesh)",
     )
     for flag, what in (
         ("--max-prompt-chars", "characters of input per request (262144)"),
@@ -241,7 +254,8 @@ def _add_status_parser(sub: Any) -> None:
         description="Ask a node for its view of the mesh and print it as a table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
+    p.add_argument("--node", default=argparse.SUPPRESS,
+                   help=f"node address host:port (default: 127.0.0.1:{DEFAULT_PORT}, or a client's node)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the raw rows as JSON")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     p.add_argument("--once", action="store_true", help="at a terminal: print the table once instead of a live one")
@@ -269,9 +283,15 @@ def format_security(sec: dict[str, Any]) -> str:
     """One line (two with foreign nodes) on how the answering node's mesh is protected."""
     if sec.get("mode") == "insecure":
         line = "security: OPEN MESH (--insecure): no encryption, no authentication; anyone on the LAN can join"
+    elif sec.get("mode") == "identities":
+        line = (f"security: CURVE, every member its own key; mesh {sec.get('fingerprint', '?')}, this node "
+                f"{sec.get('member', '?')} ({sec.get('role', '?')}), revocation list {sec.get('revocations', 0)}"
+                + (", holds the authority" if sec.get("authority") else ""))  # fmt: skip
     else:
         line = f"security: CURVE, mesh key {sec.get('fingerprint', '?')}"
-    refused = {k: sec.get(k, 0) for k in ("auth_rejected", "handshake_failed", "identity_mismatch")}
+    counters = ("auth_rejected", "handshake_failed", "identity_mismatch", "role_refused", "name_refused",
+                "unknown_key", "revoked_refused")  # fmt: skip
+    refused = {k: sec.get(k, 0) for k in counters}
     if any(refused.values()):
         line += "; refused: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in refused.items() if v)
     foreign = sec.get("foreign") or []
@@ -332,18 +352,20 @@ def _add_key_file(p: argparse.ArgumentParser, default: Any = None) -> None:
 
 def _client_key(args: argparse.Namespace) -> Any:
     """The `security=` for a Client: the --key-file given, else None (the client looks in the env and default)."""
-    from mesh import MeshKey
+    from mesh import load_key
 
-    return MeshKey.load(args.key_file) if args.key_file else None
+    return load_key(args.key_file) if args.key_file else None
 
 
 def _add_keygen_parser(sub: Any) -> None:
     p = sub.add_parser(
         "keygen",
-        help="create the mesh key (copy the file to every machine of the mesh)",
+        help="create one key shared by the whole mesh (simpler; `lanmesh init` gives every machine its own)",
         description=(
             "Write a new mesh key file (mode 0600). Every node and client of one mesh uses the same file: "
-            "connections are encrypted with it (CURVE), and nodes refuse anyone who does not hold it."
+            "connections are encrypted with it (CURVE), and nodes refuse anyone who does not hold it. Whoever holds "
+            "it is everything at once (node, client, operator); `lanmesh init` and `lanmesh invite` instead give "
+            "every machine its own key and role, revocable one by one."
         ),
     )
     p.add_argument("path", nargs="?", help="where to write it (default: ~/.config/lanmesh/mesh.key)")
@@ -379,7 +401,8 @@ def _add_chat_parser(sub: Any) -> None:
         description="Interactive chat through a node. /exit or Ctrl-D quits, Ctrl-C stops an answer, /reset forgets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
+    p.add_argument("--node", default=argparse.SUPPRESS,
+                   help=f"node address host:port (default: 127.0.0.1:{DEFAULT_PORT}, or a client's node)")  # fmt: skip
     p.add_argument("--model", default="smollm2", help="chat model")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, dest="max_tokens")
@@ -450,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "start here:\n"
-            "  lanmesh keygen                      make the mesh key (once; copy it to every machine)\n"
+            "  lanmesh init                        start a mesh on the first machine (its authority, its own key)\n"
+            "  lanmesh invite                      a one-time code for one more machine: `lanmesh join CODE` there\n"
+            "  lanmesh keygen                      or instead: one key shared by the whole mesh (copy it everywhere)\n"
             "  lanmesh node                        serve the default models (smollm2, minilm) and join the mesh\n"
             "  lanmesh request smollm2 'Hello!'    ask any node; it routes the request in the mesh\n"
             "  lanmesh status                      every node, its models and load\n"
@@ -466,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_parser(sub)
     _add_doctor_parser(sub)
     _add_keygen_parser(sub)
+    enrol.add_parsers(sub)
+    enrol.add_apikey_parser(sub)
     _add_models_parser(sub)
     service_unit.add_parser(sub)
     _add_bench_parser(sub)
@@ -482,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command in ("status", "chat", "request") and not getattr(args, "node", None):
+        args.node = enrol.default_node(None, getattr(args, "key_file", None))  # a client's machine runs no node
     try:
         return int(args.func(args))
     except KeyboardInterrupt:  # Ctrl-C where a command does not handle it itself: quiet, as a shell expects

@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from mesh import connect_dealer
 from protocol import Admin, Error, Reply, decode, encode, name_problem
 
 DEFAULT_NODE = "127.0.0.1:5555"
@@ -32,8 +33,7 @@ def admin_call(address: str, action: str, args: dict[str, Any], security: Any, t
     ctx: zmq.Context[zmq.Socket[Any]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    security.configure_client(sock)
-    sock.connect(f"tcp://{address}")
+    connect_dealer(sock, f"tcp://{address}", security)  # a member identity: the node's key, its certificate first
     rid = f"admin-{os.getpid()}-{time.monotonic_ns()}"
     try:
         sock.send(encode(Admin(rid, action, args)))
@@ -63,9 +63,9 @@ def _model_name(text: str) -> str:
 
 
 def _security(args: argparse.Namespace) -> Any:
-    from mesh import MeshKey, client_security
+    from mesh import client_security, load_key
 
-    return MeshKey.load(args.key_file) if args.key_file else client_security()
+    return load_key(args.key_file) if args.key_file else client_security()
 
 
 def mesh_models(entry: str, security: Any, timeout: float = 5.0) -> list[dict[str, Any]]:

@@ -38,7 +38,9 @@ def add_parser(sub: Any, add_key_file: Callable[[argparse.ArgumentParser], None]
     )
     p.add_argument("model", help="model name, e.g. smollm2, minilm, echo (`lanmesh models` lists them)")
     p.add_argument("input", help="prompt text (chat/complete), text to embed, or JSON for infer")
-    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="a node of the mesh, HOST:PORT")
+    p.add_argument(
+        "--node", help=f"a node of the mesh, HOST:PORT (default: 127.0.0.1:{DEFAULT_PORT}, or a client's node)"
+    )
     p.add_argument("--task", default="chat", choices=["chat", "complete", "embed", "infer"], help="what to ask")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated (chat/complete)")
     p.add_argument(
@@ -83,14 +85,14 @@ def cut_short_note(meta: dict[str, Any], asked: int | None) -> str | None:
 
 
 def cmd_request(args: argparse.Namespace) -> int:
-    from mesh import Client, LanmeshError, MeshKey
+    from mesh import Client, LanmeshError, load_key
 
     from .reach import ANSWER_TIMEOUT_S, NodeUnreachable, check_answers
 
     gen = {k: getattr(args, k) for k in ("max_tokens", "temperature", "seed") if getattr(args, k) is not None}
     try:
         require = parse_labels(",".join(args.require)) if args.require else None
-        security = MeshKey.load(args.key_file) if args.key_file else None
+        security = load_key(args.key_file) if args.key_file else None
         with Client(args.node, timeout=args.timeout, security=security) as client:
             check_answers(client, args.node, min(ANSWER_TIMEOUT_S, args.timeout))
             if args.task in ("chat", "complete") and args.stream:

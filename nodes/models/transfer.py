@@ -132,6 +132,7 @@ class Source:
     corrupt: int = 0
     failed: str = ""  # why it was dropped
     bad: set[tuple[int, int]] | None = None  # chunks it sent that failed their hash: asked of others only
+    introduced: bool = False  # member identities: this node's certificate went first
 
 
 class Puller:
@@ -178,7 +179,7 @@ class Puller:
                 sock.setsockopt(zmq.MAXMSGSIZE, MAX_CHUNK_BYTES + 65536)
                 sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
                 sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2000)
-                self.security.configure_client(sock)
+                self.security.configure_client(sock, f"tcp://{source.address}")  # a member identity: the node's key
                 source.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
                 sock.connect(f"tcp://{source.address}")
                 source.sock = sock
@@ -218,8 +219,23 @@ class Puller:
             problems.append(f"{source.node}: {reply}")
         raise PullError(f"no peer gave a manifest of {self.name}@{self.version[:SHORT]}: {'; '.join(problems)}")
 
+    def _introduce(self, source: Source) -> None:
+        """With member identities: this node's certificate, once, before the first Fetch to `source`."""
+        frame = getattr(self.security, "certificate_frame", None)
+        if frame is None or source.introduced or source.sock is None:
+            return
+        try:
+            source.sock.send(frame(), zmq.NOBLOCK)
+            source.introduced = True
+        except zmq.Again:
+            pass  # not connected yet: the next send tries again
+
     def _ask(self, source: Source, msg: Fetch, timeout: float) -> Data | str:
         assert source.sock is not None
+        if not source.introduced and getattr(self.security, "certificate_frame", None) is not None:
+            if not source.sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                return "not reachable"
+            self._introduce(source)
         try:
             source.sock.send(encode(msg), zmq.NOBLOCK)
         except zmq.Again:
@@ -280,6 +296,7 @@ class Puller:
                     rid = self._id()
                     msg = Fetch(rid, self.name, self.version, f["path"], c * chunk, min(chunk, f["size"] - c * chunk))
                     assert source.sock is not None
+                    self._introduce(source)
                     try:
                         source.sock.send(encode(msg), zmq.NOBLOCK)
                     except zmq.Again:

@@ -25,7 +25,7 @@ from ..models.specs import ModelSpec, parse_model_arg
 from ..models.transfer import ChunkServer, Puller, PullError, RateLimit
 
 if TYPE_CHECKING:
-    from mesh import MeshKey, MeshNode, Plaintext
+    from mesh import MemberIdentity, MeshKey, MeshNode, Plaintext
 
     from .config import NodeConfig
     from .executor import Executor
@@ -43,7 +43,7 @@ class AdminHost(Protocol):
 
     def with_node_defaults(self, spec: ModelSpec) -> ModelSpec: ...
 
-    def mesh_security(self) -> MeshKey | Plaintext: ...
+    def mesh_security(self) -> MeshKey | MemberIdentity | Plaintext: ...
 
 
 log = logging.getLogger("lanmesh.admin")

@@ -22,7 +22,7 @@ import psutil
 
 from protocol import check_name
 
-from ..api.keys import check_api_key
+from ..api.keys import CallerKeys, check_api_key
 from ..models.specs import parse_layers, parse_model_arg, split_model_specs
 
 DEFAULT_PORT = 5555
@@ -70,6 +70,10 @@ class NodeConfig:
     # Security (see docs/ARCHITECTURE.md, Security): the mesh key, or an explicitly open mesh.
     key_file: str = ""  # mesh key from `lanmesh keygen`; default: $LANMESH_KEY_FILE, then ~/.config/lanmesh/mesh.key
     insecure: bool = False  # plaintext, no authentication: anyone on the LAN can join and read the traffic
+    # Member identities: the mesh authority's folder (default: `authority` beside the key file, if there), and
+    # where the node keeps what must outlive it: the revocation list, the HTTP API's keys.
+    authority_dir: str = ""
+    state_dir: str = ""  # default: $STATE_DIRECTORY (systemd's StateDirectory=), else ~/.local/state/lanmesh
     # Limits on what one request, client or peer may ask of this node (beyond them: BAD_REQUEST or OVERLOADED).
     max_prompt_chars: int = 262_144  # characters of input (prompt, chat messages, texts to embed) per request
     max_tokens: int = 4096  # highest max_tokens a request may ask for
@@ -119,7 +123,7 @@ class NodeConfig:
         for spec in self.models:  # a bad spec is refused now, not after the models before it have loaded
             parse_model_arg(spec)
         for seed in self.peers:
-            parse_hostport(seed)
+            parse_hostport(seed.rpartition("@")[2])  # KEY@host:port with member identities
         if not 0 <= self.http_port <= 65535:
             raise ValueError("http_port must be between 0 and 65535 (0 = no HTTP gateway)")
         limits = ("max_prompt_chars", "max_tokens", "max_embed_inputs", "max_inflight_per_client")
@@ -128,10 +132,15 @@ class NodeConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_frame_bytes < 64 * 1024:
             raise ValueError("max_frame_bytes must be at least 65536 (64 KiB)")
-        if self.http_port and not is_loopback(self.http_host) and not (self.api_key or self.api_key_file):
+        if (
+            self.http_port
+            and not is_loopback(self.http_host)
+            and not (self.api_key or self.api_key_file or self.has_caller_keys())
+        ):
             raise ValueError(
                 f"--http-host {self.http_host} would expose the HTTP API beyond this machine without a key; "
-                "give one with --api-key, LANMESH_API_KEY or --api-key-file (or keep --http-host 127.0.0.1)"
+                "give one with --api-key, LANMESH_API_KEY, --api-key-file or `lanmesh apikey add NAME` (or keep "
+                "--http-host 127.0.0.1)"
             )
         if self.api_key:
             check_api_key(self.api_key, "--api-key (or LANMESH_API_KEY)")
@@ -171,6 +180,17 @@ class NodeConfig:
             return self.name
         host = re.sub(r"[^A-Za-z0-9_-]+", "-", socket.gethostname().split(".")[0]).strip("-_")[:64] or "node"
         return f"{host}-{uuid.uuid4().hex[:6]}"  # a valid name whatever the hostname holds
+
+    def has_caller_keys(self) -> bool:
+        """Whether `lanmesh apikey add` gave the HTTP API keys per caller (in the state folder)."""
+        return CallerKeys(self.state_folder()).configured()
+
+    def state_folder(self) -> Path:
+        """Where this node keeps state across restarts (member identities' revocation list, the API's keys)."""
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(systemd) if systemd else Path("~/.local/state/lanmesh").expanduser()
 
     def advertised_host(self) -> str:
         return self.advertise or (interface_ipv4(self.interface) if self.interface else default_ipv4())

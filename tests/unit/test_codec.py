@@ -363,9 +363,14 @@ def test_a_load_report_with_stages_and_wants_reaches_older_and_newer_peers() -> 
     report = LoadReport(
         "a", 1, 2, PeerAddr("a", "10.0.0.1", 7000, 7001),
         {"smollm2[0-18]": load, "smollm2[0-18]@3f7583b1": load, "minilm": ModelLoad(0, 0, 8)},
-        wants={"smollm2": StageWant("3f7583b1" * 8, 300 << 20, 2.0)},
+        revocations=5, wants={"smollm2": StageWant("3f7583b1" * 8, 300 << 20, 2.0)},
     )  # fmt: skip
     assert decode(encode(report)) == report
     body = msgpack.unpackb(encode(report)[1:])
+    # On the wire: ..., prefixes, revocations (member identities), wants; a peer that knows revocations but not
+    # stages reads the rest of the report.
+    assert body[10:13] == [{}, 5, {"smollm2": ["3f7583b1" * 8, 300 << 20, 2.0]}]
+    identities_only = decode(bytes([VERSION]) + msgpack.packb(body[:12], use_bin_type=True))
+    assert isinstance(identities_only, LoadReport) and identities_only.revocations == 5 and identities_only.wants == {}
     older = decode(bytes([VERSION]) + msgpack.packb(body[:10], use_bin_type=True))  # a peer before stages
     assert isinstance(older, LoadReport) and older.wants == {} and older.models["minilm"].layers == 0

@@ -174,6 +174,7 @@ function requestRow(r) {
     el("td", { text: time }),
     el("td", { text: ENDPOINTS[r.endpoint] || r.endpoint }, r.stream ? el("span", { className: "chip", text: "stream" }) : null),
     el("td", { text: r.model }),
+    el("td", { className: "caller", text: r.caller || "" }),
     el("td", {}, el("span", { className: ok ? "status ok" : "status failed", text: r.status })),
     el("td", { className: "served-by", text: r.node || "—" }),
     el("td", {}, el("code", { className: "route", text: r.route || "" })),
@@ -189,8 +190,9 @@ export function renderMesh(view) {
   const mode = view.nodes[0]?.security?.mode;
   const badge = byId("mesh-mode");
   badge.hidden = !mode;
-  badge.textContent = mode === "curve" ? "encrypted (CURVE)" : "OPEN MESH (--insecure)";
-  badge.className = mode === "curve" ? "chip" : "chip warn";
+  const closed = mode === "curve" || mode === "identities";
+  badge.textContent = mode === "identities" ? "encrypted, a key per member" : closed ? "encrypted (CURVE)" : "OPEN MESH (--insecure)";
+  badge.className = closed ? "chip" : "chip warn";
   summary(view);
   byId("nodes-body").replaceChildren(...view.nodes.map(nodeRow));
   const t = view.timeline;
