@@ -14,10 +14,11 @@ import pytest
 import zmq
 
 from bench.procs import Cluster, NodeProc
-from mesh import Client
+from mesh import INSECURE_ENV, KEY_ENV, Client, Role
 from nodes.models.packaged import models_status
 from protocol import Chunk, Reply, Request, Task, decode, encode
 from tests.conftest import LOOPBACK
+from tests.member_mesh import TestAuthority
 
 pytestmark = [pytest.mark.models, pytest.mark.timeout(900)]
 
@@ -180,3 +181,30 @@ def test_a_model_no_node_can_hold_whole_is_split_by_the_nodes_that_want_it(
     assert len(stages) == 2 and stages[0].startswith("smollm2[0-") and stages[1].endswith("-29]"), served
     with Client(b.address, timeout=120) as client:
         assert "Paris" in client.chat("smollm2", [{"role": "user", "content": PROMPTS[0]}], max_tokens=16).text
+
+
+def test_a_model_split_over_nodes_with_member_identities_answers(
+    model_cluster: Cluster, model_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every node and the client its own key (no shared mesh key): stage traffic goes between node keys.
+    monkeypatch.delenv(INSECURE_ENV, raising=False)
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    ca = TestAuthority(tmp_path / "mesh")
+    nodes: list[NodeProc] = []
+    for i, layers in enumerate(["0-18", "19-29"]):
+        name = f"id{i}"
+        key = ca.enrol(name, Role.ADMIN if i == 0 else Role.NODE)
+        argv = [*LOOPBACK, "--model", "smollm2", "--layers", layers, "--state-dir", str(ca.state(name))]
+        if i == 0:
+            argv += ["--authority-dir", str(ca.folder / "authority")]
+        else:
+            argv += ["--peer", f"{ca.identity(nodes[0].name).key_text}@{nodes[0].address}"]
+        nodes.append(model_cluster.add(name, argv, wait=300, env=model_env, key_file=key))
+    model_cluster.wait_converged(timeout=30, nodes=nodes)
+    ca.enrol("laptop", Role.CLIENT, nodes=[ca.known(nodes[1].name, nodes[1].address)])
+    with Client(nodes[1].address, security=ca.identity("laptop"), timeout=120) as client:
+        text = client.chat("smollm2", [{"role": "user", "content": PROMPTS[0]}], max_tokens=16, temperature=0).text
+    assert "Paris" in text
+    for node in nodes:  # the hidden states and the tokens went between them, none refused
+        row = node.status()[0]
+        assert row["stats"].get("stage_messages_in", 0) > 0 and row["security"]["role_refused"] == 0, row
