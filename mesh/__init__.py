@@ -44,6 +44,7 @@ from ._identity import KnownNode, MemberIdentity
 from ._keyfiles import MeshSecurity, client_security, default_key_path, key_path, load_key, load_mesh_key
 from ._members import Members, role_needed
 from ._node import MeshNode
+from ._pipeline import StageHolder, compose_chain, holders_of
 from ._prefixes import (
     SUMMARY_BYTES,
     bound_summaries,
@@ -109,6 +110,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "StageHolder",
+    "compose_chain",
+    "holders_of",
     # clients
     "AsyncClient",
     "AsyncStream",

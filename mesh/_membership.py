@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, decode, encode
+from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, Request, StageWant, decode, encode
 
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._peers import Peer
+from ._pipeline import compose_chain, holders_of
 from ._prefixes import summary_news
 from ._sockets import bind_pub
 
@@ -51,6 +52,13 @@ def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
             continue
         out[m] = [v.inflight, v.queued, v.capacity, str(getattr(v, "version", ""))[:8], list(getattr(v, "tasks", ()))]
     return out
+
+
+def _wants_row(wants: dict[str, StageWant]) -> dict[str, Any]:
+    """A status row's `wants`: models the node would hold a stage of (the automatic split), when there are any."""
+    if not wants:
+        return {}
+    return {"wants": {m: {"budget_mib": w.budget >> 20, "cores": w.speed} for m, w in wants.items()}}
 
 
 class Membership:
@@ -187,6 +195,7 @@ class Membership:
             leaving=self.leaving,
             fingerprint=self.s.fingerprint,
             prefixes={} if self.leaving else self._prefix_news(),
+            wants={} if self.leaving else dict(getattr(self.server, "wants", dict)()),
             revocations=self.revocations_serial(),
         )
         try:
@@ -261,6 +270,7 @@ class Membership:
         peer.incarnation, peer.seq = r.incarnation, r.seq
         peer.models = dict(r.models)
         peer.labels = dict(r.labels)
+        peer.wants = dict(r.wants)
         peer.leaving = r.leaving
         for model, load in r.models.items():
             self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, now, load.rate)
@@ -376,6 +386,7 @@ class Membership:
                 "stats": dict(self.stats),
                 "executor": self.server.stats(),
                 "security": self.security_view(now),
+                **_wants_row(getattr(self.server, "wants", dict)()),
             }
         ]
         for peer in self.links.peers:
@@ -390,6 +401,7 @@ class Membership:
                     "last_heard_s": round(now - peer.last_heard, 3),
                     "inflight_to": self.policy.inflight_to(peer.node),
                     "source": peer.source,
+                    **_wants_row(peer.wants),
                     # member identities: each node's key and certificate (clients learn node keys from them)
                     **(self.trust.row(peer.addr.key) if self.trust is not None and peer.verified else {}),
                 }
@@ -408,6 +420,92 @@ class Membership:
             load = peer.models.get(name)
             if load is not None and load.version and self.detector.state(peer.node) is PeerState.ALIVE:
                 out.append((peer.node, f"{peer.addr.host}:{peer.addr.port}", load.version))
+        return out
+
+    def eligible(self, req: Request, excluded: set[str] | frozenset[str]) -> tuple[list[str], bool]:
+        """Eligible node ids for `req` (the node's `EntryHost.eligible`), and whether any node at all serves the
+        model (a stage of it counts)."""
+        out: list[str] = []
+        known = False
+        if self.server.serves(req.model):
+            known = True
+            labels = self.server.labels
+            if (
+                not self.leaving
+                and self.node_id not in excluded
+                and all(labels.get(k) == v for k, v in req.require.items())
+            ):
+                out.append(self.node_id)
+        known = known or self.stage_known(req.model)
+        if self.trust is not None and not self.trust.synced:
+            return out, known  # catching up with revocations: no peer is routed to yet
+        for peer in self.links.peers:
+            if req.model not in peer.models:
+                continue
+            known = True
+            if peer.node in excluded or peer.leaving:
+                continue
+            if self.detector.state(peer.node) is not PeerState.ALIVE:
+                continue
+            if peer.serves(req.model, req.require):
+                out.append(peer.node)
+        return out, known
+
+    def servers(self, model: str) -> list[str]:
+        """Every node (alive or not) that announced `model`, this one included."""
+        nodes = [peer.node for peer in self.links.peers if model in peer.models]
+        if self.server.serves(model):
+            nodes.append(self.node_id)
+        return nodes
+
+    def stage_servers(self, req: Request, excluded: set[str] | frozenset[str]) -> list[tuple[str, str, int, str]]:
+        """(node, served name, the whole model's layers, version) of every pipeline stage this node and its live
+        peers serve that may take `req` now (alive, not leaving, not excluded, labels matching)."""
+        out = []
+        if not self.leaving and self.node_id not in excluded:
+            labels = self.server.labels
+            if all(labels.get(k) == v for k, v in req.require.items()):
+                out += [(self.node_id, name, load.layers, load.version) for name, load in self.server.models().items()
+                        if load.layers]  # fmt: skip
+        if self.trust is not None and not self.trust.synced:
+            return out  # catching up with revocations: no peer is routed to yet
+        for peer in self.links.peers:
+            if peer.node in excluded or peer.leaving or self.detector.state(peer.node) is not PeerState.ALIVE:
+                continue
+            out += [(peer.node, name, load.layers, load.version) for name, load in peer.models.items()
+                    if load.layers and peer.serves(name, req.require)]  # fmt: skip
+        return out
+
+    def pipeline(self, req: Request, excluded: set[str], now: float) -> tuple[list[tuple[str, str]], str] | None:
+        """A chain of live stage holders serving `req`'s model together (P2C among each stage's holders), and the
+        route that says so (`pipeline:<why stage 1>><why stage 2>...`); None when they cannot cover it now."""
+        holders = holders_of(req.model, self.stage_servers(req, excluded))
+
+        def choose(stage: str, nodes: list[str]) -> tuple[str, str] | None:
+            choice = self.policy.choose(stage, nodes, now)
+            return (choice.node, choice.reason) if choice is not None else None
+
+        found = compose_chain(holders, choose) if holders else None
+        return None if found is None else (found[0], "pipeline:" + ">".join(found[1]))
+
+    def stage_known(self, model: str) -> bool:
+        """Whether any node (alive or not) serves a stage of `model`."""
+        prefix = model.partition("@")[0] + "["
+        models = [self.server.models(), *(p.models for p in self.links.peers)]
+        return any(name.startswith(prefix) and load.layers for m in models for name, load in m.items())
+
+    def stage_view(self, model: str) -> list[tuple[str, StageWant | None, list[tuple[str, str]]]]:
+        """For the automatic split (any thread): every live peer's want of `model` and the stages of it it serves,
+        as (node, want or None, [(stage name, version)])."""
+        out = []
+        prefix = model + "["
+        for peer in self.links.peers:
+            if peer.leaving or self.detector.state(peer.node) is not PeerState.ALIVE:
+                continue
+            held = [(n, load.version) for n, load in peer.models.items() if n.startswith(prefix) and load.layers]
+            want = peer.wants.get(model)
+            if want is not None or held:
+                out.append((peer.node, want, held))
         return out
 
     def on_refused_connection(self, kind: str, source: str) -> None:

@@ -9,7 +9,9 @@ from typing import Any
 
 import msgpack
 
+from ._decode_stages import _dec_stage, _dec_wants, _stages, _token_ids
 from ._errors import DecodeError, ErrorCode
+from ._fields import _bool, _fail, _fields, _int, _label, _name, _or, _rid, _str, _strmap, _value, _version
 from ._messages import (
     Admin,
     Cancel,
@@ -33,7 +35,7 @@ from ._messages import (
     Revocations,
     Task,
 )
-from ._names import is_name, is_version, name_problem
+from ._names import is_name
 from ._wire import (
     DEFAULT_LIMITS,
     ID_LEN,
@@ -62,95 +64,13 @@ from ._wire import (
     T_REPLY,
     T_REQUEST,
     T_REVOCATIONS,
+    T_STAGE,
     VERSION,
     Limits,
 )
 
 _TASKS = {t.value: t for t in Task}
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
-
-
-def _fail(what: str, rid: str | None = None) -> DecodeError:
-    return DecodeError(what, rid)
-
-
-def _str(v: Any, name: str, max_len: int, rid: str | None, *, empty: bool = True) -> str:
-    if type(v) is str and (empty or v) and len(v) <= max_len:
-        return v  # the common case, checked cheaply: this runs several times per request
-    if not isinstance(v, str):
-        raise _fail(f"{name} must be a string, got {type(v).__name__}", rid)
-    if len(v) > max_len:
-        raise _fail(f"{name} is longer than {max_len} characters", rid)
-    if not empty and not v:
-        raise _fail(f"{name} must not be empty", rid)
-    return v
-
-
-def _int(v: Any, name: str, lo: int, hi: int, rid: str | None) -> int:
-    if type(v) is int and lo <= v <= hi:
-        return v
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _fail(f"{name} must be an integer, got {type(v).__name__}", rid)
-    if not lo <= v <= hi:
-        raise _fail(f"{name} must be between {lo} and {hi}, got {v}", rid)
-    return v
-
-
-def _name(v: Any, what: str, rid: str | None, *, empty: bool = False) -> str:
-    """A node or model name (`protocol._names`); `empty`: "" is allowed too (nobody named)."""
-    if is_name(v) or (empty and v == ""):
-        return v
-    raise _fail(name_problem(v, what) or f"{what} is not a valid name", rid)
-
-
-def _label(v: Any, what: str, rid: str | None) -> str:
-    """Who sent a message when that may be a client (its chosen id): any printable text, bounded."""
-    v = _str(v, what, NAME_LEN, rid)
-    if not v.isprintable():
-        raise _fail(f"{what} must be printable text", rid)
-    return v
-
-
-def _version(v: Any, what: str, rid: str | None, *, empty: bool) -> str:
-    """A model version (lowercase hex, or a prefix of it); `empty`: "" is allowed too (none known)."""
-    if is_version(v) or (empty and v == ""):
-        return v
-    raise _fail(f"{what} must be lowercase hex digits (at most 64), got {str(v)[:80]!r}", rid)
-
-
-def _bool(v: Any, name: str, rid: str | None) -> bool:
-    if not isinstance(v, bool):
-        raise _fail(f"{name} must be true or false, got {type(v).__name__}", rid)
-    return v
-
-
-def _depth_ok(v: Any, limit: int) -> bool:
-    """True when `v` nests no deeper than `limit` containers."""
-    t = type(v)
-    if t is str or t is int or t is float or t is bool or v is None:
-        return True
-    if isinstance(v, (list, tuple, dict)):
-        if limit <= 0:
-            return False
-        items = v.values() if isinstance(v, dict) else v
-        return all(_depth_ok(x, limit - 1) for x in items)
-    return True
-
-
-def _value(v: Any, name: str, lim: Limits, rid: str | None) -> Any:
-    if not _depth_ok(v, lim.max_depth):
-        raise _fail(f"{name} nests deeper than {lim.max_depth} levels", rid)
-    return v
-
-
-def _strmap(v: Any, name: str, rid: str | None, lim: Limits, *, str_values: bool) -> dict[str, Any]:
-    if type(v) is dict and not v:
-        return v
-    if not isinstance(v, dict):
-        raise _fail(f"{name} must be a map, got {type(v).__name__}", rid)
-    if str_values and not all(isinstance(x, str) for x in v.values()):
-        raise _fail(f"{name} values must be strings", rid)
-    return _value(v, name, lim, rid)
 
 
 def _chat_input(v: Any, rid: str | None) -> list[dict[str, str]]:
@@ -179,18 +99,6 @@ def _task_input(task: Task, v: Any, lim: Limits, rid: str | None) -> Any:
             return v
         raise _fail("embed input must be a string or a non-empty list of strings", rid)
     return _value(v, "input", lim, rid)
-
-
-def _fields(body: list[Any], n_required: int, n_total: int, kind: str, rid: str | None) -> list[Any]:
-    """Pad optional trailing fields with None; ignore fields added by newer peers."""
-    n = len(body) - 1
-    if n < n_required:
-        raise _fail(f"{kind} needs at least {n_required} fields, got {n}", rid)
-    return body[1 : n_total + 1] + [None] * max(0, n_total - n)
-
-
-def _or(v: Any, default: Any) -> Any:
-    return default if v is None else v
 
 
 _SCALAR_TYPES = (str, int, float, bool, type(None))
@@ -232,7 +140,7 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
 def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
     rid_raw = b[1] if len(b) > 1 else None
     rid = rid_raw if isinstance(rid_raw, str) and 0 < len(rid_raw) <= ID_LEN else None
-    f = _fields(b, 4, 12, "request", rid)
+    f = _fields(b, 4, 14, "request", rid)
     rid = _str(f[0], "id", ID_LEN, None, empty=False)
     model = _name(f[1], "model", rid)
     task = _TASKS.get(f[2]) if isinstance(f[2], str) else None
@@ -251,6 +159,8 @@ def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
         stream=_bool(_or(f[9], False), "stream", rid),
         require=_strmap(_or(f[10], {}), "require", rid, lim, str_values=True),
         prefix=_str(_or(f[11], ""), "prefix", lim.max_str_len, rid),
+        stages=_stages(_or(f[12], []), rid),
+        prefix_ids=_token_ids(_or(f[13], []), "prefix_ids", rid),
     )
 
 
@@ -291,6 +201,7 @@ def _dec_models(v: Any) -> dict[str, ModelLoad]:
             float(rate),
             version,
             _dec_tasks(load[5]) if len(load) > 5 else (),
+            _int(load[6], "model layers", 0, 2**20, None) if len(load) > 6 else 0,
         )
     return out
 
@@ -317,7 +228,7 @@ def _dec_prefixes(v: Any) -> dict[str, bytes]:
 
 
 def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
-    f = _fields(b, 4, 11, "load report", None)
+    f = _fields(b, 4, 12, "load report", None)
     peers = _or(f[6], [])
     if not isinstance(peers, list):
         raise _fail("peers must be a list")
@@ -333,11 +244,8 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
         fingerprint=_str(_or(f[8], ""), "fingerprint", NAME_LEN, None),
         prefixes=_dec_prefixes(_or(f[9], {})),
         revocations=_int(_or(f[10], 0), "revocations", 0, 2**63 - 1, None),
+        wants=_dec_wants(_or(f[11], {})),
     )
-
-
-def _rid(b: list[Any]) -> str:
-    return _str(b[1], "id", ID_LEN, None, empty=False)
 
 
 def _flat(v: Any) -> bool:
@@ -542,6 +450,7 @@ _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     T_ADMIN: _dec_admin,
     T_FETCH: _dec_fetch,
     T_DATA: _dec_data,
+    T_STAGE: _dec_stage,
     T_CREDENTIALS: _dec_credentials,
     T_JOIN: _dec_join,
     T_REVOCATIONS: _dec_revocations,
