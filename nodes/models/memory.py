@@ -9,13 +9,13 @@ test (tests/models/test_memory_budget.py) holds a node under a real cgroup limit
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .gguf_header import GGUFHeaderError, read_header
 from .specs import DEFAULT_PRECISION, ModelSpec, resolve_path, stage_range
 
 if TYPE_CHECKING:
@@ -242,27 +242,19 @@ def _hf_shape(config: dict[str, Any], itemsize: int) -> KVShape:
 
 
 def _gguf_shape(path: Path, itemsize: int) -> KVShape | None:
-    if importlib.util.find_spec("gguf") is None:
+    try:
+        header = read_header(path)
+    except GGUFHeaderError:
         return None
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-
-    def value(key: str) -> Any:
-        field = reader.fields.get(key)
-        if field is None:
-            return None
-        return field.parts[field.data[0]].tolist()[0] if field.data else None
-
-    raw = reader.fields["general.architecture"]
-    arch = bytes(raw.parts[raw.data[0]]).decode()
-    heads = int(value(f"{arch}.attention.head_count"))
-    kv_heads = int(value(f"{arch}.attention.head_count_kv") or heads)
-    head_size = int(value(f"{arch}.attention.key_length") or int(value(f"{arch}.embedding_length")) // heads)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else _VOCAB_GUESS
-    return KVShape(int(value(f"{arch}.block_count")), kv_heads, head_size, int(value(f"{arch}.context_length") or 2048),
-                   vocab, itemsize)  # fmt: skip
+    arch = header.get("general.architecture")
+    if not isinstance(arch, str):
+        return None
+    heads = int(header.get(f"{arch}.attention.head_count"))
+    kv_heads = int(header.get(f"{arch}.attention.head_count_kv") or heads)
+    head_size = int(header.get(f"{arch}.attention.key_length") or int(header.get(f"{arch}.embedding_length")) // heads)
+    vocab = header.array_lengths.get("tokenizer.ggml.tokens", _VOCAB_GUESS)
+    return KVShape(int(header.get(f"{arch}.block_count")), kv_heads, head_size,
+                   int(header.get(f"{arch}.context_length") or 2048), vocab, itemsize)  # fmt: skip
 
 
 def _single(folder: Path, pattern: str) -> Path:
@@ -273,12 +265,10 @@ def _single(folder: Path, pattern: str) -> Path:
 
 
 def _gguf_fp32_bytes(path: Path) -> int:
-    if importlib.util.find_spec("gguf") is None:
+    try:
+        return sum(4 * n for n in read_header(path).tensor_elements.values())
+    except GGUFHeaderError:
         return int(path.stat().st_size * _GGUF_FALLBACK_EXPANSION)
-    from gguf import GGUFReader  # reads the header and memory-maps the tensors; no weights are decoded
-
-    reader = GGUFReader(str(path))
-    return sum(4 * int(t.n_elements) for t in reader.tensors)
 
 
 def _folder_fp32_bytes(folder: Path) -> int:
