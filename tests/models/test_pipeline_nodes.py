@@ -23,7 +23,7 @@ from tests.member_mesh import TestAuthority
 pytestmark = [pytest.mark.models, pytest.mark.timeout(900)]
 
 PROMPTS = [
-    "What is the capital of France?",
+    "What is the capital of France? Answer in one sentence.",  # bare, SmolLM2 itself is at a tie (test_default_models)
     "Name three colours of the rainbow.",
     "Write a haiku about the sea.",
     "What is 12 times 12?",
