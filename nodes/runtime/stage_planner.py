@@ -25,6 +25,7 @@ from ..models.cache import content_digest
 from ..models.memory import MIB, stage_kv_cache, stage_need, whole_build
 from ..models.specs import DEFAULT_PRECISION, ModelSpec, resolve_path, spec_text, with_layers
 from ..models.stage_plan import Member, StagePlan, plan_stages
+from .memory_budget import ModelTooBig
 
 if TYPE_CHECKING:
     from ..models.backends.onnx_stage_graph import LayerCosts
@@ -98,12 +99,20 @@ class StagePlanner:
                 ready.append(want)
             except Exception:  # a model that cannot be built or cut is not split; the node serves on
                 log.exception("model %s: cannot take part in a split", want.name)
+        failed: dict[str, str] = {}  # model -> the last failure logged (said once, not every POLL_S)
         while not self._stop.wait(POLL_S):
             for want in ready:
                 try:
                     self._plan(want, time.monotonic())
-                except Exception:
-                    log.exception("model %s: the split plan failed this time", want.name)
+                    failed.pop(want.name, None)
+                except ModelTooBig as exc:
+                    if failed.get(want.name) != str(exc):
+                        log.error("model %s: cannot hold the stage the split gives this node: %s", want.name, exc)
+                    failed[want.name] = str(exc)
+                except Exception as exc:
+                    if failed.get(want.name) != repr(exc):
+                        log.exception("model %s: the split plan failed (trying again every %g s)", want.name, POLL_S)
+                    failed[want.name] = repr(exc)
 
     def _prepare(self, want: Want) -> None:
         """The whole build (built now if it is not yet: minutes, once), its version and its layers' costs; then the
