@@ -19,6 +19,7 @@ SCENARIOS = {
     "models": "the default models through one node: tokens/s, time to first token, embeddings/s, start times",
     "transfer": "a >= 100 MB model pulled from 3 peers over a 200 Mbit/s link: clean, a sender killed, rotten chunks",
     "rollout": "every node of a 4-node mesh moves to a new model version under steady load: failures, step times",
+    "scale": "100 idle echo nodes in namespaces: time to see all, packets/s, CPU and RSS per node, detection, churn",
 }
 
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--reps", type=int, default=3, help="repetitions; the summary reports medians")
         if name == "overhead":
             p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve anchor")
+        if name == "scale":
+            p.add_argument("--nodes", type=int, help="how many nodes (default 100; --quick: 12)")
         if name == "soak":
             p.add_argument("--minutes", type=float, default=10.0, help="length of the run (--quick: 1)")
             p.add_argument("--seed", type=int, default=7, help="seed of the fault schedule")
@@ -104,6 +107,11 @@ def _run(args: argparse.Namespace) -> int:
 
         result = transfer.run(quick=args.quick, mode=args.mode)
         return 0 if result["summary"]["all_intact"] else 1
+    elif args.scenario == "scale":
+        from . import scale
+
+        result = scale.run(quick=args.quick, mode=args.mode, nodes=args.nodes)
+        return 0 if result["summary"]["churn_failed"] == 0 else 1
     elif args.scenario == "rollout":
         from . import rollout
 

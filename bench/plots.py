@@ -249,3 +249,32 @@ def plot_rollout(result: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8, loc="lower left", ncol=3)
     fig.suptitle(f"rollout — {_subtitle(result)}", fontsize=9)
     _save(fig, path)
+
+
+def plot_scale(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
+    phases = [("idle", result["idle"]), ("light load", result["light"])]
+    x = range(len(phases))
+    a.bar([i - 0.2 for i in x], [p["packets_in_per_s"]["median"] for _, p in phases], 0.4, label="in", color="#2b7bba")
+    a.bar([i + 0.2 for i in x], [p["packets_out_per_s"]["median"] for _, p in phases], 0.4, label="out",
+          color="#5aa6dd")  # fmt: skip
+    a.axhline(result["goals"]["idle_packets_in_per_s"], color="#c0392b", ls="--", lw=1, label="goal (idle, in)")
+    a.set_xticks(list(x), [name for name, _ in phases])
+    a.set_ylabel("packets/s per node (median)")
+    a.legend(fontsize=8)
+    b.bar([name for name, _ in phases], [p["cpu_percent"]["median"] for _, p in phases], color="#d9822b")
+    b.axhline(result["goals"]["idle_cpu_percent"], color="#c0392b", ls="--", lw=1, label="goal (idle)")
+    b.set_ylabel("CPU % per node (median)")
+    b.legend(fontsize=8)
+    faults = [("kill -9", "kill_detected_s"), ("SIGSTOP", "sigstop_detected_s")]
+    c.bar([f"{f}\nnot alive" for f, _ in faults] + [f"{f}\ndead" for f, _ in faults],
+          [result[f]["not_alive_all_s"] or 0 for f, _ in faults] + [result[f]["dead_all_s"] or 0 for f, _ in faults],
+          color=["#9aa5b1", "#9aa5b1", "#2b7bba", "#2b7bba"])  # fmt: skip
+    for i, (_, goal) in enumerate(faults):
+        c.plot([i + 1.6, i + 2.4], [result["goals"][goal]] * 2, color="#c0392b", ls="--", lw=1)
+    c.set_ylabel("seconds until every other node saw it")
+    see = result["see_all"]["after_last_start_s"]
+    fig.suptitle(f"scale: {result['nodes']} echo nodes; all saw all {see if see is None else round(see, 1)} s "
+                 f"after the last start — {_subtitle(result)}", fontsize=9)  # fmt: skip
+    _save(fig, path)
