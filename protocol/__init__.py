@@ -5,15 +5,18 @@ from ._decode import decode, error_code_name
 from ._encode import encode, restamp_reply, restamp_request
 from ._errors import RETRYABLE, DecodeError, ErrorCode
 from ._messages import (
+    MEMBER_STATES,
     Admin,
     Cancel,
     Chunk,
     Data,
+    Digest,
     Error,
     Fetch,
     Hello,
     Leave,
     LoadReport,
+    Member,
     Message,
     ModelLoad,
     PeerAddr,
@@ -22,6 +25,7 @@ from ._messages import (
     Reject,
     Reply,
     Request,
+    Suspicion,
     Task,
 )
 from ._wire import DEFAULT_LIMITS, MAX_CHUNK_BYTES, MAX_DEADLINE_MS, MAX_HOPS, VERSION, Limits
@@ -31,6 +35,7 @@ __all__ = [
     "MAX_CHUNK_BYTES",
     "MAX_DEADLINE_MS",
     "MAX_HOPS",
+    "MEMBER_STATES",
     "RETRYABLE",
     "VERSION",
     "Admin",
@@ -38,6 +43,7 @@ __all__ = [
     "Chunk",
     "Data",
     "DecodeError",
+    "Digest",
     "Error",
     "ErrorCode",
     "Fetch",
@@ -45,6 +51,7 @@ __all__ = [
     "Leave",
     "Limits",
     "LoadReport",
+    "Member",
     "Message",
     "ModelLoad",
     "PeerAddr",
@@ -53,6 +60,7 @@ __all__ = [
     "Reject",
     "Reply",
     "Request",
+    "Suspicion",
     "Task",
     "decode",
     "encode",

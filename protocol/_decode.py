@@ -11,15 +11,18 @@ import msgpack
 
 from ._errors import DecodeError, ErrorCode
 from ._messages import (
+    MEMBER_STATES,
     Admin,
     Cancel,
     Chunk,
     Data,
+    Digest,
     Error,
     Fetch,
     Hello,
     Leave,
     LoadReport,
+    Member,
     Message,
     ModelLoad,
     PeerAddr,
@@ -28,6 +31,7 @@ from ._messages import (
     Reject,
     Reply,
     Request,
+    Suspicion,
     Task,
 )
 from ._wire import (
@@ -41,6 +45,7 @@ from ._wire import (
     T_CANCEL,
     T_CHUNK,
     T_DATA,
+    T_DIGEST,
     T_ERROR,
     T_FETCH,
     T_HELLO,
@@ -51,6 +56,7 @@ from ._wire import (
     T_REJECT,
     T_REPLY,
     T_REQUEST,
+    T_SUSPICION,
     VERSION,
     Limits,
 )
@@ -254,7 +260,7 @@ def _dec_models(v: Any) -> dict[str, ModelLoad]:
 
 
 def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
-    f = _fields(b, 4, 9, "load report", None)
+    f = _fields(b, 4, 10, "load report", None)
     peers = _or(f[6], [])
     if not isinstance(peers, list):
         raise _fail("peers must be a list")
@@ -268,6 +274,48 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
         peers=tuple(_dec_addr(p) for p in peers),
         leaving=_bool(_or(f[7], False), "leaving", None),
         fingerprint=_str(_or(f[8], ""), "fingerprint", NAME_LEN, None),
+        on_change=_bool(_or(f[9], False), "on_change", None),
+    )
+
+
+def _dec_suspicion(b: list[Any], lim: Limits) -> Suspicion:
+    f = _fields(b, 4, 5, "suspicion", None)
+    return Suspicion(
+        node=_str(f[0], "node", NAME_LEN, None, empty=False),
+        incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
+        seq=_int(f[2], "seq", 0, 2**63 - 1, None),
+        by=_str(f[3], "by", NAME_LEN, None, empty=False),
+        dead=_bool(_or(f[4], False), "dead", None),
+    )
+
+
+_STATES = frozenset(MEMBER_STATES)
+
+
+def _dec_member(v: Any) -> Member:
+    if not isinstance(v, list) or len(v) < 7:
+        raise _fail("digest member must be [node, host, port, pub_port, incarnation, seq, state]")
+    state = v[6]
+    if state not in _STATES:
+        raise _fail(f"digest member state must be one of {list(MEMBER_STATES)}, got {state!r}")
+    return Member(
+        addr=_dec_addr(v[:4]),
+        incarnation=_int(v[4], "incarnation", 0, 2**63 - 1, None),
+        seq=_int(v[5], "seq", 0, 2**63 - 1, None),
+        state=state,
+    )
+
+
+def _dec_digest(b: list[Any], lim: Limits) -> Digest:
+    f = _fields(b, 3, 4, "digest", None)
+    members = _or(f[3], [])
+    if not isinstance(members, list):
+        raise _fail("digest members must be a list")
+    return Digest(
+        node=_str(f[0], "node", NAME_LEN, None, empty=False),
+        count=_int(f[1], "count", 0, 2**31, None),
+        checksum=_int(f[2], "checksum", 0, 2**64 - 1, None),
+        members=tuple(_dec_member(m) for m in members),
     )
 
 
@@ -446,6 +494,8 @@ _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     T_ADMIN: _dec_admin,
     T_FETCH: _dec_fetch,
     T_DATA: _dec_data,
+    T_SUSPICION: _dec_suspicion,
+    T_DIGEST: _dec_digest,
 }
 
 

@@ -14,6 +14,7 @@ from ._messages import (
     Cancel,
     Chunk,
     Data,
+    Digest,
     Error,
     Fetch,
     Hello,
@@ -26,12 +27,14 @@ from ._messages import (
     Reject,
     Reply,
     Request,
+    Suspicion,
 )
 from ._wire import (
     T_ADMIN,
     T_CANCEL,
     T_CHUNK,
     T_DATA,
+    T_DIGEST,
     T_ERROR,
     T_FETCH,
     T_HELLO,
@@ -42,6 +45,7 @@ from ._wire import (
     T_REJECT,
     T_REPLY,
     T_REQUEST,
+    T_SUSPICION,
     VERSION,
 )
 
@@ -80,7 +84,13 @@ def _enc_load(m: LoadReport) -> list[Any]:
         [_addr(p) for p in m.peers],
         m.leaving,
         m.fingerprint,
+        m.on_change,
     ]
+
+
+def _enc_digest(m: Digest) -> list[Any]:
+    members = [[*_addr(e.addr), e.incarnation, e.seq, e.state] for e in m.members]
+    return [T_DIGEST, m.node, m.count, m.checksum, members]
 
 
 _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
@@ -98,6 +108,8 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Admin: lambda m: [T_ADMIN, m.id, m.action, m.args],
     Fetch: lambda m: [T_FETCH, m.id, m.name, m.version, m.path, m.offset, m.length],
     Data: lambda m: [T_DATA, m.id, m.node, m.offset, m.data],
+    Suspicion: lambda m: [T_SUSPICION, m.node, m.incarnation, m.seq, m.by, m.dead],
+    Digest: _enc_digest,
 }
 
 _VERSION_BYTE = bytes([VERSION])

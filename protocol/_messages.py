@@ -168,12 +168,13 @@ class PeerAddr:
 
 @dataclass(frozen=True, slots=True)
 class LoadReport:
-    """A node's periodic gossip: its load, labels and who it knows.
+    """A node's own news: its load, models, labels, whether it is leaving.
 
-    `incarnation` changes on every restart and `seq` grows within one
-    incarnation, so receivers can tell a restart from a stale or repeated
-    report. `peers` is the membership digest: one live peer is enough to
-    learn the whole mesh.
+    `incarnation` changes on every restart and `seq` grows with every report within one incarnation, so receivers
+    can tell a restart from a stale or repeated report, and a report outranks a `Suspicion` of an older one.
+    `on_change`: the node reports only when something changed past a threshold and otherwise stays quiet (its
+    liveness is probed; membership travels in `Digest`s); older nodes leave it False, report every gossip interval
+    and list their live peers in `peers`.
     """
 
     node: str
@@ -185,6 +186,51 @@ class LoadReport:
     peers: tuple[PeerAddr, ...] = ()
     leaving: bool = False
     fingerprint: str = ""
+    on_change: bool = False
+
+
+MEMBER_STATES = ("alive", "suspect", "dead", "left")
+
+
+@dataclass(frozen=True, slots=True)
+class Suspicion:
+    """`by` says that `node` has gone quiet: suspect, or with `dead`, dead. It names the incarnation and report
+    (`seq`) of `node` it last knew, so a newer report of `node` outranks it: `node` refutes it by reporting again.
+    Published by the nodes that watch `node`; sent to `node` itself by a node that hears from it while it holds it
+    suspect or dead."""
+
+    node: str
+    incarnation: int
+    seq: int
+    by: str
+    dead: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One entry of a membership digest: a node, the last report of it known (`incarnation`, `seq`) and its
+    state (`MEMBER_STATES`)."""
+
+    addr: PeerAddr
+    incarnation: int
+    seq: int
+    state: str = "alive"
+
+    @property
+    def node(self) -> str:
+        return self.addr.node
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """Anti-entropy between two nodes. Without `members`: the sender's `count` and `checksum` of its membership
+    view, to compare; a receiver whose view differs answers with its own `members`. With `members`: the sender's
+    whole view, so the receiver learns what it lacks (and the asker answers once with its own, so both do)."""
+
+    node: str
+    count: int
+    checksum: int
+    members: tuple[Member, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +269,22 @@ class Pong:
 
 
 Message = (
-    Request | Reply | Chunk | Error | Reject | LoadReport | Hello | Leave | Ping | Pong | Cancel | Admin | Fetch | Data
+    Request
+    | Reply
+    | Chunk
+    | Error
+    | Reject
+    | LoadReport
+    | Hello
+    | Leave
+    | Ping
+    | Pong
+    | Cancel
+    | Admin
+    | Fetch
+    | Data
+    | Suspicion
+    | Digest
 )
 
 __all__ = [
@@ -231,12 +292,15 @@ __all__ = [
     "Cancel",
     "Chunk",
     "Data",
+    "Digest",
     "Error",
     "ErrorCode",
     "Fetch",
     "Hello",
     "Leave",
     "LoadReport",
+    "MEMBER_STATES",
+    "Member",
     "Message",
     "ModelLoad",
     "PeerAddr",
@@ -245,5 +309,6 @@ __all__ = [
     "Reject",
     "Reply",
     "Request",
+    "Suspicion",
     "Task",
 ]

@@ -11,6 +11,7 @@ VERSION = 1
 T_REQUEST, T_REPLY, T_CHUNK, T_ERROR, T_REJECT = 1, 2, 3, 4, 5
 T_LOAD, T_HELLO, T_LEAVE, T_PING, T_PONG = 6, 7, 8, 9, 10
 T_CANCEL, T_ADMIN, T_FETCH, T_DATA = 11, 12, 13, 14
+T_SUSPICION, T_DIGEST = 15, 16
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # the most one Fetch may ask for (one Data frame, well under the frame limit)
 
 MAX_DEADLINE_MS = 86_400_000  # one day; anything longer is a bug on the caller's side
