@@ -1,9 +1,13 @@
 """A node's links to its peers: one DEALER per peer (requests out, answers back), the SUB that hears their gossip,
 seeds, hellos, and the rule of who may claim to be whom.
 
-Every link runs ZMTP heartbeats and TCP keepalive, and gives up a connect attempt after a second, so a link that
-was dropped silently (a cable, a Wi-Fi blip, a firewall) is torn down and re-made by ZeroMQ, and used again within
-about a second of the network coming back, whatever the length of the outage.
+Links cost nothing while idle: no ZMTP heartbeats (a heartbeat per link would make every node's traffic grow with the
+mesh; liveness is the gossip's probes), only a TCP keepalive every two minutes. Data that a peer does not acknowledge
+within `dead_after` gives the connection up (TCP_MAXRT), a connect attempt gives up after half a second, and
+ZeroMQ reconnects at most half a second apart, so a link dropped silently (a cable, a Wi-Fi blip, a firewall) is
+re-made within about a second of the network coming back, whatever the length of the outage; a link that carried
+nothing meanwhile never noticed. The SUB connection to a peer that comes back from the dead is made afresh
+(`resubscribe`): its gossip may otherwise sit on a half-open connection.
 
 Identity: one mesh key proves membership, not which member. A peer's name is bound to the address it gossips
 from while it is alive: a claim to a live peer's name from another address (a LoadReport, a Hello, a seed's
@@ -25,9 +29,9 @@ from typing import Any, Protocol
 
 import zmq
 
-from protocol import Hello, Leave, LoadReport, PeerAddr, encode
+from protocol import Hello, Leave, LoadReport, PeerAddr, Suspicion, encode
 
-from ._failure import FailureDetector, PeerState, Transition
+from ._failure import PeerState
 from ._peers import Peer, PeerTable
 from ._security import MeshKey, Plaintext, RejectionLog, same_host, valid_peer_host
 
@@ -41,20 +45,26 @@ MAX_UNVERIFIED_PEERS = 64  # peers learned from claims (Hello, mDNS, digests) wh
 _CONNECT_TIMEOUT_MS = 500
 _RECONNECT_MS, _RECONNECT_MAX_MS = 100, 500
 _SEED_HELLO_S = 1.0
+_KEEPALIVE_IDLE_S = 120  # an idle link's one packet every two minutes (stateful firewalls, half-open connections)
 
 
-def link_options(sock: zmq.Socket[Any], heartbeat_s: float, dead_after_s: float) -> None:
-    """What every peer link (DEALER, SUB) sets: reconnect quickly, notice a silent drop, never wait on a dead SYN."""
+def link_options(sock: zmq.Socket[Any], dead_after_s: float) -> None:
+    """What every peer link (DEALER, SUB) sets: reconnect quickly, give up on data nobody acknowledges, never wait
+    on a dead SYN, and say nothing while idle."""
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
     sock.setsockopt(zmq.CONNECT_TIMEOUT, _CONNECT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(dead_after_s * 1000)))
-    sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(dead_after_s * 1000)))
+    tcp_options(sock, dead_after_s)
+
+
+def tcp_options(sock: zmq.Socket[Any], dead_after_s: float) -> None:
+    """Every TCP connection of a node (its bound sockets' too): unacknowledged data for `dead_after_s` ends the
+    connection (ZeroMQ then re-makes it), and an idle one is checked every two minutes."""
+    sock.setsockopt(zmq.TCP_MAXRT, max(1000, int(dead_after_s * 1000)))
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(dead_after_s)))
-    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, _KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
 
 
@@ -62,7 +72,6 @@ class LinkSettings(Protocol):
     node_id: str
     fingerprint: str
     hwm: int
-    gossip_interval: float
     dead_after: float
     key: MeshKey | None
     limits: Any
@@ -112,17 +121,15 @@ class PeerLinks:
         ctx: zmq.Context[Any],
         poller: zmq.Poller,
         settings: LinkSettings,
-        detector: FailureDetector,
+        state: Callable[[str], PeerState | None],
         stats: collections.Counter[str],
         wake: Callable[[], None],
-        on_transition: Callable[[Transition], None],
     ) -> None:
         self.ctx = ctx
         self.poller = poller
         self.s = settings
-        self.detector = detector
+        self.state = state  # what the node believes of a peer (its gossip's view)
         self.stats = stats
-        self.on_transition = on_transition
         self.peers = PeerTable()
         self.monitors: dict[zmq.Socket[Any], Peer] = {}
         self.seeds: dict[tuple[str, int], zmq.Socket[Any]] = {}
@@ -144,7 +151,7 @@ class PeerLinks:
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.MAXMSGSIZE, self.s.limits.max_frame_bytes)
         sub.setsockopt(zmq.RCVHWM, 1000)
-        link_options(sub, self.s.gossip_interval * 2, self.s.dead_after)
+        link_options(sub, self.s.dead_after)
         self.security.configure_client(sub)
         self.sub = sub
         return sub
@@ -155,7 +162,7 @@ class PeerLinks:
         dealer.setsockopt(zmq.SNDHWM, self.s.hwm)
         dealer.setsockopt(zmq.RCVHWM, self.s.hwm)
         dealer.setsockopt(zmq.MAXMSGSIZE, self.s.limits.max_frame_bytes)
-        link_options(dealer, self.s.gossip_interval * 2, self.s.dead_after)
+        link_options(dealer, self.s.dead_after)
         self.security.configure_client(dealer)
         return dealer
 
@@ -172,7 +179,7 @@ class PeerLinks:
         if addr.node == self.s.node_id:
             return None
         if not valid_peer_host(addr.host):
-            self._refuse("bad_peer_address", source, f"{addr.node} claims host {addr.host[:64]!r}")
+            self.refuse("bad_peer_address", source, f"{addr.node} claims host {addr.host[:64]!r}")
             return None
         if self.s.fingerprint and fingerprint and fingerprint != self.s.fingerprint:
             self.stats["foreign_announcements"] += 1
@@ -201,12 +208,8 @@ class PeerLinks:
         self.monitors[monitor] = peer
         self.poller.register(monitor, zmq.POLLIN)
         self.poller.register(dealer, zmq.POLLIN)
-        peer.last_heard = time.monotonic()
+        peer.last_heard = time.monotonic()  # learned now: dropped if it never speaks for itself (`Membership`)
         self.peers.add(peer)
-        # Known now: silence from here on makes it suspect, then dead, then forgotten.
-        t = self.detector.heard(addr.node, peer.last_heard)
-        if t is not None and t.reason != "new":
-            self.on_transition(t)
         endpoint = f"tcp://{addr.host}:{addr.pub_port}"
         if endpoint not in self._sub_endpoints and self.sub is not None:
             self.sub.connect(endpoint)
@@ -218,7 +221,7 @@ class PeerLinks:
 
     def may_move(self, old: Peer) -> bool:
         """Whether a peer's name may move to another address: only once the old one is dead, left or never spoke."""
-        state = self.detector.state(old.node)
+        state = self.state(old.node)
         return not old.last_report or state in (PeerState.DEAD, PeerState.LEFT, None)
 
     def drop(self, peer: Peer) -> None:
@@ -236,6 +239,14 @@ class PeerLinks:
         if endpoint in self._sub_endpoints and not still_used and self.sub is not None:
             self.sub.disconnect(endpoint)
             self._sub_endpoints.discard(endpoint)
+
+    def resubscribe(self, peer: Peer) -> None:
+        """Make the SUB connection to a peer's gossip afresh: after an outage the old one may be half-open (the peer
+        gave it up while this side, which only listens, never noticed), and its news would not arrive."""
+        endpoint = f"tcp://{peer.addr.host}:{peer.addr.pub_port}"
+        if endpoint in self._sub_endpoints and self.sub is not None:
+            self.sub.disconnect(endpoint)
+            self.sub.connect(endpoint)
 
     # ------------------------------------------------------------ hellos and seeds
 
@@ -256,7 +267,7 @@ class PeerLinks:
         dealer.setsockopt(zmq.MAXMSGSIZE, self.s.limits.max_frame_bytes)
         dealer.setsockopt(zmq.SNDHWM, 100)  # only Hellos go out here, one a second
         dealer.setsockopt(zmq.RCVHWM, 100)
-        link_options(dealer, self.s.gossip_interval * 2, self.s.dead_after)
+        link_options(dealer, self.s.dead_after)
         self.security.configure_client(dealer)
         try:
             dealer.connect(f"tcp://{host}:{int(port)}")
@@ -274,7 +285,7 @@ class PeerLinks:
         if now < self._next_seed_hello:
             return
         self._next_seed_hello = now + _SEED_HELLO_S
-        known = {(p.addr.host, p.addr.port) for p in self.peers if self.detector.state(p.node) is PeerState.ALIVE}
+        known = {(p.addr.host, p.addr.port) for p in self.peers if self.state(p.node) is PeerState.ALIVE}
         hello = self._hello_frame()
         for peer in self.peers:
             if not peer.last_report:  # learned but never heard: maybe it does not know us yet
@@ -289,9 +300,10 @@ class PeerLinks:
 
     # ------------------------------------------------------------ who may say what
 
-    def gossip_from_claimed_host(self, msg: LoadReport | Leave, frame: zmq.Frame) -> bool:
-        """Gossip names a node; accept it only from the address that node claims (the SUB connection's peer),
-        and never a report that would move a live peer elsewhere."""
+    def gossip_from_claimed_host(self, msg: LoadReport | Leave | Suspicion, frame: zmq.Frame) -> bool:
+        """Gossip names its sender (a report's or goodbye's node, a suspicion's `by`); accept it only from the
+        address that node claims (the SUB connection's peer), and never a report that would move a live peer
+        elsewhere."""
         try:
             value = frame.get("Peer-Address")
         except zmq.ZMQError:
@@ -309,9 +321,10 @@ class PeerLinks:
                 self.identity_conflict(known, f"{host}:{msg.addr.port} (seen from {seen or '?'})", "gossip")
                 return False
         else:
-            peer = self.peers.get(msg.node)
+            sender = msg.by if isinstance(msg, Suspicion) else msg.node
+            peer = self.peers.get(sender)
             if peer is None:
-                return True  # a Leave for a node we do not know changes nothing
+                return isinstance(msg, Leave)  # a Leave for a node we do not know changes nothing
             host = peer.addr.host
         resolved = self.resolver.address(host)
         if resolved is False:
@@ -319,7 +332,8 @@ class PeerLinks:
             return False
         if resolved is not None and same_host(str(resolved), seen):
             return True
-        self._refuse("identity_mismatch", seen or "?", f"gossip claiming to be {msg.node} at {host}")
+        claimed = msg.by if isinstance(msg, Suspicion) else msg.node
+        self.refuse("identity_mismatch", seen or "?", f"gossip claiming to be {claimed} at {host}")
         return False
 
     def speaks_for(self, peer: Peer, msg: Any) -> bool:
@@ -327,9 +341,7 @@ class PeerLinks:
         claimed = msg.addr.node if isinstance(msg, Hello) else getattr(msg, "node", "")
         if not claimed or claimed == peer.node:
             return True
-        self._refuse(
-            "identity_mismatch", f"{peer.addr.host}:{peer.addr.port}", f"{type(msg).__name__} naming {claimed}"
-        )
+        self.refuse("identity_mismatch", f"{peer.addr.host}:{peer.addr.port}", f"{type(msg).__name__} naming {claimed}")
         return False
 
     def identity_conflict(self, live: Peer, claimed_at: str, what: str) -> None:
@@ -341,7 +353,7 @@ class PeerLinks:
         if line is not None:
             log.warning("%s", line, extra={"source": claimed_at})
 
-    def _refuse(self, counter: str, source: str, what: str) -> None:
+    def refuse(self, counter: str, source: str, what: str) -> None:
         self.stats[counter] += 1
         line = self._log.note(counter.replace("_", " "), source, f"{what}, dropped")
         if line is not None:

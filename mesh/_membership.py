@@ -1,9 +1,10 @@
-"""Membership, as the mesh loop carries it out: gossip sent and heard, peers' states and what follows from them
-(fail-over, forgetting), transport events, hellos and announcements, and the node's view of the mesh.
+"""Membership, as the mesh loop carries it out: the node's gossip on its sockets, peers' states and what follows
+from them (fail-over, forgetting), transport events, hellos and announcements, and the node's view of the mesh.
 
 A part `MeshNode` is composed of, with its dependencies given explicitly (it runs on the node's loop thread and uses
-the node's PUB and SUB); the decisions themselves are the failure detector's (`_failure`), the entry table's
-(`_entry`) and the links' identity rule (`_links`).
+the node's PUB, SUB and peer links). What to send and what to believe is the pure `Gossip`'s (`_gossip`, over the
+`MemberView` of `_view`); this module is the `GossipHost` it acts through, and carries its verdicts to the entry
+table (`_entry`), the routing policy (`_routing`) and the links (`_links`, which also say who may claim what).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, decode, encode
+from protocol import DecodeError, Digest, Hello, Leave, LoadReport, PeerAddr, Ping, Suspicion, decode, encode
 
-from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
+from ._failure import FORGOTTEN, PeerState, Transition
+from ._gossip import Gossip, GossipSettings
 from ._peers import Peer
+from ._security import same_host
 
 if TYPE_CHECKING:
     from ._admission import Admission
@@ -57,7 +60,6 @@ class Membership:
         addr: PeerAddr,
         incarnation: int,
         server: LocalServer,
-        detector: FailureDetector,
         policy: RoutingPolicy,
         links: PeerLinks,
         entry: EntryTable,
@@ -72,7 +74,6 @@ class Membership:
         self.node_id = settings.node_id
         self.incarnation = incarnation
         self.server = server
-        self.detector = detector
         self.policy = policy
         self.links = links
         self.entry = entry
@@ -87,10 +88,29 @@ class Membership:
         self._sub: zmq.Socket[Any] | None = None
         self._seq = 0
         self._next_admission_sweep = 0.0
+        self._next_sweep = 0.0
+        self.gossip_settings = GossipSettings(
+            interval=settings.gossip_interval,
+            suspect_after=settings.suspect_after,
+            dead_after=settings.dead_after,
+            forget_after=settings.forget_after,
+        )
+        self._gossip: Gossip | None = None  # made once the node is bound (its address is part of its reports)
 
     def attach(self, pub: zmq.Socket[Any], sub: zmq.Socket[Any], addr: PeerAddr) -> None:
         """The node's gossip sockets and its address as bound (the loop thread makes them once it starts)."""
         self._pub, self._sub, self.addr = pub, sub, addr
+        self._gossip = Gossip(addr, self.incarnation, self, self.gossip_settings, fingerprint=self.s.fingerprint)
+
+    @property
+    def gossip(self) -> Gossip:
+        if self._gossip is None:
+            raise RuntimeError("membership has no gossip before the node binds")
+        return self._gossip
+
+    def state(self, node: str) -> PeerState | None:
+        """What this node acts on about a peer (None: not a member, or not yet heard from itself)."""
+        return None if self._gossip is None else self._gossip.state(node)
 
     @property
     def pub(self) -> zmq.Socket[Any]:
@@ -115,24 +135,24 @@ class Membership:
                 self._guarded("a transport event", self._on_transport_event, peer, event)
 
     def _on_transport_event(self, peer: Peer, event: int) -> None:
+        now = time.monotonic()
         if event == zmq.EVENT_DISCONNECTED:
             peer.disconnected = True
-            for t in self.detector.connection_lost(peer.node, time.monotonic(), "connection closed"):
-                self.on_transition(t)
+            self.gossip.connection_lost(peer.node, now)
         elif event == zmq.EVENT_CONNECT_RETRIED and peer.disconnected:
-            for t in self.detector.unreachable(peer.node, time.monotonic(), "reconnect failed"):
-                self.on_transition(t)
+            self.gossip.unreachable(peer.node, now)
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             peer.disconnected = False
-            # Back after an outage (or new): ask at once rather than wait for its next gossip to route to it.
-            self._ping(peer)
+            # Back after an outage (or new): ask at once rather than wait to route to it.
+            self.gossip.reconnected(peer.node, now)
             if not peer.last_report:
                 self.links.hello(peer.dealer)
 
     def on_hello(self, ident: bytes, msg: Hello) -> None:
         self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
-        # Tell the newcomer who we are, so a seed contact learns our id and gossip port.
+        # Tell the newcomer who we are (a seed contact learns our id and gossip port), and what we report.
         self._send_client(ident, Hello(self.addr, self.incarnation, self.s.fingerprint))
+        self._send_client(ident, self.gossip.current_report())
 
     def on_announcement(self, ann: Any) -> None:
         if ann.fingerprint != self.s.fingerprint:
@@ -142,35 +162,48 @@ class Membership:
             return
         self.links.learn(ann.addr, "mdns", 0, ann.fingerprint)
 
-    def _ping(self, peer: Peer) -> None:
-        self._seq += 1
+    # ------------------------------------------------------------ what Gossip does through us (GossipHost)
+
+    def publish(self, msg: LoadReport | Suspicion) -> None:
         try:
-            peer.dealer.send(encode(Ping(f"ping-{self._seq}", self.node_id)), zmq.NOBLOCK)
+            self.pub.send(encode(msg), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # not connected: silence will make it dead
+            self.stats["gossip_dropped"] += 1
+
+    def send(self, node: str, msg: Ping | Digest | Suspicion) -> bool:
+        peer = self.links.peers.get(node)
+        if peer is None:
+            return False
+        try:
+            peer.dealer.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False  # not connected: its silence, or the transport, will tell
+        return True
+
+    def learn(self, addr: PeerAddr, source: str) -> None:
+        if self.links.peers.get(addr.node) is None:
+            self.links.learn(addr, source)
+
+    def pull(self, node: str) -> None:
+        peer = self.links.peers.get(node)
+        if peer is not None:
+            self.links.hello(peer.dealer)  # the answer is its report, on this link
+
+    def changed(self, t: Transition) -> None:
+        self.on_transition(t)
 
     # ------------------------------------------------------------ gossip
 
-    def gossip(self) -> None:
-        self._seq += 1
-        digest = tuple(
-            p.addr for p in self.links.peers if self.detector.state(p.node) is PeerState.ALIVE and not p.leaving
-        )
-        report = LoadReport(
-            node=self.node_id,
-            incarnation=self.incarnation,
-            seq=self._seq,
-            addr=self.addr,
-            models={} if self.leaving else self.server.models(),
-            labels=dict(self.server.labels),
-            peers=digest,
-            leaving=self.leaving,
-            fingerprint=self.s.fingerprint,
-        )
-        try:
-            self.pub.send(encode(report), zmq.NOBLOCK)
-        except zmq.Again:
-            self.stats["gossip_dropped"] += 1
+    def gossip_report(self) -> None:
+        """Publish this node's report if it is news (every gossip interval; `Gossip` decides)."""
+        now = time.monotonic()
+        g = self.gossip
+        models = {} if self.leaving else self.server.models()
+        legacy = [n for n in g.view.legacy() if g.state(n) is PeerState.ALIVE]
+        peers = None
+        if legacy:  # older nodes alive: they take silence for failure and learn the mesh from our reports
+            peers = tuple(p.addr for p in self.links.peers if g.state(p.node) is PeerState.ALIVE and not p.leaving)
+        g.report(now, models, dict(self.server.labels), self.leaving, legacy_peers=peers)
 
     def drain_sub(self) -> None:
         for _ in range(DRAIN):
@@ -187,15 +220,48 @@ class Membership:
             self.stats["bad_frames"] += 1
             log.debug("bad gossip frame: %s", exc)
             return
-        if not isinstance(msg, LoadReport | Leave):
+        if not isinstance(msg, LoadReport | Leave | Suspicion):
             self.stats["bad_frames"] += 1
             return
         if not self.links.gossip_from_claimed_host(msg, frame):
             return
         if isinstance(msg, LoadReport):
             self._on_report(msg)
+        elif isinstance(msg, Suspicion):
+            self.stats["suspicions_in"] += 1
+            self.gossip.on_suspicion(msg, time.monotonic())
         else:
             self._on_leave(msg)
+
+    def on_report_on_link(self, peer: Peer, r: LoadReport) -> None:
+        """A report on the link to `peer` (the answer to a hello, or a refutation): from the peer itself."""
+        if r.addr != peer.addr:
+            self.links.refuse("identity_mismatch", f"{peer.addr.host}:{peer.addr.port}",
+                              f"a report of {r.node} at another address on its link")  # fmt: skip
+            return
+        self._on_report(r)
+
+    def on_digest(self, d: Digest, reply: Any, asked: bool) -> None:
+        """A digest: on the ROUTER from a member that syncs with us (`reply` answers it there), or on the link to
+        it answering ours (`asked`)."""
+        answer = self.gossip.on_digest(d, time.monotonic(), asked=asked)
+        if answer is not None:
+            reply(answer)
+
+    def on_router_gossip(self, ident: bytes, msg: Digest | Suspicion, peer_address: str | None) -> None:
+        """A digest or an accusation sent to this node's ROUTER. A digest must come from the host of a member it
+        names; an accusation of this node is answered with its report (which refutes it)."""
+        if isinstance(msg, Suspicion):
+            if msg.node == self.node_id:
+                r = self.gossip.on_suspicion(msg, time.monotonic())
+                if r is not None:
+                    self._send_client(ident, r)
+            return
+        peer = self.links.peers.get(msg.node)
+        if peer is None or self.state(msg.node) is None or not same_host(peer.addr.host, peer_address):
+            self.links.refuse("identity_mismatch", peer_address or "?", f"a digest naming {msg.node}")
+            return
+        self.on_digest(msg, lambda answer: self._send_client(ident, answer), asked=False)
 
     def _on_report(self, r: LoadReport) -> None:
         if r.node == self.node_id:
@@ -206,6 +272,8 @@ class Membership:
         peer = self.links.peers.get(r.node)
         if peer is not None and peer.addr == r.addr and (r.incarnation, r.seq) <= (peer.incarnation, peer.seq):
             self.stats["stale_gossip"] += 1
+            if r.incarnation == peer.incarnation:
+                self.gossip.heard(r.node, time.monotonic())  # a repeat still says it runs
             return  # an older incarnation's late gossip, or a repeat
         if peer is None or peer.addr != r.addr:
             if peer is not None:
@@ -214,9 +282,9 @@ class Membership:
             if peer is None:
                 return
         now = time.monotonic()
-        t = self.detector.heard(r.node, now, r.incarnation, r.seq)
-        if t is not None:
-            self.on_transition(t)
+        self.stats["reports_in"] += 1
+        if not self.gossip.on_report(r, now):
+            return
         peer.last_heard = peer.last_report = now
         peer.incarnation, peer.seq = r.incarnation, r.seq
         peer.models = dict(r.models)
@@ -224,7 +292,7 @@ class Membership:
         peer.leaving = r.leaving
         for model, load in r.models.items():
             self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, now, load.rate)
-        for addr in r.peers:
+        for addr in r.peers:  # older nodes list their peers in every report
             if addr.node != self.node_id and self.links.peers.get(addr.node) is None:
                 self.links.learn(addr, "gossip")
 
@@ -233,16 +301,12 @@ class Membership:
         if peer is None:
             return
         peer.leaving = True
-        t = self.detector.left(msg.node, time.monotonic(), msg.incarnation)
-        if t is not None:
-            self.on_transition(t)
+        self.gossip.on_leave(msg.node, msg.incarnation, time.monotonic())
         log.info("peer %s is leaving", msg.node)
 
     def heard(self, node: str, now: float) -> None:
         """Any message from `node` (a reply, a pong, a hello): proof of life."""
-        t = self.detector.heard(node, now)
-        if t is not None:
-            self.on_transition(t)
+        self.gossip.heard(node, now)
 
     def on_transition(self, t: Transition) -> None:
         if t.reason == FORGOTTEN:
@@ -258,6 +322,10 @@ class Membership:
         elif t.reason == "restarted":
             self.entry.node_gone(t.node, "peer-restarted", time.monotonic())
         if t.new is PeerState.ALIVE:
+            if t.old in (PeerState.SUSPECT, PeerState.DEAD):
+                peer = self.links.peers.get(t.node)
+                if peer is not None:
+                    self.links.resubscribe(peer)  # its gossip may sit on a half-open connection after an outage
             self.entry.node_back(time.monotonic())
 
     def _drop_peer(self, peer: Peer, why: str) -> None:
@@ -268,26 +336,26 @@ class Membership:
     # ------------------------------------------------------------ housekeeping
 
     def housekeeping(self, now: float) -> None:
-        for t in self.detector.tick(now):
-            self.on_transition(t)
-        for peer in self.links.peers:
-            state = self.detector.state(peer.node)
-            if state is None:
-                log.info("forgetting peer %s", peer.node)
-                self._drop_peer(peer, "peer-gone")
-            elif state is PeerState.DEAD and not peer.last_report:
-                # Claimed (Hello, mDNS, digest) but never heard from: free its sockets now, not in forget_after.
-                log.info("dropping %s at %s:%d: never heard from it", peer.node, peer.addr.host, peer.addr.port)
-                self._drop_peer(peer, "peer-gone")
-            elif state is PeerState.SUSPECT:
-                self._ping(peer)
-            elif state is PeerState.LEFT and now - peer.last_heard > self.s.suspect_after:
-                self.entry.node_gone(peer.node, "peer-left", now)
+        self.gossip.tick(now, self.policy.busy_peers())
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.s.gossip_interval
+            self._sweep(now)
         self.entry.tick(now)
         self.links.hello_seeds(now)
         if now >= self._next_admission_sweep:
             self.admission.sweep(self._in_flight_for)
             self._next_admission_sweep = now + 5.0
+
+    def _sweep(self, now: float) -> None:
+        for peer in self.links.peers:
+            state = self.state(peer.node)
+            if state is None and not peer.last_report and now - peer.last_heard >= self.s.dead_after:
+                # Claimed (hello, mDNS, digest) but never heard from itself: free its sockets (a later claim may
+                # bring it back).
+                log.info("dropping %s at %s:%d: never heard from it", peer.node, peer.addr.host, peer.addr.port)
+                self._drop_peer(peer, "peer-gone")
+            elif state is PeerState.LEFT and now - peer.last_heard > self.s.suspect_after:
+                self.entry.node_gone(peer.node, "peer-left", now)
 
     def leave(self) -> None:
         self.leaving = True
@@ -296,7 +364,7 @@ class Membership:
                 self.pub.send(encode(Leave(self.node_id, self.incarnation)), zmq.NOBLOCK)
             except zmq.Again:
                 self.stats["gossip_dropped"] += 1
-        self.gossip()
+        self.gossip.report(time.monotonic(), {}, dict(self.server.labels), True, force=True)
 
     # ------------------------------------------------------------ views
 
@@ -313,13 +381,14 @@ class Membership:
                 "last_heard_s": 0.0,
                 "inflight_to": 0,
                 "source": "self",
-                "stats": dict(self.stats),
+                "stats": dict(self.stats) | self._gossip_counts(),
                 "executor": self.server.stats(),
                 "security": self.security_view(now),
             }
         ]
+        probing = self._gossip.probing() if self._gossip is not None else set()
         for peer in self.links.peers:
-            state = self.detector.state(peer.node)
+            state = self.state(peer.node)
             rows.append(
                 {
                     "node": peer.node,
@@ -330,16 +399,20 @@ class Membership:
                     "last_heard_s": round(now - peer.last_heard, 3),
                     "inflight_to": self.policy.inflight_to(peer.node),
                     "source": peer.source,
+                    "probed": peer.node in probing,
                 }
             )
         return rows
+
+    def _gossip_counts(self) -> dict[str, int]:
+        return {} if self._gossip is None else {f"gossip_{k}": v for k, v in self._gossip.stats().items()}
 
     def holders(self, name: str) -> list[tuple[str, str, str]]:
         """(node, host:port, version) of every live peer serving `name`, as its gossip says (any thread)."""
         out = []
         for peer in self.links.peers:
             load = peer.models.get(name)
-            if load is not None and load.version and self.detector.state(peer.node) is PeerState.ALIVE:
+            if load is not None and load.version and self.state(peer.node) is PeerState.ALIVE:
                 out.append((peer.node, f"{peer.addr.host}:{peer.addr.port}", load.version))
         return out
 

@@ -26,23 +26,26 @@ from protocol import (
     Cancel,
     Chunk,
     DecodeError,
+    Digest,
     Error,
     ErrorCode,
     Fetch,
     Hello,
+    LoadReport,
     PeerAddr,
     Ping,
     Pong,
     Reject,
     Reply,
     Request,
+    Suspicion,
     decode,
     encode,
 )
 
 from ._admission import Admission
 from ._entry import EntryTable
-from ._failure import FailureDetector, PeerState
+from ._failure import PeerState
 from ._links import PeerLinks
 from ._local import LocalWork
 from ._membership import DRAIN, Membership
@@ -80,11 +83,12 @@ class MeshNode:
         self.node_id = settings.node_id
         self.incarnation = time.time_ns()
         self.ctx = zmq.Context()
-        self.detector = FailureDetector(settings.suspect_after, settings.dead_after, settings.forget_after)
         self.policy = POLICIES[settings.routing](
             self.node_id,
             server.load,
-            stale_after=3 * settings.gossip_interval,
+            # A peer reports whenever its load moved past a threshold (or a smaller difference lasted seconds), so
+            # its last report holds however old it is; the entry's own counts cover what it sent since.
+            stale_after=math.inf,
             rng=rng,
             local_rate=getattr(server, "rate", None),
         )
@@ -94,10 +98,9 @@ class MeshNode:
             self.ctx,
             self._poller,
             settings,
-            self.detector,
+            lambda node: self.membership.state(node),
             self.stats,
             self._wake,
-            lambda t: self.membership.on_transition(t),
         )
         self.entry = EntryTable(
             self,
@@ -111,7 +114,7 @@ class MeshNode:
                                    settings.max_inflight_per_peer, self.stats)  # fmt: skip
         self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1)
         self.membership = Membership(
-            settings, self.addr, self.incarnation, server, self.detector, self.policy, self.links, self.entry,
+            settings, self.addr, self.incarnation, server, self.policy, self.links, self.entry,
             self.admission, self.stats,
             send_client=self._send_client, guarded=self._guarded, in_flight_for=self._in_flight_for,
         )  # fmt: skip
@@ -287,7 +290,7 @@ class MeshNode:
                     self._flush()
                 now = time.monotonic()
                 if now >= next_gossip:
-                    self._guarded("gossip", self.membership.gossip)
+                    self._guarded("gossip", self.membership.gossip_report)
                     next_gossip = now + self.s.gossip_interval
                 if now >= next_tick:
                     self._guarded("housekeeping", self.membership.housekeeping, now)
@@ -366,9 +369,10 @@ class MeshNode:
                 while router.recv(_NB, copy=False).more:
                     pass
                 continue
-            self._guarded("a message from a client", self._on_router_frame, ident, part.bytes)
+            self._guarded("a message from a client", self._on_router_frame, ident, part)
 
-    def _on_router_frame(self, ident: bytes, frame: bytes) -> None:
+    def _on_router_frame(self, ident: bytes, part: zmq.Frame) -> None:
+        frame = part.bytes
         try:
             msg = decode(frame, self.s.limits)
         except DecodeError as exc:
@@ -386,6 +390,8 @@ class MeshNode:
             self._send_client(ident, Pong(msg.id, self.node_id, self.status() if msg.want_status else None))
         elif isinstance(msg, Hello):
             self.membership.on_hello(ident, msg)
+        elif isinstance(msg, Digest | Suspicion):
+            self.membership.on_router_gossip(ident, msg, _peer_address(part))
         elif isinstance(msg, Admin | Fetch):
             refused = self.services.submit(ident, msg)
             if refused is not None:
@@ -460,7 +466,7 @@ class MeshNode:
             known = True
             if peer.node in excluded or peer.leaving:
                 continue
-            if self.detector.state(peer.node) is not PeerState.ALIVE:
+            if self.membership.state(peer.node) is not PeerState.ALIVE:
                 continue
             if peer.serves(req.model, req.require):
                 out.append(peer.node)
@@ -559,8 +565,21 @@ class MeshNode:
             self.entry.on_error(peer.node, msg, now)
         elif isinstance(msg, Hello):
             self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
+        elif isinstance(msg, LoadReport):
+            self.membership.on_report_on_link(peer, msg)
+        elif isinstance(msg, Digest):
+            self.membership.on_digest(msg, lambda answer: self.membership.send(peer.node, answer), asked=True)
         elif not isinstance(msg, Pong):
             self.stats["bad_frames"] += 1
+
+
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The address a ROUTER message came from (ZeroMQ's `Peer-Address`), when the transport knows it."""
+    try:
+        value = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 __all__ = ["LocalServer", "MeshNode", "MeshSettings", "RequestObserver"]

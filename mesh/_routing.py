@@ -140,6 +140,10 @@ class RoutingPolicy:
         """Drop everything known about `node` (it died, left or restarted); unknown nodes are a no-op."""
         self._peers.pop(node, None)
 
+    def busy_peers(self) -> list[str]:
+        """The peers this node has requests in flight to (it watches them itself, as the links it uses)."""
+        return [node for node, models in self._peers.items() if any(entry.m for entry in models.values())]
+
     def inflight_to(self, node: str) -> int:
         """Requests this node has in flight to `node`, over all models (for status and metrics)."""
         return sum(entry.m for entry in self._peers.get(node, {}).values())

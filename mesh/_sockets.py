@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from ._links import tcp_options
+
 if TYPE_CHECKING:
     from ._security import Authenticator, MeshKey, Plaintext
     from ._settings import MeshSettings
@@ -30,6 +32,7 @@ def bind_router(
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.SNDHWM, s.hwm)
     router.setsockopt(zmq.RCVHWM, s.hwm)
+    tcp_options(router, s.dead_after)
     security.configure_server(router)
     if auth is not None:
         auth.watch(router, f"router:{s.port}")
@@ -45,6 +48,7 @@ def bind_pub(
     pub.setsockopt(zmq.LINGER, 0)
     pub.setsockopt(zmq.SNDHWM, 1000)
     pub.setsockopt(zmq.MAXMSGSIZE, 1024)  # a PUB only ever receives subscriptions
+    tcp_options(pub, s.dead_after)
     security.configure_server(pub)
     if auth is not None:
         auth.watch(pub, "pub")
