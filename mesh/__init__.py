@@ -11,7 +11,8 @@ What lives where (private modules, free to move behind this face):
   `CallTable` (`_calls.py`: retries, fail-over, cancels, learning the mesh), `NodeDirectory` (`_directory.py`)
 - a node's mesh layer: `MeshNode` (`_node.py`: the socket loop, where a request enters and is answered),
   `EntryTable` (`_entry.py`: the entry's tries, retries and fail-over), `RoutingPolicy` (`_routing.py`),
-  `FailureDetector` (`_failure.py`), `Membership` (`_membership.py`: gossip), `PeerLinks` (`_links.py`: the
+  `FailureDetector` (`_failure.py`), `Gossip` (`_gossip.py`: what a node tells whom, over the `MemberView` of
+  `_view.py`), `Membership` (`_membership.py`: gossip on the node's sockets), `PeerLinks` (`_links.py`: the
   DEALER per peer that forwards requests), `Discovery` (`_discovery.py`: mDNS)
 - security: `MeshKey`, CURVE and the ZAP `Authenticator` (`_security.py`)
 - errors: `mesh.errors` (one exception per wire error code)
@@ -34,6 +35,7 @@ from ._directory import NodeDirectory
 from ._endpoints import parse_endpoints
 from ._entry import EntryTable, PendingState
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
+from ._gossip import Gossip, GossipHost, GossipSettings, ReportNews
 from ._node import MeshNode
 from ._results import PingReply, Result
 from ._routing import POLICIES, Choice, RoutingPolicy
@@ -59,6 +61,7 @@ from ._security import (
     zap_reply,
 )
 from ._settings import LocalServer, MeshSettings, RequestObserver
+from ._view import MemberView, outranks, ring_key
 from ._watchdog import LoopWatchdog
 from .errors import (
     BadRequest,
@@ -140,6 +143,13 @@ __all__ = [
     # the pure policies (fed with observations and `now`; no sockets): for tests and simulations
     "FORGOTTEN",
     "POLICIES",
+    "Gossip",
+    "GossipHost",
+    "GossipSettings",
+    "MemberView",
+    "ReportNews",
+    "outranks",
+    "ring_key",
     "Call",
     "CallTable",
     "Choice",

@@ -37,7 +37,11 @@ from protocol import Digest, LoadReport, Member, ModelLoad, PeerAddr, Ping, Susp
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._view import RANK, MemberView, outranks
 
-__all__ = ["Gossip", "GossipHost", "GossipSettings", "ReportNews"]
+__all__ = ["SEQ_AHEAD", "Gossip", "GossipHost", "GossipSettings", "ReportNews"]
+
+# How many reports ahead of the last one known a suspicion may name. Honest watchers know at most the few reports
+# a node missed; a forged one far ahead would make the accused unable to refute it (it refutes by reporting past it).
+SEQ_AHEAD = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +197,14 @@ class Gossip:
         models, labels, leaving = self._content
         return self._report(models, labels, leaving, self.seq)
 
+    def assume_reported(self, now: float, models: dict[str, ModelLoad], labels: dict[str, str], seq: int) -> None:
+        """Take report `seq` with this content as already sent and known to the mesh: for a simulation that starts
+        from a converged mesh instead of letting every node introduce itself."""
+        content = (models, labels, False)
+        self.seq, self._content = seq, content
+        self.news.sent(now, content)
+        self.view.put(Member(self.addr, self.incarnation, seq, PeerState.ALIVE.value))
+
     # ------------------------------------------------------------ own reports
 
     def report(
@@ -231,9 +243,10 @@ class Gossip:
         return LoadReport(self.node_id, self.incarnation, seq, self.addr, models, labels, peers, leaving,
                           self.fingerprint, on_change=True)  # fmt: skip
 
-    def _refute(self, now: float) -> LoadReport:
-        """Someone holds this node suspect or dead: report again (a higher seq outranks the accusation)."""
+    def _refute(self, now: float, accused_seq: int) -> LoadReport:
+        """Someone holds this node suspect or dead as of report `accused_seq`: report again, past it."""
         self._count("refutations")
+        self.seq = max(self.seq, accused_seq)
         models, labels, leaving = self._content
         r = self.report(now, models, labels, leaving, force=True)
         assert r is not None
@@ -287,13 +300,13 @@ class Gossip:
         """A member's watcher says it went quiet (published, or sent here by a node that holds this one suspect).
         Returns this node's refutation when it is the one accused (the caller may answer the sender with it)."""
         if s.node == self.node_id:
-            if s.incarnation != self.incarnation:
+            if s.incarnation != self.incarnation or s.seq > self.seq + SEQ_AHEAD:
                 return None
             if s.seq >= self.seq:
-                return self._refute(now)
+                return self._refute(now, s.seq)
             return self.current_report()  # already refuted: this report outranks the accusation
         old = self.view.get(s.node)
-        if old is None or old.state == PeerState.LEFT:
+        if old is None or old.state == PeerState.LEFT or s.seq > old.seq + SEQ_AHEAD:
             return None
         if s.incarnation != old.incarnation:
             if s.incarnation > old.incarnation:
@@ -336,16 +349,20 @@ class Gossip:
     def _reconcile(self, members: Iterable[Member], now: float) -> None:
         for e in members:
             if e.node == self.node_id:
-                if e.incarnation == self.incarnation and e.state != PeerState.ALIVE and e.seq >= self.seq:
-                    self._refute(now)
+                bad = e.incarnation == self.incarnation and e.state != PeerState.ALIVE
+                if bad and self.seq <= e.seq <= self.seq + SEQ_AHEAD:
+                    self._refute(now, e.seq)
                 continue
             mine = self.view.get(e.node)
             if mine is None:
                 if e.state in (PeerState.ALIVE, PeerState.SUSPECT):
                     self._count("learned_from_digest")
-                    self.host.learn(e.addr, "digest")
+                    self.host.learn(e.addr, "digest")  # a hint: it is a member here once its own report arrives
+                else:
+                    self.view.put(e)  # gone already: kept (unlinked) so the tables agree until it is forgotten
+                    self._gone_at.setdefault(e.node, now)
                 continue
-            if not outranks(e, mine):
+            if not outranks(e, mine) or (e.incarnation == mine.incarnation and e.seq > mine.seq + SEQ_AHEAD):
                 continue
             if e.state in (PeerState.ALIVE, PeerState.LEFT) or e.incarnation != mine.incarnation:
                 self._ask(e.node, now)  # only the member itself vouches for a report (or its goodbye)
