@@ -34,6 +34,7 @@ from protocol import Hello, Leave, LoadReport, PeerAddr, Suspicion, encode
 from ._failure import PeerState
 from ._peers import Peer, PeerTable
 from ._security import MeshKey, Plaintext, RejectionLog, same_host, valid_peer_host
+from ._sockets import SocketPoller, tcp_options
 
 log = logging.getLogger("lanmesh.mesh")
 
@@ -45,7 +46,6 @@ MAX_UNVERIFIED_PEERS = 64  # peers learned from claims (Hello, mDNS, digests) wh
 _CONNECT_TIMEOUT_MS = 500
 _RECONNECT_MS, _RECONNECT_MAX_MS = 100, 500
 _SEED_HELLO_S = 1.0
-_KEEPALIVE_IDLE_S = 120  # an idle link's one packet every two minutes (stateful firewalls, half-open connections)
 
 
 def link_options(sock: zmq.Socket[Any], dead_after_s: float) -> None:
@@ -56,16 +56,6 @@ def link_options(sock: zmq.Socket[Any], dead_after_s: float) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
     sock.setsockopt(zmq.CONNECT_TIMEOUT, _CONNECT_TIMEOUT_MS)
     tcp_options(sock, dead_after_s)
-
-
-def tcp_options(sock: zmq.Socket[Any], dead_after_s: float) -> None:
-    """Every TCP connection of a node (its bound sockets' too): unacknowledged data for `dead_after_s` ends the
-    connection (ZeroMQ then re-makes it), and an idle one is checked every two minutes."""
-    sock.setsockopt(zmq.TCP_MAXRT, max(1000, int(dead_after_s * 1000)))
-    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, _KEEPALIVE_IDLE_S)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
 
 
 class LinkSettings(Protocol):
@@ -119,7 +109,7 @@ class PeerLinks:
     def __init__(
         self,
         ctx: zmq.Context[Any],
-        poller: zmq.Poller,
+        poller: SocketPoller,
         settings: LinkSettings,
         state: Callable[[str], PeerState | None],
         stats: collections.Counter[str],
@@ -259,7 +249,8 @@ class PeerLinks:
             # Queued (not IMMEDIATE-dropped) only once connected; the seed timer re-sends.
             dealer.send(self._hello_frame(), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # not connected yet: gossip (theirs, once they know us) or the next hello will do
+            return  # not connected yet: gossip (theirs, once they know us) or the next hello will do
+        self.poller.touch(dealer)
 
     def add_seed(self, seed: str) -> None:
         host, _, port = seed.rpartition(":")
@@ -297,6 +288,8 @@ class PeerLinks:
                 dealer.send(hello, zmq.NOBLOCK)
             except zmq.Again:
                 self.stats["seed_unreachable"] += 1
+            else:
+                self.poller.touch(dealer)
 
     # ------------------------------------------------------------ who may say what
 

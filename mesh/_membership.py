@@ -178,6 +178,7 @@ class Membership:
             peer.dealer.send(encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             return False  # not connected: its silence, or the transport, will tell
+        self.links.poller.touch(peer.dealer)
         return True
 
     def learn(self, addr: PeerAddr, source: str) -> None:

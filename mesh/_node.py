@@ -54,7 +54,7 @@ from ._routing import POLICIES
 from ._security import Authenticator
 from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
-from ._sockets import Waker, bind_pub, bind_router, bound_port
+from ._sockets import SocketPoller, Waker, bind_pub, bind_router, bound_port
 from ._watchdog import LoopWatchdog
 
 log = logging.getLogger("lanmesh.mesh")
@@ -93,7 +93,7 @@ class MeshNode:
             local_rate=getattr(server, "rate", None),
         )
         self.stats: collections.Counter[str] = collections.Counter()
-        self._poller = zmq.Poller()
+        self._poller = SocketPoller()
         self.links = PeerLinks(
             self.ctx,
             self._poller,
@@ -331,6 +331,7 @@ class MeshNode:
         self._guarded("the last answers", self._flush)
         if self._waker is not None:
             self._waker.silence()
+        self._poller.close()
         self._stopped.set()
 
     def _drain_inbox(self) -> None:
@@ -489,6 +490,7 @@ class MeshNode:
             peer.dealer.send(frame, _NB)
         except zmq.ZMQError:
             return False
+        self._poller.touch(peer.dealer)
         return True
 
     def send_client(self, client: bytes, frame: bytes) -> None:
@@ -501,6 +503,7 @@ class MeshNode:
     def _flush(self) -> None:
         out, self._outbox = self._outbox, []
         router = self.router
+        self._poller.touch(router)
         for client, frame in out:
             try:
                 router.send(client, _NB_MORE)  # with ROUTER_MANDATORY an unknown client fails here, at once
