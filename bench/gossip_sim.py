@@ -18,6 +18,7 @@ Each node ticks every `tick` seconds, at a phase of its own.
 from __future__ import annotations
 
 import collections
+import gc
 import heapq
 import itertools
 import math
@@ -63,6 +64,7 @@ class SimNode:
         self.hung = False
         self.held: list[tuple[str, Any, str]] = []  # what arrived while hung
         self.hints: set[str] = set()  # linked to, not (yet) a member of its view
+        self.next_hello = 0.0
         rng = random.Random(f"{mesh.seed}-{name}-{incarnation}")
         self.gossip = Gossip(self.addr, incarnation, self, mesh.settings, rng=rng, view=view)
 
@@ -142,7 +144,12 @@ class SimNode:
 
     def tick(self) -> None:
         if self.up and not self.hung:
-            self.gossip.tick(self.mesh.now)
+            now = self.mesh.now
+            self.gossip.tick(now)
+            if self.hints and now >= self.next_hello:  # links.hello_seeds: a hello a second to the unverified
+                self.next_hello = now + 1.0
+                for node in list(self.hints):
+                    self.mesh.deliver(self.name, node, Hello(self.addr, self.incarnation), "router")
 
 
 class SimMesh:
@@ -174,6 +181,7 @@ class SimMesh:
         self.keep_transitions = True
         self.watch: Callable[[float, str, Transition], None] | None = None
         self._queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._sizes: dict[str, int] = {}
         self._order = itertools.count()
         self._index = itertools.count(1)
         self._incarnations = itertools.count(1)
@@ -183,6 +191,7 @@ class SimMesh:
     def converged(self, n: int) -> list[str]:
         """`n` nodes that already know each other, as a mesh looks once every node has joined."""
         names = [f"n{i}" for i in range(1, n + 1)]
+        gc.disable()  # n views of n members: a collector pass over them costs more than the build itself
         members = []
         for name in names:
             index = next(self._index)
@@ -200,6 +209,8 @@ class SimMesh:
             node = SimNode(self, name, index, inc, view=proto.copy_for(name))
             node.gossip.assume_reported(self.now, MODELS, LABELS, 1)
             self._start(node)
+        gc.freeze()  # what exists now lives as long as the mesh: the collector need never look at it again
+        gc.enable()
         return names
 
     def join(self, name: str, seeds: Iterable[str]) -> SimNode:
@@ -279,7 +290,12 @@ class SimMesh:
             kind = "Digest+members"
         self.tally.messages[kind] += 1
         if self.count_bytes:
-            self.tally.bytes[kind] += len(encode(msg))
+            size = self._sizes.get(kind)
+            if size is None:  # every message of a kind is about as long, but a full digest's length is its table's
+                size = len(encode(msg))
+                if kind != "Digest+members":
+                    self._sizes[kind] = size
+            self.tally.bytes[kind] += size
         if (self.loss and self.rng.random() < self.loss) or src in self.cut_off or dst in self.cut_off:
             self.tally.dropped += 1
             return

@@ -174,6 +174,7 @@ class Gossip:
         self._gone_at: dict[str, float] = {}  # dead or left here: since when (forgotten after forget_after)
         self._asked: dict[str, float] = {}  # last time a member was asked for its report
         self._accused: dict[str, float] = {}  # last time a member was told it is held suspect or dead
+        self._published: dict[str, tuple[int, int, PeerState]] = {}  # what this node last published of a member
         self._last_tick: float | None = None
         self._last_heard_any = -math.inf
         self._next_sync = 0.0
@@ -439,6 +440,10 @@ class Gossip:
         for node, due in list(self._probing.items()):
             if now >= due:
                 self._probe(node, now)
+            elif now - (self.detector.last_heard(node) or now) >= self.s.suspect_after / 2 and (
+                now >= due - self.s.interval * 3 / 4
+            ):
+                self._probe(node, now, doubt=True)
         for t in self.detector.tick(now):
             if t.new is PeerState.SUSPECT or t.new is PeerState.DEAD:
                 self._own_evidence(t.node, t.new, t.reason, now)
@@ -447,8 +452,12 @@ class Gossip:
         if now >= self._next_sync:
             self._sync(now)
 
-    def _probe(self, node: str, now: float) -> None:
+    def _probe(self, node: str, now: float, doubt: bool = False) -> None:
+        # A member silent for half the time to suspicion is probed four times as often, so one or two lost
+        # messages never make a suspicion: it takes every probe of a second lost, or a member that is gone.
         self._probing[node] = now + self.s.interval
+        if doubt:
+            self._count("probes_in_doubt")
         self._ping(node)
 
     def _ping(self, node: str) -> None:
@@ -480,27 +489,29 @@ class Gossip:
                 self._suspected_at.pop(node, None)
                 self._asked.pop(node, None)
                 self._accused.pop(node, None)
+                self._published.pop(node, None)
                 if state is not None:
                     self.host.changed(Transition(node, state, state, FORGOTTEN))
 
     def _sync(self, now: float) -> None:
         jitter = self.rng.uniform(0.9, 1.1)
         self._next_sync = now + self.s.sync_every * jitter
-        alive = [m.node for m in self.view.members() if m.state == PeerState.ALIVE and m.node != self.node_id]
-        if not alive:
+        partner = self.view.random_member(self.rng)
+        if partner is None:
             self._next_sync = now + self.s.interval  # alone so far: ask the first member heard at once
             return
         count, checksum = self.view.digest()
         self._count("digests_sent")
-        self.host.send(self.rng.choice(alive), Digest(self.node_id, count, checksum))
+        self.host.send(partner, Digest(self.node_id, count, checksum))
 
     # ------------------------------------------------------------ evidence and states
 
     def _own_evidence(self, node: str, state: PeerState, reason: str, now: float) -> None:
         """This node found `node` suspect or dead itself. Published when it watches `node` on the ring and hears
-        from someone (a node cut off from all keeps it to itself); private otherwise."""
+        from someone (a node cut off from all keeps it to itself), even when the news reached it already from
+        another watcher: each watcher's word is one more chance for every node to hear it. Private otherwise."""
         m = self.view.get(node)
-        if m is None or RANK[state] <= RANK[self.view.state(node) or PeerState.ALIVE]:
+        if m is None:
             return
         before = self.view.state(node)
         isolated = now - self._last_heard_any >= self.s.suspect_after
@@ -508,9 +519,12 @@ class Gossip:
             new = Member(m.addr, m.incarnation, m.seq, state.value)
             if outranks(new, m):
                 self.view.put(new)
-            self._count("suspicions_sent")
-            self.host.publish(Suspicion(node, m.incarnation, m.seq, self.node_id, state is PeerState.DEAD))
-        else:
+            said = (m.incarnation, m.seq, state)
+            if self._published.get(node) != said:
+                self._published[node] = said
+                self._count("suspicions_sent")
+                self.host.publish(Suspicion(node, m.incarnation, m.seq, self.node_id, state is PeerState.DEAD))
+        elif RANK[state] > RANK[before or PeerState.ALIVE]:
             self.view.set_private(node, state)
         self._settle(node, before, now, reason)
 

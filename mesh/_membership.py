@@ -394,7 +394,8 @@ class Membership:
                 {
                     "node": peer.node,
                     "address": f"{peer.addr.host}:{peer.addr.port}",
-                    "state": "leaving" if peer.leaving else (state.value if state else "unknown"),
+                    # "unverified": told of it (mDNS, a hello, a digest), but it has not reported to us itself yet
+                    "state": "leaving" if peer.leaving else (state.value if state else "unverified"),
                     "models": model_rows(peer.models),
                     "labels": dict(peer.labels),
                     "last_heard_s": round(now - peer.last_heard, 3),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import random
 from collections.abc import Iterator
 
 from protocol import Member, PeerAddr
@@ -116,6 +117,20 @@ class MemberView:
     def legacy(self) -> set[str]:
         """Members that report every interval (older nodes)."""
         return set(self._legacy)
+
+    def random_member(self, rng: random.Random, state: PeerState = PeerState.ALIVE) -> str | None:
+        """A member other than this node, drawn at random among those in `state` by the public records (a few draws
+        on the ring, so the cost does not grow with the mesh); None when there is none."""
+        ring = self._ring
+        if len(ring) <= 1:
+            return None
+        for _ in range(8):
+            node = ring[rng.randrange(len(ring))][1]
+            m = self._public.get(node)
+            if node != self.me and m is not None and m.state == state.value:
+                return node
+        others = [n for _, n in ring if n != self.me and self._public[n].state == state.value]
+        return rng.choice(others) if others else None
 
     def watched(self, k: int) -> list[str]:
         """The (up to) `k` members on the ring just before this node: the ones it probes."""
