@@ -61,6 +61,7 @@ from ._security import (
     zap_reply,
 )
 from ._settings import LocalServer, MeshSettings, RequestObserver
+from ._sockets import SocketPoller
 from ._view import MemberView, outranks, ring_key
 from ._watchdog import LoopWatchdog
 from .errors import (
@@ -140,6 +141,7 @@ __all__ = [
     "MeshNode",
     "MeshSettings",
     "RequestObserver",
+    "SocketPoller",
     # the pure policies (fed with observations and `now`; no sockets): for tests and simulations
     "FORGOTTEN",
     "POLICIES",

@@ -101,6 +101,7 @@ class Membership:
         """The node's gossip sockets and its address as bound (the loop thread makes them once it starts)."""
         self._pub, self._sub, self.addr = pub, sub, addr
         self._gossip = Gossip(addr, self.incarnation, self, self.gossip_settings, fingerprint=self.s.fingerprint)
+        self.gossip_report()  # before anyone can ask (a Hello is answered with the last report)
 
     @property
     def gossip(self) -> Gossip:
