@@ -90,11 +90,12 @@ _Content = tuple[dict[str, ModelLoad], dict[str, str], bool]
 class ReportNews:
     """Whether a node's own report is news: pure, told the current content and the time.
 
-    News: the models served, a model's capacity, version or labels changed, the node is leaving; a model's load
-    (in flight + queued) moved by at least `threshold` of its capacity (at least one request) or its measured rate
-    by a quarter since the last report; or any smaller difference has lasted `settle` seconds (so what peers hold
-    converges on the truth within seconds). Never twice within `interval`. Anything else a report may carry in the
-    future is news whenever it differs (give it a threshold here if it changes often).
+    News at once: the models served, a model's capacity, version or labels changed, the node is leaving; a model's
+    load (in flight + queued) moved by at least `threshold` of its capacity (at least one request); its measured
+    rate doubled or halved (a coarse, noisy measure: what routing needs of it is which node is several times
+    faster; smaller drifts are not news at all). A smaller load difference is news once it has lasted `settle`
+    seconds, so what peers hold converges on the truth within seconds. Never twice within `interval`. A field a
+    report gains later is news whenever it differs, unless it is given a threshold here.
     """
 
     def __init__(self, interval: float, threshold: float, settle: float) -> None:
@@ -110,10 +111,11 @@ class ReportNews:
             return False
         if self._sent is None:
             return True
-        if content == self._sent:
+        change = self._change(content, self._sent)
+        if change == "none":
             self._differs_since = None
             return False
-        if self._big(content, self._sent):
+        if change == "big":
             return True
         if self._differs_since is None:
             self._differs_since = now
@@ -122,21 +124,25 @@ class ReportNews:
     def sent(self, now: float, content: _Content) -> None:
         self._sent, self._sent_at, self._differs_since = content, now, None
 
-    def _big(self, new: _Content, old: _Content) -> bool:
+    def _change(self, new: _Content, old: _Content) -> str:
+        """ "big", "small" (a load difference below the threshold) or "none"."""
         models, labels, leaving = new
         old_models, old_labels, old_leaving = old
         if leaving != old_leaving or labels != old_labels or models.keys() != old_models.keys():
-            return True
+            return "big"
+        change = "none"
         for name, m in models.items():
             o = old_models[name]
             if (m.capacity, m.version) != (o.capacity, o.version):
-                return True
-            step = max(1.0, self.threshold * m.capacity)
-            if abs((m.inflight + m.queued) - (o.inflight + o.queued)) >= step:
-                return True
-            if (m.rate > 0) != (o.rate > 0) or abs(m.rate - o.rate) > 0.25 * max(m.rate, o.rate):
-                return True
-        return False
+                return "big"
+            moved = abs((m.inflight + m.queued) - (o.inflight + o.queued))
+            if moved >= max(1.0, self.threshold * m.capacity):
+                return "big"
+            if (m.rate > 0) != (o.rate > 0) or (m.rate > 0 and max(m.rate, o.rate) >= 2 * min(m.rate, o.rate)):
+                return "big"
+            if moved:
+                change = "small"
+        return change
 
 
 class Gossip:

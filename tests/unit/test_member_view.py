@@ -145,14 +145,15 @@ def test_a_small_difference_goes_out_once_it_has_lasted_the_settle_time() -> Non
     assert not news.due(7.5, content(load=1))
 
 
-def test_models_labels_capacity_rate_and_leaving_are_news_at_once() -> None:
+def test_models_labels_capacity_leaving_and_a_rate_twice_or_half_as_fast_are_news_at_once() -> None:
     news = ReportNews(interval=0.25, threshold=0.25, settle=2.0)
     news.sent(0.0, content())
     assert news.due(0.5, content(cap=16))
     assert news.due(0.5, content(labels={"gpu": "true"}))
     assert news.due(0.5, content(leaving=True))
-    assert news.due(0.5, content(rate=14.0))
-    assert not news.due(0.5, content(rate=11.0))
+    assert news.due(0.5, content(rate=21.0)) and news.due(0.5, content(rate=4.0))
+    assert not news.due(0.5, content(rate=14.0))
+    assert not news.due(9.5, content(rate=14.0))  # a rate that drifts by less than 2x is no news, however long
     assert news.due(0.5, ({}, {"gpu": "false"}, False))
 
 
