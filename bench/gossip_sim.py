@@ -146,8 +146,8 @@ class SimNode:
         if self.up and not self.hung:
             now = self.mesh.now
             self.gossip.tick(now)
-            if self.hints and now >= self.next_hello:  # links.hello_seeds: a hello a second to the unverified
-                self.next_hello = now + 1.0
+            if self.hints and now >= self.next_hello:  # links.hello_seeds: hellos to the unverified
+                self.next_hello = now + 0.5
                 for node in list(self.hints):
                     self.mesh.deliver(self.name, node, Hello(self.addr, self.incarnation), "router")
 

@@ -182,6 +182,7 @@ class Gossip:
         self._accused: dict[str, float] = {}  # last time a member was told it is held suspect or dead
         self._published: dict[str, tuple[int, int, PeerState]] = {}  # what this node last published of a member
         self._last_tick: float | None = None
+        self._repeat_at: float | None = None  # when to publish the last refutation once more
         self._last_heard_any = -math.inf
         self._next_sync = 0.0
         self._ping_seq = 0
@@ -251,12 +252,14 @@ class Gossip:
                           self.fingerprint, on_change=True)  # fmt: skip
 
     def _refute(self, now: float, accused_seq: int) -> LoadReport:
-        """Someone holds this node suspect or dead as of report `accused_seq`: report again, past it."""
+        """Someone holds this node suspect or dead as of report `accused_seq`: report again, past it. The
+        refutation goes out once more an interval later: a node that missed both is rare enough for anti-entropy."""
         self._count("refutations")
         self.seq = max(self.seq, accused_seq)
         models, labels, leaving = self._content
         r = self.report(now, models, labels, leaving, force=True)
         assert r is not None
+        self._repeat_at = now + self.s.interval
         return r
 
     # ------------------------------------------------------------ what arrives
@@ -453,6 +456,10 @@ class Gossip:
         for t in self.detector.tick(now):
             if t.new is PeerState.SUSPECT or t.new is PeerState.DEAD:
                 self._own_evidence(t.node, t.new, t.reason, now)
+        if self._repeat_at is not None and now >= self._repeat_at:
+            self._repeat_at = None
+            self._count("reports_repeated")
+            self.host.publish(self.current_report())
         self._time_out_suspicions(now)
         self._forget(now)
         if now >= self._next_sync:

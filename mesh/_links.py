@@ -45,7 +45,7 @@ MAX_UNVERIFIED_PEERS = 64  # peers learned from claims (Hello, mDNS, digests) wh
 # a link that comes back is used again within about a second.
 _CONNECT_TIMEOUT_MS = 500
 _RECONNECT_MS, _RECONNECT_MAX_MS = 100, 500
-_SEED_HELLO_S = 1.0
+_SEED_HELLO_S = 0.5  # hellos to seeds and to peers that have not reported yet
 
 
 def link_options(sock: zmq.Socket[Any], dead_after_s: float) -> None:
