@@ -336,15 +336,18 @@ class Gossip:
             self._accuse_to(s.node, now)  # this node hears it fine: make sure it knows, so it refutes
         return None
 
-    def on_digest(self, d: Digest, now: float, *, asked: bool) -> Digest | None:
+    def on_digest(self, d: Digest, now: float, *, asked: bool, trusted: bool = True) -> Digest | None:
         """A member's digest. `asked`: it answers a digest this node sent (so this node may answer once with its own
-        table, for what the other lacks). Returns what to send back to `d.node`, if anything."""
+        table, for what the other lacks). Not `trusted` (its sender is no member here yet, so its name is only a
+        claim): it is answered, but what it says is not taken. Returns what to send back to `d.node`, if anything."""
         self._count("digests_in")
         if not d.members:
             count, checksum = self.view.digest()
             if (d.count, d.checksum) == (count, checksum):
                 return None
             return self._full_digest()
+        if not trusted:
+            return None
         theirs = {m.node: m for m in d.members}
         self._reconcile(d.members, now)
         if asked and self._they_lack(theirs):

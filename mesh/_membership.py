@@ -243,16 +243,16 @@ class Membership:
             return
         self._on_report(r)
 
-    def on_digest(self, d: Digest, reply: Any, asked: bool) -> None:
+    def on_digest(self, d: Digest, reply: Any, asked: bool, trusted: bool = True) -> None:
         """A digest: on the ROUTER from a member that syncs with us (`reply` answers it there), or on the link to
         it answering ours (`asked`)."""
-        answer = self.gossip.on_digest(d, time.monotonic(), asked=asked)
+        answer = self.gossip.on_digest(d, time.monotonic(), asked=asked, trusted=trusted)
         if answer is not None:
             reply(answer)
 
     def on_router_gossip(self, ident: bytes, msg: Digest | Suspicion, peer_address: str | None) -> None:
-        """A digest or an accusation sent to this node's ROUTER. A digest must come from the host of a member it
-        names; an accusation of this node is answered with its report (which refutes it)."""
+        """A digest or an accusation sent to this node's ROUTER. A digest naming a member must come from its host; an
+        accusation of this node is answered with its report (which refutes it)."""
         if isinstance(msg, Suspicion):
             if msg.node == self.node_id:
                 r = self.gossip.on_suspicion(msg, time.monotonic())
@@ -260,10 +260,12 @@ class Membership:
                     self._send_client(ident, r)
             return
         peer = self.links.peers.get(msg.node)
-        if peer is None or self.state(msg.node) is None or not same_host(peer.addr.host, peer_address):
+        if peer is not None and self.state(msg.node) is not None and not same_host(peer.addr.host, peer_address):
             self.links.refuse("identity_mismatch", peer_address or "?", f"a digest naming {msg.node}")
             return
-        self.on_digest(msg, lambda answer: self._send_client(ident, answer), asked=False)
+        # From a member not verified here yet (it just joined): it is answered, but what it says is not taken.
+        trusted = peer is not None and self.state(msg.node) is not None
+        self.on_digest(msg, lambda answer: self._send_client(ident, answer), asked=False, trusted=trusted)
 
     def _on_report(self, r: LoadReport) -> None:
         if r.node == self.node_id:

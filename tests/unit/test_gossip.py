@@ -283,3 +283,12 @@ def test_a_suspicion_naming_a_report_far_beyond_any_known_is_ignored() -> None:
     g.on_suspicion(Suspicion("b", 1, 10**12, "liar", dead=True), 1.0)
     assert g.state("b") is PeerState.ALIVE
     assert g.on_suspicion(Suspicion("a", 100, 10**12, "liar"), 1.0) is None and len(host.published) == 1
+
+
+def test_a_digest_from_a_node_not_verified_here_is_answered_but_not_believed() -> None:
+    g, host = node_with_peer()
+    lies = Digest("stranger", 2, 1, (Member(addr("b"), 1, 1, "dead"), Member(addr("c"), 1, 1)))
+    assert g.on_digest(lies, 1.0, asked=False, trusted=False) is None
+    assert g.state("b") is PeerState.ALIVE and host.learned == []
+    answer = g.on_digest(Digest("stranger", 1, 1), 1.0, asked=False, trusted=False)
+    assert answer is not None and {m.node for m in answer.members} == {"a", "b"}
