@@ -35,7 +35,8 @@ from ._directory import NodeDirectory
 from ._endpoints import parse_endpoints
 from ._entry import EntryTable, PendingState
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
-from ._gossip import Gossip, GossipHost, GossipSettings, ReportNews
+from ._gossip import Gossip, GossipHost, GossipSettings
+from ._news import ReportNews
 from ._node import MeshNode
 from ._results import PingReply, Result
 from ._routing import POLICIES, Choice, RoutingPolicy

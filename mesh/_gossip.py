@@ -8,7 +8,7 @@ What a node sends, and when (per node, none of it grows with the mesh):
 
 - **Its own report** when it is news (`ReportNews`): models, labels or leaving changed, a model's load moved past a
   threshold, or a smaller difference lasted `settle` seconds; at most once per `interval`. An idle node sends none.
-- **Probes**: a `Ping` every `interval` to the `watchers` members just before it on the ring (`MemberView.watched`),
+- **Probes**: a `Ping` every `probe_every` to the `watchers` members just before it on the ring (`MemberView.watched`),
   to the members it has requests on, and to those it privately suspects. Silence from a probed member
   (`suspect_after`, `dead_after`, measured by a `FailureDetector` that holds only probed members) or a link that
   closed makes it suspect, then dead.
@@ -35,9 +35,10 @@ from typing import Any, Protocol
 from protocol import Digest, LoadReport, Member, ModelLoad, PeerAddr, Ping, Suspicion
 
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
+from ._news import Content, ReportNews
 from ._view import RANK, MemberView, outranks
 
-__all__ = ["SEQ_AHEAD", "Gossip", "GossipHost", "GossipSettings", "ReportNews"]
+__all__ = ["SEQ_AHEAD", "Gossip", "GossipHost", "GossipSettings"]
 
 # How many reports ahead of the last one known a suspicion may name. Honest watchers know at most the few reports
 # a node missed; a forged one far ahead would make the accused unable to refute it (it refutes by reporting past it).
@@ -46,7 +47,8 @@ SEQ_AHEAD = 10_000
 
 @dataclass(frozen=True, slots=True)
 class GossipSettings:
-    interval: float = 0.25  # probe period, and the shortest time between two reports of one node
+    interval: float = 0.25  # the shortest time between two reports of one node
+    probe_every: float = 0.5  # probe period (a member in doubt is probed four times as often)
     suspect_after: float = 1.0
     dead_after: float = 3.0
     forget_after: float = 300.0
@@ -61,6 +63,8 @@ class GossipSettings:
                 f"need 0 < interval < suspect_after < dead_after, got {self.interval}, {self.suspect_after}, "
                 f"{self.dead_after}"
             )
+        if not 0 < self.probe_every <= self.suspect_after / 2:
+            raise ValueError(f"need 0 < probe_every <= suspect_after / 2, got {self.probe_every}, {self.suspect_after}")
         if self.watchers < 1 or self.sync_every <= 0 or self.threshold < 0 or self.settle <= 0:
             raise ValueError("watchers >= 1, sync_every > 0, threshold >= 0 and settle > 0 are required")
 
@@ -82,67 +86,6 @@ class GossipHost(Protocol):
 
     def changed(self, t: Transition) -> None:
         """What this node acts on about `t.node` changed (routing, fail-over, logs); FORGOTTEN: drop it."""
-
-
-_Content = tuple[dict[str, ModelLoad], dict[str, str], bool]
-
-
-class ReportNews:
-    """Whether a node's own report is news: pure, told the current content and the time.
-
-    News at once: the models served, a model's capacity, version or labels changed, the node is leaving; a model's
-    load (in flight + queued) moved by at least `threshold` of its capacity (at least one request); its measured
-    rate doubled or halved (a coarse, noisy measure: what routing needs of it is which node is several times
-    faster; smaller drifts are not news at all). A smaller load difference is news once it has lasted `settle`
-    seconds, so what peers hold converges on the truth within seconds. Never twice within `interval`. A field a
-    report gains later is news whenever it differs, unless it is given a threshold here.
-    """
-
-    def __init__(self, interval: float, threshold: float, settle: float) -> None:
-        self.interval = interval
-        self.threshold = threshold
-        self.settle = settle
-        self._sent: _Content | None = None
-        self._sent_at = -math.inf
-        self._differs_since: float | None = None
-
-    def due(self, now: float, content: _Content) -> bool:
-        if now - self._sent_at < self.interval:
-            return False
-        if self._sent is None:
-            return True
-        change = self._change(content, self._sent)
-        if change == "none":
-            self._differs_since = None
-            return False
-        if change == "big":
-            return True
-        if self._differs_since is None:
-            self._differs_since = now
-        return now - self._differs_since >= self.settle
-
-    def sent(self, now: float, content: _Content) -> None:
-        self._sent, self._sent_at, self._differs_since = content, now, None
-
-    def _change(self, new: _Content, old: _Content) -> str:
-        """ "big", "small" (a load difference below the threshold) or "none"."""
-        models, labels, leaving = new
-        old_models, old_labels, old_leaving = old
-        if leaving != old_leaving or labels != old_labels or models.keys() != old_models.keys():
-            return "big"
-        change = "none"
-        for name, m in models.items():
-            o = old_models[name]
-            if (m.capacity, m.version) != (o.capacity, o.version):
-                return "big"
-            moved = abs((m.inflight + m.queued) - (o.inflight + o.queued))
-            if moved >= max(1.0, self.threshold * m.capacity):
-                return "big"
-            if (m.rate > 0) != (o.rate > 0) or (m.rate > 0 and max(m.rate, o.rate) >= 2 * min(m.rate, o.rate)):
-                return "big"
-            if moved:
-                change = "small"
-        return change
 
 
 class Gossip:
@@ -172,7 +115,7 @@ class Gossip:
         self.news = ReportNews(self.s.interval, self.s.threshold, self.s.settle)
         self.counts: dict[str, int] = {}
         self.leaving = False
-        self._content: _Content = ({}, {}, False)
+        self._content: Content = ({}, {}, False)
         self._ring_watched: list[str] = []
         self._ring_version = -1
         self._probing: dict[str, float] = {}  # probed member -> when its next ping is due
@@ -186,6 +129,7 @@ class Gossip:
         self._last_heard_any = -math.inf
         self._next_sync = 0.0
         self._ping_seq = 0
+        self.in_doubt = False  # a probed member has been silent for half the time to suspicion: tick often
 
     # ------------------------------------------------------------ reading
 
@@ -449,13 +393,15 @@ class Gossip:
             for node in self._probing:
                 self.detector.forget(node)
                 self.detector.heard(node, now)
+        every = self.s.probe_every
+        # In doubt: a probe went unanswered (silence past one probe period and a bit).
+        doubt_after = min(1.2 * every, 0.75 * self.s.suspect_after)
+        self.in_doubt = False
         for node, due in list(self._probing.items()):
-            if now >= due:
-                self._probe(node, now)
-            elif now - (self.detector.last_heard(node) or now) >= self.s.suspect_after / 2 and (
-                now >= due - self.s.interval * 3 / 4
-            ):
-                self._probe(node, now, doubt=True)
+            doubt = now - (self.detector.last_heard(node) or now) >= doubt_after
+            self.in_doubt |= doubt
+            if now >= due or (doubt and now >= due - every * 3 / 4):
+                self._probe(node, now, doubt)
         for t in self.detector.tick(now):
             if t.new is PeerState.SUSPECT or t.new is PeerState.DEAD:
                 self._own_evidence(t.node, t.new, t.reason, now)
@@ -469,9 +415,10 @@ class Gossip:
             self._sync(now)
 
     def _probe(self, node: str, now: float, doubt: bool = False) -> None:
-        # A member silent for half the time to suspicion is probed four times as often, so one or two lost
-        # messages never make a suspicion: it takes every probe of a second lost, or a member that is gone.
-        self._probing[node] = now + self.s.interval
+        # A member that did not answer a probe is probed four times as often (`in_doubt` asks the caller to tick
+        # often meanwhile), so one or two lost messages never make a suspicion: it takes every probe of the last
+        # half second lost, or a member that is gone.
+        self._probing[node] = now + self.s.probe_every
         if doubt:
             self._count("probes_in_doubt")
         self._ping(node)

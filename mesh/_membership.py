@@ -89,8 +89,10 @@ class Membership:
         self._seq = 0
         self._next_admission_sweep = 0.0
         self._next_sweep = 0.0
+        self._next_report = 0.0
         self.gossip_settings = GossipSettings(
             interval=settings.gossip_interval,
+            probe_every=min(2 * settings.gossip_interval, settings.suspect_after / 2),
             suspect_after=settings.suspect_after,
             dead_after=settings.dead_after,
             forget_after=settings.forget_after,
@@ -339,7 +341,13 @@ class Membership:
 
     # ------------------------------------------------------------ housekeeping
 
+    def in_doubt(self) -> bool:
+        return self._gossip is not None and self._gossip.in_doubt
+
     def housekeeping(self, now: float) -> None:
+        if now >= self._next_report:
+            self._next_report = now + self.s.gossip_interval
+            self.gossip_report()
         self.gossip.tick(now, self.policy.busy_peers())
         if now >= self._next_sweep:
             self._next_sweep = now + self.s.gossip_interval

@@ -30,6 +30,15 @@ def tcp_options(sock: zmq.Socket[Any], dead_after_s: float) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
 
 
+def peer_address(frame: zmq.Frame) -> str | None:
+    """The address a ROUTER message came from (ZeroMQ's `Peer-Address`), when the transport knows it."""
+    try:
+        value = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return None
+    return value if isinstance(value, str) else None
+
+
 def bound_port(sock: zmq.Socket[Any]) -> int:
     endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     return int(endpoint.rsplit(":", 1)[1])

@@ -32,6 +32,7 @@ from ._failure import PeerState
 __all__ = ["RANK", "MemberView", "outranks", "ring_key"]
 
 RANK = {PeerState.ALIVE: 0, PeerState.SUSPECT: 1, PeerState.DEAD: 2, PeerState.LEFT: 3}
+_STATE = {s.value: s for s in PeerState}  # a dict lookup: calling the enum costs ten times more, on every query
 _ON_RING = (PeerState.ALIVE, PeerState.SUSPECT)  # suspects stay on the ring: their watchers confirm or clear them
 _MASK = (1 << 64) - 1
 
@@ -47,7 +48,7 @@ def outranks(new: Member, old: Member) -> bool:
     """Whether `new` news of a member replaces `old` (see the module docstring)."""
     if (new.incarnation, new.seq) != (old.incarnation, old.seq):
         return (new.incarnation, new.seq) > (old.incarnation, old.seq)
-    return RANK[PeerState(new.state)] > RANK[PeerState(old.state)]
+    return RANK[_STATE[new.state]] > RANK[_STATE[old.state]]
 
 
 def _fingerprint(m: Member, seq: int) -> int:
@@ -88,13 +89,13 @@ class MemberView:
         m = self._public.get(node)
         if m is None:
             return None
-        public = PeerState(m.state)
+        public = _STATE[m.state]
         private = self._private.get(node)
         return public if private is None or RANK[private] <= RANK[public] else private
 
     def public_state(self, node: str) -> PeerState | None:
         m = self._public.get(node)
-        return None if m is None else PeerState(m.state)
+        return None if m is None else _STATE[m.state]
 
     def private_state(self, node: str) -> PeerState | None:
         return self._private.get(node)
@@ -164,8 +165,8 @@ class MemberView:
             self._checksum ^= self._hash(old)
         self._public[m.node] = m
         self._checksum ^= self._hash(m)
-        was_on = old is not None and PeerState(old.state) in _ON_RING
-        is_on = PeerState(m.state) in _ON_RING
+        was_on = old is not None and _STATE[old.state] in _ON_RING
+        is_on = _STATE[m.state] in _ON_RING
         if was_on != is_on:
             key = ring_key(m.node)
             if is_on:
@@ -184,7 +185,7 @@ class MemberView:
         if old is None:
             return None
         self._checksum ^= self._hash(old)
-        if PeerState(old.state) in _ON_RING:
+        if _STATE[old.state] in _ON_RING:
             key = ring_key(node)
             i = bisect.bisect_left(self._ring, key)
             if i < len(self._ring) and self._ring[i] == key:

@@ -166,9 +166,9 @@ def test_a_hung_member_is_suspect_everywhere_after_about_1s_and_dead_after_about
     mesh.hang(victim)
     suspect = mesh.run_while(lambda: not mesh.all_see(victim, SUSPECT_OR_DEAD), 10)
     dead = mesh.run_while(lambda: not mesh.all_see(victim, (PeerState.DEAD,)), 10)
-    # Silence counts from the last pong, a little before the hang.
-    assert suspect is not None and 0.75 <= suspect <= 1.5, suspect
-    assert dead is not None and 2.75 <= suspect + dead <= 3.5, suspect + dead
+    # Silence counts from the last pong, up to a probe period (0.5 s) before the hang.
+    assert suspect is not None and 0.5 <= suspect <= 1.5, suspect
+    assert dead is not None and 2.5 <= suspect + dead <= 3.5, suspect + dead
     mesh.resume(victim)
     back = mesh.run_while(lambda: not mesh.all_see(victim, (PeerState.ALIVE,)), 5)
     assert back is not None and back < 0.5  # it hears it was declared dead and reports again
@@ -202,7 +202,7 @@ def test_an_idle_mesh_costs_each_node_the_same_messages_at_10_and_at_300_nodes_a
         mesh.run_for(10.0)
         assert "LoadReport" not in mesh.tally.messages and "Suspicion" not in mesh.tally.messages
         rates.append(messages_per_node_second(mesh.tally, n, 10.0))
-    assert rates[1] <= 1.2 * rates[0] and rates[1] < 30, rates
+    assert rates[1] <= 1.2 * rates[0] and rates[1] < 15, rates
 
 
 def test_a_node_that_was_stopped_for_seconds_refutes_its_death_and_accuses_nobody_when_it_runs_again() -> None:
