@@ -38,7 +38,9 @@ from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._news import Content, ReportNews
 from ._view import RANK, MemberView, outranks
 
-__all__ = ["SEQ_AHEAD", "Gossip", "GossipHost", "GossipSettings"]
+__all__ = ["HEALTH_MAX", "SEQ_AHEAD", "Gossip", "GossipHost", "GossipSettings"]
+
+HEALTH_MAX = 4  # how unwell a node may count itself: it then waits up to 5x as long before it accuses anyone
 
 # How many reports ahead of the last one known a suspicion may name. Honest watchers know at most the few reports
 # a node missed; a forged one far ahead would make the accused unable to refute it (it refutes by reporting past it).
@@ -130,6 +132,11 @@ class Gossip:
         self._next_sync = 0.0
         self._ping_seq = 0
         self.in_doubt = False  # a probed member has been silent for half the time to suspicion: tick often
+        # Lifeguard's local health: how unwell this node counts itself (0 = well). It rises when this node ran late,
+        # was accused itself, or had several probed members unanswered at once, and falls back one step per 10
+        # quiet seconds; silence must last (1 + health) times as long before this node suspects anyone.
+        self.health = 0
+        self._health_at = -math.inf
 
     # ------------------------------------------------------------ reading
 
@@ -199,6 +206,7 @@ class Gossip:
         """Someone holds this node suspect or dead as of report `accused_seq`: report again, past it. The
         refutation goes out once more an interval later: a node that missed both is rare enough for anti-entropy."""
         self._count("refutations")
+        self._unwell(now, "accused")
         self.seq = max(self.seq, accused_seq)
         models, labels, leaving = self._content
         r = self.report(now, models, labels, leaving, force=True)
@@ -347,8 +355,10 @@ class Gossip:
             self.view.set_private(node, None)
             self._settle(node, before, now, "heard")
         public = self.view.public_state(node)
-        if public in (PeerState.SUSPECT, PeerState.DEAD):
-            self._accuse_to(node, now)  # others hold it suspect: tell it, so it refutes for everyone
+        if public is PeerState.DEAD or (public is PeerState.SUSPECT and node in self._probing):
+            # Held suspect or dead, yet it runs: tell it, so it refutes for everyone. Its watchers tell it of a
+            # suspicion; of a death whoever hears from it does (it was cut off, and nobody watches the dead).
+            self._accuse_to(node, now)
 
     def connection_lost(self, node: str, now: float) -> None:
         """The transport saw the link to `node` close: suspect now (a crashed process). It is probed from the next
@@ -390,18 +400,24 @@ class Gossip:
         if stalled:
             # This node did not run for a while (a stop, a starved CPU): it saw nothing, so it has no evidence of
             # anyone's silence. Restart the clocks rather than accuse everyone it probes.
+            self._unwell(now, "late")
             for node in self._probing:
                 self.detector.forget(node)
                 self.detector.heard(node, now)
+        elif self.health and now - self._health_at >= 10.0:
+            self._set_health(self.health - 1, now)
         every = self.s.probe_every
         # In doubt: a probe went unanswered (silence past one probe period and a bit).
         doubt_after = min(1.2 * every, 0.75 * self.s.suspect_after)
-        self.in_doubt = False
+        doubts = 0
         for node, due in list(self._probing.items()):
             doubt = now - (self.detector.last_heard(node) or now) >= doubt_after
-            self.in_doubt |= doubt
+            doubts += doubt
             if now >= due or (doubt and now >= due - every * 3 / 4):
                 self._probe(node, now, doubt)
+        self.in_doubt = doubts > 0
+        if doubts >= 2:
+            self._unwell(now, "doubts")  # several members unanswered at once: more likely this node than them
         for t in self.detector.tick(now):
             if t.new is PeerState.SUSPECT or t.new is PeerState.DEAD:
                 self._own_evidence(t.node, t.new, t.reason, now)
@@ -429,7 +445,7 @@ class Gossip:
         self.host.send(node, Ping(f"w{self._ping_seq}", self.node_id))
 
     def _time_out_suspicions(self, now: float) -> None:
-        wait = self.s.dead_after - self.s.suspect_after
+        wait = (self.s.dead_after - self.s.suspect_after) * (1 + self.health)
         for node, since in list(self._suspected_at.items()):
             if now - since < wait or self.view.state(node) is not PeerState.SUSPECT:
                 continue
@@ -531,6 +547,20 @@ class Gossip:
         self._count("reports_pulled")
         self.host.pull(node)
 
+    def _unwell(self, now: float, why: str) -> None:
+        """Evidence that this node's own view is unreliable (it ran late, was accused, several members it probes
+        went quiet at once): one step more patient, at most one step a second."""
+        self._count(f"unwell_{why}")
+        if now - self._health_at >= 1.0 and self.health < HEALTH_MAX:
+            self._set_health(self.health + 1, now)
+        elif self.health:
+            self._health_at = now  # still unwell: the quiet time before it recovers starts again
+
+    def _set_health(self, health: int, now: float) -> None:
+        self.health, self._health_at = health, now
+        self.detector.suspect_after = self.s.suspect_after * (1 + health)
+        self.detector.dead_after = self.s.dead_after * (1 + health)
+
     def _refresh_ring(self) -> None:
         if self._ring_version != self.view.ring_version:
             self._ring_version = self.view.ring_version
@@ -540,4 +570,4 @@ class Gossip:
         self.counts[what] = self.counts.get(what, 0) + 1
 
     def stats(self) -> dict[str, Any]:
-        return dict(self.counts)
+        return dict(self.counts) | {"health": self.health}

@@ -39,7 +39,7 @@ from ._sockets import SocketPoller, tcp_options
 log = logging.getLogger("lanmesh.mesh")
 
 PEER_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-MAX_UNVERIFIED_PEERS = 64  # peers learned from claims (Hello, mDNS, digests) whose own gossip has not arrived yet
+MAX_UNVERIFIED_PEERS = 256  # peers learned from claims (Hello, mDNS, digests) whose own report has not arrived yet
 # A connect attempt into a silent network gives up after this and tries afresh (a SYN the kernel keeps
 # retransmitting with backoff would reach a healed network seconds late): with the reconnect interval below,
 # a link that comes back is used again within about a second.

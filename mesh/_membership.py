@@ -361,7 +361,7 @@ class Membership:
     def _sweep(self, now: float) -> None:
         for peer in self.links.peers:
             state = self.state(peer.node)
-            if state is None and not peer.last_report and now - peer.last_heard >= self.s.dead_after:
+            if state is None and not peer.last_report and now - peer.last_heard >= 2 * self.s.dead_after:
                 # Claimed (hello, mDNS, digest) but never heard from itself: free its sockets (a later claim may
                 # bring it back).
                 log.info("dropping %s at %s:%d: never heard from it", peer.node, peer.addr.host, peer.addr.port)

@@ -150,7 +150,11 @@ def test_a_node_that_did_not_run_for_a_while_restarts_its_silence_clocks_instead
     g.tick(3.5)  # a starved CPU: no turn for 2.5 s, so no probe went out and no answer could come
     assert not any(isinstance(m, Suspicion) for m in host.published)
     assert all(g.state(n) is PeerState.ALIVE for n in ("b", "c", "d"))
-    for step in range(1, 30):  # from here on silence is evidence again
+    assert g.health == 1  # and, having run late, it is slower to accuse for a while
+    for step in range(1, 30):
+        g.tick(3.5 + step * 0.05)
+    assert g.state("b") is PeerState.ALIVE  # 1.5 s of silence: not yet, at twice the usual patience
+    for step in range(30, 50):  # from here on silence is evidence again
         g.tick(3.5 + step * 0.05)
     assert g.state("b") is PeerState.SUSPECT  # (kept to itself: it hears from nobody at all)
 
@@ -292,3 +296,31 @@ def test_a_digest_from_a_node_not_verified_here_is_answered_but_not_believed() -
     assert g.state("b") is PeerState.ALIVE and host.learned == []
     answer = g.on_digest(Digest("stranger", 1, 1), 1.0, asked=False, trusted=False)
     assert answer is not None and {m.node for m in answer.members} == {"a", "b"}
+
+
+def test_a_node_accused_or_proved_wrong_waits_longer_before_it_accuses_and_recovers_when_quiet() -> None:
+    host = RecordingHost()
+    g = Gossip(addr("a"), 100, host)
+    g.report(0.0, MODELS, LABELS)
+    g.on_suspicion(Suspicion("a", 100, 1, "w"), 1.0)  # it was too slow to answer its watchers
+    g.on_suspicion(Suspicion("a", 100, 2, "w"), 2.5)
+    assert g.health == 2 and g.detector.suspect_after == 3.0 and g.detector.dead_after == 9.0
+    for t in range(12, 96):
+        g.tick(t / 4)
+    assert g.health == 0 and g.detector.suspect_after == 1.0  # twenty quiet seconds later
+
+
+def test_a_watcher_with_several_probed_members_silent_at_once_counts_itself_unwell_one_with_one_does_not() -> None:
+    mesh = SimMesh()
+    names = mesh.converged(8)
+    mesh.run_for(1.0)
+    watcher = mesh.nodes[names[0]]
+    one = watcher.gossip.watched()[0]
+    mesh.hang(one)
+    mesh.run_for(4.0)
+    assert watcher.gossip.health == 0 and mesh.all_see(one, (PeerState.DEAD,))  # a member died: nothing wrong here
+    mesh.resume(one)
+    mesh.run_for(2.0)
+    mesh.cut(names[0])  # its cable: every member it probes goes quiet at once
+    mesh.run_for(2.0)
+    assert watcher.gossip.health >= 1
