@@ -72,6 +72,7 @@ def _measure(bed: Testbed, n: int, quick: bool) -> dict[str, Any]:
     light["load"] = _summary(bed, light_proc)
     names = list(bed.nodes)
     kill = _detect(bed, names[-1], "kill -9", 3.0)
+    time.sleep(10.0)  # the restarted node rejoined; detection is measured on a mesh at rest
     sigstop = _detect(bed, names[-2], "SIGSTOP", 5.0)
     churn = _churn(bed, names, QUICK_CHURN if quick else CHURN)
     return {

@@ -40,7 +40,8 @@ from ._view import RANK, MemberView, outranks
 
 __all__ = ["HEALTH_MAX", "SEQ_AHEAD", "Gossip", "GossipHost", "GossipSettings"]
 
-HEALTH_MAX = 4  # how unwell a node may count itself: it then waits up to 5x as long before it accuses anyone
+HEALTH_MAX = 3  # how unwell a node may count itself: it then waits up to 4x as long before it accuses anyone
+HEALTH_RECOVERS_S = 5.0  # quiet seconds per step back
 
 # How many reports ahead of the last one known a suspicion may name. Honest watchers know at most the few reports
 # a node missed; a forged one far ahead would make the accused unable to refute it (it refutes by reporting past it).
@@ -127,14 +128,15 @@ class Gossip:
         self._accused: dict[str, float] = {}  # last time a member was told it is held suspect or dead
         self._published: dict[str, tuple[int, int, PeerState]] = {}  # what this node last published of a member
         self._last_tick: float | None = None
+        self._last_tick_before = 0.0
         self._repeat_at: float | None = None  # when to publish the last refutation once more
         self._last_heard_any = -math.inf
         self._next_sync = 0.0
         self._ping_seq = 0
         self.in_doubt = False  # a probed member has been silent for half the time to suspicion: tick often
-        # Lifeguard's local health: how unwell this node counts itself (0 = well). It rises when this node ran late,
-        # was accused itself, or had several probed members unanswered at once, and falls back one step per 10
-        # quiet seconds; silence must last (1 + health) times as long before this node suspects anyone.
+        # Lifeguard's local health: how unwell this node counts itself (0 = well). It rises when this node did not
+        # run for a second, was accused itself, or had several probed members unanswered at once, and falls back
+        # one step per 5 quiet seconds; silence must last (1 + health) times as long before it suspects anyone.
         self.health = 0
         self._health_at = -math.inf
 
@@ -383,6 +385,7 @@ class Gossip:
     def tick(self, now: float, in_use: Iterable[str] = ()) -> None:
         """Probe, apply silence, time suspicions out, sync, forget. `in_use`: members this node has requests on."""
         stalled = self._last_tick is not None and now - self._last_tick > self.s.suspect_after / 2
+        self._last_tick_before = self._last_tick if self._last_tick is not None else now
         self._last_tick = now
         self._refresh_ring()
         wanted = set(self._ring_watched)
@@ -400,11 +403,12 @@ class Gossip:
         if stalled:
             # This node did not run for a while (a stop, a starved CPU): it saw nothing, so it has no evidence of
             # anyone's silence. Restart the clocks rather than accuse everyone it probes.
-            self._unwell(now, "late")
+            if now - self._last_tick_before >= self.s.suspect_after:
+                self._unwell(now, "late")
             for node in self._probing:
                 self.detector.forget(node)
                 self.detector.heard(node, now)
-        elif self.health and now - self._health_at >= 10.0:
+        elif self.health and now - self._health_at >= HEALTH_RECOVERS_S:
             self._set_health(self.health - 1, now)
         every = self.s.probe_every
         # In doubt: a probe went unanswered (silence past one probe period and a bit).
