@@ -22,6 +22,7 @@ SCENARIOS = {
     "scale": "100 idle echo nodes in namespaces: time to see all, packets/s, CPU and RSS per node, detection, churn",
     "gossip": "the membership protocol simulated to 10,000 nodes at 1% loss: messages/node/s, convergence, false "
     "suspicions",
+    "prefix": "conversations on 3 SmolLM2 nodes: cache-aware routing vs p2c with and without the prefix cache",
 }
 
 
@@ -54,8 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--reps", type=int, default=3, help="repetitions; the summary reports medians")
         if name == "overhead":
             p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve anchor")
+            p.add_argument("--identities", action="store_true",
+                           help="every node and the client its own key (lanmesh init), not one mesh key")  # fmt: skip
         if name == "scale":
             p.add_argument("--nodes", type=int, help="how many nodes (default 100; --quick: 12)")
+        if name == "prefix":
+            p.add_argument("--conversations", type=int, help="conversations of 8 turns (default 12; --quick: 3 of 3)")
+            p.add_argument("--seed", type=int, default=1, help="seed of the conversations, their times and entries")
+            p.add_argument("--order", default="abc", help="the order of the runs (e.g. cba; the machine may change)")
         if name == "soak":
             p.add_argument("--minutes", type=float, default=10.0, help="length of the run (--quick: 1)")
             p.add_argument("--seed", type=int, default=7, help="seed of the fault schedule")
@@ -80,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.scenario == "overhead":
         from . import overhead
 
-        overhead.run(quick=args.quick, reps=args.reps, mode=args.mode, ray=not args.no_ray)
+        overhead.run(quick=args.quick, reps=args.reps, mode=args.mode, ray=not args.no_ray, identities=args.identities)
     elif args.scenario == "scaling":
         from . import scaling
 
@@ -124,6 +131,11 @@ def _run(args: argparse.Namespace) -> int:
 
         result = rollout.run(quick=args.quick, mode=args.mode)
         return 0 if result["summary"]["failed"] == 0 else 1
+    elif args.scenario == "prefix":
+        from . import prefix
+
+        result = prefix.run(args.quick, args.mode, args.conversations, args.seed, args.order)
+        return 0 if not any(result["summary"]["failed"].values()) else 1
     return 0
 
 

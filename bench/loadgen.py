@@ -31,7 +31,7 @@ from typing import Any
 
 import zmq
 
-from mesh import Client, client_security
+from mesh import Client, client_security, connect_dealer
 from protocol import Error, Reject, Reply, Request, Task, decode, encode
 
 from .procs import ping
@@ -237,8 +237,7 @@ def trace(
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
-        security.configure_client(s)  # the mesh key from $LANMESH_KEY_FILE, as any client of this machine
-        s.connect(f"tcp://{addr}")
+        connect_dealer(s, f"tcp://{addr}", security)  # the key from $LANMESH_KEY_FILE, as any client here
         socks.append(s)
     poller = zmq.Poller()
     for s in socks:

@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from mesh import client_security
+from mesh import client_security, connect_dealer
 from nodes.cli.model_commands import AdminError, admin_call, mesh_models, rollout
 from protocol import Data, Fetch, decode, encode
 
@@ -63,8 +63,7 @@ def manifest(node: str, name: str, version: str) -> dict[str, Any]:
     ctx: zmq.Context[zmq.Socket[Any]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    client_security().configure_client(sock)
-    sock.connect(f"tcp://{node}")
+    connect_dealer(sock, f"tcp://{node}", client_security())
     try:
         sock.send(encode(Fetch("manifest", name, version)))
         if not sock.poll(60_000):

@@ -76,11 +76,13 @@ def measure(address: str, sync_n: int, pipe_n: int, window: int = 64) -> dict[st
         return {"sync": sync_latency(client, sync_n), "pipelined": pipelined(client, pipe_n, window)}
 
 
-def run(quick: bool = False, reps: int = 3, mode: str = "auto", ray: bool = True) -> dict[str, Any]:
+def run(
+    quick: bool = False, reps: int = 3, mode: str = "auto", ray: bool = True, identities: bool = False
+) -> dict[str, Any]:
     sync_n, pipe_n = (300, 2000) if quick else (5000, 30000)
     reps = 1 if quick else reps
     runs: dict[str, list[dict[str, Any]]] = {"raw_pyzmq": [], "direct": [], "one_hop": []}
-    with Testbed(2, mode) as bed:
+    with Testbed(2, mode, identities=identities) as bed:
         print(f"overhead: {bed.mode} mode; starting an echo node, an entry node and a raw pyzmq echo server")
         server = bed.start_node(1, ["--model", "echo", "--grace", "2"], name="echo-node")
         entry = bed.start_node(2, ["--model", "sleep:1", "--grace", "2"], name="entry-node")

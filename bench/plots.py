@@ -320,3 +320,36 @@ def plot_gossip(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"gossip simulated (the nodes' own Gossip on a simulated LAN) — {m.get('cores', '?')} cores",
                  fontsize=9)  # fmt: skip
     _save(fig, path)
+
+
+def plot_prefix(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    runs = result["runs"]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = {"a": "#1a9850", "b": "#2b7bba", "c": "#d9822b"}
+    for key, run in runs.items():
+        turns = [int(t) for t in run["per_turn"]]
+        label = f"({key}) {run['label']}"
+        p50 = [run["per_turn"][str(t)]["ttft_p50_ms"] for t in turns]
+        a.plot(turns, p50, marker="o", color=colors.get(key), label=label)
+        hits = [(run["per_turn"][str(t)]["hit_rate"] or 0) * 100 for t in turns]
+        b.plot(turns, hits, marker="o", color=colors.get(key), label=label)
+    a.set_xlabel("turn")
+    a.set_ylabel("time to first token, p50 (ms)")
+    a.set_ylim(bottom=0)
+    a.legend(fontsize=8)
+    b.set_xlabel("turn")
+    b.set_ylabel("prompt tokens reused (%)")
+    b.set_ylim(0, 100)
+    nodes = sorted({n for run in runs.values() for n in run["served"]})
+    width = 0.8 / max(1, len(runs))
+    for i, (key, run) in enumerate(runs.items()):
+        c.bar([j + i * width for j in range(len(nodes))], [run["served"].get(n, 0) for n in nodes], width,
+              color=colors.get(key), label=f"({key}) {run['tok_per_s'] or 0:.1f} tok/s")  # fmt: skip
+    c.set_xticks([j + width for j in range(len(nodes))], nodes)
+    c.set_ylabel("turns served")
+    c.legend(fontsize=8)
+    w = result["workload"]
+    fig.suptitle(f"prefix — {w['conversations']} conversations x {w['turns']} turns, 3 nodes — {_subtitle(result)}",
+                 fontsize=9)  # fmt: skip
+    _save(fig, path)

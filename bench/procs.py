@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from mesh import MeshKey, Plaintext, client_security
+from mesh import MeshSecurity, Plaintext, client_security, connect_dealer, load_key
 from protocol import Ping, Pong, decode, encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def free_port_pair(host: str = "127.0.0.1") -> int:
 
 
 def ping(
-    address: str, timeout: float = 1.0, want_status: bool = False, security: MeshKey | Plaintext | None = None
+    address: str, timeout: float = 1.0, want_status: bool = False, security: MeshSecurity | Plaintext | None = None
 ) -> Pong | None:
     """One Ping over a fresh DEALER; the Pong, or None when nothing answered in time.
 
@@ -48,9 +48,8 @@ def ping(
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    (security or client_security()).configure_client(sock)
     try:
-        sock.connect(f"tcp://{address}")
+        connect_dealer(sock, f"tcp://{address}", security or client_security())
         sock.send(encode(Ping(uuid.uuid4().hex, "probe", want_status)))
         if sock.poll(int(timeout * 1000)):
             msg = decode(sock.recv())
@@ -90,8 +89,8 @@ class NodeProc:
         self.key_file = key_file
         self.insecure = insecure
         # How this harness talks to the node (pings, status); None: as any client on this machine would.
-        self.security: MeshKey | Plaintext | None = (
-            Plaintext() if insecure else MeshKey.load(key_file) if key_file is not None else None
+        self.security: MeshSecurity | Plaintext | None = (
+            Plaintext() if insecure else load_key(key_file) if key_file is not None else None
         )
 
     @property

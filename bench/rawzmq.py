@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -21,8 +22,12 @@ from protocol import Request, Task, encode
 
 from .report import percentile
 
+RAW_KEY_ENV = "LANMESH_BENCH_RAW_KEY"  # the raw pair's CURVE key (a mesh key) when the nodes use member identities
+
 
 def _security() -> MeshKey | None:
+    if os.environ.get(RAW_KEY_ENV):
+        return MeshKey.load(os.environ[RAW_KEY_ENV])
     sec = client_security()
     return sec if isinstance(sec, MeshKey) else None
 

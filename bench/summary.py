@@ -9,7 +9,7 @@ from typing import Any
 
 from .report import results_dir
 
-ORDER = ("overhead", "scaling", "heterogeneous", "failover", "soak", "models", "transfer", "rollout")
+ORDER = ("overhead", "scaling", "heterogeneous", "failover", "soak", "models", "transfer", "rollout", "prefix")
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -167,7 +167,33 @@ def goals(r: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
             f"{s['failed']} of {s['requests']}; {s['nodes_on_new_version']}/{r['rollout']['nodes']} on the new version",
             _met(s["failed"] == 0 and s["nodes_on_new_version"] == r["rollout"]["nodes"]),
         ))  # fmt: skip
+    if "prefix" in r:
+        rows += _prefix_goals(r["prefix"])
     return rows
+
+
+def _prefix_goals(res: dict[str, Any]) -> list[tuple[str, str, str]]:
+    s, g, met = res["summary"], res["goals"], res["summary"]["met"]
+    turns = res["workload"]["turns"]
+    ttft_last, ttft_first = s["ttft_last_p50_ms"], s["ttft_first_p50_ms"]
+    tok = s["tok_per_s"]
+    return [
+        (f"prefix: (a) reuses >= {g['hit_rate_after_turn_1']:.0%} of prompt tokens after turn 1",
+         _f((s["hit_rate_after_turn_1"]["a"] or 0) * 100, ".1f", "%"), _met(met["hit_rate"])),
+        (f"prefix: (a) TTFT p50 at turn {turns} <= {g['ttft_last_over_no_cache']}x (c)'s",
+         f"{_f(ttft_last['a'], '.0f', ' ms')} vs {_f(ttft_last['c'], '.0f', ' ms')}: "
+         f"{_f(s['ttft_last_over_no_cache'], '.2f', 'x')}", _met(met["ttft_vs_no_cache"])),
+        (f"prefix: (a) TTFT p50 at turn {turns} <= {g['ttft_last_over_first']}x its turn 1",
+         f"{_f(ttft_last['a'], '.0f', ' ms')} vs {_f(ttft_first['a'], '.0f', ' ms')}: "
+         f"{_f(s['ttft_last_over_first'], '.2f', 'x')}", _met(met["ttft_vs_turn_1"])),
+        ("prefix: throughput (a) >= (b) and (c)",
+         f"{_f(tok['a'], '.1f')} / {_f(tok['b'], '.1f')} / {_f(tok['c'], '.1f')} tok/s", _met(met["throughput"])),
+        (f"prefix: p99 latency (a) <= {g['p99_over_p2c_cache']}x (b)'s",
+         f"{_f(s['latency_p99_ms']['a'], '.0f', ' ms')} vs {_f(s['latency_p99_ms']['b'], '.0f', ' ms')}: "
+         f"{_f(s['p99_over_p2c_cache'], '.2f', 'x')}", _met(met["p99"])),
+        (f"prefix: no node serves more than {g['max_share_over_fair']}x its fair share under (a)",
+         _f(s["max_share_over_fair"]["a"], ".2f", "x"), _met(met["spread"])),
+    ]  # fmt: skip
 
 
 def _machine(res: dict[str, Any]) -> str:
@@ -385,6 +411,50 @@ def _rollout(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _prefix(res: dict[str, Any]) -> list[str]:
+    w, runs, p = res["workload"], res["runs"], res["summary"]["prediction"]
+    lines = [
+        f"{res['nodes']} nodes of {w['model']}. {w['conversations']} conversations of {w['turns']} turns sharing a "
+        f"{w['system_prompt_chars']}-character system prompt; starts {w['starts']}, think time {w['think_s']} s, "
+        f"{w['max_tokens']} tokens an answer, {w['sampling']}; each turn enters at {w['entry']}. The same seed in "
+        "every run: (a) cache-aware routing and the prefix cache (the defaults), (b) p2c with the prefix cache, "
+        "(c) p2c without it.",
+        "",
+        "| run | prompt tokens reused, turns 2+ | TTFT p50 turn 1 | TTFT p50 last turn | TTFT p99 last turn |"
+        " tok/s | latency p99 | served per node | failed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in runs.items():
+        turns = r["per_turn"]
+        last = turns[str(w["turns"])]
+        served = ", ".join(f"{n} {c}" for n, c in r["served"].items())
+        lines.append(
+            f"| ({key}) {r['label']} | {_f((r['hit_rate_after_turn_1'] or 0) * 100, '.1f', '%')} |"
+            f" {_f(turns['1']['ttft_p50_ms'], '.0f', ' ms')} | {_f(last['ttft_p50_ms'], '.0f', ' ms')} |"
+            f" {_f(last['ttft_p99_ms'], '.0f', ' ms')} | {_f(r['tok_per_s'], '.1f')} |"
+            f" {_f(r['latency_p99_ms'], '.0f', ' ms')} | {served} ({_f(r['max_share_over_fair'], '.2f', 'x')} fair) |"
+            f" {r['failed']} |"
+        )
+    lines += [
+        "",
+        "TTFT p50 per turn (ms):",
+        "",
+        "| run | " + " | ".join(str(t) for t in range(1, w["turns"] + 1)) + " |",
+        "|---|" + "---|" * w["turns"],
+    ]
+    for key, r in runs.items():
+        lines.append(f"| ({key}) | " + " | ".join(_f(t["ttft_p50_ms"], ".0f") for t in r["per_turn"].values()) + " |")
+    lines += [
+        "",
+        f"How well the gossiped summaries predicted the engines' reuse under (a): {p['predicted']} turns were routed "
+        f"to a node said to hold more than the system prompt; the engine reused more than the system prompt for "
+        f"{_f((p['precision'] or 0) * 100, '.0f', '%')} of them (precision), and those are "
+        f"{_f((p['recall'] or 0) * 100, '.0f', '%')} of the {p['engine_reused_beyond_system_prompt']} turns where it "
+        f"did (recall). Routes under (a): {runs['a']['routes']}.",
+    ]
+    return lines
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "overhead": ("Overhead of the mesh", _overhead),
     "scaling": ("Scaling out", _scaling),
@@ -394,6 +464,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "models": ("Models", _models),
     "transfer": ("Model transfer between members", _transfer),
     "rollout": ("Rollout under load", _rollout),
+    "prefix": ("Conversations: prefix cache and cache-aware routing", _prefix),
 }
 
 

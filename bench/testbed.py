@@ -18,7 +18,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from mesh import INSECURE_ENV, KEY_ENV, MeshKey
+import zmq
+
+from mesh import INSECURE_ENV, KEY_ENV, Authority, KnownNode, MemberIdentity, MeshKey, Role, load_key
 
 from .hosts import Lan, netns_unavailable_reason, sweep_stale
 from .procs import ROOT, NodeProc
@@ -49,7 +51,7 @@ class Testbed:
     Everything started here is stopped by PID on exit (also on Ctrl-C and errors) and the Lan torn down.
     """
 
-    def __init__(self, n_nodes: int, mode: str = "auto", log_dir: Path | None = None) -> None:
+    def __init__(self, n_nodes: int, mode: str = "auto", log_dir: Path | None = None, identities: bool = False) -> None:
         self.mode, self.why_not_netns = choose_mode(mode)
         self.n_nodes = n_nodes
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="lanmesh-bench-"))
@@ -61,6 +63,11 @@ class Testbed:
         self.lan: Lan | None = None
         self.env = dict(NODE_ENV)  # for nodes and tools alike
         self.security = _mesh_key(self.log_dir, self.env)
+        # Member identities: every node and the tools' user its own key from one authority (`lanmesh init` and
+        # `lanmesh join` would leave the same files), instead of the one mesh key.
+        self.authority = Authority.create(self.log_dir / "authority") if identities else None
+        if identities:
+            self.security = "CURVE, member identities (an authority, a key per node and one for the client)"
         if self.mode == "netns":
             sweep_stale()
             self.lan = Lan(n_nodes + 1)
@@ -109,10 +116,12 @@ class Testbed:
         argv = list(self._argv[name])
         self._starts[name] = self._starts.get(name, 0) + 1
         log_path = self.log_dir / (f"{name}.log" if self._starts[name] == 1 else f"{name}-{self._starts[name]}.log")
+        key = self._enrol(name, Role.NODE) if self.authority is not None else None
         if self.lan is None:
             # Static seeds: every other node, so a restarted node finds the mesh again whoever else is down.
-            seeds = [x for n, other in self.nodes.items() if n != name for x in ("--peer", other.address)]
-            node = NodeProc(name, [*LOOPBACK, *argv, *seeds], port=port, log_dir=self.log_dir, env=self.env)
+            seeds = [x for n, other in self.nodes.items() if n != name for x in ("--peer", self._seed(n, other))]
+            node = NodeProc(name, [*LOOPBACK, *argv, *seeds], port=port, log_dir=self.log_dir, env=self.env,
+                            key_file=key)  # fmt: skip
         else:
             lan, host = self.lan, self.lan.hosts[index]
 
@@ -121,15 +130,45 @@ class Testbed:
                     err = subprocess.STDOUT
                     return lan.spawn(host, cmd, env=env, stdout=log, stderr=err, cwd=str(ROOT), text=False)
 
-            node = NodeProc(name, argv, host=host.ip, port=NETNS_PORT, spawn=spawn, env=self.env)
+            node = NodeProc(name, argv, host=host.ip, port=NETNS_PORT, spawn=spawn, env=self.env, key_file=key)
         node.log_path = log_path
         return node
+
+    def _enrol(self, name: str, role: Role, nodes: list[KnownNode] | None = None) -> Path:
+        """A member identity for `name` (a node, or the tools' user), written where its key file goes."""
+        assert self.authority is not None
+        public, secret = zmq.curve_keypair()
+        cert = self.authority.issue(name, zmq.utils.z85.decode(public), role, replace=True)
+        path = self.log_dir / "members" / name / "mesh.key"
+        MemberIdentity.make(cert.encode(), public, secret, self.authority.key.public, nodes or []).write(
+            path, force=True
+        )
+        return path
+
+    def _seed(self, name: str, node: NodeProc) -> str:
+        if self.authority is None:
+            return node.address
+        key = load_key(self.log_dir / "members" / name / "mesh.key")
+        assert isinstance(key, MemberIdentity)
+        return f"{key.key_text}@{node.address}"
+
+    def _user(self) -> None:
+        """The tools' identity: a client knowing every node started (the load generator, probes, converge)."""
+        if self.authority is None:
+            return
+        known = []
+        for name, node in self.nodes.items():
+            key = load_key(self.log_dir / "members" / name / "mesh.key")
+            assert isinstance(key, MemberIdentity)
+            known.append(KnownNode(name, node.address, key.key_text))
+        self.env[KEY_ENV] = str(self._enrol("bench-user", Role.CLIENT, known))
 
     def addresses(self, names: Sequence[str] | None = None) -> list[str]:
         return [self.nodes[n].address for n in (names or list(self.nodes))]
 
     def converge(self, names: Sequence[str] | None = None, timeout: float = 60.0) -> float:
         """Wait until the given nodes (default all) answer and see each other alive; seconds since all answered."""
+        self._user()
         s = self.tool("converge", "--nodes", ",".join(self.addresses(names)), "--timeout", str(timeout))
         if not s.get("converged"):
             dead = [n for n, p in self.nodes.items() if not p.alive()]
@@ -276,6 +315,7 @@ def _mesh_key(folder: Path, env: dict[str, str]) -> str:
     """A fresh mesh key for this run's nodes and tools (CURVE on, as a user runs it); what the result records."""
     path = MeshKey.generate().write(folder / "mesh.key", force=True)
     env[KEY_ENV] = str(path)
+    env["LANMESH_BENCH_RAW_KEY"] = str(path)  # bench.rawzmq's pair keeps it when the nodes use member identities
     env[INSECURE_ENV] = ""  # an inherited LANMESH_INSECURE=1 (the test suite's default) would turn CURVE off
     return "CURVE (a mesh key made for the run)"
 

@@ -10,11 +10,14 @@ What lives where (private modules, free to move behind this face):
 - clients: `Client` (`_client.py`, over `_client_io.py`), `AsyncClient` (`_aclient.py`); both feed the sans-IO
   `CallTable` (`_calls.py`: retries, fail-over, cancels, learning the mesh), `NodeDirectory` (`_directory.py`)
 - a node's mesh layer: `MeshNode` (`_node.py`: the socket loop, where a request enters and is answered),
-  `EntryTable` (`_entry.py`: the entry's tries, retries and fail-over), `RoutingPolicy` (`_routing.py`),
+  `EntryTable` (`_entry.py`: the entry's tries, retries and fail-over), `RoutingPolicy` and `CacheAwarePolicy`
+  (`_routing.py`; the chains of chat messages they compare and the gossiped summaries: `_prefixes.py`),
   `FailureDetector` (`_failure.py`), `Gossip` (`_gossip.py`: what a node tells whom, over the `MemberView` of
   `_view.py`), `Membership` (`_membership.py`: gossip on the node's sockets), `PeerLinks` (`_links.py`: the
   DEALER per peer that forwards requests), `Discovery` (`_discovery.py`: mDNS)
-- security: `MeshKey`, CURVE and the ZAP `Authenticator` (`_security.py`)
+- security: `MeshKey`, CURVE and the ZAP `Authenticator` (`_security.py`); member identities: certificates
+  (`_certs.py`), the authority (`_authority.py`), a node's book of members (`_members.py`), a member's identity
+  file (`_identity.py`), finding a machine's key (`_keyfiles.py`)
 - errors: `mesh.errors` (one exception per wire error code)
 
 The mDNS names (`Discovery`, `browse`, `discovery`, ...) load zeroconf on first use, so a client that is given
@@ -27,19 +30,35 @@ import importlib
 from typing import Any
 
 from ._aclient import AsyncClient, AsyncStream
+from ._authority import AUTHORITY_DIR, Authority, AuthorityError
 from ._backoff import backoff_schedules
 from ._call import Call, request_call
 from ._calls import CallTable
+from ._certs import AuthorityKey, Certificate, CertificateError, InviteCode, RevocationList, Role, key_text
 from ._client import Client, Stream
+from ._dealers import connect_dealer
 from ._directory import NodeDirectory
 from ._endpoints import parse_endpoints
 from ._entry import EntryTable, PendingState
-from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
+from ._failure import FORGOTTEN, INCARNATION_AHEAD_S, FailureDetector, PeerState, Transition
 from ._gossip import Gossip, GossipHost, GossipSettings
+from ._identity import KnownNode, MemberIdentity
+from ._keyfiles import MeshSecurity, client_security, default_key_path, key_path, load_key, load_mesh_key
+from ._members import Members, role_needed
 from ._news import ReportNews
 from ._node import MeshNode
+from ._prefixes import (
+    SUMMARY_BYTES,
+    bound_summaries,
+    chat_chain,
+    next_link,
+    pack_summary,
+    request_chain,
+    summary_news,
+    unpack_summary,
+)
 from ._results import PingReply, Result
-from ._routing import POLICIES, Choice, RoutingPolicy
+from ._routing import POLICIES, CacheAwarePolicy, Choice, RoutingPolicy
 from ._security import (
     INSECURE_ENV,
     KEY_ENV,
@@ -50,13 +69,10 @@ from ._security import (
     Plaintext,
     RejectionLog,
     RequestLimits,
-    client_security,
-    default_key_path,
     fingerprint_of,
     handshake_failure,
+    judge_member_zap,
     judge_zap,
-    key_path,
-    load_mesh_key,
     require_curve,
     same_host,
     zap_reply,
@@ -105,6 +121,7 @@ __all__ = [
     "PingReply",
     "Result",
     "Stream",
+    "connect_dealer",
     "parse_endpoints",
     # errors
     "BadRequest",
@@ -117,6 +134,21 @@ __all__ = [
     "ProtocolError",
     "Unauthorized",
     # security
+    "AUTHORITY_DIR",
+    "Authority",
+    "AuthorityError",
+    "AuthorityKey",
+    "Certificate",
+    "CertificateError",
+    "InviteCode",
+    "KnownNode",
+    "MemberIdentity",
+    "Members",
+    "role_needed",
+    "MeshSecurity",
+    "RevocationList",
+    "Role",
+    "key_text",
     "INSECURE_ENV",
     "KEY_ENV",
     "Authenticator",
@@ -130,8 +162,10 @@ __all__ = [
     "default_key_path",
     "fingerprint_of",
     "handshake_failure",
+    "judge_member_zap",
     "judge_zap",
     "key_path",
+    "load_key",
     "load_mesh_key",
     "require_curve",
     "same_host",
@@ -145,6 +179,7 @@ __all__ = [
     "SocketPoller",
     # the pure policies (fed with observations and `now`; no sockets): for tests and simulations
     "FORGOTTEN",
+    "INCARNATION_AHEAD_S",
     "POLICIES",
     "Gossip",
     "GossipHost",
@@ -161,10 +196,20 @@ __all__ = [
     "NodeDirectory",
     "PeerState",
     "PendingState",
+    "CacheAwarePolicy",
     "RoutingPolicy",
     "Transition",
     "backoff_schedules",
     "request_call",
+    # what a node's prefix cache holds, as entries know it (chains of chat messages, gossiped summaries)
+    "SUMMARY_BYTES",
+    "bound_summaries",
+    "chat_chain",
+    "next_link",
+    "pack_summary",
+    "request_chain",
+    "summary_news",
+    "unpack_summary",
     # mDNS (loaded on first use)
     "Announcement",
     "Discovery",

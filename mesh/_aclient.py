@@ -161,7 +161,10 @@ class AsyncClient:
         self._table = CallTable(
             endpoints, client_id=self.client_id, transmit=self._transmit, try_timeout=try_timeout,
             directory=NodeDirectory(endpoints) if learn else None, on_nodes_changed=self._nodes_changed,
+            on_status=self._dealer_options.learn_status,
         )  # fmt: skip
+        credentials = self._dealer_options.credentials
+        self._introduce = (lambda ep: self._transmit(ep, credentials)) if credentials is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}  # each node's reader and monitor watcher
         self._retiring: set[asyncio.Task[None]] = set()  # closing the sockets of nodes dropped
@@ -432,8 +435,8 @@ class AsyncClient:
         for opened, ep in self._table.take_node_changes():
             if opened:
                 try:
-                    self._dealers[ep], self._monitors[ep] = self._dealer_options.open(self._ctx, ep)
-                except zmq.ZMQError as exc:
+                    self._dealers[ep], self._monitors[ep] = self._dealer_options.open(self._ctx, ep, resolve=False)
+                except (zmq.ZMQError, ValueError) as exc:  # ValueError: a member identity knows no key for it
                     log.warning("cannot connect to %s, learned from the mesh: %s", ep, exc)
                     continue
                 self._watch_node(ep)
@@ -479,7 +482,7 @@ class AsyncClient:
         try:
             while True:
                 event = await recv_monitor_message(monitor)
-                apply_monitor_event(self._table, endpoint, int(event["event"]), time.monotonic())
+                apply_monitor_event(self._table, endpoint, int(event["event"]), time.monotonic(), self._introduce)
                 self._rearm()
         except asyncio.CancelledError:
             raise

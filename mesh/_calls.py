@@ -81,9 +81,11 @@ class CallTable:
         try_timeout: float | None = None,
         directory: NodeDirectory | None = None,
         on_nodes_changed: Callable[[], None] | None = None,
+        on_status: Callable[[list[Any]], None] | None = None,
     ) -> None:
         self.endpoints = tuple(endpoints)
         self.client_id = client_id
+        self._on_status = on_status  # told every status a node answers (a member identity learns node keys there)
         self._transmit = transmit
         self._try_timeout = try_timeout
         self._given = frozenset(self.endpoints)
@@ -229,6 +231,8 @@ class CallTable:
             self._declined(call, endpoint, msg.queue, refusal, now)
         elif isinstance(msg, Pong) and call.kind != "request":
             self._finish(call)
+            if msg.status and self._on_status is not None:
+                self._on_status(msg.status)
             if call.kind == "learn":
                 self._learned(msg, endpoint, now)
             else:

@@ -84,7 +84,10 @@ class ClientIO:
         self._table = CallTable(
             endpoints, client_id=client_id, transmit=self._transmit, try_timeout=try_timeout,
             directory=NodeDirectory(endpoints) if learn else None, on_nodes_changed=self._wake,
+            on_status=dealer_options.learn_status,
         )  # fmt: skip
+        credentials = dealer_options.credentials
+        self._introduce = (lambda ep: self._transmit(ep, credentials)) if credentials is not None else None
         self._lock = threading.Lock()
         self._closed = False
         self._outbox: list[Outcome] = []
@@ -416,7 +419,7 @@ class ClientIO:
                 event = recv_monitor_message(sock, zmq.DONTWAIT)
             except zmq.Again:
                 return
-            apply_monitor_event(self._table, ep, int(event["event"]), now)
+            apply_monitor_event(self._table, ep, int(event["event"]), now, self._introduce)
 
     # ------------------------------------------------------------- learned nodes (the I/O thread, under the lock)
 
@@ -432,8 +435,8 @@ class ClientIO:
 
     def _open_dealer(self, ep: str) -> None:
         try:
-            dealer, monitor = self._dealer_options.open(self._ctx, ep)
-        except zmq.ZMQError as exc:
+            dealer, monitor = self._dealer_options.open(self._ctx, ep, resolve=False)
+        except (zmq.ZMQError, ValueError) as exc:  # ValueError: a member identity knows no key for it
             log.warning("cannot connect to %s, learned from the mesh: %s", ep, exc)
             return  # the table waits for it to come up, which it never does; other nodes serve meanwhile
         fd = cast(int, dealer.getsockopt(zmq.FD))

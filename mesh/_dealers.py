@@ -4,12 +4,13 @@ connection events mean to the `CallTable`, and how they close."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 
-from ._security import client_security, handshake_failure
+from ._keyfiles import client_security
+from ._security import handshake_failure
 
 if TYPE_CHECKING:
     from ._calls import CallTable
@@ -36,9 +37,10 @@ _HANDSHAKE_FAILED = (
 
 
 class ClientSecurity(Protocol):
-    """What `security=` takes: something that configures a client DEALER before it connects (e.g. CURVE keys)."""
+    """What `security=` takes: something that configures a client DEALER before it connects to `endpoint` (CURVE
+    keys: the mesh key, or a member identity and the key it expects of that node)."""
 
-    def configure_client(self, sock: zmq.Socket[Any]) -> None: ...
+    def configure_client(self, sock: zmq.Socket[Any], endpoint: str | None = None, server_key: str = "") -> None: ...
 
 
 class DealerOptions:
@@ -50,6 +52,11 @@ class DealerOptions:
         # None: whatever this machine is set up with ($LANMESH_KEY_FILE, the default key file, or plaintext),
         # looked up once so a node learned later gets the same key as the first.
         self.security = security if security is not None else client_security()
+        # A member identity's certificate goes first on each new connection, so the node knows who this is.
+        frame = getattr(self.security, "certificate_frame", None)
+        self.credentials: bytes | None = frame() if frame is not None else None
+        self._learn_status = getattr(self.security, "learn_status", None)
+        self._resolve = getattr(self.security, "resolve", None)
 
     def configure(self, sock: zmq.Socket[Any], endpoint: str) -> None:
         """Options for a DEALER to one node: fast failure detection and no queueing towards a dead peer."""
@@ -67,10 +74,19 @@ class DealerOptions:
         sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(self.dead_after * 3000)))
         if endpoint.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
-        self.security.configure_client(sock)
+        self.security.configure_client(sock, endpoint)
 
-    def open(self, ctx: zmq.Context[Any], endpoint: str) -> tuple[Any, Any]:
-        """A connected DEALER to `endpoint` and the monitor socket that reports its connection events."""
+    def learn_status(self, rows: list[Any]) -> None:
+        """A node's status rows: a member identity learns the keys of the nodes they list."""
+        if self._learn_status is not None:
+            self._learn_status(rows)
+
+    def open(self, ctx: zmq.Context[Any], endpoint: str, *, resolve: bool = True) -> tuple[Any, Any]:
+        """A connected DEALER to `endpoint` and the monitor socket that reports its connection events. A member
+        identity that knows no key for the node there asks the nodes it knows first, when `resolve` (a node the
+        client was given); `MeshKeyError` if none tells."""
+        if resolve and self._resolve is not None:
+            self._resolve(endpoint)
         dealer = ctx.socket(zmq.DEALER)
         try:
             self.configure(dealer, endpoint)
@@ -84,6 +100,22 @@ class DealerOptions:
             close_dealer(dealer, monitor, flush=False)
             raise
         return dealer, monitor
+
+
+def connect_dealer(sock: zmq.Socket[Any], endpoint: str, security: ClientSecurity) -> None:
+    """Connect a DEALER of one's own (a command line tool's, a probe's) to the node at `endpoint` the way a client
+    does: the keys `security` expects of it, then (a member identity) its certificate first."""
+    resolve = getattr(security, "resolve", None)
+    if resolve is not None:
+        resolve(endpoint)
+    security.configure_client(sock, endpoint)
+    sock.connect(endpoint)
+    frame = getattr(security, "certificate_frame", None)
+    if frame is not None:
+        try:
+            sock.send(frame(), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # IMMEDIATE and not connected: the caller's first send fails alike
 
 
 def close_dealer(dealer: zmq.Socket[Any], monitor: zmq.Socket[Any], *, flush: bool = True) -> None:
@@ -118,9 +150,14 @@ def check_client_options(timeout: float, heartbeat: float, dead_after: float, tr
         raise ValueError(f"try_timeout must be positive or None, got {try_timeout}")
 
 
-def apply_monitor_event(table: CallTable, endpoint: str, event: int, now: float) -> None:
-    """Feed one socket-monitor event to the table: a completed handshake is 'up', a disconnect is 'down'."""
+def apply_monitor_event(
+    table: CallTable, endpoint: str, event: int, now: float, introduce: Callable[[str], object] | None = None
+) -> None:
+    """Feed one socket-monitor event to the table: a completed handshake is 'up', a disconnect is 'down'. On a new
+    connection `introduce(endpoint)` goes first (a member identity's certificate), before any call is sent there."""
     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        if introduce is not None:
+            introduce(endpoint)
         table.node_up(endpoint, now)
     elif event == zmq.EVENT_DISCONNECTED:
         table.node_down(endpoint, now)
@@ -139,4 +176,5 @@ __all__ = [
     "check_client_options",
     "close_all",
     "close_dealer",
+    "connect_dealer",
 ]

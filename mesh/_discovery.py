@@ -21,7 +21,7 @@ from zeroconf import IPVersion, NonUniqueNameException, ServiceStateChange, Zero
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 import protocol
-from protocol import PeerAddr
+from protocol import PeerAddr, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ RESOLVE_TIMEOUT_MS = 3000
 
 # The TXT keys. They mirror PeerAddr's fields so `avahi-browse -r` output explains itself.
 _K_NODE, _K_PORT, _K_PUB, _K_VERSION, _K_FP = "node", "port", "pub_port", "version", "fingerprint"
+_K_KEY = "key"  # member identities: the node's own CURVE key (Z85), which a node connecting to it expects
+_KEY_RE = re.compile(r"[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}")
 _TXT_ENTRY_MAX = 255  # one TXT string is length-prefixed by a single byte
 _FP_RE = re.compile(r"[A-Za-z0-9+/=:_.-]{0,128}")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -64,6 +66,8 @@ def txt_for(addr: PeerAddr, fingerprint: str) -> dict[str, str]:
         _K_VERSION: str(protocol.VERSION),
         _K_FP: fingerprint,
     }
+    if addr.key:
+        txt[_K_KEY] = addr.key
     # Validate what we send with the same rules we apply to what we receive, so every announcement we make parses.
     _node_id(txt[_K_NODE])
     _port(txt[_K_PORT], _K_PORT)
@@ -90,10 +94,13 @@ def parse_txt(props: Mapping[bytes, bytes | None], addresses: Sequence[str], ser
         if _K_FP not in fields:
             raise ValueError(f"TXT has no {_K_FP!r} entry")
         fingerprint = _fingerprint(fields[_K_FP] or "")
+        key = fields.get(_K_KEY) or ""
+        if key and _KEY_RE.fullmatch(key) is None:
+            raise ValueError(f"TXT {_K_KEY} is not a 40-character Z85 key")
         host = _first_ipv4(addresses)
     except ValueError as e:
         raise ValueError(f"bad lanmesh announcement from {server_name!r}: {e}") from None
-    return Announcement(PeerAddr(node, host, port, pub_port), version, fingerprint)
+    return Announcement(PeerAddr(node, host, port, pub_port, key), version, fingerprint)
 
 
 def instance_name(node_id: str) -> str:
@@ -181,7 +188,8 @@ class Discovery:
         except NonUniqueNameException:
             self._abandon_start()
             raise RuntimeError(
-                f"another machine on the LAN already announces {self.service_name!r}: node ids must be unique"
+                f"another node on the LAN already uses the name {self.addr.node!r} (it announces "
+                f"{self.service_name!r} on mDNS): give this node another name (lanmesh node --name NAME)"
             ) from None
         except TimeoutError:
             self._abandon_start()
@@ -419,6 +427,9 @@ def _node_id(value: str) -> str:
         raise ValueError(f"node id is longer than a TXT entry allows ({_TXT_ENTRY_MAX - len(_K_NODE) - 1} bytes)")
     if not value.isprintable():
         raise ValueError(f"node id {value!r} contains unprintable characters")
+    problem = name_problem(value, "node id")  # the one rule for names (protocol._names), as on the wire
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 

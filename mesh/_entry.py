@@ -328,7 +328,7 @@ class EntryTable:
             if not candidates:
                 self._nobody(p, known, now)
                 return
-            choice = self.policy.choose(req.model, candidates, now)
+            choice = self.policy.choose(req.model, candidates, now, req)
             route = f"{why}{choice.reason}" if why else choice.reason
             if choice.node == self.host.node_id:
                 local = replace(req, prefix=req.prefix + "".join(p.streamed)) if p.streamed else req

@@ -10,7 +10,12 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["FORGOTTEN", "FailureDetector", "PeerState", "Transition"]
+__all__ = ["FORGOTTEN", "INCARNATION_AHEAD_S", "FailureDetector", "PeerState", "Transition"]
+
+# How far ahead of this node's own clock a peer's incarnation (its wall clock at start, in ns) may be. Honest
+# incarnations are never ahead of the peer's clock, so this is the clock skew tolerated between two machines: an hour
+# covers LAN clocks minutes apart; a forged incarnation further ahead would make every real report look stale.
+INCARNATION_AHEAD_S = 3600.0
 
 
 class PeerState(StrEnum):
@@ -68,6 +73,13 @@ class FailureDetector:
     `tick()` applies silence: ALIVE silent for `suspect_after` seconds becomes SUSPECT, silent for
     `dead_after` becomes DEAD. DEAD and LEFT peers are dropped `forget_after` seconds after entering
     that state, so a long-gone peer is later greeted as "new".
+
+    Incarnations are bounded: once told this node's wall clock (`sync_clock`), an incarnation more than
+    `incarnation_ahead` seconds ahead of it is refused (`incarnation_ok`; `heard` and `left` ignore such a
+    message and count it in `refused_incarnations`), at first contact and on any jump. Accepted, it would make
+    every real report of the peer stale until the peer's clock caught up, even across clean restarts. The bound
+    is the node's own clock, not the last incarnation seen: a peer that ran for weeks before this node met it
+    jumps by weeks when it restarts, honestly.
     """
 
     def __init__(
@@ -75,6 +87,7 @@ class FailureDetector:
         suspect_after: float = 1.0,
         dead_after: float = 3.0,
         forget_after: float = 300.0,
+        incarnation_ahead: float = INCARNATION_AHEAD_S,
     ) -> None:
         if not (0 < suspect_after < dead_after) or not math.isfinite(dead_after):
             raise ValueError(
@@ -86,7 +99,22 @@ class FailureDetector:
         self.suspect_after = suspect_after
         self.dead_after = dead_after
         self.forget_after = forget_after
+        self.incarnation_ahead = incarnation_ahead
+        self.refused_incarnations = 0
+        self._clock: tuple[int, float] | None = None  # (this node's wall clock in ns, at monotonic `now`)
         self._peers: dict[str, _Peer] = {}
+
+    def sync_clock(self, wall_ns: int, now: float) -> None:
+        """This node's wall clock (ns since the epoch) read at `now`: what incarnations are bounded by."""
+        self._clock = (wall_ns, now)
+
+    def incarnation_ok(self, incarnation: int, now: float) -> bool:
+        """Whether an incarnation is plausible as of `now`: at most `incarnation_ahead` seconds ahead of this node's
+        clock (always, before the clock is known)."""
+        if self._clock is None:
+            return True
+        wall_ns, at = self._clock
+        return incarnation <= wall_ns + int((now - at + self.incarnation_ahead) * 1e9)
 
     def heard(self, node: str, now: float, incarnation: int | None = None, seq: int | None = None) -> Transition | None:
         """Record a message from `node`; returns the state change it caused, if any.
@@ -95,6 +123,9 @@ class FailureDetector:
         """
         if seq is not None and incarnation is None:
             raise ValueError("seq counts within an incarnation: pass the incarnation with it")
+        if incarnation is not None and not self.incarnation_ok(incarnation, now):
+            self.refused_incarnations += 1
+            return None
         peer = self._peers.get(node)
         if peer is None:
             self._peers[node] = _Peer(PeerState.ALIVE, now, now, incarnation, seq)
@@ -128,6 +159,9 @@ class FailureDetector:
         and is ignored. A goodbye from a node never heard of is still recorded, so its late gossip does
         not introduce it as new.
         """
+        if incarnation is not None and not self.incarnation_ok(incarnation, now):
+            self.refused_incarnations += 1
+            return None
         peer = self._peers.get(node)
         if peer is None:
             self._peers[node] = _Peer(PeerState.LEFT, now, now, incarnation, None)

@@ -36,6 +36,7 @@ from protocol import Digest, LoadReport, Member, ModelLoad, PeerAddr, Ping, Susp
 
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._news import Content, ReportNews
+from ._prefixes import summary_news
 from ._view import RANK, MemberView, outranks
 
 __all__ = ["HEALTH_MAX", "SEQ_AHEAD", "Gossip", "GossipHost", "GossipSettings"]
@@ -118,7 +119,8 @@ class Gossip:
         self.news = ReportNews(self.s.interval, self.s.threshold, self.s.settle)
         self.counts: dict[str, int] = {}
         self.leaving = False
-        self._content: Content = ({}, {}, False)
+        self._content: Content = ({}, {}, False, {}, 0)  # models, labels, leaving, prefixes, revocations
+        self._prefixes_sent: dict[str, bytes] = {}  # each model's prefix-cache summary as last published
         self._ring_watched: list[str] = []
         self._ring_version = -1
         self._probing: dict[str, float] = {}  # probed member -> when its next ping is due
@@ -145,6 +147,14 @@ class Gossip:
     def state(self, node: str) -> PeerState | None:
         return self.view.state(node)
 
+    def sync_clock(self, wall_ns: int, now: float) -> None:
+        """This node's wall clock (ns) read at `now`: what peers' incarnations are bounded by."""
+        self.detector.sync_clock(wall_ns, now)
+
+    def incarnation_ok(self, incarnation: int, now: float) -> bool:
+        """Whether a peer's incarnation is plausible: not far ahead of this node's clock (`INCARNATION_AHEAD_S`)."""
+        return self.detector.incarnation_ok(incarnation, now)
+
     def probing(self) -> set[str]:
         return set(self._probing)
 
@@ -154,14 +164,13 @@ class Gossip:
         return list(self._ring_watched)
 
     def current_report(self) -> LoadReport:
-        """This node's report as last sent (with its seq), for a member that asks (`Hello`)."""
-        models, labels, leaving = self._content
-        return self._report(models, labels, leaving, self.seq)
+        """This node's report as last sent (with its seq and every prefix summary), for a member that asks."""
+        return self._report(self._content, self.seq)
 
     def assume_reported(self, now: float, models: dict[str, ModelLoad], labels: dict[str, str], seq: int) -> None:
         """Take report `seq` with this content as already sent and known to the mesh: for a simulation that starts
         from a converged mesh instead of letting every node introduce itself."""
-        content = (models, labels, False)
+        content: Content = (models, labels, False, {}, 0)
         self.seq, self._content = seq, content
         self.news.sent(now, content)
         self.view.put(Member(self.addr, self.incarnation, seq, PeerState.ALIVE.value))
@@ -177,13 +186,16 @@ class Gossip:
         *,
         force: bool = False,
         legacy_peers: tuple[PeerAddr, ...] | None = None,
+        prefixes: dict[str, bytes] | None = None,
+        revocations: int = 0,
     ) -> LoadReport | None:
         """Publish this node's report if it is news (or `force`); returns it, or None when nothing went out.
 
         `legacy_peers`: older members are alive, which take silence for failure: report every interval as they do,
-        listing the live peers as they expect.
+        listing the live peers as they expect. `prefixes`: what its prefix caches hold (a change is news; a report
+        carries the summaries that changed, `current_report` all). `revocations`: the serial of its revocation list.
         """
-        content = (models, labels, leaving)
+        content = (models, labels, leaving, prefixes or {}, revocations)
         if not force and legacy_peers is None and not self.news.due(now, content):
             return None
         self.seq += 1
@@ -192,17 +204,19 @@ class Gossip:
         self.news.sent(now, content)
         state = PeerState.LEFT if leaving else PeerState.ALIVE
         self.view.put(Member(self.addr, self.incarnation, self.seq, state.value))
-        r = self._report(models, labels, leaving, self.seq, legacy_peers or ())
+        r = self._report(content, self.seq, legacy_peers or (), summary_news(content[3], self._prefixes_sent, False))
+        self._prefixes_sent = dict(content[3])
         self._count("reports_sent")
         self.host.publish(r)
         return r
 
     def _report(
-        self, models: dict[str, ModelLoad], labels: dict[str, str], leaving: bool, seq: int,
-        peers: tuple[PeerAddr, ...] = (),
-    ) -> LoadReport:  # fmt: skip
+        self, content: Content, seq: int, peers: tuple[PeerAddr, ...] = (), prefixes: dict[str, bytes] | None = None
+    ) -> LoadReport:
+        models, labels, leaving, summaries, revocations = content
+        prefixes = summary_news(summaries, {}, True) if prefixes is None else prefixes
         return LoadReport(self.node_id, self.incarnation, seq, self.addr, models, labels, peers, leaving,
-                          self.fingerprint, on_change=True)  # fmt: skip
+                          self.fingerprint, prefixes, revocations, on_change=True)  # fmt: skip
 
     def _refute(self, now: float, accused_seq: int) -> LoadReport:
         """Someone holds this node suspect or dead as of report `accused_seq`: report again, past it. The
@@ -210,8 +224,8 @@ class Gossip:
         self._count("refutations")
         self._unwell(now, "accused")
         self.seq = max(self.seq, accused_seq)
-        models, labels, leaving = self._content
-        r = self.report(now, models, labels, leaving, force=True)
+        models, labels, leaving, prefixes, revocations = self._content
+        r = self.report(now, models, labels, leaving, force=True, prefixes=prefixes, revocations=revocations)
         assert r is not None
         self._repeat_at = now + self.s.interval
         return r
@@ -321,6 +335,8 @@ class Gossip:
                     self._refute(now, e.seq)
                 continue
             mine = self.view.get(e.node)
+            if not self.incarnation_ok(e.incarnation, now):
+                continue  # a forgery (or a wrong clock): taken, it would make the member's real reports stale
             if mine is None:
                 if e.state in (PeerState.ALIVE, PeerState.SUSPECT):
                     self._count("learned_from_digest")

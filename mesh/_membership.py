@@ -20,10 +20,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from protocol import DecodeError, Digest, Hello, Leave, LoadReport, PeerAddr, Ping, Suspicion, decode, encode
 
-from ._failure import FORGOTTEN, PeerState, Transition
+from ._failure import FORGOTTEN, INCARNATION_AHEAD_S, PeerState, Transition
 from ._gossip import Gossip, GossipSettings
 from ._peers import Peer
 from ._security import same_host
+from ._sockets import bind_pub
 
 if TYPE_CHECKING:
     from ._admission import Admission
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from ._links import PeerLinks
     from ._routing import RoutingPolicy
     from ._settings import LocalServer, MeshSettings
+    from ._trust import Trust
 
 log = logging.getLogger("lanmesh.mesh")
 
@@ -38,16 +40,17 @@ DRAIN = 256  # messages read from one socket per turn: gossip and replies keep t
 
 
 def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
-    """A node's models as status rows show them: `name: [in flight, queued, capacity, version (8 hex)]`, each loaded
-    version once. Gossip lists the current version twice (as `name` and as its pin `name@v8`); the pin is left out
-    here, so loads add up. A version loaded beside the current one (a rollout's moment) shows as `name@v8`."""
+    """A node's models as status rows show them: `name: [in flight, queued, capacity, version (8 hex), tasks]`, each
+    loaded version once (tasks: the ones it serves, [] when its node did not say). Gossip lists the current version
+    twice (as `name` and as its pin `name@v8`); the pin is left out here, so loads add up. A version loaded beside
+    the current one (a rollout's moment) shows as `name@v8`."""
     out: dict[str, list[Any]] = {}
     for m, v in models.items():
         name, _, pin = m.partition("@")
         current = models.get(name)
         if pin and current is not None and name != m and str(getattr(current, "version", "")).startswith(pin):
             continue
-        out[m] = [v.inflight, v.queued, v.capacity, str(getattr(v, "version", ""))[:8]]
+        out[m] = [v.inflight, v.queued, v.capacity, str(getattr(v, "version", ""))[:8], list(getattr(v, "tasks", ()))]
     return out
 
 
@@ -85,8 +88,8 @@ class Membership:
         self.addr = addr  # as bound once the loop runs (`attach`)
         self.leaving = False  # this node is leaving: it gossips so, and takes no new work
         self._pub: zmq.Socket[Any] | None = None
-        self._sub: zmq.Socket[Any] | None = None
-        self._seq = 0
+        self.trust: Trust | None = None  # member identities (set by the node)
+        self.pub_stale = False  # the gossip PUB is to be bound again (after a revocation)
         self._next_admission_sweep = 0.0
         self._next_sweep = 0.0
         self._next_report = 0.0
@@ -99,10 +102,11 @@ class Membership:
         )
         self._gossip: Gossip | None = None  # made once the node is bound (its address is part of its reports)
 
-    def attach(self, pub: zmq.Socket[Any], sub: zmq.Socket[Any], addr: PeerAddr) -> None:
-        """The node's gossip sockets and its address as bound (the loop thread makes them once it starts)."""
-        self._pub, self._sub, self.addr = pub, sub, addr
+    def attach(self, pub: zmq.Socket[Any], addr: PeerAddr) -> None:
+        """The node's gossip socket and its address as bound (the loop thread makes them once it starts)."""
+        self._pub, self.addr = pub, addr
         self._gossip = Gossip(addr, self.incarnation, self, self.gossip_settings, fingerprint=self.s.fingerprint)
+        self._gossip.sync_clock(self.incarnation, time.monotonic())  # before any gossip: incarnations are bounded
         self.gossip_report()  # before anyone can ask (a Hello is answered with the last report)
 
     @property
@@ -115,17 +119,31 @@ class Membership:
         """What this node acts on about a peer (None: not a member, or not yet heard from itself)."""
         return None if self._gossip is None else self._gossip.state(node)
 
+    def incarnation_ok(self, incarnation: int, now: float) -> bool:
+        """Whether a peer's incarnation is plausible by this node's clock (`FailureDetector.incarnation_ok`)."""
+        return self._gossip is None or self._gossip.incarnation_ok(incarnation, now)
+
     @property
     def pub(self) -> zmq.Socket[Any]:
         if self._pub is None:
             raise RuntimeError("membership has no PUB socket before the node binds")
         return self._pub
 
-    @property
-    def sub(self) -> zmq.Socket[Any]:
-        if self._sub is None:
-            raise RuntimeError("membership has no SUB socket before the node binds")
-        return self._sub
+    def rebind_pub(self) -> None:
+        """Bind the gossip PUB again: every subscriber reconnects (within half a second) and passes ZAP again, so a
+        key revoked since it subscribed hears nothing more. Retried each tick while the old port is not free yet."""
+        self.pub_stale = True
+        old = self._pub
+        if old is not None and not old.closed:
+            old.close(0)
+        try:
+            self._pub = bind_pub(self.links.ctx, self.s, self.links.security, None, self.addr.port, self.addr.pub_port)
+        except zmq.ZMQError:
+            return  # the old listener is still closing: the next housekeeping tick tries again
+        self.pub_stale = False
+
+    def revocations_serial(self) -> int:
+        return self.trust.serial if self.trust is not None else 0
 
     def drain_monitor(self, sock: zmq.Socket[Any]) -> None:
         peer = self.links.monitors.get(sock)
@@ -146,13 +164,16 @@ class Membership:
             self.gossip.unreachable(peer.node, now)
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             peer.disconnected = False
+            self.links.introduce(peer.dealer)  # member identities: who we are comes first on a new connection
             # Back after an outage (or new): ask at once rather than wait to route to it.
             self.gossip.reconnected(peer.node, now)
             if not peer.last_report:
                 self.links.hello(peer.dealer)
 
-    def on_hello(self, ident: bytes, msg: Hello) -> None:
-        self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
+    def on_hello(self, ident: bytes, msg: Hello, by_itself: bool = False) -> None:
+        """A node says hello on this node's ROUTER; `by_itself`: on a connection made with its own key (member
+        identities), so where it says it is now is where it is."""
+        self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint, by_itself=by_itself)
         # Tell the newcomer who we are (a seed contact learns our id and gossip port), and what we report.
         self._send_client(ident, Hello(self.addr, self.incarnation, self.s.fingerprint))
         self._send_client(ident, self.gossip.current_report())
@@ -207,19 +228,28 @@ class Membership:
         peers = None
         if legacy:  # older nodes alive: they take silence for failure and learn the mesh from our reports
             peers = tuple(p.addr for p in self.links.peers if g.state(p.node) is PeerState.ALIVE and not p.leaving)
-        g.report(now, models, dict(self.server.labels), self.leaving, legacy_peers=peers)
+        g.report(now, models, dict(self.server.labels), self.leaving, legacy_peers=peers,
+                 prefixes={} if self.leaving else self._prefixes(), revocations=self.revocations_serial())  # fmt: skip
 
-    def drain_sub(self) -> None:
+    def _prefixes(self) -> dict[str, bytes]:
+        """What this node's prefix caches hold, per chat model (`mesh._prefixes`; `Gossip` reports what changed)."""
+        summaries = getattr(self.server, "prefix_summaries", None)
+        return summaries() if summaries is not None else {}
+
+    def drain_sub(self, sock: zmq.Socket[Any], peer: Peer) -> None:
+        """Gossip on one peer's SUB."""
         for _ in range(DRAIN):
+            if sock.closed or self.links.subs.get(sock) is not peer:
+                return  # its peer was dropped while this drain ran
             try:
-                frame = self.sub.recv(zmq.NOBLOCK, copy=False)
+                frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._guarded("gossip", self._on_gossip_frame, frame)
+            self._guarded("gossip", self._on_gossip_frame, frame, peer)
 
-    def _on_gossip_frame(self, frame: zmq.Frame) -> None:
+    def _on_gossip_frame(self, frame: bytes, peer: Peer) -> None:
         try:
-            msg = decode(frame.bytes, self.s.limits)
+            msg = decode(frame, self.s.limits)
         except DecodeError as exc:
             self.stats["bad_frames"] += 1
             log.debug("bad gossip frame: %s", exc)
@@ -227,13 +257,17 @@ class Membership:
         if not isinstance(msg, LoadReport | Leave | Suspicion):
             self.stats["bad_frames"] += 1
             return
-        if not self.links.gossip_from_claimed_host(msg, frame):
+        if not self.links.gossip_from(peer, msg):
             return
         if isinstance(msg, LoadReport):
-            self._on_report(msg)
+            if self.trust is not None:
+                self.trust.peer_serial(peer, msg.revocations)
+            # With member identities the SUB's connection was made with the peer's key: its word on where it is.
+            self._on_report(msg, by_itself=self.trust is not None)
         elif isinstance(msg, Suspicion):
             self.stats["suspicions_in"] += 1
-            self.gossip.on_suspicion(msg, time.monotonic())
+            if self._plausible(msg.node, msg.incarnation, peer.addr.host):
+                self.gossip.on_suspicion(msg, time.monotonic())
         else:
             self._on_leave(msg)
 
@@ -243,7 +277,9 @@ class Membership:
             self.links.refuse("identity_mismatch", f"{peer.addr.host}:{peer.addr.port}",
                               f"a report of {r.node} at another address on its link")  # fmt: skip
             return
-        self._on_report(r)
+        if self.trust is not None:
+            self.trust.peer_serial(peer, r.revocations)
+        self._on_report(r, by_itself=self.trust is not None)
 
     def on_digest(self, d: Digest, reply: Any, asked: bool, trusted: bool = True) -> None:
         """A digest: on the ROUTER from a member that syncs with us (`reply` answers it there), or on the link to
@@ -253,8 +289,9 @@ class Membership:
             reply(answer)
 
     def on_router_gossip(self, ident: bytes, msg: Digest | Suspicion, peer_address: str | None) -> None:
-        """A digest or an accusation sent to this node's ROUTER. A digest naming a member must come from its host; an
-        accusation of this node is answered with its report (which refutes it)."""
+        """A digest or an accusation sent to this node's ROUTER (with member identities, it passed the door: its
+        sender's key names it). Without them a digest naming a member must come from its host. An accusation of
+        this node is answered with its report (which refutes it)."""
         if isinstance(msg, Suspicion):
             if msg.node == self.node_id:
                 r = self.gossip.on_suspicion(msg, time.monotonic())
@@ -262,18 +299,20 @@ class Membership:
                     self._send_client(ident, r)
             return
         peer = self.links.peers.get(msg.node)
-        if peer is not None and self.state(msg.node) is not None and not same_host(peer.addr.host, peer_address):
+        known = peer is not None and peer.verified and self.state(msg.node) is not None
+        if known and self.trust is None and not same_host(peer.addr.host, peer_address):  # type: ignore[union-attr]
             self.links.refuse("identity_mismatch", peer_address or "?", f"a digest naming {msg.node}")
             return
         # From a member not verified here yet (it just joined): it is answered, but what it says is not taken.
-        trusted = peer is not None and self.state(msg.node) is not None
-        self.on_digest(msg, lambda answer: self._send_client(ident, answer), asked=False, trusted=trusted)
+        self.on_digest(msg, lambda answer: self._send_client(ident, answer), asked=False, trusted=known)
 
-    def _on_report(self, r: LoadReport) -> None:
+    def _on_report(self, r: LoadReport, by_itself: bool = False) -> None:
         if r.node == self.node_id:
             return
         if self.s.fingerprint and r.fingerprint != self.s.fingerprint:
             self.stats["foreign_gossip"] += 1
+            return
+        if not self._plausible(r.node, r.incarnation, r.addr.host):
             return
         peer = self.links.peers.get(r.node)
         if peer is not None and peer.addr == r.addr and (r.incarnation, r.seq) <= (peer.incarnation, peer.seq):
@@ -284,7 +323,7 @@ class Membership:
         if peer is None or peer.addr != r.addr:
             if peer is not None:
                 self.entry.node_gone(peer.node, "peer-moved", time.monotonic())
-            peer = self.links.learn(r.addr, "gossip", r.incarnation, r.fingerprint)
+            peer = self.links.learn(r.addr, "gossip", r.incarnation, r.fingerprint, by_itself=by_itself)
             if peer is None:
                 return
         now = time.monotonic()
@@ -298,6 +337,8 @@ class Membership:
         peer.leaving = r.leaving
         for model, load in r.models.items():
             self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, now, load.rate)
+        for model, summary in r.prefixes.items():
+            self.policy.observe_prefixes(r.node, model, summary)
         for addr in r.peers:  # older nodes list their peers in every report
             if addr.node != self.node_id and self.links.peers.get(addr.node) is None:
                 self.links.learn(addr, "gossip")
@@ -306,9 +347,24 @@ class Membership:
         peer = self.links.peers.get(msg.node)
         if peer is None:
             return
+        if not self._plausible(msg.node, msg.incarnation, peer.addr.host):
+            return
         peer.leaving = True
         self.gossip.on_leave(msg.node, msg.incarnation, time.monotonic())
         log.info("peer %s is leaving", msg.node)
+
+    def _plausible(self, node: str, incarnation: int, host: str) -> bool:
+        """Gossip whose incarnation is far ahead of this node's clock is refused and counted: believed, it would make
+        the node's real reports stale (and keep it out of routing) until its clock caught up, restarts included."""
+        if self.incarnation_ok(incarnation, time.monotonic()):
+            return True
+        ahead_s = (incarnation - time.time_ns()) / 1e9
+        self.links.refuse(
+            "incarnation_refused", host,
+            f"gossip as {node} with an incarnation {ahead_s / 3600:.1f} h ahead of this node's clock (the limit is "
+            f"{INCARNATION_AHEAD_S / 3600:g} h): a forgery, or one of the two clocks is wrong",
+        )  # fmt: skip
+        return False
 
     def heard(self, node: str, now: float) -> None:
         """Any message from `node` (a reply, a pong, a hello): proof of life."""
@@ -319,7 +375,7 @@ class Membership:
             peer = self.links.peers.get(t.node)
             if peer is not None:
                 log.info("forgetting peer %s", t.node)
-                self._drop_peer(peer, "peer-gone")
+                self.drop_peer(peer, "peer-gone")
             return
         log.info("peer %s: %s -> %s (%s)", t.node, t.old.value if t.old else "-", t.new.value, t.reason)
         self.stats[f"peer_{t.new.value}"] += 1
@@ -334,7 +390,7 @@ class Membership:
                     self.links.resubscribe(peer)  # its gossip may sit on a half-open connection after an outage
             self.entry.node_back(time.monotonic())
 
-    def _drop_peer(self, peer: Peer, why: str) -> None:
+    def drop_peer(self, peer: Peer, why: str) -> None:
         self.entry.node_gone(peer.node, why, time.monotonic())
         self.policy.forget(peer.node)
         self.links.drop(peer)
@@ -345,9 +401,12 @@ class Membership:
         return self._gossip is not None and self._gossip.in_doubt
 
     def housekeeping(self, now: float) -> None:
+        if self.pub_stale:
+            self.rebind_pub()
         if now >= self._next_report:
             self._next_report = now + self.s.gossip_interval
             self.gossip_report()
+        self.gossip.sync_clock(time.time_ns(), now)  # incarnations are bounded by this clock (it may be stepped)
         self.gossip.tick(now, self.policy.busy_peers())
         if now >= self._next_sweep:
             self._next_sweep = now + self.s.gossip_interval
@@ -365,7 +424,7 @@ class Membership:
                 # Claimed (hello, mDNS, digest) but never heard from itself: free its sockets (a later claim may
                 # bring it back).
                 log.info("dropping %s at %s:%d: never heard from it", peer.node, peer.addr.host, peer.addr.port)
-                self._drop_peer(peer, "peer-gone")
+                self.drop_peer(peer, "peer-gone")
             elif state is PeerState.LEFT and now - peer.last_heard > self.s.suspect_after:
                 self.entry.node_gone(peer.node, "peer-left", now)
 
@@ -413,8 +472,15 @@ class Membership:
                     "inflight_to": self.policy.inflight_to(peer.node),
                     "source": peer.source,
                     "probed": peer.node in probing,
+                    # member identities: each node's key and certificate (clients learn node keys from them)
+                    **(self.trust.row(peer.addr.key) if self.trust is not None and peer.verified else {}),
                 }
             )
+            chains_held = getattr(self.policy, "chains_held", None)  # cache-aware routing: what its gossip says
+            if chains_held is not None:
+                rows[-1]["prefix_chains"] = chains_held(peer.node)
+        if self.trust is not None:
+            rows[0].update(self.trust.row(self.addr.key))
         return rows
 
     def _gossip_counts(self) -> dict[str, int]:
@@ -437,12 +503,15 @@ class Membership:
     def security_view(self, now: float) -> dict[str, Any]:
         """This node's security state for `lanmesh status` and `lanmesh doctor`."""
         return {
-            "mode": "curve" if self.s.key is not None else "insecure",
+            "mode": "insecure" if self.s.key is None else "identities" if self.trust is not None else "curve",
             "fingerprint": self.s.fingerprint,
             "auth_rejected": self.stats["auth_rejected"],
             "handshake_failed": self.stats["handshake_failed"],
             "identity_mismatch": self.stats["identity_mismatch"],
             "identity_conflict": self.stats["identity_conflict"],
+            "incarnation_refused": self.stats["incarnation_refused"],
+            "bad_peer_address": self.stats["bad_peer_address"],
+            **(self.trust.view() if self.trust is not None else {}),
             "foreign": [
                 {k: v for k, v in e.items() if k != "last_seen"} | {"last_seen_s": round(now - e["last_seen"], 1)}
                 for e in self.links.foreign.values()

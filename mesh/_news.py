@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-
-from protocol import ModelLoad
+from typing import Any
 
 __all__ = ["Content", "ReportNews"]
 
-Content = tuple[dict[str, ModelLoad], dict[str, str], bool]  # models, labels, leaving
+# models, labels, leaving, then what reports gained later (prefix-cache summaries, the revocation serial)
+Content = tuple[Any, ...]
 
 
 class ReportNews:
@@ -50,9 +50,9 @@ class ReportNews:
 
     def _change(self, new: Content, old: Content) -> str:
         """ "big", "small" (a load difference below the threshold) or "none"."""
-        models, labels, leaving = new
-        old_models, old_labels, old_leaving = old
-        if leaving != old_leaving or labels != old_labels or models.keys() != old_models.keys():
+        models, labels, leaving = new[:3]
+        old_models, old_labels, old_leaving = old[:3]
+        if leaving != old_leaving or labels != old_labels or models.keys() != old_models.keys() or new[3:] != old[3:]:
             return "big"
         change = "none"
         for name, m in models.items():

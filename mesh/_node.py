@@ -46,16 +46,19 @@ from protocol import (
 from ._admission import Admission
 from ._entry import EntryTable
 from ._failure import PeerState
+from ._identity import MemberIdentity
 from ._links import PeerLinks
 from ._local import LocalWork
+from ._members import Members
 from ._membership import DRAIN, Membership
 from ._peers import Peer
-from ._routing import POLICIES
+from ._routing import node_policy
 from ._security import Authenticator
 from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
 from ._sockets import SocketPoller, Waker, bind_pub, bind_router, bound_port, peer_address
-from ._watchdog import LoopWatchdog
+from ._trust import Trust
+from ._watchdog import LoopWatchdog, within
 
 log = logging.getLogger("lanmesh.mesh")
 
@@ -65,6 +68,7 @@ _NOBODY: frozenset[str] = frozenset()
 _NB, _NB_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 _TICK = 0.05  # seconds between housekeeping passes (deadlines, retries, probes in doubt) while anything needs them
 _FLUSH_AT = 32  # answers queued before the loop sends them mid-turn (bounds the wait of the first in a burst)
+_INBOX_PER_TURN = 1024  # events from other threads handled per turn: a flood of chunks cannot hold up the sockets
 _ERROR_LOG_EVERY_S = 10.0
 
 
@@ -83,25 +87,11 @@ class MeshNode:
         self.node_id = settings.node_id
         self.incarnation = time.time_ns()
         self.ctx = zmq.Context()
-        self.policy = POLICIES[settings.routing](
-            self.node_id,
-            server.load,
-            # A peer reports whenever its load moved past a threshold (or a smaller difference lasted seconds), so
-            # its last report holds however old it is; the entry's own counts cover what it sent since.
-            stale_after=math.inf,
-            rng=rng,
-            local_rate=getattr(server, "rate", None),
-        )
         self.stats: collections.Counter[str] = collections.Counter()
+        self.policy = node_policy(settings.routing, self.node_id, server, rng, self.stats)
         self._poller = SocketPoller()
-        self.links = PeerLinks(
-            self.ctx,
-            self._poller,
-            settings,
-            lambda node: self.membership.state(node),
-            self.stats,
-            self._wake,
-        )
+        self.links = PeerLinks(self.ctx, self._poller, settings, lambda node: self.membership.state(node), self.stats,
+                               lambda incarnation, now: self.membership.incarnation_ok(incarnation, now))  # fmt: skip
         self.entry = EntryTable(
             self,
             self.policy,
@@ -112,17 +102,31 @@ class MeshNode:
         )
         self.admission = Admission(self.node_id, settings.request_limits, settings.max_inflight_per_client,
                                    settings.max_inflight_per_peer, self.stats)  # fmt: skip
-        self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1)
+        identity = settings.key if isinstance(settings.key, MemberIdentity) else None
+        self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1,
+                             identity.key_text if identity is not None else "")  # fmt: skip
         self.membership = Membership(
             settings, self.addr, self.incarnation, server, self.policy, self.links, self.entry,
             self.admission, self.stats,
             send_client=self._send_client, guarded=self._guarded, in_flight_for=self._in_flight_for,
         )  # fmt: skip
+        # Operators' commands and model files (`Admin`, `Fetch`), answered on worker threads (the node sets the handler)
+        self.services = Services(self.node_id, self.post)
+        # Member identities: who is who (`_members`) and the door every message passes (`_trust`); None: one key.
+        self.trust: Trust | None = None
+        if identity is not None:
+            members = Members(identity.verify_key, identity.cert, identity.certificate, self.stats,
+                              state_dir=settings.state_dir or None, clock=time.time)  # fmt: skip
+            self.trust = Trust(
+                identity, members, self.links, self.stats, settings, send_client=self._send_client, post=self.post,
+                drop_peer=self.membership.drop_peer, router_frame=self._on_router_frame, services=self.services,
+                on_hello=self.membership.on_hello, rebind_pub=self.membership.rebind_pub, guarded=self._guarded,
+            )  # fmt: skip
+            self.links.members, self.links.credentials = members, self.trust.credentials
+            self.membership.trust, self.services.membership = self.trust, self.trust.handle
         self.observer: RequestObserver | None = None
         self.local = LocalWork(self.node_id, server, self.stats, send_client=self._send_client, post=self.post,
                                observer=lambda: self.observer)  # fmt: skip
-        # Operators' commands and model files (`Admin`, `Fetch`), answered on worker threads (the node sets the handler)
-        self.services = Services(self.node_id, self.post)
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._outbox: list[tuple[bytes, bytes]] = []  # answers to clients, sent at the end of the loop's turn
         self._waker: Waker | None = None  # made with the loop's sockets; until then the inbox waits for the loop
@@ -190,20 +194,8 @@ class MeshNode:
     def unregister(self, timeout: float = 3.0) -> None:
         """Say goodbye on mDNS (bounded: a stuck zeroconf must not keep a dying node alive)."""
         discovery, self._discovery = self._discovery, None
-        if discovery is None:
-            return
-        done = threading.Event()
-
-        def stop() -> None:
-            try:
-                discovery.stop()
-            except Exception:  # leaving must go on even if mDNS is unhappy
-                log.exception("mDNS unregister failed")
-            done.set()
-
-        threading.Thread(target=stop, name="mdns-goodbye", daemon=True).start()
-        if not done.wait(timeout):
-            log.error("mDNS unregister did not finish within %gs", timeout)
+        if discovery is not None:
+            within(discovery.stop, timeout, "mdns goodbye")
 
     def begin_leave(self) -> None:
         """Graceful leave, step 1: unregister, gossip 'leaving', take no new local work."""
@@ -225,6 +217,7 @@ class MeshNode:
         if self._thread is not None and self._thread.is_alive():
             self.post("stop", None)
             self._thread.join(5.0)
+        self._stopped.set()  # leaving on purpose from here on, whatever the loop did
         self.services.close()
         if self._auth is not None:
             self._auth.stop()  # it closes its own sockets; destroy() must not close them under its feet
@@ -248,18 +241,20 @@ class MeshNode:
         security = self.links.security
         if s.key is not None:
             # Before any bind: without a ZAP handler CURVE would admit any key (the sockets also fail closed).
-            self._auth = Authenticator(self.ctx, s.key, self.membership.on_refused_connection)
+            admits = self.trust.members.zap_admits if self.trust is not None else None
+            self._auth = Authenticator(self.ctx, s.key, self.membership.on_refused_connection, admits)
             self._auth.start()
         self.router = bind_router(self.ctx, s, security, self._auth)
         port = bound_port(self.router)
         self.pub = bind_pub(self.ctx, s, security, self._auth, port)
-        self.addr = PeerAddr(self.node_id, s.advertise, port, bound_port(self.pub))
+        self.addr = PeerAddr(self.node_id, s.advertise, port, bound_port(self.pub), self.addr.key)
         self.links.addr, self.links.incarnation = self.addr, self.incarnation
-        self.sub = self.links.open_sub()
-        self.membership.attach(self.pub, self.sub, self.addr)
+        self.membership.attach(self.pub, self.addr)
+        if self.trust is not None:
+            self.trust.address = f"{self.addr.host}:{self.addr.port}"
         self._waker = Waker(self.ctx)
         self.wake_pull, self._drain_wake = self._waker.pull, self._waker.drain
-        for sock in (self.router, self.sub, self.wake_pull):
+        for sock in (self.router, self.wake_pull):
             self._poller.register(sock, zmq.POLLIN)
 
     def _main(self) -> None:
@@ -276,11 +271,13 @@ class MeshNode:
         self._ready.set()
         log.info("node up", extra={"addr": f"{self.addr.host}:{self.addr.port}", "pub": self.addr.pub_port})
         next_tick = 0.0
+        crashed = True
         try:
             while self._running:
                 now = time.monotonic()
                 self.last_turn = now
-                events = self._poller.poll(math.ceil(max(0.0, next_tick - now) * 1000))
+                wait = 0.0 if self._inbox else max(0.0, next_tick - now)  # events left: go on
+                events = self._poller.poll(math.ceil(wait * 1000))
                 for sock, _ in events:
                     self._drain(sock)
                 self.links.close_later()
@@ -291,14 +288,17 @@ class MeshNode:
                 now = time.monotonic()
                 if now >= next_tick:
                     self._guarded("housekeeping", self.membership.housekeeping, now)
+                    if self.trust is not None:
+                        self._guarded("identities", self.trust.housekeeping, now)
                     next_tick = now + self.s.gossip_interval  # idle: nothing needs a finer clock
                 if self._busy():
                     next_tick = min(next_tick, now + _TICK)
+            crashed = False
         except Exception:
-            log.exception("mesh loop crashed")  # the watchdog ends the process
-            raise
+            # The watchdog sees the loop thread gone and ends the process (goodbye, exit 70).
+            log.exception("mesh loop crashed")
         finally:
-            self._shutdown()
+            self._shutdown(intended=not crashed)
 
     def _busy(self) -> bool:
         """Whether housekeeping needs its fine clock: requests to route, retry or time out, work served here, or a
@@ -308,12 +308,12 @@ class MeshNode:
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         if sock is self.router:
             self._drain_router()
-        elif sock is self.sub:
-            self.membership.drain_sub()
         elif sock is self.wake_pull:
             self._drain_wake()
         elif sock in self.links.monitors:
             self.membership.drain_monitor(sock)
+        elif sock in self.links.subs:
+            self.membership.drain_sub(sock, self.links.subs[sock])
         else:
             self._drain_dealer(sock)
 
@@ -329,18 +329,23 @@ class MeshNode:
                 log.exception("error handling %s (the loop goes on; %d such errors so far)", what,
                               self.stats["handler_errors"])  # fmt: skip
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, intended: bool) -> None:
+        """The loop ends: every caller hears UNAVAILABLE. Only a stop asked for (`stop()`) tells the watchdog it was
+        meant; a loop that crashed leaves it to see a dead loop, so the process leaves the mesh and exits."""
         self._guarded("shutdown", self.entry.hand_back, "entry node stopped", time.monotonic())
         self._guarded("handing back local work", self.local.hand_back)
         self._guarded("the last answers", self._flush)
         if self._waker is not None:
             self._waker.silence()
         self._poller.close()
-        self._stopped.set()
+        if intended:
+            self._stopped.set()
 
     def _drain_inbox(self) -> None:
         inbox = self._inbox
-        while inbox:
+        for _ in range(_INBOX_PER_TURN):
+            if not inbox:
+                return
             kind, payload = inbox.popleft()
             if kind == "done":
                 self._guarded("a local answer", self.local.done, *payload)
@@ -349,11 +354,14 @@ class MeshNode:
             elif kind == "answer":
                 ident, frame, done = payload
                 self.services.done(done)
-                self.send_client(ident, frame)
+                if frame is not None:
+                    self.send_client(ident, frame)
             elif kind == "found":
                 self._guarded("an announcement", self.membership.on_announcement, payload)
             elif kind == "lost":
                 log.info("mDNS says %s is gone", payload)
+            elif kind == "revocations" and self.trust is not None:
+                self._guarded("a revocation list", self.trust.on_revocations, payload, "an admin's command")
             elif kind == "leave":
                 self.membership.leave()
             elif kind == "stop":
@@ -362,7 +370,7 @@ class MeshNode:
     # ------------------------------------------------------------ requests in
 
     def _drain_router(self) -> None:
-        router = self.router
+        router, trust = self.router, self.trust
         for _ in range(DRAIN):
             try:
                 ident = router.recv(_NB)
@@ -374,12 +382,14 @@ class MeshNode:
                 while router.recv(_NB, copy=False).more:
                     pass
                 continue
-            self._guarded("a message from a client", self._on_router_frame, ident, part)
+            if trust is not None:  # member identities: who sent it is on the message (ZAP's User-Id)
+                trust.on_part(ident, part)
+                continue
+            self._guarded("a message from a client", self._on_router_frame, ident, part.bytes, None, part)
 
-    def _on_router_frame(self, ident: bytes, part: zmq.Frame) -> None:
-        frame = part.bytes
+    def _on_router_frame(self, ident: bytes, frame: bytes, decoded: Any = None, part: zmq.Frame | None = None) -> None:
         try:
-            msg = decode(frame, self.s.limits)
+            msg = decoded if decoded is not None else decode(frame, self.s.limits)
         except DecodeError as exc:
             self.stats["bad_frames"] += 1
             if exc.request_id is not None:
@@ -396,7 +406,7 @@ class MeshNode:
         elif isinstance(msg, Hello):
             self.membership.on_hello(ident, msg)
         elif isinstance(msg, Digest | Suspicion):
-            self.membership.on_router_gossip(ident, msg, peer_address(part))
+            self.membership.on_router_gossip(ident, msg, peer_address(part) if part is not None else None)
         elif isinstance(msg, Admin | Fetch):
             refused = self.services.submit(ident, msg)
             if refused is not None:
@@ -427,7 +437,7 @@ class MeshNode:
             return
         # The common case first: the policy picks this node and it has room, or a peer that takes the try.
         candidates, _known = self.eligible(req, _NOBODY)
-        choice = self.policy.choose(req.model, candidates, now) if candidates else None
+        choice = self.policy.choose(req.model, candidates, now, req) if candidates else None
         if choice is not None and choice.node == self.node_id:
             if self.local.submit(ident, req, deadline, choice.reason, 0, now, "local"):
                 self.stats["served_local"] += 1
@@ -465,6 +475,8 @@ class MeshNode:
             known = True
             if not self.membership.leaving and self.node_id not in excluded and self._labels_match(req.require):
                 out.append(self.node_id)
+        if self.trust is not None and not self.trust.synced:
+            return out, known  # catching up with revocations: no peer is routed to yet
         for peer in self.links.peers:
             if req.model not in peer.models:
                 continue
@@ -535,7 +547,7 @@ class MeshNode:
 
     def _drain_dealer(self, sock: zmq.Socket[Any]) -> None:
         peer = self.links.peers.by_socket(sock)
-        seed = peer is None and self.links.is_seed(sock)
+        seed_key = self.links.seed_key(sock) if peer is None else None
         for _ in range(DRAIN):
             if sock.closed or (peer is not None and self.links.peers.get(peer.node) is not peer):
                 return  # its peer was dropped (re-addressed, forgotten) while this drain ran
@@ -550,13 +562,14 @@ class MeshNode:
                 log.debug("bad frame from a peer: %s", exc)
                 continue
             if peer is None:
-                if seed and isinstance(msg, Hello):
-                    self._guarded("a seed's hello", self.links.learn, msg.addr, "seed", msg.incarnation,
-                                  msg.fingerprint)  # fmt: skip
+                if seed_key is not None:
+                    self._guarded("a seed's answer", self.links.on_seed_answer, seed_key, msg)
                 continue
             self._guarded("a message from a peer", self._on_peer_message, peer, msg, frame)
 
     def _on_peer_message(self, peer: Peer, msg: Any, frame: bytes) -> None:
+        if self.trust is not None and self.trust.from_peer(peer, msg):
+            return  # member identities: its certificate, a revocation list, or anything before its certificate
         now = time.monotonic()
         peer.last_heard = now
         self.membership.heard(peer.node, now)
@@ -571,7 +584,7 @@ class MeshNode:
         elif isinstance(msg, Error):
             self.entry.on_error(peer.node, msg, now)
         elif isinstance(msg, Hello):
-            self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint)
+            self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint, by_itself=self.trust is not None)
         elif isinstance(msg, LoadReport):
             self.membership.on_report_on_link(peer, msg)
         elif isinstance(msg, Digest):

@@ -27,7 +27,9 @@ class Peer:
     leaving: bool = False
     fingerprint: str = ""
     monitor: zmq.Socket[Any] | None = None  # transport events of `dealer`
+    sub: zmq.Socket[Any] | None = None  # where its gossip arrives
     disconnected: bool = False  # its connection closed and has not come back yet
+    verified: bool = True  # member identities: it presented a node certificate naming its name and key
 
     @property
     def node(self) -> str:

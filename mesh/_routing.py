@@ -5,13 +5,27 @@ It decides where a request goes; the sockets that carry it live elsewhere.
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["POLICIES", "Choice", "LeastLoadedGossipPolicy", "RandomPolicy", "RoundRobinPolicy", "RoutingPolicy"]
+from protocol import Request
+
+from ._prefixes import request_chain, unpack_summary
+
+__all__ = [
+    "POLICIES",
+    "CacheAwarePolicy",
+    "Choice",
+    "LeastLoadedGossipPolicy",
+    "RandomPolicy",
+    "RoundRobinPolicy",
+    "RoutingPolicy",
+    "node_policy",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +35,8 @@ class Choice:
     Reasons: "local" (this node was the only eligible one), "only:<id>" (the only eligible peer), and
     "p2c:<winner><<loser>" when two were compared, e.g. "p2c:n1<n3": n1 was sampled with n3 and chosen
     over it. This node appears there under its own id, so "local" always means "no other choice".
+    Cache-aware routing adds "prefix:<id>(<n> msgs)" (chosen for holding the first n messages of the chat) and
+    "p2c:...(prefix:<id> busy)" (the holder was out of balance with the others).
     """
 
     node: str
@@ -115,11 +131,14 @@ class RoutingPolicy:
             return float(entry.m)
         return float(max(entry.m, entry.g + (entry.m - entry.m0)))
 
-    def choose(self, model: str, candidates: Sequence[str], now: float) -> Choice:
+    def observe_prefixes(self, node: str, model: str, summary: bytes) -> None:
+        """What `node`'s prefix cache holds for `model` (a gossiped summary); only cache-aware routing reads it."""
+
+    def choose(self, model: str, candidates: Sequence[str], now: float, request: Request | None = None) -> Choice:
         """Pick the node for one request among `candidates` (eligible ids, may include this node).
 
         Candidates that cannot serve (capacity <= 0) are left out while any other can; if none can,
-        one of them is still chosen and will answer with a Reject.
+        one of them is still chosen and will answer with a Reject. `request` is for policies that look at it.
         """
         if len(candidates) == 1:  # the common single-node case: nothing to compare
             node = candidates[0]
@@ -187,7 +206,7 @@ class RoundRobinPolicy(RoutingPolicy):
         super().__init__(*args, **kwargs)
         self._turn = 0
 
-    def choose(self, model: str, candidates: Sequence[str], now: float) -> Choice:
+    def choose(self, model: str, candidates: Sequence[str], now: float, request: Request | None = None) -> Choice:
         unique = sorted(dict.fromkeys(candidates))
         if not unique:
             raise ValueError(f"no candidate node for model {model!r}")
@@ -199,7 +218,7 @@ class RoundRobinPolicy(RoutingPolicy):
 class RandomPolicy(RoutingPolicy):
     """Baseline for benchmarks: a uniformly random candidate."""
 
-    def choose(self, model: str, candidates: Sequence[str], now: float) -> Choice:
+    def choose(self, model: str, candidates: Sequence[str], now: float, request: Request | None = None) -> Choice:
         unique = list(dict.fromkeys(candidates))
         if not unique:
             raise ValueError(f"no candidate node for model {model!r}")
@@ -214,7 +233,7 @@ class LeastLoadedGossipPolicy(RoutingPolicy):
     every entry node sends everything to the same peer: the herd that power of two choices avoids.
     """
 
-    def choose(self, model: str, candidates: Sequence[str], now: float) -> Choice:
+    def choose(self, model: str, candidates: Sequence[str], now: float, request: Request | None = None) -> Choice:
         unique = list(dict.fromkeys(candidates))
         if not unique:
             raise ValueError(f"no candidate node for model {model!r}")
@@ -232,9 +251,132 @@ class LeastLoadedGossipPolicy(RoutingPolicy):
         return Choice(node, f"least:{node}")
 
 
+class CacheAwarePolicy(RoutingPolicy):
+    """The node expected to hold the longest prefix of a chat, unless that would put it out of balance; else p2c.
+
+    Each node gossips which chains of chat messages its prefix cache holds (`observe_prefixes`; this node's own from
+    `local_prefixes(model)`, exact). For a chat request every candidate's depth is the number of leading messages of
+    which it holds the chain. The deepest wins; several as deep are compared by power of two choices. Holding only
+    the first message does not count: that is the system prompt every conversation shares, which any node holds
+    after serving one of them, so following it would pile every new conversation onto the first node that did (a
+    new conversation is placed by p2c, and its later turns follow it). A holder is passed over when it is out of
+    balance with the least loaded candidate: at least `balance_abs` more requests (in flight + queued, estimated as
+    p2c does) *and* more than `balance_rel` times its load per slot, as SGLang's cache-aware router bounds load;
+    then p2c over all candidates decides. So a hot conversation fills its holder only up to that bound, and the
+    nodes that take the overflow hold that prefix too from then on. Requests without a chain (other tasks) and chats
+    no node holds more than the first message of go by p2c, and so does everything when no node gossips a summary.
+    """
+
+    def __init__(
+        self,
+        self_id: str,
+        local_load: Callable[[str], tuple[int, int]],
+        stale_after: float = 0.75,
+        rng: random.Random | None = None,
+        local_rate: Callable[[str], float] | None = None,
+        local_prefixes: Callable[[str], bytes] | None = None,
+        balance_abs: int = 4,
+        balance_rel: float = 1.5,
+    ) -> None:
+        super().__init__(self_id, local_load, stale_after, rng, local_rate)
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+        self._local_prefixes = local_prefixes
+        self._held: dict[str, dict[str, frozenset[bytes]]] = {}  # node -> model -> chain digests its cache holds
+        self._local: dict[str, tuple[bytes, frozenset[bytes]]] = {}  # model -> (this node's summary, unpacked)
+        self.counts: collections.Counter[str] = collections.Counter()  # routed_prefix, routed_prefix_busy
+
+    def observe_prefixes(self, node: str, model: str, summary: bytes) -> None:
+        held = self._held.setdefault(node, {})
+        if summary:
+            held[model] = unpack_summary(summary)
+        else:
+            held.pop(model, None)
+
+    def forget(self, node: str) -> None:
+        super().forget(node)
+        self._held.pop(node, None)
+
+    def chains_held(self, node: str) -> dict[str, int]:
+        """How many chains `node`'s gossip says its prefix cache holds, per model (for status views)."""
+        return {model: len(chains) for model, chains in self._held.get(node, {}).items()}
+
+    def choose(self, model: str, candidates: Sequence[str], now: float, request: Request | None = None) -> Choice:
+        unique = list(dict.fromkeys(candidates))
+        base = model.partition("@")[0]
+        held = {node: self._holds(node, base) for node in unique}
+        if request is None or len(unique) < 2 or not any(held.values()):
+            return super().choose(model, candidates, now)
+        chain = request_chain(request.task, request.input, request.params)
+        depth = {node: _depth(chain, held[node]) for node in unique}
+        best = max(depth.values(), default=0)
+        if best <= 1:  # nothing, or only the first message: a system prompt every node holds after one request
+            return super().choose(model, candidates, now)
+        holders = [node for node in unique if depth[node] == best]
+        calm = [node for node in holders if not self._out_of_balance(node, unique, model, now)]
+        if not calm:
+            self.counts["routed_prefix_busy"] += 1
+            choice = super().choose(model, candidates, now)
+            return Choice(choice.node, f"{choice.reason}(prefix:{holders[0]} busy)")
+        node = calm[0] if len(calm) == 1 else super().choose(model, calm, now).node
+        self.counts["routed_prefix"] += 1
+        return Choice(node, f"prefix:{node}({best} msgs)")
+
+    def _holds(self, node: str, model: str) -> frozenset[bytes]:
+        if node != self.self_id:
+            return self._held.get(node, {}).get(model, frozenset())
+        if self._local_prefixes is None:
+            return frozenset()
+        blob = self._local_prefixes(model)
+        last = self._local.get(model)
+        if last is None or last[0] is not blob:
+            last = self._local[model] = (blob, unpack_summary(blob))
+        return last[1]
+
+    def _load(self, node: str, model: str, now: float) -> tuple[float, int]:
+        if node == self.self_id:
+            load, cap = self._local_load(model)
+            return float(load), cap
+        return self.estimate(node, model, now), self._cap(node, model)
+
+    def _out_of_balance(self, node: str, candidates: Sequence[str], model: str, now: float) -> bool:
+        loads = {n: self._load(n, model, now) for n in candidates}
+        est, cap = loads[node]
+        if cap <= 0:
+            return True
+        least, least_cap = min(loads.values(), key=lambda lc: (lc[0] + 1) / lc[1] if lc[1] > 0 else math.inf)
+        if least_cap <= 0:
+            return False
+        return est - least >= self.balance_abs and (est + 1) / cap > self.balance_rel * (least + 1) / least_cap
+
+
+def _depth(chain: Sequence[bytes], held: frozenset[bytes]) -> int:
+    """How many leading messages of `chain` a node holds (the longest of its chains that `chain` starts with)."""
+    if not held:
+        return 0
+    for i in range(len(chain) - 1, -1, -1):
+        if chain[i] in held:
+            return i + 1
+    return 0
+
+
 POLICIES: dict[str, type[RoutingPolicy]] = {
+    "cache-aware": CacheAwarePolicy,
     "p2c": RoutingPolicy,
     "round-robin": RoundRobinPolicy,
     "random": RandomPolicy,
     "least-loaded": LeastLoadedGossipPolicy,
 }
+
+
+def node_policy(name: str, node_id: str, server: Any, rng: random.Random | None, counts: Any) -> RoutingPolicy:
+    """The routing policy `name` of a node whose own work is `server` (its load, rate and, for cache-aware routing,
+    what its prefix caches hold; an executor without them: none). A peer reports whenever its load moved past a
+    threshold (or a smaller difference lasted seconds), so its last report holds however old it is: the entry's own
+    counts cover what it sent since."""
+    policy = POLICIES[name]
+    extra = {"local_prefixes": getattr(server, "prefix_summary", None)} if policy is CacheAwarePolicy else {}
+    out = policy(node_id, server.load, stale_after=math.inf, rng=rng, local_rate=getattr(server, "rate", None), **extra)
+    if isinstance(out, CacheAwarePolicy):
+        out.counts = counts  # routed_prefix, routed_prefix_busy: in status rows and /metrics
+    return out

@@ -1,10 +1,12 @@
-"""Mesh security: the mesh key file and its fingerprint, CURVE set-up for server and client sockets, the ZAP
-authenticator that admits only holders of the mesh key, and the limits a request must fit.
+"""Mesh security: the shared mesh key file and its fingerprint, CURVE set-up for server and client sockets, the ZAP
+authenticator, and the limits a request must fit.
 
-One keypair is shared by the whole mesh: nodes use it as their CURVE server key, and every member (node or
-client) connects with it as both its own key and the server's. ZAP then admits exactly that public key, which
-only someone who holds the secret half can present. Core decisions (`judge_zap`, `RequestLimits.check`) are
-plain functions; `Authenticator` is the thin thread that carries them out on a node's ZeroMQ context.
+With one shared keypair, nodes use it as their CURVE server key, and every member (node or client) connects with
+it as both its own key and the server's; ZAP then admits exactly that public key, which only someone who holds the
+secret half can present. With member identities (`_identity`, `_members`, `_trust`) every member has its own key,
+and ZAP admits any key that is not revoked (`judge_member_zap`), naming it as the User-Id of every message. Core
+decisions (`judge_zap`, `judge_member_zap`, `RequestLimits.check`) are plain functions; `Authenticator` is the
+thin thread that carries them out on a node's ZeroMQ context.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import stat
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ KEY_ENV = "LANMESH_KEY_FILE"
 INSECURE_ENV = "LANMESH_INSECURE"
 DEFAULT_KEY_PATH = "~/.config/lanmesh/mesh.key"
 ZAP_DOMAIN = b"lanmesh"
+GOSSIP_ZAP_DOMAIN = b"lanmesh-gossip"  # a member identity's PUB: only nodes may subscribe
 FINGERPRINT_HEX = 32  # 128 bits of sha256(public key): enough to tell meshes apart, hex so mDNS TXT carries it
 
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by RFC 27: libzmq asks whatever is bound here
@@ -86,21 +89,12 @@ class MeshKey:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MeshKey:
         """Read a key file written by `write` (`lanmesh keygen`); raise `MeshKeyError` on anything wrong."""
-        p = Path(path).expanduser()
-        try:
-            st = p.stat()
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise MeshKeyError(f"mesh key file {p} does not exist; create one with `lanmesh keygen {p}`") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MeshKeyError(f"cannot read mesh key file {p}: {exc}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise MeshKeyError(f"mesh key file {p} is not a regular file")
-        if st.st_mode & 0o077:
-            raise MeshKeyError(
-                f"mesh key file {p} can be read by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
-                f"it holds the mesh's secret: run `chmod 600 {p}`"
-            )
+        p, text = read_key_file(path)
+        return cls.parse(p, text)
+
+    @classmethod
+    def parse(cls, p: Path, text: str) -> MeshKey:
+        """A key file's text (read by `read_key_file`) as a shared mesh key."""
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -167,7 +161,7 @@ class MeshKey:
 
     # ------------------------------------------------------------- sockets
 
-    def configure_server(self, sock: zmq.Socket[Any]) -> None:
+    def configure_server(self, sock: zmq.Socket[Any], domain: bytes = b"") -> None:
         """A socket that binds (ROUTER, PUB): CURVE server, and every handshake must pass ZAP (fail closed)."""
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         # Without this libzmq lets a CURVE handshake through when no ZAP handler answers: any key would do.
@@ -176,8 +170,9 @@ class MeshKey:
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
 
-    def configure_client(self, sock: zmq.Socket[Any]) -> None:
-        """A socket that connects (DEALER, SUB, the client's DEALERs): prove the mesh key, expect it of the server."""
+    def configure_client(self, sock: zmq.Socket[Any], endpoint: str | None = None, server_key: str = "") -> None:
+        """A socket that connects (DEALER, SUB, the client's DEALERs): prove the mesh key, expect it of the server
+        (every node's; `endpoint` and `server_key` matter only to a member identity)."""
         sock.setsockopt(zmq.CURVE_SERVERKEY, self.public)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
@@ -186,15 +181,38 @@ class MeshKey:
         return f"CURVE, mesh key {self.fingerprint}"
 
 
+def read_key_file(path: str | os.PathLike[str]) -> tuple[Path, str]:
+    """A key file's path and text, once it is known to be a regular file only its owner can read."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MeshKeyError(
+            f"key file {p} does not exist; create one with `lanmesh keygen {p}` (one key shared by the mesh) or "
+            "`lanmesh join CODE` (this machine's own, from an invite)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MeshKeyError(f"cannot read key file {p}: {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MeshKeyError(f"key file {p} is not a regular file")
+    if st.st_mode & 0o077:
+        raise MeshKeyError(
+            f"key file {p} can be read by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"it holds a secret: run `chmod 600 {p}`"
+        )
+    return p, text
+
+
 class Plaintext:
     """`security=Plaintext()`: talk to an open mesh (nodes run with --insecure), even where a key file exists."""
 
     fingerprint = ""
 
-    def configure_server(self, sock: zmq.Socket[Any]) -> None:
+    def configure_server(self, sock: zmq.Socket[Any], domain: bytes = b"") -> None:
         """Nothing to set: ZeroMQ's NULL mechanism (no encryption, no authentication)."""
 
-    def configure_client(self, sock: zmq.Socket[Any]) -> None:
+    def configure_client(self, sock: zmq.Socket[Any], endpoint: str | None = None, server_key: str = "") -> None:
         """Nothing to set: ZeroMQ's NULL mechanism (no encryption, no authentication)."""
 
     def describe(self) -> str:
@@ -203,43 +221,6 @@ class Plaintext:
 
 def fingerprint_of(public_z85: bytes) -> str:
     return hashlib.sha256(z85.decode(public_z85)).hexdigest()[:FINGERPRINT_HEX]
-
-
-def default_key_path() -> Path:
-    return Path(DEFAULT_KEY_PATH).expanduser()
-
-
-def key_path(explicit: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Path | None:
-    """Where the mesh key is: the flag, else $LANMESH_KEY_FILE, else the default path if a file is there."""
-    env = os.environ if env is None else env
-    if explicit:
-        return Path(explicit).expanduser()
-    if env.get(KEY_ENV):
-        return Path(env[KEY_ENV]).expanduser()
-    default = default_key_path()
-    return default if default.exists() else None
-
-
-def load_mesh_key(explicit: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> MeshKey:
-    """The mesh key a node or client should use; `MeshKeyError` saying how to get one when there is none."""
-    path = key_path(explicit, env)
-    if path is None:
-        raise MeshKeyError(
-            f"no mesh key: create one with `lanmesh keygen` (writes {DEFAULT_KEY_PATH}) and copy that file to "
-            f"every machine of the mesh, or point --key-file / ${KEY_ENV} at it; to run an open mesh anyway, "
-            "pass --insecure"
-        )
-    return MeshKey.load(path)
-
-
-def client_security(env: Mapping[str, str] | None = None) -> MeshKey | Plaintext:
-    """What a client uses when not told: plaintext if $LANMESH_INSECURE is set, else the key found by `key_path`,
-    else plaintext (a node with a key will then refuse it, and the client says so)."""
-    env = os.environ if env is None else env
-    if env.get(INSECURE_ENV, "").strip().lower() in _TRUE:
-        return Plaintext()
-    path = key_path(None, env)
-    return MeshKey.load(path) if path is not None else Plaintext()
 
 
 def same_host(claimed: str, seen: str | None) -> bool:
@@ -304,6 +285,7 @@ class ZapVerdict:
     reason: str
     address: str
     mechanism: str
+    user: bytes = b"mesh"  # the User-Id every message of an accepted connection carries
 
 
 def judge_zap(frames: list[bytes], mesh_public: bytes) -> ZapVerdict:
@@ -325,9 +307,28 @@ def judge_zap(frames: list[bytes], mesh_public: bytes) -> ZapVerdict:
     return ZapVerdict(request_id, True, "OK", addr, mech)
 
 
+def judge_member_zap(frames: list[bytes], admits: Callable[[bytes, bool], tuple[bool, str]]) -> ZapVerdict:
+    """Decide one ZAP request in a mesh of member identities: any CURVE key that `admits(key, gossip)` lets in
+    (never a revoked one; on the PUB only nodes), its Z85 text as the User-Id of every message it sends."""
+    if len(frames) < 6:
+        return ZapVerdict(frames[1] if len(frames) > 1 else b"", False, "malformed ZAP request", "?", "?")
+    version, request_id, domain, address, _identity, mechanism = frames[:6]
+    credentials = frames[6:]
+    addr = address.decode("utf-8", "replace")
+    mech = mechanism.decode("ascii", "replace")
+    if version != _ZAP_VERSION:
+        return ZapVerdict(request_id, False, f"ZAP version {version!r} is not 1.0", addr, mech)
+    if domain not in (ZAP_DOMAIN, GOSSIP_ZAP_DOMAIN):
+        return ZapVerdict(request_id, False, f"unknown ZAP domain {domain!r}", addr, mech)
+    if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
+        return ZapVerdict(request_id, False, f"mechanism {mech} is not allowed: the mesh needs CURVE", addr, mech)
+    ok, reason = admits(credentials[0], domain == GOSSIP_ZAP_DOMAIN)
+    return ZapVerdict(request_id, ok, reason, addr, mech, z85.encode(credentials[0]) if ok else b"")
+
+
 def zap_reply(verdict: ZapVerdict) -> list[bytes]:
     status = b"200" if verdict.accepted else b"400"
-    user = b"mesh" if verdict.accepted else b""
+    user = verdict.user if verdict.accepted else b""
     return [_ZAP_VERSION, verdict.request_id, status, verdict.reason.encode(), user, b""]
 
 
@@ -364,9 +365,17 @@ class Authenticator:
     address on an accepting one: its stable monitor API does not say who connected).
     """
 
-    def __init__(self, ctx: zmq.Context[Any], key: MeshKey, on_reject: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        key: Any,
+        on_reject: Callable[[str, str], None],
+        admits: Callable[[bytes, bool], tuple[bool, str]] | None = None,
+    ) -> None:
         self.ctx = ctx
+        # A shared mesh key: admit exactly it. A member identity: whoever `admits(key, gossip)` lets in.
         self._mesh_public = z85.decode(key.public)
+        self._admits = admits
         self._on_reject = on_reject
         self._log = RejectionLog()
         self._watches: queue.SimpleQueue[tuple[zmq.Socket[Any], str]] = queue.SimpleQueue()
@@ -424,7 +433,11 @@ class Authenticator:
             zap.close(0)
 
     def _answer(self, zap: zmq.Socket[Any]) -> None:
-        verdict = judge_zap(zap.recv_multipart(), self._mesh_public)
+        frames = zap.recv_multipart()
+        if self._admits is not None:
+            verdict = judge_member_zap(frames, self._admits)
+        else:
+            verdict = judge_zap(frames, self._mesh_public)
         zap.send_multipart(zap_reply(verdict))
         if not verdict.accepted:
             self._rejected("auth_rejected", verdict.address, f"{verdict.mechanism} client refused ({verdict.reason})")
@@ -491,6 +504,7 @@ class RequestLimits:
 
 __all__ = [
     "DEFAULT_KEY_PATH",
+    "GOSSIP_ZAP_DOMAIN",
     "INSECURE_ENV",
     "KEY_ENV",
     "Authenticator",
@@ -501,13 +515,11 @@ __all__ = [
     "RejectionLog",
     "RequestLimits",
     "ZapVerdict",
-    "client_security",
-    "default_key_path",
     "fingerprint_of",
     "handshake_failure",
+    "judge_member_zap",
     "judge_zap",
-    "key_path",
-    "load_mesh_key",
+    "read_key_file",
     "require_curve",
     "same_host",
     "valid_peer_host",

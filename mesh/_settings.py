@@ -10,6 +10,8 @@ from typing import Protocol
 
 from protocol import DEFAULT_LIMITS, Limits, ModelLoad, Request
 
+from ._authority import Authority
+from ._identity import MemberIdentity
 from ._security import MeshKey, RequestLimits
 
 
@@ -64,7 +66,9 @@ class MeshSettings:
     limits: Limits = DEFAULT_LIMITS
     hwm: int = 20_000
     routing: str = "p2c"  # or a baseline for benchmarks: round-robin, random, least-loaded
-    key: MeshKey | None = None  # None: an open mesh (plaintext, anyone may join); see _security.py
+    key: MeshKey | MemberIdentity | None = None  # None: an open mesh (plaintext, anyone may join); see _security.py
+    authority: Authority | None = None  # member identities: this node holds the mesh authority (joins, revocations)
+    state_dir: str = ""  # member identities: where the revocation list is kept across restarts ("": nowhere)
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     max_inflight_per_client: int = 1024  # requests one client connection may have here at once
     max_inflight_per_peer: int = 2048  # requests one peer may have forwarded here at once

@@ -1,7 +1,7 @@
 """The sockets a node binds for itself (its ROUTER, its PUB), the TCP options every one of its connections carries,
 the wake-up pair its loop sleeps on, and the poller that loop waits in.
 
-The peer-facing sockets it connects (a DEALER and the SUB per peer) are `_links`' business.
+The peer-facing sockets it connects (a DEALER and a SUB per peer) are `_links`' business.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from ._security import GOSSIP_ZAP_DOMAIN
+
 if TYPE_CHECKING:
+    from ._identity import MemberIdentity
     from ._security import Authenticator, MeshKey, Plaintext
     from ._settings import MeshSettings
 
@@ -45,7 +48,7 @@ def bound_port(sock: zmq.Socket[Any]) -> int:
 
 
 def bind_router(
-    ctx: zmq.Context[Any], s: MeshSettings, security: MeshKey | Plaintext, auth: Authenticator | None
+    ctx: zmq.Context[Any], s: MeshSettings, security: MeshKey | MemberIdentity | Plaintext, auth: Authenticator | None
 ) -> Any:
     """The ROUTER clients and peers send to: unroutable answers raise, frames capped, CURVE + ZAP when keyed."""
     router = ctx.socket(zmq.ROUTER)
@@ -63,18 +66,24 @@ def bind_router(
 
 
 def bind_pub(
-    ctx: zmq.Context[Any], s: MeshSettings, security: MeshKey | Plaintext, auth: Authenticator | None, port: int
+    ctx: zmq.Context[Any],
+    s: MeshSettings,
+    security: MeshKey | MemberIdentity | Plaintext,
+    auth: Authenticator | None,
+    port: int,
+    pub_port: int = 0,
 ) -> Any:
-    """The PUB gossip goes out on: at --pub-port, else the ROUTER's port + 1 (any port when that was 0)."""
+    """The PUB gossip goes out on: at `pub_port` or --pub-port, else the ROUTER's port + 1 (any port when that was
+    0). With member identities only nodes may subscribe (its own ZAP domain)."""
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
     pub.setsockopt(zmq.SNDHWM, 1000)
     pub.setsockopt(zmq.MAXMSGSIZE, 1024)  # a PUB only ever receives subscriptions
     tcp_options(pub, s.dead_after)
-    security.configure_server(pub)
+    security.configure_server(pub, GOSSIP_ZAP_DOMAIN)
     if auth is not None:
         auth.watch(pub, "pub")
-    pub_port = s.pub_port or (port + 1 if s.port else 0)
+    pub_port = pub_port or s.pub_port or (port + 1 if s.port else 0)
     pub.bind(f"tcp://{s.bind}:{pub_port}" if pub_port else f"tcp://{s.bind}:*")
     return pub
 

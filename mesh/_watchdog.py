@@ -14,6 +14,23 @@ log = logging.getLogger("lanmesh.mesh")
 EXIT_STALLED = 70  # the process's exit status after the watchdog fired (EX_SOFTWARE)
 
 
+def within(call: Callable[[], None], timeout: float, what: str) -> None:
+    """Run `call` in a thread of its own and wait for it at most `timeout` seconds: leaving (an mDNS goodbye) must
+    go on even when a library is stuck or raises."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            call()
+        except Exception:
+            log.exception("%s failed", what)
+        done.set()
+
+    threading.Thread(target=run, name=what.replace(" ", "-"), daemon=True).start()
+    if not done.wait(timeout):
+        log.error("%s did not finish within %gs", what, timeout)
+
+
 class LoopWatchdog:
     """Checks, from a thread of its own, that `loop` is alive and `last_turn()` is recent."""
 

@@ -9,17 +9,20 @@ from typing import Any
 
 import msgpack
 
+from ._checks import _bool, _bytes, _fail, _fields, _int, _label, _name, _or, _str, _strmap, _value, _version
 from ._errors import DecodeError, ErrorCode
 from ._messages import (
     MEMBER_STATES,
     Admin,
     Cancel,
     Chunk,
+    Credentials,
     Data,
     Digest,
     Error,
     Fetch,
     Hello,
+    Join,
     Leave,
     LoadReport,
     Member,
@@ -31,24 +34,32 @@ from ._messages import (
     Reject,
     Reply,
     Request,
+    Revocations,
     Suspicion,
     Task,
 )
+from ._names import is_name
 from ._wire import (
     DEFAULT_LIMITS,
     ID_LEN,
     MAX_CHUNK_BYTES,
     MAX_DEADLINE_MS,
+    MAX_DOCUMENT_BYTES,
     MAX_HOPS,
+    MAX_MODEL_TASKS,
     NAME_LEN,
+    PREFIX_DIGEST_BYTES,
+    PREFIX_REPORT_BYTES,
     T_ADMIN,
     T_CANCEL,
     T_CHUNK,
+    T_CREDENTIALS,
     T_DATA,
     T_DIGEST,
     T_ERROR,
     T_FETCH,
     T_HELLO,
+    T_JOIN,
     T_LEAVE,
     T_LOAD,
     T_PING,
@@ -56,6 +67,7 @@ from ._wire import (
     T_REJECT,
     T_REPLY,
     T_REQUEST,
+    T_REVOCATIONS,
     T_SUSPICION,
     VERSION,
     Limits,
@@ -63,67 +75,6 @@ from ._wire import (
 
 _TASKS = {t.value: t for t in Task}
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
-
-
-def _fail(what: str, rid: str | None = None) -> DecodeError:
-    return DecodeError(what, rid)
-
-
-def _str(v: Any, name: str, max_len: int, rid: str | None, *, empty: bool = True) -> str:
-    if type(v) is str and (empty or v) and len(v) <= max_len:
-        return v  # the common case, checked cheaply: this runs several times per request
-    if not isinstance(v, str):
-        raise _fail(f"{name} must be a string, got {type(v).__name__}", rid)
-    if len(v) > max_len:
-        raise _fail(f"{name} is longer than {max_len} characters", rid)
-    if not empty and not v:
-        raise _fail(f"{name} must not be empty", rid)
-    return v
-
-
-def _int(v: Any, name: str, lo: int, hi: int, rid: str | None) -> int:
-    if type(v) is int and lo <= v <= hi:
-        return v
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _fail(f"{name} must be an integer, got {type(v).__name__}", rid)
-    if not lo <= v <= hi:
-        raise _fail(f"{name} must be between {lo} and {hi}, got {v}", rid)
-    return v
-
-
-def _bool(v: Any, name: str, rid: str | None) -> bool:
-    if not isinstance(v, bool):
-        raise _fail(f"{name} must be true or false, got {type(v).__name__}", rid)
-    return v
-
-
-def _depth_ok(v: Any, limit: int) -> bool:
-    """True when `v` nests no deeper than `limit` containers."""
-    t = type(v)
-    if t is str or t is int or t is float or t is bool or v is None:
-        return True
-    if isinstance(v, (list, tuple, dict)):
-        if limit <= 0:
-            return False
-        items = v.values() if isinstance(v, dict) else v
-        return all(_depth_ok(x, limit - 1) for x in items)
-    return True
-
-
-def _value(v: Any, name: str, lim: Limits, rid: str | None) -> Any:
-    if not _depth_ok(v, lim.max_depth):
-        raise _fail(f"{name} nests deeper than {lim.max_depth} levels", rid)
-    return v
-
-
-def _strmap(v: Any, name: str, rid: str | None, lim: Limits, *, str_values: bool) -> dict[str, Any]:
-    if type(v) is dict and not v:
-        return v
-    if not isinstance(v, dict):
-        raise _fail(f"{name} must be a map, got {type(v).__name__}", rid)
-    if str_values and not all(isinstance(x, str) for x in v.values()):
-        raise _fail(f"{name} values must be strings", rid)
-    return _value(v, name, lim, rid)
 
 
 def _chat_input(v: Any, rid: str | None) -> list[dict[str, str]]:
@@ -154,18 +105,6 @@ def _task_input(task: Task, v: Any, lim: Limits, rid: str | None) -> Any:
     return _value(v, "input", lim, rid)
 
 
-def _fields(body: list[Any], n_required: int, n_total: int, kind: str, rid: str | None) -> list[Any]:
-    """Pad optional trailing fields with None; ignore fields added by newer peers."""
-    n = len(body) - 1
-    if n < n_required:
-        raise _fail(f"{kind} needs at least {n_required} fields, got {n}", rid)
-    return body[1 : n_total + 1] + [None] * max(0, n_total - n)
-
-
-def _or(v: Any, default: Any) -> Any:
-    return default if v is None else v
-
-
 _SCALAR_TYPES = (str, int, float, bool, type(None))
 
 
@@ -181,8 +120,7 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
             and type(inp) is str
             and type(rid) is str
             and 0 < len(rid) <= ID_LEN
-            and type(model) is str
-            and 0 < len(model) <= NAME_LEN
+            and is_name(model)
             and type(params) is dict
             and all(type(v) in _SCALAR_TYPES for v in params.values())
             and type(dl) is int
@@ -193,6 +131,7 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
             and 0 <= hops <= MAX_HOPS
             and type(origin) is str
             and len(origin) <= NAME_LEN
+            and origin.isprintable()
             and type(stream) is bool
             and type(require) is dict
             and all(type(v) is str for v in require.values())
@@ -207,7 +146,7 @@ def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
     rid = rid_raw if isinstance(rid_raw, str) and 0 < len(rid_raw) <= ID_LEN else None
     f = _fields(b, 4, 12, "request", rid)
     rid = _str(f[0], "id", ID_LEN, None, empty=False)
-    model = _str(f[1], "model", NAME_LEN, rid, empty=False)
+    model = _name(f[1], "model", rid)
     task = _TASKS.get(f[2]) if isinstance(f[2], str) else None
     if task is None:
         raise _fail(f"task must be one of {list(_TASKS)}, got {f[2]!r}", rid)
@@ -220,7 +159,7 @@ def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
         deadline_ms=_int(_or(f[5], 60_000), "deadline_ms", 1, MAX_DEADLINE_MS, rid),
         priority=_int(_or(f[6], 0), "priority", 0, 9, rid),
         hops=_int(_or(f[7], 0), "hops", 0, MAX_HOPS, rid),
-        origin=_str(_or(f[8], ""), "origin", NAME_LEN, rid),
+        origin=_label(_or(f[8], ""), "origin", rid),
         stream=_bool(_or(f[9], False), "stream", rid),
         require=_strmap(_or(f[10], {}), "require", rid, lim, str_values=True),
         prefix=_str(_or(f[11], ""), "prefix", lim.max_str_len, rid),
@@ -231,11 +170,19 @@ def _dec_addr(v: Any) -> PeerAddr:
     if not isinstance(v, list) or len(v) < 4:
         raise _fail("peer address must be [node, host, port, pub_port]")
     return PeerAddr(
-        node=_str(v[0], "node", NAME_LEN, None, empty=False),
+        node=_name(v[0], "node", None),
         host=_str(v[1], "host", NAME_LEN, None, empty=False),
         port=_int(v[2], "port", 1, 65535, None),
         pub_port=_int(v[3], "pub_port", 1, 65535, None),
+        key=_key(v[4]) if len(v) > 4 else "",
     )
+
+
+def _key(v: Any) -> str:
+    """A CURVE public key as Z85 text (40 characters), or "" (none: a mesh of one shared key)."""
+    if v == "" or (type(v) is str and len(v) == 40 and v.isascii() and v.isprintable() and " " not in v):
+        return v
+    raise _fail("key must be 40 characters of Z85 text")
 
 
 def _dec_models(v: Any) -> dict[str, ModelLoad]:
@@ -248,24 +195,46 @@ def _dec_models(v: Any) -> dict[str, ModelLoad]:
         rate = load[3] if len(load) > 3 else 0.0  # absent from older peers
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1e9:
             raise _fail("model rate must be a number of requests per second >= 0")
-        version = _str(load[4], "model version", 64, None) if len(load) > 4 else ""
-        out[_str(name, "model", NAME_LEN, None, empty=False)] = ModelLoad(
+        version = _version(load[4], "model version", None, empty=True) if len(load) > 4 else ""
+        out[_name(name, "model", None)] = ModelLoad(
             _int(load[0], "inflight", 0, 2**31, None),
             _int(load[1], "queued", 0, 2**31, None),
             _int(load[2], "capacity", 0, 2**31, None),
             float(rate),
             version,
+            _dec_tasks(load[5]) if len(load) > 5 else (),
         )
     return out
 
 
+def _dec_tasks(v: Any) -> tuple[str, ...]:
+    """The tasks a model serves: a short list of short names (kept as strings, so a newer peer's new task passes)."""
+    if not isinstance(v, list) or len(v) > MAX_MODEL_TASKS:
+        raise _fail(f"model tasks must be a list of at most {MAX_MODEL_TASKS} names")
+    return tuple(_str(t, "model task", 32, None, empty=False) for t in v)
+
+
+def _dec_prefixes(v: Any) -> dict[str, bytes]:
+    if not isinstance(v, dict):
+        raise _fail("prefixes must be a map")
+    out, total = {}, 0
+    for name, blob in v.items():
+        if not isinstance(blob, bytes) or len(blob) % PREFIX_DIGEST_BYTES:
+            raise _fail(f"a prefix summary must be bytes, {PREFIX_DIGEST_BYTES} per digest")
+        total += len(blob)
+        out[_name(name, "model", None)] = blob
+    if total > PREFIX_REPORT_BYTES:
+        raise _fail(f"prefix summaries hold {total} bytes; at most {PREFIX_REPORT_BYTES} in one report")
+    return out
+
+
 def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
-    f = _fields(b, 4, 10, "load report", None)
+    f = _fields(b, 4, 12, "load report", None)
     peers = _or(f[6], [])
     if not isinstance(peers, list):
         raise _fail("peers must be a list")
     return LoadReport(
-        node=_str(f[0], "node", NAME_LEN, None, empty=False),
+        node=_name(f[0], "node", None),
         incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
         seq=_int(f[2], "seq", 0, 2**63 - 1, None),
         addr=_dec_addr(f[3]),
@@ -274,17 +243,19 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
         peers=tuple(_dec_addr(p) for p in peers),
         leaving=_bool(_or(f[7], False), "leaving", None),
         fingerprint=_str(_or(f[8], ""), "fingerprint", NAME_LEN, None),
-        on_change=_bool(_or(f[9], False), "on_change", None),
+        prefixes=_dec_prefixes(_or(f[9], {})),
+        revocations=_int(_or(f[10], 0), "revocations", 0, 2**63 - 1, None),
+        on_change=_bool(_or(f[11], False), "on_change", None),
     )
 
 
 def _dec_suspicion(b: list[Any], lim: Limits) -> Suspicion:
     f = _fields(b, 4, 5, "suspicion", None)
     return Suspicion(
-        node=_str(f[0], "node", NAME_LEN, None, empty=False),
+        node=_name(f[0], "node", None),
         incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
         seq=_int(f[2], "seq", 0, 2**63 - 1, None),
-        by=_str(f[3], "by", NAME_LEN, None, empty=False),
+        by=_name(f[3], "by", None),
         dead=_bool(_or(f[4], False), "dead", None),
     )
 
@@ -293,15 +264,15 @@ _STATES = frozenset(MEMBER_STATES)
 
 
 def _dec_member(v: Any) -> Member:
-    if not isinstance(v, list) or len(v) < 7:
-        raise _fail("digest member must be [node, host, port, pub_port, incarnation, seq, state]")
-    state = v[6]
+    if not isinstance(v, list) or len(v) < 4:
+        raise _fail("digest member must be [[node, host, port, pub_port, key?], incarnation, seq, state]")
+    state = v[3]
     if state not in _STATES:
         raise _fail(f"digest member state must be one of {list(MEMBER_STATES)}, got {state!r}")
     return Member(
-        addr=_dec_addr(v[:4]),
-        incarnation=_int(v[4], "incarnation", 0, 2**63 - 1, None),
-        seq=_int(v[5], "seq", 0, 2**63 - 1, None),
+        addr=_dec_addr(v[0]),
+        incarnation=_int(v[1], "incarnation", 0, 2**63 - 1, None),
+        seq=_int(v[2], "seq", 0, 2**63 - 1, None),
         state=state,
     )
 
@@ -312,7 +283,7 @@ def _dec_digest(b: list[Any], lim: Limits) -> Digest:
     if not isinstance(members, list):
         raise _fail("digest members must be a list")
     return Digest(
-        node=_str(f[0], "node", NAME_LEN, None, empty=False),
+        node=_name(f[0], "node", None),
         count=_int(f[1], "count", 0, 2**31, None),
         checksum=_int(f[2], "checksum", 0, 2**64 - 1, None),
         members=tuple(_dec_member(m) for m in members),
@@ -341,8 +312,7 @@ def _dec_reply(b: list[Any], lim: Limits) -> Reply:
         if (
             type(rid) is str
             and 0 < len(rid) <= ID_LEN
-            and type(node) is str
-            and len(node) <= NAME_LEN
+            and (is_name(node) or node == "")
             and type(route) is str
             and len(route) <= NAME_LEN
             and type(queue) is int
@@ -357,7 +327,7 @@ def _dec_reply(b: list[Any], lim: Limits) -> Reply:
     return Reply(
         id=rid,
         output=_value(f[1], "output", lim, rid),
-        node=_str(f[2], "node", NAME_LEN, rid),
+        node=_name(f[2], "node", rid, empty=True),
         route=_str(_or(f[3], ""), "route", NAME_LEN, rid),
         queue=_int(_or(f[4], 0), "queue", 0, 2**31, rid),
         meta=_strmap(_or(f[5], {}), "meta", rid, lim, str_values=False),
@@ -371,7 +341,7 @@ def _dec_chunk(b: list[Any], lim: Limits) -> Chunk:
         id=rid,
         seq=_int(f[1], "seq", 0, 2**31, rid),
         data=_value(f[2], "data", lim, rid),
-        node=_str(f[3], "node", NAME_LEN, rid),
+        node=_name(f[3], "node", rid, empty=True),
         route=_str(_or(f[4], ""), "route", NAME_LEN, rid),
     )
 
@@ -387,7 +357,7 @@ def _dec_error(b: list[Any], lim: Limits) -> Error:
         id=rid,
         code=code,
         message=_str(f[2], "message", 64 * 1024, rid),
-        node=_str(_or(f[3], ""), "node", NAME_LEN, rid),
+        node=_name(_or(f[3], ""), "node", rid, empty=True),
         queue=_int(_or(f[4], 0), "queue", 0, 2**31, rid),
     )
 
@@ -397,7 +367,7 @@ def _dec_reject(b: list[Any], lim: Limits) -> Reject:
     rid = _rid(b)
     return Reject(
         id=rid,
-        node=_str(f[1], "node", NAME_LEN, rid),
+        node=_name(f[1], "node", rid, empty=True),
         queue=_int(f[2], "queue", 0, 2**31, rid),
         reason=_str(_or(f[3], ""), "reason", 4096, rid),
     )
@@ -415,7 +385,7 @@ def _dec_hello(b: list[Any], lim: Limits) -> Hello:
 def _dec_leave(b: list[Any], lim: Limits) -> Leave:
     f = _fields(b, 2, 2, "leave", None)
     return Leave(
-        node=_str(f[0], "node", NAME_LEN, None, empty=False),
+        node=_name(f[0], "node", None),
         incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
     )
 
@@ -424,7 +394,7 @@ def _dec_ping(b: list[Any], lim: Limits) -> Ping:
     f = _fields(b, 1, 3, "ping", None)
     return Ping(
         id=_rid(b),
-        node=_str(_or(f[1], ""), "node", NAME_LEN, None),
+        node=_label(_or(f[1], ""), "node", None),  # a node's, or a client's own id
         want_status=_bool(_or(f[2], False), "want_status", None),
     )
 
@@ -436,7 +406,7 @@ def _dec_pong(b: list[Any], lim: Limits) -> Pong:
         raise _fail("pong status must be a list of maps")
     return Pong(
         id=_rid(b),
-        node=_str(f[1], "node", NAME_LEN, None),
+        node=_name(f[1], "node", None, empty=True),
         status=_value(status, "status", lim, None),
     )
 
@@ -446,7 +416,7 @@ def _dec_cancel(b: list[Any], lim: Limits) -> Cancel:
     return Cancel(id=_rid(b), reason=_str(_or(f[1], ""), "reason", 4096, None))
 
 
-_ACTIONS = frozenset({"models", "load", "unload", "switch", "pull"})
+_ACTIONS = frozenset({"models", "load", "unload", "switch", "pull", "invite", "revoke", "members"})
 
 
 def _dec_admin(b: list[Any], lim: Limits) -> Admin:
@@ -455,7 +425,12 @@ def _dec_admin(b: list[Any], lim: Limits) -> Admin:
     action = _str(f[1], "action", 32, rid, empty=False)
     if action not in _ACTIONS:
         raise _fail(f"admin action must be one of {sorted(_ACTIONS)}, got {action!r}", rid)
-    return Admin(rid, action, _strmap(_or(f[2], {}), "args", rid, lim, str_values=False))
+    args = _strmap(_or(f[2], {}), "args", rid, lim, str_values=False)
+    if "name" in args:  # every action naming a model: it may become a folder name (pull) and a lane name
+        _name(args["name"], "model", rid)
+    if args.get("version"):
+        _version(args["version"], "version", rid, empty=False)
+    return Admin(rid, action, args)
 
 
 def _dec_fetch(b: list[Any], lim: Limits) -> Fetch:
@@ -463,8 +438,8 @@ def _dec_fetch(b: list[Any], lim: Limits) -> Fetch:
     rid = _rid(b)
     return Fetch(
         id=rid,
-        name=_str(f[1], "name", NAME_LEN, rid, empty=False),
-        version=_str(f[2], "version", 64, rid, empty=False),
+        name=_name(f[1], "model", rid),
+        version=_version(f[2], "version", rid, empty=False),
         path=_str(_or(f[3], ""), "path", 4096, rid),
         offset=_int(_or(f[4], 0), "offset", 0, 2**62, rid),
         length=_int(_or(f[5], 0), "length", 0, MAX_CHUNK_BYTES, rid),
@@ -476,7 +451,28 @@ def _dec_data(b: list[Any], lim: Limits) -> Data:
     rid = _rid(b)
     if not isinstance(f[3], bytes):
         raise _fail("data must be bytes", rid)
-    return Data(rid, _str(f[1], "node", NAME_LEN, rid), _int(f[2], "offset", 0, 2**62, rid), f[3])
+    return Data(rid, _name(f[1], "node", rid, empty=True), _int(f[2], "offset", 0, 2**62, rid), f[3])
+
+
+def _dec_credentials(b: list[Any], lim: Limits) -> Credentials:
+    f = _fields(b, 1, 3, "credentials", None)
+    return Credentials(
+        _bytes(f[0], "certificate", 4096, None),
+        _int(_or(f[1], 0), "revocations", 0, 2**63 - 1, None),
+        _bool(_or(f[2], False), "reply", None),
+    )
+
+
+def _dec_join(b: list[Any], lim: Limits) -> Join:
+    f = _fields(b, 2, 3, "join", None)
+    rid = _rid(b)
+    name = _or(f[2], "")
+    return Join(rid, _bytes(f[1], "token", 64, rid), _name(name, "member name", rid) if name else "")
+
+
+def _dec_revocations(b: list[Any], lim: Limits) -> Revocations:
+    f = _fields(b, 1, 1, "revocations", None)
+    return Revocations(_bytes(f[0], "revocation list", MAX_DOCUMENT_BYTES, None))
 
 
 _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
@@ -496,6 +492,9 @@ _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     T_DATA: _dec_data,
     T_SUSPICION: _dec_suspicion,
     T_DIGEST: _dec_digest,
+    T_CREDENTIALS: _dec_credentials,
+    T_JOIN: _dec_join,
+    T_REVOCATIONS: _dec_revocations,
 }
 
 

@@ -13,11 +13,13 @@ from ._messages import (
     Admin,
     Cancel,
     Chunk,
+    Credentials,
     Data,
     Digest,
     Error,
     Fetch,
     Hello,
+    Join,
     Leave,
     LoadReport,
     Message,
@@ -27,17 +29,20 @@ from ._messages import (
     Reject,
     Reply,
     Request,
+    Revocations,
     Suspicion,
 )
 from ._wire import (
     T_ADMIN,
     T_CANCEL,
     T_CHUNK,
+    T_CREDENTIALS,
     T_DATA,
     T_DIGEST,
     T_ERROR,
     T_FETCH,
     T_HELLO,
+    T_JOIN,
     T_LEAVE,
     T_LOAD,
     T_PING,
@@ -45,13 +50,14 @@ from ._wire import (
     T_REJECT,
     T_REPLY,
     T_REQUEST,
+    T_REVOCATIONS,
     T_SUSPICION,
     VERSION,
 )
 
 
 def _addr(a: PeerAddr) -> list[Any]:
-    return [a.node, a.host, a.port, a.pub_port]
+    return [a.node, a.host, a.port, a.pub_port, a.key] if a.key else [a.node, a.host, a.port, a.pub_port]
 
 
 def _enc_request(m: Request) -> list[Any]:
@@ -79,17 +85,19 @@ def _enc_load(m: LoadReport) -> list[Any]:
         m.incarnation,
         m.seq,
         _addr(m.addr),
-        {k: [v.inflight, v.queued, v.capacity, v.rate, v.version] for k, v in m.models.items()},
+        {k: [v.inflight, v.queued, v.capacity, v.rate, v.version, list(v.tasks)] for k, v in m.models.items()},
         m.labels,
         [_addr(p) for p in m.peers],
         m.leaving,
         m.fingerprint,
+        m.prefixes,
+        m.revocations,
         m.on_change,
     ]
 
 
 def _enc_digest(m: Digest) -> list[Any]:
-    members = [[*_addr(e.addr), e.incarnation, e.seq, e.state] for e in m.members]
+    members = [[_addr(e.addr), e.incarnation, e.seq, e.state] for e in m.members]
     return [T_DIGEST, m.node, m.count, m.checksum, members]
 
 
@@ -110,6 +118,9 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Data: lambda m: [T_DATA, m.id, m.node, m.offset, m.data],
     Suspicion: lambda m: [T_SUSPICION, m.node, m.incarnation, m.seq, m.by, m.dead],
     Digest: _enc_digest,
+    Credentials: lambda m: [T_CREDENTIALS, m.cert, m.revocations, m.reply],
+    Join: lambda m: [T_JOIN, m.id, m.token, m.name],
+    Revocations: lambda m: [T_REVOCATIONS, m.document],
 }
 
 _VERSION_BYTE = bytes([VERSION])

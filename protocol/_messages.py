@@ -147,6 +147,8 @@ class ModelLoad:
     `rate` is the requests per second the node completes when busy, measured (0: not measured yet).
     Capacity counts slots; rate tells a fast node from a slow one with the same number of slots.
     `version` is the content hash of the model's files (hex; "" from older peers), so a request may pin one.
+    `tasks` are the tasks it serves (`Task` values: chat, complete, embed, infer), so a picker can offer a chat
+    model for chat and an embedding model for embeddings; () from older peers: not known.
     """
 
     inflight: int
@@ -154,16 +156,19 @@ class ModelLoad:
     capacity: int
     rate: float = 0.0
     version: str = ""
+    tasks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class PeerAddr:
-    """How to reach a node: its ROUTER port and its gossip PUB port."""
+    """How to reach a node: its ROUTER port and its gossip PUB port; in a mesh of member identities also its CURVE
+    public key (`key`, Z85 text), which a node connecting there must expect of the server ("" otherwise)."""
 
     node: str
     host: str
     port: int
     pub_port: int
+    key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +180,11 @@ class LoadReport:
     `on_change`: the node reports only when something changed past a threshold and otherwise stays quiet (its
     liveness is probed; membership travels in `Digest`s); older nodes leave it False, report every gossip interval
     and list their live peers in `peers`.
+
+    `prefixes` says, per chat model, what the node's prefix cache holds: the 8-byte digests of the chains of chat
+    messages whose keys and values it keeps (`mesh._prefixes`), most recent first, at most PREFIX_REPORT_BYTES in
+    all. It is news: a model left out is unchanged since the last report that named it, and b"" means the cache
+    holds nothing. `revocations`: the serial of the revocation list the sender holds (member identities; 0: none).
     """
 
     node: str
@@ -186,6 +196,8 @@ class LoadReport:
     peers: tuple[PeerAddr, ...] = ()
     leaving: bool = False
     fingerprint: str = ""
+    prefixes: dict[str, bytes] = field(default_factory=dict)
+    revocations: int = 0  # the serial of the revocation list the sender holds (member identities; 0: none)
     on_change: bool = False
 
 
@@ -268,6 +280,35 @@ class Pong:
     status: list[dict[str, Any]] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A member presents its certificate (the authority-signed bytes) as the first message on a new connection, so
+    the node learns who the connection's key is; `revocations` is the serial of the revocation list it holds. With
+    `reply` (a node linking to a peer) the node answers with its own. Only in a mesh of member identities."""
+
+    cert: bytes
+    revocations: int = 0
+    reply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Spend a one-time invite `token`: the authority node signs a certificate for the key this connection was
+    made with, named `name` unless the invite names it. Answered with a Reply (the certificate, the revocation
+    list, the nodes the authority knows) or an Error."""
+
+    id: str
+    token: bytes
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Revocations:
+    """The mesh authority's signed revocation list, spread node to node; a higher serial replaces a lower one."""
+
+    document: bytes
+
+
 Message = (
     Request
     | Reply
@@ -285,11 +326,15 @@ Message = (
     | Data
     | Suspicion
     | Digest
+    | Credentials
+    | Join
+    | Revocations
 )
 
 __all__ = [
     "Admin",
     "Cancel",
+    "Credentials",
     "Chunk",
     "Data",
     "Digest",
@@ -297,6 +342,7 @@ __all__ = [
     "ErrorCode",
     "Fetch",
     "Hello",
+    "Join",
     "Leave",
     "LoadReport",
     "MEMBER_STATES",
@@ -310,5 +356,6 @@ __all__ = [
     "Reply",
     "Request",
     "Suspicion",
+    "Revocations",
     "Task",
 ]

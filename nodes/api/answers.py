@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi.responses import StreamingResponse
 
-from mesh import BadRequest, LanmeshError, Result
+from mesh import BadRequest, DeadlineExceeded, LanmeshError, Result
 from protocol import Task
 
 from .bodies import (
@@ -24,13 +25,25 @@ from .bodies import (
     ErrorResponse,
     FinishReason,
     FunctionCallOut,
+    PromptTokensDetails,
     ToolCall,
     Usage,
 )
 from .errors import api_error
 from .feed import note_error, note_served, note_unfinished
 from .mesh_api import MeshApi
-from .structured_output import AnswerReader, AnswerShape, ArgumentsDelta, CallStart, ContentDelta, Delta
+from .schema_checks import SCHEMA_TRIES, AnswerChecks, resampled
+from .structured_output import (
+    AnswerReader,
+    AnswerShape,
+    ArgumentsDelta,
+    CallStart,
+    ContentDelta,
+    Delta,
+    read_answer,
+)
+
+log = logging.getLogger("lanmesh.gateway")
 
 
 def finish_reason(meta: dict[str, Any]) -> Literal["stop", "length"]:
@@ -48,7 +61,10 @@ def usage_of(meta: dict[str, Any]) -> Usage:
 
     prompt, completion = count("prompt_tokens"), count("completion_tokens")
     return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=count("total_tokens") or prompt + completion
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=count("total_tokens") or prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=count("cached_tokens")),
     )
 
 
@@ -56,7 +72,8 @@ def text_of(result: Result, model: str) -> str:
     try:
         return result.text
     except TypeError:
-        raise ApiError(400, f"model {model!r} did not answer with text; is it a chat model?", param="model") from None
+        why = f"model {model!r} did not answer with text; is it a chat model?"
+        raise ApiError(400, why, param="model", code="not_a_chat_model") from None
 
 
 def vectors_of(output: Any, count: int) -> list[list[float]] | None:
@@ -179,14 +196,9 @@ async def stream_response(
     try:
         stream, first, lease = await api.open_stream(caller, model, task, payload, params, timeout)
     except BadRequest as exc:
-        raise api_error(exc, guidance_param(shape) if shape is not None else None) from None
-    kind = shaper.kind
-    ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    base: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
-    base |= {"created": int(time.time()), "model": model}
-
-    def chunk(delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
-        return {**base, "choices": [shaper.choice(delta, finish)]}
+        prompt = "messages" if shaper.kind == "chat" else "prompt"
+        raise api_error(exc, guidance_param(shape) if shape is not None else None, prompt) from None
+    base, chunk = _chunks(shaper, model)
 
     async def events() -> AsyncIterator[str]:
         pieces = 0
@@ -200,16 +212,11 @@ async def stream_response(
             for delta in shaper.deltas(None):
                 yield sse(chunk(delta))
             result = stream.result
-            meta = result.meta if result is not None else {}
-            last = chunk(None, shaper.finish(meta))
             if result is not None:
-                last["lanmesh"] = {"node": result.node, "route": result.route}
                 api.metrics.count_tokens(model, result.usage)
                 note_served(result, pieces)
-            yield sse(last)
-            if body.include_usage:
-                yield sse({**base, "choices": [], "usage": usage_of(meta).model_dump()})
-            yield "data: [DONE]\n\n"
+            for event in _last_events(shaper, base, chunk, result, body.include_usage):
+                yield event
         except LanmeshError as exc:
             # The status line went out with the first event: a later failure can only be an error event.
             note_error(str(exc))
@@ -221,6 +228,101 @@ async def stream_response(
             lease.release()
 
     headers = {"X-Lanmesh-Node": stream.node, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _chunks(
+    shaper: ChatStream | TextStream, model: str
+) -> tuple[dict[str, Any], Callable[[dict[str, Any] | None, str | None], dict[str, Any]]]:
+    """The fields every chunk of one stream shares, and how to make a chunk of a delta (and finish reason)."""
+    kind = shaper.kind
+    ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    base: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+    base |= {"created": int(time.time()), "model": model}
+
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [shaper.choice(delta, finish)]}
+
+    return base, chunk
+
+
+def _last_events(
+    shaper: ChatStream | TextStream,
+    base: dict[str, Any],
+    chunk: Callable[[dict[str, Any] | None, str | None], dict[str, Any]],
+    result: Result | None,
+    include_usage: bool,
+) -> list[str]:
+    """A stream's end: the chunk with the finish reason (and where it was served), usage if asked, [DONE]."""
+    meta = result.meta if result is not None else {}
+    last = chunk(None, shaper.finish(meta))
+    if result is not None:
+        last["lanmesh"] = {"node": result.node, "route": result.route}
+    events = [sse(last)]
+    if include_usage:
+        events.append(sse({**base, "choices": [], "usage": usage_of(meta).model_dump()}))
+    return [*events, "data: [DONE]\n\n"]
+
+
+# ---------------------------------------------------------------- answers the grammar cannot fully promise
+
+
+async def checked_chat(
+    api: MeshApi,
+    caller: str,
+    body: ChatCompletionRequest,
+    shape: AnswerShape,
+    checks: AnswerChecks,
+    messages: list[dict[str, str]],
+    params: dict[str, Any],
+    timeout: float,
+) -> tuple[Result, str]:
+    """A chat answer checked against what its grammar could not enforce (README: structured output): one that
+    breaks it is drawn again, SCHEMA_TRIES in all, then the request fails with 500 `schema_not_met`. An answer
+    cut by max_tokens is returned as it is (finish_reason "length"). Every try's tokens are counted."""
+    deadline = time.monotonic() + timeout
+    problem = ""
+    for attempt in range(SCHEMA_TRIES):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"deadline passed while drawing an answer again ({problem})")
+        tried = params if attempt == 0 else resampled(params, attempt)
+        try:
+            result = await api.serve(caller, body.model, Task.CHAT, messages, tried, left)
+        except BadRequest as exc:
+            raise api_error(exc, guidance_param(shape)) from None
+        api.metrics.count_tokens(body.model, result.usage)
+        text = text_of(result, body.model)
+        if finish_reason(result.meta) == "length":
+            return result, text
+        reader = read_answer(text, shape.expects_calls)
+        found = checks.problem(reader.content, [(c.name, c.arguments) for c in reader.calls])
+        if found is None:
+            api.metrics.schema_checks.labels("passed" if attempt == 0 else "drawn_again").inc()
+            return result, text
+        problem = found
+        log.info("answer %d of %s broke its schema: %s", attempt + 1, body.model, problem)
+    api.metrics.schema_checks.labels("failed").inc()
+    why = (
+        f"the model's answer broke the schema on {SCHEMA_TRIES} tries ({problem}); the grammar cannot enforce "
+        "that keyword, so answers are checked after generation: ask again, or loosen the schema"
+    )
+    raise ApiError(500, why, "server_error", guidance_param(shape), "schema_not_met")
+
+
+def whole_as_stream(
+    shaper: ChatStream, result: Result, text: str, model: str, include_usage: bool
+) -> StreamingResponse:
+    """A checked answer, sent as a stream once it passed (it could not be taken back once sent)."""
+    base, chunk = _chunks(shaper, model)
+
+    async def events() -> AsyncIterator[str]:
+        for delta in [*shaper.deltas(text), *shaper.deltas(None)]:
+            yield sse(chunk(delta))
+        for event in _last_events(shaper, base, chunk, result, include_usage):
+            yield event
+
+    headers = {"X-Lanmesh-Node": result.node, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 

@@ -5,8 +5,9 @@ Checked against OpenAI's published spec (openai/openai-openapi; the schemas used
 
 - honoured: model, messages (text; tool calls and results), max_tokens / max_completion_tokens, temperature,
   top_p (0 is greedy), seed, stop, stream, stream_options.include_usage, tools, tool_choice, parallel_tool_calls,
-  response_format, functions / function_call (the deprecated form of tools), completions' prompt, echo and
-  max_tokens 0, embeddings' input, encoding_format and dimensions (when it is the model's own size);
+  response_format, functions / function_call (the deprecated form of tools), completions' prompt (an empty one is
+  the start of a document, as a null one), echo and max_tokens 0, embeddings' input, encoding_format and
+  dimensions (when it is the model's own size; another size is refused as unsupported);
 - set to its default, which is what lanmesh does anyway (n 1, logprobs false, penalties 0, an empty logit_bias,
   modalities ["text"], verbosity medium, reasoning_effort none, store false, best_of 1, no suffix): accepted;
   any other value is refused with a 400 naming the field (`code: unsupported_parameter`);
@@ -24,7 +25,8 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from .structured_output import AnswerShape, FunctionTool, assistant_text
+from .schema_checks import AnswerChecks, SchemaCheck, strict_refusal
+from .structured_output import ANY_OBJECT, AnswerShape, FunctionTool, assistant_text
 
 # What a completions request without a prompt continues: OpenAI's default, the end-of-document marker, so the
 # model starts a new document (tokenizers that know the marker read it as their special token).
@@ -74,6 +76,12 @@ class ApiError(Exception):
 def unsupported(param: str, why: str) -> ApiError:
     """A 400 for a valid request that asks for something lanmesh does not do."""
     return ApiError(400, f"{param}: {why} is not supported by lanmesh", param=param, code="unsupported_parameter")
+
+
+def invalid(param: str, message: str) -> ApiError:
+    """A 400 for a value that cannot be served as given (a name that is not there, a missing part): the caller
+    must change it. OpenAI's code for it, `invalid_value`."""
+    return ApiError(400, message, param=param, code="invalid_value")
 
 
 def _refuse_unless_default(body: BaseModel, defaults: dict[str, Callable[[Any], bool]]) -> None:
@@ -130,7 +138,7 @@ class ChatMessage(BaseModel):
             if part.type not in allowed:
                 raise unsupported(f"{where}.content.{j}", f"a {part.type!r} content part (the models here read text)")
             if getattr(part, part.type) is None:
-                raise ApiError(400, f"{where}.content.{j}: a {part.type} part needs {part.type}", param=where)
+                raise invalid(where, f"{where}.content.{j}: a {part.type} part needs {part.type}")
         for j, call in enumerate(self.tool_calls or []):
             if call.type != "function" or call.function is None:
                 raise unsupported(f"{where}.tool_calls.{j}", f"a {call.type!r} tool call")
@@ -157,7 +165,9 @@ class FunctionSpec(BaseModel):
     name: str = Field(pattern=_TOOL_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema; none means no arguments.")
-    strict: bool | None = Field(default=None, description="Answers always follow the schema here.")
+    strict: bool | None = Field(
+        default=None, description="Refuses schema keywords the grammar cannot enforce (else checked afterwards)."
+    )
 
     def tool(self) -> FunctionTool:
         return FunctionTool(self.name, self.parameters if self.parameters is not None else {"type": "object"})
@@ -201,7 +211,9 @@ class JsonSchemaFormat(BaseModel):
     name: str = Field(max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: bool | None = Field(
+        default=None, description="Refuses schema keywords the grammar cannot enforce (else checked afterwards)."
+    )
 
 
 class ResponseFormat(BaseModel):
@@ -320,13 +332,43 @@ class ChatCompletionRequest(_Sampling):
             if tool.type != "function" or tool.function is None:
                 raise unsupported(f"tools.{i}", f"a {tool.type!r} tool (function tools are)")
             if tool.function.name in names:
-                raise ApiError(400, f"tools.{i}: a second function named {tool.function.name!r}", param=f"tools.{i}")
+                raise invalid(f"tools.{i}", f"tools.{i}: a second function named {tool.function.name!r}")
             names.add(tool.function.name)
         self.answer_shape()  # a tool_choice naming no offered function is a 400 here
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
             why = "response_format: json_schema needs json_schema: {name, schema}"
-            raise ApiError(400, why, param="response_format")
+            raise invalid("response_format", why)
+        self._refuse_what_strict_cannot_keep()
+
+    def _refuse_what_strict_cannot_keep(self) -> None:
+        """`strict: true` promises the schema by construction: a keyword the grammar cannot enforce is a 400."""
+        fmt = self.response_format.json_schema if self.response_format is not None else None
+        if fmt is not None and fmt.strict and fmt.schema_ is not None:
+            refused = strict_refusal(fmt.schema_, f"response_format {fmt.name!r}")
+            if refused is not None:
+                raise ApiError(400, refused[0], param="response_format", code=refused[1])
+        specs = [(f"tools.{i}.function", t.function) for i, t in enumerate(self.tools or []) if t.function]
+        specs += [(f"functions.{i}", f) for i, f in enumerate(self.functions or [])]
+        for where, spec in specs:
+            if spec.strict and spec.parameters is not None:
+                refused = strict_refusal(spec.parameters, f"function {spec.name!r}")
+                if refused is not None:
+                    raise ApiError(400, refused[0], param=f"{where}.parameters", code=refused[1])
+
+    def answer_checks(self, shape: AnswerShape) -> AnswerChecks:
+        """What the grammar leaves to check in this request's answers, compiled (a 400 for a schema that cannot
+        be checked)."""
+        try:
+            response = SchemaCheck.of(shape.json_schema) if shape.json_schema is not None else None
+            calls = {fn.name: check for fn in shape.callable if (check := SchemaCheck.of(fn.parameters))}
+        except ValueError as exc:
+            where = "tools" if shape.expects_calls else "response_format"
+            raise invalid(where, f"{where}: {exc}") from None
+        except ImportError:
+            why = "this node cannot check JSON answers: pip install 'lanmesh[http]'"
+            raise ApiError(500, why, "server_error") from None
+        return AnswerChecks(response, calls)
 
     def wire_messages(self) -> list[dict[str, str]]:
         return [m.wire() for m in self.messages]
@@ -336,7 +378,7 @@ class ChatCompletionRequest(_Sampling):
         json_schema = None
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_object":
-            json_schema = {"type": "object"}
+            json_schema = ANY_OBJECT
         elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
             json_schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {}
         if self.legacy_functions:
@@ -354,6 +396,8 @@ class ChatCompletionRequest(_Sampling):
             choice = self.tool_choice or ("auto" if functions else "none")
             where, parallel = "tool_choice", self.parallel_tool_calls is not False
         if not functions:
+            if choice not in ("none", "auto"):  # a call is asked for, and there is nothing to call
+                raise invalid(where, f"Invalid value for '{where}': '{where}' is only allowed when tools are given")
             return AnswerShape(json_schema=json_schema)
         if choice == "none":
             return AnswerShape(shown, (), "none", parallel, json_schema)
@@ -365,14 +409,15 @@ class ChatCompletionRequest(_Sampling):
         if choice.type == "function" and choice.function is not None:
             fn = by_name.get(choice.function.name)
             if fn is None:
-                raise ApiError(400, f"{where}: no function {choice.function.name!r} among the tools", param=where)
+                why = f"no function {choice.function.name!r} among the tools"
+                raise invalid(where, f"Invalid value for '{where}': {why}")
             return AnswerShape(shown, (fn,), "required", parallel, json_schema)
         if choice.type == "allowed_tools" and choice.allowed_tools is not None:
             allowed = []
             for i, item in enumerate(choice.allowed_tools.tools):
                 name = (item.get("function") or {}).get("name") if isinstance(item.get("function"), dict) else None
                 if item.get("type") != "function" or name not in by_name:
-                    raise ApiError(400, f"{where}.allowed_tools.tools.{i}: not a function among the tools", param=where)
+                    raise invalid(where, f"Invalid value for '{where}': allowed_tools.tools.{i} is not among the tools")
                 allowed.append(by_name[name])
             calls = "optional" if choice.allowed_tools.mode == "auto" else "required"
             return AnswerShape(shown, tuple(allowed), calls, parallel, json_schema)
@@ -425,7 +470,7 @@ class EmbeddingRequest(BaseModel):
         if any(not isinstance(x, str) for x in self.input):
             raise unsupported("input", "input of token ids (send text)")
         if len(self.input) > 2048:
-            raise ApiError(400, "input: at most 2048 texts per request", param="input")
+            raise invalid("input", "input: at most 2048 texts per request")
         return [x for x in self.input if isinstance(x, str)]
 
 
@@ -434,10 +479,15 @@ class EmbeddingRequest(BaseModel):
 FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens the serving node's prefix cache did not read again.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class FunctionCallOut(BaseModel):

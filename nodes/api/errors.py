@@ -19,6 +19,7 @@ from mesh import (
     Unauthorized,
 )
 
+from ..models.backends.textgen import CONTEXT_EXCEEDED
 from .bodies import ApiError
 from .feed import note_error
 
@@ -40,13 +41,18 @@ _MESH_ERRORS: dict[type[LanmeshError], tuple[int, str, str]] = {
 _NAMED_PARAMS = ("max_tokens", "temperature", "top_p", "seed", "stop", "tools", "guidance")
 
 
-def api_error(exc: LanmeshError, guidance_param: str | None = None) -> ApiError:
-    """The HTTP error for a mesh error; `guidance_param` names the field a refused grammar came from."""
+def api_error(exc: LanmeshError, guidance_param: str | None = None, prompt_param: str = "messages") -> ApiError:
+    """The HTTP error for a mesh error; `guidance_param` names the field a refused grammar came from, and
+    `prompt_param` the field that holds the prompt (`messages`, or completions' `prompt`)."""
     status, kind, code = next(
         (v for cls, v in _MESH_ERRORS.items() if isinstance(exc, cls)), (500, "server_error", "internal_error")
     )
     headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
     param = "model" if status == 404 else None
+    if status == 400 and str(exc).startswith(CONTEXT_EXCEEDED):
+        # As OpenAI sends it: openai-python's BadRequestError with this code, langchain's ContextOverflowError.
+        message = str(exc) if prompt_param == "messages" else str(exc).replace("messages", prompt_param)
+        return ApiError(400, message, kind, prompt_param, "context_length_exceeded")
     if status == 400:
         message = str(exc)
         param = next((p for p in _NAMED_PARAMS if message.startswith(p)), None)
@@ -61,10 +67,10 @@ def install_error_handlers(app: FastAPI) -> None:
         note_error(exc.detail.message)
         return exc.response()
 
-    async def on_mesh_error(_request: HttpRequest, exc: Exception) -> Response:
+    async def on_mesh_error(request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, LanmeshError)
         note_error(str(exc))
-        return api_error(exc).response()
+        return api_error(exc, prompt_param="prompt" if request.url.path == "/v1/completions" else "messages").response()
 
     async def on_invalid(_request: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

@@ -33,6 +33,7 @@ class FeedEntry:
     status: int = 0
     ms: float = 0.0
     error: str = ""
+    caller: str = ""  # the name of the API key it came with ("" without keys)
 
 
 _FEED_FIELDS = tuple(f.name for f in fields(FeedEntry))
@@ -89,6 +90,12 @@ def note_served(result: Result, pieces: int = 0) -> None:
         entry.node, entry.route, entry.tries, entry.pieces = result.node, result.route, result.tries, pieces
         tokens = result.usage.get("completion_tokens")
         entry.tokens = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else 0
+
+
+def note_caller(name: str) -> None:
+    entry = _current_entry.get()
+    if entry is not None:
+        entry.caller = name
 
 
 def note_error(message: str) -> None:

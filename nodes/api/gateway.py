@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 import zmq.asyncio
@@ -25,7 +26,7 @@ from mesh import AsyncClient
 
 from .callers import CallerClients
 from .guard import KEEP_ALIVE_S, BodyGuard, ConnectionBook, GuardedH11, Listener
-from .keys import check_api_key
+from .keys import CallerKeys, check_api_key
 from .mesh_api import MeshApi
 from .metrics import NodeMetrics
 from .routes import DEFAULT_TIMEOUT_S, build_app
@@ -48,6 +49,7 @@ class GatewaySettings:
     mesh_endpoint: str  # this node's ROUTER, e.g. 127.0.0.1:5555
     api_key: str = ""
     grace: float = 10.0  # seconds in-flight HTTP requests get when the node stops
+    state_dir: str = ""  # where the keys per caller are (`lanmesh apikey`); "": only `api_key`
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -104,7 +106,8 @@ class Gateway:
             check_api_key(settings.api_key, "the gateway's API key")  # NodeConfig checks it at start already
         self.settings = settings
         self.api = MeshApi(settings.node_id, metrics)
-        self.app = build_app(self.api, settings.api_key)
+        keys = CallerKeys(Path(settings.state_dir) if settings.state_dir else None, settings.api_key)
+        self.app = build_app(self.api, keys)
         self.connections = ConnectionBook(metrics=metrics)
         self.port = settings.port
         self._server: GatewayServer | None = None
@@ -195,13 +198,13 @@ class Gateway:
 
 
 def _route_uvicorn_logs() -> None:
-    """uvicorn's own warnings and errors go through the node's log handler (its INFO chatter does not)."""
-    ours = logging.getLogger("lanmesh")
+    """uvicorn's own warnings and errors go through the node's log handler, the root logger's (its INFO chatter
+    does not)."""
     for name in ("uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
-        logger.handlers[:] = ours.handlers
+        logger.handlers.clear()
         logger.setLevel(logging.WARNING)
-        logger.propagate = False
+        logger.propagate = True
 
 
 def mesh_endpoint(bind: str, port: int) -> str:

@@ -117,6 +117,20 @@ class NodeMetrics:
             "HTTP requests refused for a missing or wrong API key (logged with the address, rate-limited).",
             registry=r,
         )
+        self.http_callers = Counter(
+            "lanmesh_http_caller_requests",
+            "HTTP requests let in, by the name of the API key they came with (`lanmesh apikey add NAME`; the "
+            "single --api-key is `default`).",
+            ["caller"],
+            registry=r,
+        )
+        self.schema_checks = Counter(
+            "lanmesh_http_schema_checks",
+            "JSON answers checked after generation against schema keywords the grammar cannot enforce, by "
+            "result: passed (the first answer held), drawn_again (a later one did), failed (none of them: 500).",
+            ["result"],
+            registry=r,
+        )
         self._state = _MeshState(node_id)
         r.register(self._state)
         self.timeline = RequestTimeline()
@@ -166,6 +180,9 @@ class NodeMetrics:
             n = usage.get(f"{kind}_tokens")
             if isinstance(n, int) and not isinstance(n, bool) and n > 0:
                 self.tokens.labels(label, kind).inc(n)
+
+    def http_caller(self, name: str) -> None:
+        self.http_callers.labels(name).inc()
 
     def http_done(self, endpoint: str, status: int, seconds: float) -> None:
         self.http_requests.labels(endpoint, str(status)).inc()
@@ -279,6 +296,29 @@ def _executor_counters(executor: dict[str, dict[str, int]]) -> Iterator[Metric]:
         batched.add_metric([model], float(s.get("batched_requests", 0)))
         max_batch.add_metric([model], float(s.get("max_batch", 0)))
     yield from (batches, batched, max_batch)
+    yield from _prefix_cache(executor)
+
+
+# A chat engine's prefix cache: (stats key, metric name, help, is a counter).
+_PREFIX_CACHE = (
+    ("prefix_lookups", "lanmesh_prefix_cache_lookups", "Requests that looked for a cached prefix.", True),
+    ("prefix_hits", "lanmesh_prefix_cache_hits", "Requests that reused a cached prefix (at least one block).", True),
+    ("prefix_prompt_tokens", "lanmesh_prefix_cache_prompt_tokens", "Prompt tokens of the requests that looked.", True),
+    ("prefix_reused_tokens", "lanmesh_prefix_cache_reused_tokens",
+     "Prompt tokens taken from the prefix cache instead of read again (/ prompt tokens = the hit rate).", True),
+    ("prefix_evictions", "lanmesh_prefix_cache_evictions", "Cached blocks dropped to make room (LRU).", True),
+    ("prefix_cache_bytes", "lanmesh_prefix_cache_bytes", "Bytes of keys and values the prefix cache holds.", False),
+    ("prefix_cache_capacity_bytes", "lanmesh_prefix_cache_capacity_bytes", "The prefix cache's size.", False),
+)  # fmt: skip
+
+
+def _prefix_cache(executor: dict[str, dict[str, int]]) -> Iterator[Metric]:
+    for key, name, doc, counter in _PREFIX_CACHE:
+        family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=["model"])
+        for model, s in sorted(executor.items()):
+            if key in s:
+                family.add_metric([model], float(s[key]))
+        yield family
 
 
 def _mesh_counters(stats: dict[str, int]) -> Iterator[Metric]:

@@ -23,6 +23,7 @@ from .answers import (
     TextStream,
     b64_vector,
     chat_answer,
+    checked_chat,
     finish_reason,
     guidance_param,
     sse,
@@ -30,8 +31,10 @@ from .answers import (
     text_of,
     usage_of,
     vectors_of,
+    whole_as_stream,
 )
 from .bodies import (
+    DEFAULT_PROMPT,
     ApiError,
     ChatChoice,
     ChatCompletion,
@@ -47,10 +50,11 @@ from .bodies import (
     ModelCard,
     ModelList,
     Usage,
+    unsupported,
 )
 from .errors import api_error, install_error_handlers
-from .feed import note_model
-from .keys import key_matches
+from .feed import note_caller, note_model
+from .keys import CallerKeys
 from .mesh_api import MeshApi, live_servers
 from .metrics import CONTENT_TYPE, NodeMetrics
 from .openapi import error_responses, install_openapi, served_responses
@@ -74,9 +78,11 @@ def _served_headers(response: Response, result: Result) -> None:
     response.headers["X-Lanmesh-Route"] = result.route
 
 
-def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
+def build_app(api: MeshApi, api_key: str | CallerKeys = "") -> FastAPI:
     """The FastAPI app: OpenAI-compatible routes, /health, /metrics and the web console; every route but /health
-    and the console's static files (which hold no data) needs the key, and /health says more with it."""
+    and the console's static files (which hold no data) needs a key, and /health says more with one. `api_key`:
+    the one key, or the keys per caller (`CallerKeys`, which holds the one key too)."""
+    keys = api_key if isinstance(api_key, CallerKeys) else CallerKeys(None, api_key)
     app = FastAPI(
         title="lanmesh",
         version="1",
@@ -84,8 +90,8 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    guarded: list[Any] = [Depends(_key_check(api_key, api.metrics))] if api_key else []
-    auth = (401,) if api_key else ()
+    guarded: list[Any] = [Depends(_key_check(keys, api.metrics))] if keys.configured() else []
+    auth = (401,) if guarded else ()
     router = APIRouter(dependencies=guarded)
     inference = error_responses(400, *auth, 404, 408, 413, 429, 500, 502, 503, 504)
     timeout_header = Header(
@@ -107,22 +113,30 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
     ) -> Any:
         body.check()
         shape = body.answer_shape()
+        checks = body.answer_checks(shape)
         params = {**body.mesh_params(body.max_completion_tokens), **shape.params()}
         messages = body.wire_messages()
         seconds = timeout or DEFAULT_TIMEOUT_S
         caller = _caller(request)
-        if body.streams:
+        if checks.needed:  # the grammar cannot promise all of the schema: answers are checked, then sent
+            result, text = await checked_chat(api, caller, body, shape, checks, messages, params, seconds)
+            if body.streams:
+                chat = ChatStream(shape.expects_calls, body.legacy_functions)
+                return whole_as_stream(chat, result, text, body.model, body.include_usage)
+        elif body.streams:
             chat = ChatStream(shape.expects_calls, body.legacy_functions)
             return await stream_response(
                 api, chat, caller, body.model, Task.CHAT, messages, params, seconds, body, shape
             )
-        try:
-            result = await api.serve(caller, body.model, Task.CHAT, messages, params, seconds)
-        except BadRequest as exc:
-            raise api_error(exc, guidance_param(shape)) from None
-        reader = read_answer(text_of(result, body.model), shape.expects_calls)
+        else:
+            try:
+                result = await api.serve(caller, body.model, Task.CHAT, messages, params, seconds)
+            except BadRequest as exc:
+                raise api_error(exc, guidance_param(shape)) from None
+            text = text_of(result, body.model)
+            api.metrics.count_tokens(body.model, result.usage)
+        reader = read_answer(text, shape.expects_calls)
         message, finish = chat_answer(reader, result.meta, body.legacy_functions)
-        api.metrics.count_tokens(body.model, result.usage)
         _served_headers(response, result)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -151,10 +165,11 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         if body.streams:
             shaper = TextStream(prompts[0] if body.echo else "")
             return await stream_response(
-                api, shaper, caller, body.model, Task.COMPLETE, prompts[0], params, seconds, body
+                api, shaper, caller, body.model, Task.COMPLETE, _model_prompt(prompts[0]), params, seconds, body
             )
         tasks = [
-            asyncio.ensure_future(api.serve(caller, body.model, Task.COMPLETE, p, params, seconds)) for p in prompts
+            asyncio.ensure_future(api.serve(caller, body.model, Task.COMPLETE, _model_prompt(p), params, seconds))
+            for p in prompts
         ]
         try:
             results = await asyncio.gather(*tasks)
@@ -197,7 +212,10 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
                 code="not_an_embedding_model",
             )
         if body.dimensions is not None and body.dimensions != len(vectors[0]):
-            raise ApiError(400, f"model {body.model!r} makes {len(vectors[0])} dimensions", param="dimensions")
+            # Shortening vectors is sound only for models trained for it (OpenAI's text-embedding-3); a model here
+            # answers its own size, or the request is refused.
+            size = f"dimensions={body.dimensions} (model {body.model!r} makes {len(vectors[0])})"
+            raise unsupported("dimensions", size)
         api.metrics.count_tokens(body.model, result.usage)
         _served_headers(response, result)
         data = [
@@ -256,7 +274,7 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
         body = Health(status=status, ready=status == "ready")
         # Read by hand, not through BEARER: /health declares no security, since it answers without a key.
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if not api_key or (scheme.lower() == "bearer" and key_matches(given.strip(), api_key)):
+        if not guarded or (scheme.lower() == "bearer" and keys.caller(given.strip()) is not None):
             body.node, body.models = api.node_id, sorted(me.get("models") or {})
         return body if body.ready else JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
@@ -265,6 +283,11 @@ def build_app(api: MeshApi, api_key: str = "") -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)
     return app
+
+
+def _model_prompt(prompt: str) -> str:
+    """What the model continues: an empty prompt is the start of a document, as OpenAI serves it."""
+    return prompt or DEFAULT_PROMPT
 
 
 async def _no_new_tokens(api: MeshApi, body: CompletionRequest, prompts: list[str]) -> Any:
@@ -297,17 +320,26 @@ async def _no_new_tokens(api: MeshApi, body: CompletionRequest, prompts: list[st
 BEARER = HTTPBearer(auto_error=False, description="The node's API key (--api-key, LANMESH_API_KEY or --api-key-file).")
 
 
-def _key_check(api_key: str, metrics: NodeMetrics) -> Callable[..., Awaitable[None]]:
+def _key_check(keys: CallerKeys, metrics: NodeMetrics) -> Callable[..., Awaitable[None]]:
     refusals = RejectionLog()  # the first refusal from an address is logged at once, then a count per period
+    arrivals = RejectionLog(every=600.0)  # each caller's name and address once per ten minutes: who uses the API
 
     async def check(
         request: HttpRequest, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
     ) -> None:
-        if credentials is not None and key_matches(credentials.credentials, api_key):
+        name = keys.caller(credentials.credentials) if credentials is not None else None
+        if name is not None:
+            request.state.api_caller = name
+            note_caller(name)
+            metrics.http_caller(name)
+            if arrivals.note("http caller", f"{name}@{_caller(request)}", name) is not None:
+                log.info("HTTP caller %s from %s", name, _caller(request), extra={"caller": name})
             return
-        why = "no API key" if credentials is None else "wrong API key"
+        owner = keys.revoked_owner(credentials.credentials) if credentials is not None else None
+        why = "no API key" if credentials is None else f"the revoked API key of {owner}" if owner else "wrong API key"
+        kind = "http_unauthorized_revoked" if owner else "http_unauthorized"  # a revoked key in use: its own line
         metrics.http_unauthorized.inc()
-        line = refusals.note("http_unauthorized", _caller(request), f"{why} for {request.method} {request.url.path}")
+        line = refusals.note(kind, _caller(request), f"{why} for {request.method} {request.url.path}")
         if line is not None:
             log.warning("refused an HTTP request: %s", line, extra={"source": _caller(request)})
         message = "missing API key: send Authorization: Bearer KEY" if credentials is None else "wrong API key"

@@ -33,6 +33,9 @@ _FREE_TEXT = f"/(?s:.+)/ & ~/(?s:.*){re.escape(TOOL_CALL_OPEN)}(?s:.*)/"
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 Calls = Literal["none", "optional", "required"]
+# `response_format: json_object`: any JSON object, whatever keys the prompt asked for (said open, or the grammar
+# would close it to `{}`).
+ANY_OBJECT = {"type": "object", "additionalProperties": True}
 
 
 def call_id() -> str:

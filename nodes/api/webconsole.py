@@ -49,6 +49,13 @@ def _node_row(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k not in ("stats", "executor", "security")}
     if "stats" in row:
         out["stats"] = {k: row["stats"].get(k, 0) for k in _SHOWN_STATS}
+    caches = {  # this node's chat engines: the share of prompt tokens their prefix caches spared
+        model: round(s["prefix_reused_tokens"] / s["prefix_prompt_tokens"], 3) if s.get("prefix_prompt_tokens") else 0.0
+        for model, s in (row.get("executor") or {}).items()
+        if "prefix_reused_tokens" in s
+    }
+    if caches:
+        out["prefix_reused"] = caches
     security = row.get("security")
     if isinstance(security, dict):
         out["security"] = {"mode": security.get("mode"), "fingerprint": security.get("fingerprint")}

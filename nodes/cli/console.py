@@ -6,7 +6,6 @@ Only the live table needs rich (the http extra); chat and doctor work on a plain
 from __future__ import annotations
 
 import argparse
-import errno
 import socket
 import sys
 import time
@@ -19,6 +18,9 @@ import psutil
 
 from mesh import Client, LanmeshError
 from protocol import VERSION
+
+from .reach import NodeUnreachable, check_answers, tcp_probe
+from .request import cut_short_note
 
 # ---------------------------------------------------------------- lanmesh status (live)
 
@@ -76,9 +78,9 @@ def _load_bar(busy: int, cap: int, width: int = 10) -> Any:
 def open_client(node: str, timeout: float, key_file: str | None = None) -> Client:
     """A client for `node`; with `key_file`, that mesh key (else the client's own default lookup)."""
     if key_file:
-        from mesh import MeshKey
+        from mesh import load_key
 
-        return Client(node, timeout=timeout, security=MeshKey.load(key_file))
+        return Client(node, timeout=timeout, security=load_key(key_file))
     return Client(node, timeout=timeout)
 
 
@@ -91,9 +93,13 @@ def live_status(node: str, interval: float, key_file: str | None = None) -> int:
     try:
         with open_client(node, 5.0, key_file) as client:
             try:
+                check_answers(client, node)
                 rows = client.status()
+            except NodeUnreachable as exc:
+                print(f"lanmesh status: {exc}", file=sys.stderr)
+                return 1
             except LanmeshError as exc:
-                print(f"lanmesh status: cannot reach {node}: {exc}", file=sys.stderr)
+                print(f"lanmesh status: {node}: {exc}", file=sys.stderr)
                 return 1
             with Live(status_table(rows, node), console=console, refresh_per_second=4) as live:
                 while True:
@@ -103,6 +109,9 @@ def live_status(node: str, interval: float, key_file: str | None = None) -> int:
                         live.update(status_table(rows, node))
                     except LanmeshError as exc:
                         live.update(status_table(rows, node, problem=f"{node} does not answer: {exc}"))
+    except ValueError as exc:  # an unreadable --key-file
+        print(f"lanmesh status: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
 
@@ -136,6 +145,9 @@ class ChatSession:
                 self.out.write(piece)
                 self.out.flush()
             self.out.write("\n")
+            note = cut_short_note(stream.result.meta, self.gen.get("max_tokens")) if stream.result else None
+            if note:
+                self.err.write(f"{note}\n")
         except KeyboardInterrupt:
             stream.close()  # sends a Cancel: the node serving the answer stops generating it
             self.out.write(" [interrupted]\n")
@@ -168,6 +180,11 @@ def chat_command(args: argparse.Namespace, stdin: TextIO | None = None, stdout: 
         print(f"lanmesh chat: {exc}", file=sys.stderr)
         return 2
     with client:
+        try:
+            check_answers(client, args.node)
+        except NodeUnreachable as exc:
+            print(f"lanmesh chat: {exc}", file=sys.stderr)
+            return 1
         session = ChatSession(client, args.model, gen, out, sys.stderr, interactive, list(system))
         if interactive:
             out.write(f"Chatting with {args.model} through {args.node}. /exit or Ctrl-D quits, Ctrl-C stops an answer, "
@@ -215,7 +232,6 @@ def _lines(stdin: TextIO, interactive: bool, out: TextIO) -> Iterator[str]:
 
 _VIRTUAL = ("docker", "br-", "veth", "virbr", "vboxnet", "vmnet", "cni", "flannel", "cali", "lxc", "lxd", "podman")
 _VPN = ("tun", "tap", "wg", "tailscale", "zt", "utun", "ppp", "ipsec", "nordlynx", "proton")
-PROBE_TIMEOUT_S = 0.5
 
 
 def interface_kind(name: str) -> str:
@@ -228,21 +244,6 @@ def interface_kind(name: str) -> str:
     if low.startswith(_VPN):
         return "VPN/tunnel (usually no multicast: use --peer seeds)"
     return "LAN"
-
-
-def tcp_probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> str:
-    """'open', or why a TCP connection to host:port fails: closed, no route, or no answer."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return "open"
-    except ConnectionRefusedError:
-        return f"port {port} closed on {host} (the node stopped, or a firewall rejects it)"
-    except TimeoutError:
-        return f"no answer from {host}:{port} within {timeout:g}s (a firewall drops the packets, or no route)"
-    except OSError as exc:
-        if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-            return f"no route to {host} from this machine (another subnet, or a VPN in the way)"
-        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
 
 
 def incompatibility(ann: Any, my_fingerprint: str | None) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import signal
 import sys
 import time
@@ -12,6 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..runtime.config import DEFAULT_PORT, NodeConfig, parse_labels
+from . import early_signals, enrol, note_early_signal, request, service_unit
+from .progress import ProgressLine, StageLog
 
 
 def _version() -> str:
@@ -19,23 +22,6 @@ def _version() -> str:
         return version("lanmesh")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def _progress_printer() -> Any:
-    """A one-line progress display on stderr for long waits (model loads)."""
-    state = {"last": ""}
-
-    def show(what: str, frac: float) -> None:
-        bar = "#" * int(frac * 30)
-        line = f"\r{what[:48]:<48} [{bar:<30}] {frac * 100:5.1f}%"
-        if line != state["last"]:
-            sys.stderr.write(line)
-            if frac >= 1.0:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-            state["last"] = line
-
-    return show
 
 
 # ---------------------------------------------------------------- lanmesh node
@@ -78,7 +64,8 @@ def _add_node_parser(sub: Any) -> None:
         metavar="SPEC",
         help=(
             "model to serve, repeatable: smollm2, minilm, echo, sleep:MS[:cap=N], or name=N,path=FILE[,task=embed]"
-            "[,engine=onnx|transformers][,precision=int4|int8|fp32]. Default: smollm2 and minilm"
+            "[,engine=onnx|transformers][,precision=int4|int8|fp32]. Default: smollm2 and minilm. In "
+            "LANMESH_MODELS separate specs with ';' (name=a,path=/a.gguf;minilm)"
         ),
     )
     p.add_argument(
@@ -122,6 +109,19 @@ def _add_node_parser(sub: Any) -> None:
         default=None,
         help="run an OPEN mesh without a key: no encryption, anyone on the LAN may join and read traffic",
     )
+    p.add_argument(
+        "--authority-dir",
+        dest="authority_dir",
+        metavar="DIR",
+        help="the mesh authority this node holds (default: `authority` beside the key file, when there)",
+    )
+    p.add_argument(
+        "--state-dir",
+        dest="state_dir",
+        metavar="DIR",
+        help="what this node keeps across restarts: the revocation list, the HTTP API's keys "
+        "($STATE_DIRECTORY, else ~/.local/state/lanmesh)",
+    )
     for flag, what in (
         ("--max-prompt-chars", "characters of input per request (262144)"),
         ("--max-tokens", "highest max_tokens a request may ask for (4096)"),
@@ -133,14 +133,17 @@ def _add_node_parser(sub: Any) -> None:
         p.add_argument(flag, type=int, dest=flag[2:].replace("-", "_"), help=what)
     p.add_argument(
         "--routing",
-        choices=["p2c", "round-robin", "random", "least-loaded"],
-        help="routing policy (p2c = power of two choices; the others are baselines for benchmarks)",
+        choices=["cache-aware", "p2c", "round-robin", "random", "least-loaded"],
+        help="routing policy (cache-aware, the default: a chat goes to the node that holds the most of its earlier "
+        "messages unless that node is out of balance with the others, else p2c = power of two choices; the others "
+        "are baselines for benchmarks)",
     )
     p.add_argument(
         "--max-memory",
         dest="max_memory",
-        help="refuse to start when the models would take this process past this, e.g. 8G (the cgroup's memory "
-        "limit, such as systemd's MemoryMax=, is always respected)",
+        help="refuse to start when the models would take this process past this: a size with a unit, e.g. 8G or "
+        "512M (K, M, G, T: powers of 1024; at least 64M). The cgroup's memory limit, such as systemd's MemoryMax=, "
+        "is always respected",
     )
     p.add_argument(
         "--kv-cache",
@@ -149,6 +152,15 @@ def _add_node_parser(sub: Any) -> None:
         metavar="MIB",
         help="key/value cache of each chat model, in MiB: what its running requests may hold at most together "
         "(default 1024, cut to fit the memory limit; a model spec's kv_cache=MIB sets one model's)",
+    )
+    p.add_argument(
+        "--prefix-cache",
+        type=int,
+        dest="prefix_cache",
+        metavar="MIB",
+        help="MiB of each chat model's key/value cache kept for its prefix cache: earlier prompts and answers, so "
+        "a conversation's next turn reads only what is new (default half of --kv-cache; 0 = none; a model spec's "
+        "prefix_cache=MIB sets one model's)",
     )
     p.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (~/.cache/lanmesh)")
     p.add_argument(
@@ -199,15 +211,16 @@ def _cmd_node(args: argparse.Namespace) -> int:
         faulthandler.enable()  # systemd's watchdog sends SIGABRT: every thread's stack goes to the journal first
     node = Node(cfg, notifier=notifier)
     node.install_signal_handlers()  # from here on a signal leaves gracefully, model loading included
-    if _early_signals:  # one came while this process was still starting up
+    if early_signals:  # one came while this process was still starting up
         node.request_stop()
-    logs.setup(node.node_id, cfg.log_level, cfg.log_format)
+    progress = ProgressLine(sys.stderr) if sys.stderr.isatty() else None  # log lines print above its line
+    logs.setup(node.node_id, cfg.log_level, cfg.log_format, stream=progress)
     try:
-        node.start(progress=_progress_printer() if sys.stderr.isatty() else None)
+        _start_showing_progress(node, progress)
     except StartupInterrupted:
         node.shutdown()  # whatever had started leaves the mesh (Leave, mDNS goodbye) and stops
         return 0
-    except (ValueError, OSError, MemoryError, ImportError) as exc:
+    except (ValueError, OSError, MemoryError, ImportError, RuntimeError) as exc:  # RuntimeError: mDNS, the mesh loop
         print(f"lanmesh node: cannot start: {exc}", file=sys.stderr)
         node.shutdown()
         notifier.status(f"cannot start: {exc}")  # what `systemctl status` shows
@@ -215,73 +228,13 @@ def _cmd_node(args: argparse.Namespace) -> int:
     return node.run_until_signal()
 
 
-# ---------------------------------------------------------------- lanmesh request
-
-
-def _add_request_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "request",
-        help="send one request to a node and print the reply",
-        description="Send one request to a node (it routes it in the mesh) and print the reply.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("model", help="model name, e.g. smollm2, minilm, echo")
-    p.add_argument("input", help="prompt text (chat/complete), text to embed, or JSON for infer")
-    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
-    p.add_argument("--task", default="chat", choices=["chat", "complete", "embed", "infer"])
-    p.add_argument("--stream", action="store_true", help="print tokens as they arrive (chat/complete)")
-    p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
-    p.add_argument("--max-tokens", type=int, dest="max_tokens")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--require", action="append", metavar="KEY=VALUE", help="only nodes with this label, repeatable")
-    p.add_argument("--json", action="store_true", help="print the whole reply as JSON (node, route, meta)")
-    _add_key_file(p)
-    p.set_defaults(func=_cmd_request)
-
-
-def _cmd_request(args: argparse.Namespace) -> int:
-    from mesh import Client, LanmeshError
-
-    require = parse_labels(",".join(args.require)) if args.require else None
-    gen = {k: getattr(args, k) for k in ("max_tokens", "temperature", "seed") if getattr(args, k) is not None}
+def _start_showing_progress(node: Any, line: ProgressLine | None) -> None:
+    """Start the node with its progress on `line` at a terminal, else as log lines; the line is gone afterwards."""
     try:
-        with Client(args.node, timeout=args.timeout, security=_client_key(args)) as client:
-            if args.task in ("chat", "complete") and args.stream:
-                fn = client.chat if args.task == "chat" else client.complete
-                prompt: Any = [{"role": "user", "content": args.input}] if args.task == "chat" else args.input
-                for piece in fn(args.model, prompt, stream=True, require=require, **gen):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-                sys.stdout.write("\n")
-                return 0
-            if args.task == "chat":
-                result = client.chat(args.model, [{"role": "user", "content": args.input}], require=require, **gen)
-            elif args.task == "complete":
-                result = client.complete(args.model, args.input, require=require, **gen)
-            else:
-                payload: Any = args.input
-                if args.task == "infer":
-                    try:
-                        payload = json.loads(args.input)
-                    except json.JSONDecodeError:
-                        payload = args.input
-                result = client.request(args.model, args.task, payload, params=gen or None, require=require)
-    except LanmeshError as exc:
-        print(f"lanmesh request: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"lanmesh request: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({"output": result.output, "node": result.node, "route": result.route, "meta": result.meta}))
-    else:
-        out = result.output
-        if isinstance(out, dict) and "content" in out:
-            out = out["content"]
-        print(out if isinstance(out, str) else json.dumps(out))
-        print(f"(served by {result.node}, route {result.route})", file=sys.stderr)
-    return 0
+        node.start(progress=line if line is not None else StageLog())
+    finally:
+        if line is not None:
+            line.close()
 
 
 # ---------------------------------------------------------------- lanmesh status
@@ -294,7 +247,8 @@ def _add_status_parser(sub: Any) -> None:
         description="Ask a node for its view of the mesh and print it as a table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
+    p.add_argument("--node", default=argparse.SUPPRESS,
+                   help=f"node address host:port (default: 127.0.0.1:{DEFAULT_PORT}, or a client's node)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the raw rows as JSON")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     p.add_argument("--once", action="store_true", help="at a terminal: print the table once instead of a live one")
@@ -321,9 +275,15 @@ def format_security(sec: dict[str, Any]) -> str:
     """One line (two with foreign nodes) on how the answering node's mesh is protected."""
     if sec.get("mode") == "insecure":
         line = "security: OPEN MESH (--insecure): no encryption, no authentication; anyone on the LAN can join"
+    elif sec.get("mode") == "identities":
+        line = (f"security: CURVE, every member its own key; mesh {sec.get('fingerprint', '?')}, this node "
+                f"{sec.get('member', '?')} ({sec.get('role', '?')}), revocation list {sec.get('revocations', 0)}"
+                + (", holds the authority" if sec.get("authority") else ""))  # fmt: skip
     else:
         line = f"security: CURVE, mesh key {sec.get('fingerprint', '?')}"
-    refused = {k: sec.get(k, 0) for k in ("auth_rejected", "handshake_failed", "identity_mismatch")}
+    counters = ("auth_rejected", "handshake_failed", "identity_mismatch", "role_refused", "name_refused",
+                "unknown_key", "revoked_refused")  # fmt: skip
+    refused = {k: sec.get(k, 0) for k in counters}
     if any(refused.values()):
         line += "; refused: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in refused.items() if v)
     foreign = sec.get("foreign") or []
@@ -340,8 +300,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         from .console import live_status
 
         return live_status(args.node, args.watch or 1.0, getattr(args, "key_file", None))
+    from .reach import NodeUnreachable, check_answers
+
     try:
         with Client(args.node, timeout=5.0, security=_client_key(args)) as client:
+            check_answers(client, args.node)
             while True:
                 rows = client.status()
                 if args.json:
@@ -353,6 +316,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 if not args.watch:
                     return 0
                 time.sleep(args.watch)
+    except NodeUnreachable as exc:
+        print(f"lanmesh status: {exc}", file=sys.stderr)
+        return 1
     except LanmeshError as exc:
         print(f"lanmesh status: cannot reach {args.node}: {exc}", file=sys.stderr)
         return 1
@@ -366,29 +332,32 @@ def _cmd_status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- lanmesh keygen and client keys
 
 
-def _add_key_file(p: argparse.ArgumentParser) -> None:
+def _add_key_file(p: argparse.ArgumentParser, default: Any = None) -> None:
     p.add_argument(
         "--key-file",
         dest="key_file",
         metavar="FILE",
+        default=default,
         help="mesh key (default: $LANMESH_KEY_FILE, then ~/.config/lanmesh/mesh.key; none: plaintext)",
     )
 
 
 def _client_key(args: argparse.Namespace) -> Any:
     """The `security=` for a Client: the --key-file given, else None (the client looks in the env and default)."""
-    from mesh import MeshKey
+    from mesh import load_key
 
-    return MeshKey.load(args.key_file) if args.key_file else None
+    return load_key(args.key_file) if args.key_file else None
 
 
 def _add_keygen_parser(sub: Any) -> None:
     p = sub.add_parser(
         "keygen",
-        help="create the mesh key (copy the file to every machine of the mesh)",
+        help="create one key shared by the whole mesh (simpler; `lanmesh init` gives every machine its own)",
         description=(
             "Write a new mesh key file (mode 0600). Every node and client of one mesh uses the same file: "
-            "connections are encrypted with it (CURVE), and nodes refuse anyone who does not hold it."
+            "connections are encrypted with it (CURVE), and nodes refuse anyone who does not hold it. Whoever holds "
+            "it is everything at once (node, client, operator); `lanmesh init` and `lanmesh invite` instead give "
+            "every machine its own key and role, revocable one by one."
         ),
     )
     p.add_argument("path", nargs="?", help="where to write it (default: ~/.config/lanmesh/mesh.key)")
@@ -424,7 +393,8 @@ def _add_chat_parser(sub: Any) -> None:
         description="Interactive chat through a node. /exit or Ctrl-D quits, Ctrl-C stops an answer, /reset forgets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--node", default=f"127.0.0.1:{DEFAULT_PORT}", help="node address host:port")
+    p.add_argument("--node", default=argparse.SUPPRESS,
+                   help=f"node address host:port (default: 127.0.0.1:{DEFAULT_PORT}, or a client's node)")  # fmt: skip
     p.add_argument("--model", default="smollm2", help="chat model")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, dest="max_tokens")
@@ -493,38 +463,53 @@ def build_parser() -> argparse.ArgumentParser:
             "lanmesh turns the machines on a LAN into one private AI service. Run `lanmesh node` on every "
             "machine; send requests to any of them."
         ),
+        epilog=(
+            "start here:\n"
+            "  lanmesh init                        start a mesh on the first machine (its authority, its own key)\n"
+            "  lanmesh invite                      a one-time code for one more machine: `lanmesh join CODE` there\n"
+            "  lanmesh keygen                      or instead: one key shared by the whole mesh (copy it everywhere)\n"
+            "  lanmesh node                        serve the default models (smollm2, minilm) and join the mesh\n"
+            "  lanmesh request smollm2 'Hello!'    ask any node; it routes the request in the mesh\n"
+            "  lanmesh status                      every node, its models and load\n"
+            "`lanmesh COMMAND --help` explains each command; http://127.0.0.1:8000/ is a node's web console."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lanmesh {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_node_parser(sub)
-    _add_request_parser(sub)
+    request.add_parser(sub, _add_key_file)
     _add_status_parser(sub)
     _add_chat_parser(sub)
     _add_doctor_parser(sub)
     _add_keygen_parser(sub)
+    enrol.add_parsers(sub)
+    enrol.add_apikey_parser(sub)
     _add_models_parser(sub)
+    service_unit.add_parser(sub)
     _add_bench_parser(sub)
     return parser
 
 
-_early_signals: list[int] = []
-
-
-def _note_early_signal(signum: int, _frame: Any) -> None:
-    _early_signals.append(signum)  # `lanmesh node` turns this into a graceful stop once its node exists
-
-
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "node":
-        # Before anything slow (imports, config, models): a SIGTERM from here on leaves gracefully, exit 0.
-        signal.signal(signal.SIGTERM, _note_early_signal)
-        signal.signal(signal.SIGINT, _note_early_signal)
+        # Installed already when this package was imported; again for a main() called after that import.
+        signal.signal(signal.SIGTERM, note_early_signal)
+        signal.signal(signal.SIGINT, note_early_signal)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    if args.command in ("status", "chat", "request") and not getattr(args, "node", None):
+        args.node = enrol.default_node(None, getattr(args, "key_file", None))  # a client's machine runs no node
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C where a command does not handle it itself: quiet, as a shell expects
+        return request.EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lanmesh status | head -1`: the reader has gone, and so has the point of writing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a pipeline's writer
 
 
 if __name__ == "__main__":

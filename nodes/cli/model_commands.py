@@ -16,9 +16,12 @@ from typing import Any
 
 import zmq
 
-from protocol import Admin, Error, Reply, decode, encode
+from mesh import connect_dealer
+from protocol import Admin, Error, Reply, decode, encode, name_problem
 
 DEFAULT_NODE = "127.0.0.1:5555"
+LIST_TIMEOUT_S = 10.0  # `lanmesh models`: each node's answer
+ACTION_TIMEOUT_S = 900.0  # pull, load, unload, switch: a load or a pull takes minutes
 
 
 class AdminError(RuntimeError):
@@ -30,8 +33,7 @@ def admin_call(address: str, action: str, args: dict[str, Any], security: Any, t
     ctx: zmq.Context[zmq.Socket[Any]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    security.configure_client(sock)
-    sock.connect(f"tcp://{address}")
+    connect_dealer(sock, f"tcp://{address}", security)  # a member identity: the node's key, its certificate first
     rid = f"admin-{os.getpid()}-{time.monotonic_ns()}"
     try:
         sock.send(encode(Admin(rid, action, args)))
@@ -52,10 +54,18 @@ def admin_call(address: str, action: str, args: dict[str, Any], security: Any, t
         sock.close(0)
 
 
-def _security(args: argparse.Namespace) -> Any:
-    from mesh import MeshKey, client_security
+def _model_name(text: str) -> str:
+    """A model name argument, checked by the one rule for names before anything is sent."""
+    problem = name_problem(text, "model name")
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
-    return MeshKey.load(args.key_file) if args.key_file else client_security()
+
+def _security(args: argparse.Namespace) -> Any:
+    from mesh import client_security, load_key
+
+    return load_key(args.key_file) if args.key_file else client_security()
 
 
 def mesh_models(entry: str, security: Any, timeout: float = 5.0) -> list[dict[str, Any]]:
@@ -123,46 +133,63 @@ def _progress_bar(address: str, name: str, security: Any, stop: threading.Event)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    security = _security(args)
-    action = getattr(args, "models_action", None) or "list"
-    try:
-        if action == "list":
-            if args.local:
-                from ..models.packaged import models_status
+    from mesh import LanmeshError
 
-                print(json.dumps(models_status(), indent=2, default=str))
-                return 0
-            rows = mesh_models(args.node, security, args.timeout)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                print_models(rows)
-            return 0
-        if action == "pull":
-            stop = threading.Event()
-            bar = None
-            if sys.stderr.isatty():
-                bar = threading.Thread(target=_progress_bar, args=(args.node, args.name, security, stop), daemon=True)
-                bar.start()
-            try:
-                out = admin_call(args.node, "pull", {"name": args.name, "version": args.version or "",
-                                                     "serve": args.serve}, security, args.timeout)  # fmt: skip
-            finally:
-                stop.set()
-                if bar is not None:
-                    bar.join(2)
-        elif action == "load":
-            out = admin_call(args.node, "load", {"name": args.name, "spec": args.spec}, security, args.timeout)
-        elif action == "unload":
-            out = admin_call(args.node, "unload", {"name": args.name, "version": args.version or ""}, security,
-                             args.timeout)  # fmt: skip
-        else:
-            out = admin_call(args.node, "switch", {"name": args.name, "version": args.version}, security, args.timeout)
-    except AdminError as exc:
+    from .reach import NodeUnreachable, node_answers
+
+    action = getattr(args, "models_action", None) or "list"
+    node = args.node or DEFAULT_NODE
+    if action == "list" and args.local:
+        from ..models.packaged import models_status
+
+        print(json.dumps(models_status(), indent=2, default=str))
+        return 0
+    try:
+        security = _security(args)
+        node_answers(node, security)  # a wrong address fails now, not after --timeout (900 s for pulls)
+        timeout = args.timeout or (LIST_TIMEOUT_S if action == "list" else ACTION_TIMEOUT_S)
+        out = _act(action, args, node, security, timeout)
+    except (AdminError, NodeUnreachable) as exc:
         print(f"lanmesh models {action}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(out, indent=2))
+    except LanmeshError as exc:
+        print(f"lanmesh models {action}: {node}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # an unreadable --key-file
+        print(f"lanmesh models {action}: {exc}", file=sys.stderr)
+        return 2
+    if out is not None:
+        print(json.dumps(out, indent=2))
     return 0
+
+
+def _act(action: str, args: argparse.Namespace, node: str, security: Any, timeout: float) -> dict[str, Any] | None:
+    """Run one `lanmesh models` action on `node`; the answer to print as JSON (None: printed already)."""
+    if action == "list":
+        rows = mesh_models(node, security, timeout)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print_models(rows)
+        return None
+    if action == "pull":
+        stop = threading.Event()
+        bar = None
+        if sys.stderr.isatty():
+            bar = threading.Thread(target=_progress_bar, args=(node, args.name, security, stop), daemon=True)
+            bar.start()
+        try:
+            return admin_call(node, "pull", {"name": args.name, "version": args.version or "", "serve": args.serve},
+                              security, timeout)  # fmt: skip
+        finally:
+            stop.set()
+            if bar is not None:
+                bar.join(2)
+    if action == "load":
+        return admin_call(node, "load", {"name": args.name, "spec": args.spec}, security, timeout)
+    if action == "unload":
+        return admin_call(node, "unload", {"name": args.name, "version": args.version or ""}, security, timeout)
+    return admin_call(node, "switch", {"name": args.name, "version": args.version}, security, timeout)
 
 
 def rollout(entry: str, name: str, spec: str, security: Any, timeout: float, say: Any = print) -> list[dict[str, Any]]:
@@ -193,11 +220,23 @@ def rollout(entry: str, name: str, spec: str, security: Any, timeout: float, say
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
+    from mesh import LanmeshError
+
+    from .reach import NodeUnreachable, node_answers
+
     try:
-        steps = rollout(args.node, args.name, args.spec, _security(args), args.timeout)
-    except AdminError as exc:
+        security = _security(args)
+        node_answers(args.node, security)
+        steps = rollout(args.node, args.name, args.spec, security, args.timeout)
+    except (AdminError, NodeUnreachable) as exc:
         print(f"lanmesh rollout: {exc}", file=sys.stderr)
         return 1
+    except LanmeshError as exc:
+        print(f"lanmesh rollout: {args.node}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"lanmesh rollout: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(steps, indent=2))
     return 0
@@ -208,32 +247,45 @@ def add_parsers(sub: Any, add_key_file: Any) -> None:
         "models",
         help="what each node has and serves; pull, load, unload, switch models on running nodes",
         description="Without an action: list every live node's models (name, version, backend, precision, files, "
-        "state, pulls in progress), asked of the node at --node and every node it knows.",
+        "state, pulls in progress), asked of the node at --node and every node it knows. With one: do it on the "
+        "node at --node. --node, --timeout and --key-file may come before or after the action.",
+        epilog="examples:\n"
+        "  lanmesh models --node 192.168.1.21:5555\n"
+        "  lanmesh models pull smollm2 --node 192.168.1.21:5555 --serve\n"
+        "  lanmesh models --node 192.168.1.21:5555 unload smollm2 --version 9d83ed24",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--node", default=DEFAULT_NODE, help=f"a node to ask (host:port, default {DEFAULT_NODE})")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    node_help = f"the node to ask or act on, HOST:PORT (default {DEFAULT_NODE})"
+    timeout_help = (
+        f"seconds to wait for each answer (default {LIST_TIMEOUT_S:g} for the list, {ACTION_TIMEOUT_S:g} for an "
+        "action: loads and pulls take minutes); a node that does not answer at all is given up after 3 s"
+    )
+    p.add_argument("--node", help=node_help)
+    p.add_argument("--timeout", type=float, help=timeout_help)
     p.add_argument("--local", action="store_true", help="only this machine: runtimes, model packages, caches")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_key_file(p)
     actions = p.add_subparsers(dest="models_action", metavar="ACTION")
     pull = actions.add_parser("pull", help="fetch a model from the peers that serve it (never from the internet)")
-    pull.add_argument("name")
+    pull.add_argument("name", type=_model_name)
     pull.add_argument("--version", help="a version (its 8 hex digits); default: the one most peers serve")
     pull.add_argument("--serve", action="store_true", help="serve it on this node once fetched")
     load = actions.add_parser("load", help="load a model on a running node (beside a version it serves already)")
-    load.add_argument("name")
+    load.add_argument("name", type=_model_name)
     load.add_argument("spec", help="a model spec as for `lanmesh node --model`")
     unload = actions.add_parser("unload", help="stop serving a model: nothing new is routed to it, running and "
                                 "queued requests finish, then it is closed")  # fmt: skip
-    unload.add_argument("name")
+    unload.add_argument("name", type=_model_name)
     unload.add_argument("--version", help="which loaded version (default: the current one)")
     switch = actions.add_parser("switch", help="send a model's requests to another loaded version")
-    switch.add_argument("name")
+    switch.add_argument("name", type=_model_name)
     switch.add_argument("version")
     for q in (pull, load, unload, switch):
-        q.add_argument("--node", default=DEFAULT_NODE, help="the node to act on (host:port)")
-        q.add_argument("--timeout", type=float, default=900.0, help="seconds to wait (loads and pulls take minutes)")
-        add_key_file(q)
+        # SUPPRESS: given after the action they count, and when not given there they leave what came before it
+        # (an action's own default would overwrite `lanmesh models --node X pull NAME`'s X).
+        q.add_argument("--node", default=argparse.SUPPRESS, help=node_help)
+        q.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=timeout_help)
+        add_key_file(q, default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_models)
 
     r = sub.add_parser(
@@ -242,7 +294,7 @@ def add_parsers(sub: Any, add_key_file: Any) -> None:
         description="For each node serving NAME, in turn: load SPEC beside the running version, switch NAME's "
         "requests to it, drain and close the old one. Every node keeps serving NAME throughout.",
     )
-    r.add_argument("name")
+    r.add_argument("name", type=_model_name)
     r.add_argument("spec", help="the new model spec, as for `lanmesh node --model`")
     r.add_argument("--node", default=DEFAULT_NODE, help=f"a node of the mesh to start from (default {DEFAULT_NODE})")
     r.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for each step")

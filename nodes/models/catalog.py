@@ -1,15 +1,18 @@
 """What models this node has: each loaded model's name, version (the content hash of its files), where those files
 are and their manifest; and the model pulls under way. What `lanmesh models` shows, and what peers may fetch.
 
-A manifest lists a model's files with their sizes and sha256, and the sha256 of each chunk of them; its version is
-the hash of that list (`model_cache.folder_digest`), so whoever receives one can check it against the version it
-asked for, and every chunk and file against the manifest, before a byte is used.
+A manifest lists a model's files with their sizes and sha256, and the sha256 of each chunk of them, and the kind
+that loads them; its version is the hash of both (`model_version`: the kind chooses the engine, so it is covered
+too), so whoever receives one can check it against the version it asked for, and every chunk and file against the
+manifest, before a byte is used. A folder is shared only if every file in it is really inside it: a link leading
+out of it would let a peer read whatever it points to.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +25,8 @@ from .cache import CACHE_MARKER, folder_digest
 CHUNK_BYTES = 1024 * 1024  # a transfer moves files in pieces this big, each hashed on its own
 SHORT = 8  # hex digits of a version shown and gossiped ("name@1a2b3c4d")
 MANIFEST_FORMAT = 1
+SHARED_KINDS = frozenset({"onnx-chat", "onnx-embed", "transformers", "gguf"})  # kinds whose files travel
+_INFO_KEYS, _INFO_LEN = 16, 256  # a manifest's `info` (what the sender runs it with): a few short facts, no more
 
 
 class ModelState(StrEnum):
@@ -72,7 +77,7 @@ class ModelEntry:
     current: bool = True  # what requests for `name` (unpinned) go to
     info: dict[str, Any] = field(default_factory=dict)  # backend, precision, ...
     _manifest: dict[str, Any] | None = None
-    _sizes: dict[str, int] | None = None
+    _files: dict[str, tuple[int, Path]] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -93,17 +98,19 @@ class ModelEntry:
                 self._manifest = make_manifest(self.name, self.kind, self.folder, self.info)
             return self._manifest
 
-    def sizes(self) -> dict[str, int]:
-        """Each file's size by its path in the folder: what a chunk request is checked against (no hashing)."""
+    def files(self) -> dict[str, tuple[int, Path]]:
+        """(size, the real file) by path in the folder: what a chunk request is checked against and read from (no
+        hashing). ManifestError when the folder cannot be shared (a link in it leads outside it)."""
         with self._lock:
-            if self._sizes is None:
-                self._sizes = {p: s for p, s, _ in _files(self.folder)} if self.folder is not None else {}
-            return self._sizes
+            if self._files is None:
+                listed = _files(self.folder, shared=True) if self.folder is not None else []
+                self._files = {p: (s, real) for p, s, real in listed}
+            return self._files
 
     def row(self) -> dict[str, Any]:
         files = []
         if self.folder is not None and self.folder.is_dir():
-            files = [{"path": p, "size": s} for p, s, _ in _files(self.folder)]
+            files = [{"path": p, "size": s} for p, s, _ in _files(self.folder, shared=False)]
         return {
             "name": self.name,
             "version": self.short,
@@ -204,38 +211,80 @@ class Catalog:
 # ---------------------------------------------------------------- manifests
 
 
-def _files(folder: Path) -> list[tuple[str, int, Path]]:
+def _files(folder: Path, shared: bool) -> list[tuple[str, int, Path]]:
+    """(relative posix path, size, the real file) of every file in a model folder, as `cache.content_digest` lists
+    them. `shared`: the folder is about to be read by peers, so a link whose target lies outside it is refused
+    (ManifestError) rather than followed."""
+    root = folder.resolve()
     out = []
     for f in sorted(folder.rglob("*")):
-        if f.is_file() and f.name != CACHE_MARKER:
-            out.append((f.relative_to(folder).as_posix(), f.stat().st_size, f))
+        if not f.is_file() or f.name == CACHE_MARKER:
+            continue
+        rel, real = f.relative_to(folder).as_posix(), f.resolve()
+        if shared and not real.is_relative_to(root):
+            raise ManifestError(
+                f"{rel} in {folder} links to {real}, outside the model's folder: the folder is not shared with peers "
+                "(copy the files in, e.g. cp -rL, to share it)"
+            )
+        out.append((rel, real.stat().st_size, real))
     return out
 
 
+def model_version(files_digest: str, kind: str) -> str:
+    """A model's version: the hash of its files' digest (`cache.folder_digest`) together with the kind that loads
+    them, since the kind chooses the engine a pulled copy runs on."""
+    return hashlib.sha256(f"lanmesh-model\0{kind}\0{files_digest}".encode()).hexdigest()
+
+
+def open_shared(real: Path) -> int:
+    """A file descriptor for reading a shared file, never through a link (one swapped in since it was listed)."""
+    return os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+
+
 def make_manifest(name: str, kind: str, folder: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of a model folder: every file's size, sha256 and chunk hashes; its version is their digest."""
+    """The manifest of a model folder: every file's size, sha256 and chunk hashes; its version covers their digest
+    and the kind. ManifestError when the folder cannot be shared."""
     files: list[dict[str, Any]] = []
-    for rel, size, path in _files(folder):
+    for rel, size, path in _files(folder, shared=True):
         whole, chunks = hashlib.sha256(), []
-        with path.open("rb") as f:
+        with os.fdopen(open_shared(path), "rb") as f:
             while block := f.read(CHUNK_BYTES):
                 whole.update(block)
                 chunks.append(hashlib.sha256(block).hexdigest())
         files.append({"path": rel, "size": size, "sha256": whole.hexdigest(), "chunks": chunks})
-    version = folder_digest([(f["path"], f["size"], f["sha256"]) for f in files])
+    version = model_version(folder_digest([(f["path"], f["size"], f["sha256"]) for f in files]), kind)
     return {"format": MANIFEST_FORMAT, "name": name, "kind": kind, "version": version, "chunk": CHUNK_BYTES,
             "files": files, "info": info}  # fmt: skip
 
 
 def check_manifest(raw: bytes, name: str, version: str) -> dict[str, Any]:
-    """A manifest received from a peer, checked: it parses, every path stays inside the model's folder, every file
-    has the chunks its size needs, and the whole hashes to the version asked for (full hex, or its first 8)."""
+    """A manifest received from a peer, checked: it parses, names the model asked for and a kind whose files travel,
+    every path stays inside the model's folder and none is also another's folder, every file has the chunks its size
+    needs, and files and kind hash to the version asked for (full hex, or its first 8). Anything else is a
+    ManifestError: the puller drops that peer and goes on with the others."""
+    try:
+        return _check_manifest(raw, name, version)
+    except ManifestError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise ManifestError(f"the manifest of {name} is malformed: {type(exc).__name__}: {exc}") from None
+
+
+def _check_manifest(raw: bytes, name: str, version: str) -> dict[str, Any]:
     try:
         manifest = json.loads(raw)
     except ValueError as exc:
         raise ManifestError(f"the manifest of {name} is not JSON: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ManifestError(f"the manifest of {name} has an unknown format")
+    if manifest.get("name") != name:
+        raise ManifestError(f"the manifest of {name} names another model ({str(manifest.get('name'))[:64]!r})")
+    kind, info = manifest.get("kind"), manifest.get("info", {})
+    if kind not in SHARED_KINDS:
+        raise ManifestError(f"the manifest of {name} names kind {str(kind)[:64]!r}; expected one of "
+                            f"{', '.join(sorted(SHARED_KINDS))}")  # fmt: skip
+    if not _plain_info(info):
+        raise ManifestError(f"the manifest of {name} has a malformed info (a few short facts expected)")
     chunk = manifest.get("chunk")
     files = manifest.get("files")
     if not isinstance(chunk, int) or not 0 < chunk <= 4 * 1024 * 1024 or not isinstance(files, list) or not files:
@@ -253,7 +302,10 @@ def check_manifest(raw: bytes, name: str, version: str) -> dict[str, Any]:
         if not all(_hex64(c) for c in chunks) or path in seen:
             raise ManifestError(f"the manifest of {name} has bad chunk hashes or a repeated path {path!r}")
         seen.add(path)
-    digest = folder_digest([(f["path"], f["size"], f["sha256"]) for f in files])
+    folders = {str(parent) for p in seen for parent in PurePosixPath(p).parents}
+    if seen & folders:  # "a" and "a/b": one cannot be written beside the other
+        raise ManifestError(f"the manifest of {name} lists {sorted(seen & folders)[0]!r} as a file and as a folder")
+    digest = model_version(folder_digest([(f["path"], f["size"], f["sha256"]) for f in files]), kind)
     if not digest.startswith(version) or len(version) < SHORT:
         raise ManifestError(
             f"the manifest of {name} hashes to {digest[:SHORT]}, not the version asked for ({version[:SHORT]}): refused"
@@ -267,13 +319,26 @@ def safe_path(path: Any) -> PurePosixPath:
     if not isinstance(path, str) or not path or "\0" in path or "\\" in path:
         raise ManifestError(f"refused a manifest path {path!r}: not a plain relative path")
     p = PurePosixPath(path)
-    if p.is_absolute() or any(part in ("..", "") for part in p.parts) or ":" in p.parts[0]:
+    if not p.parts or p.is_absolute() or any(part in ("..", "") for part in p.parts) or ":" in p.parts[0]:
         raise ManifestError(f"refused a manifest path {path!r}: it points outside the model's folder")
     if p.as_posix() != path:  # "a//b", "./a", "a/": two spellings of one file could overwrite each other
         raise ManifestError(f"refused a manifest path {path!r}: not in its plain form ({p.as_posix()!r})")
     if p.name == CACHE_MARKER:
         raise ManifestError(f"refused a manifest path {path!r}: that name is the cache's own")
     return p
+
+
+def _plain_info(info: Any) -> bool:
+    """Whether a manifest's `info` is what a sender puts there: a few short, flat facts (it is not hashed, and only
+    shown; it never chooses anything)."""
+    if not isinstance(info, dict) or len(info) > _INFO_KEYS:
+        return False
+    for key, value in info.items():
+        if not isinstance(key, str) or len(key) > 64:
+            return False
+        if isinstance(value, str) and len(value) > _INFO_LEN or not isinstance(value, str | int | float | bool):
+            return False
+    return True
 
 
 def _hex64(value: Any) -> bool:

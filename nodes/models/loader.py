@@ -101,6 +101,7 @@ def _chat_backend(spec: ModelSpec, cache_dir: str | Path | None) -> Backend:
         context=spec.options.get("context"),
         threads=spec.options.get("threads"),
         kv_cache_bytes=kv_cache_bytes(spec, kv_shape(spec)),
+        prefix_cache_bytes=spec.options["prefix_cache"] << 20 if "prefix_cache" in spec.options else None,
     )
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from protocol import name_problem
+
 from .packaged import MINILM, SMOLLM2, minilm_folder, smollm2_gguf
 
 KINDS = ("echo", "sleep", "transformers", "gguf", "onnx-chat", "onnx-embed")
@@ -42,7 +44,7 @@ class ModelSpec:
 # ---------------------------------------------------------------- parsing
 
 
-_INT_KEYS = {"max_batch", "concurrency", "cap", "max_tokens", "threads", "context", "kv_cache"}
+_INT_KEYS = {"max_batch", "concurrency", "cap", "max_tokens", "threads", "context", "kv_cache", "prefix_cache"}
 _FLOAT_KEYS = {"ms"}
 _STR_KEYS = {"name", "kind", "path", "task", "device", "engine", "precision"}
 _KEY_ALIASES = {"batch": "max_batch", "capacity": "cap"}
@@ -84,6 +86,32 @@ def parse_model_arg(text: str) -> ModelSpec:
     return _spec_from_values(values, labels, requires, text)
 
 
+def split_model_specs(text: str) -> list[str]:
+    """The model specs in one string (`LANMESH_MODELS`, a TOML string): separated by `;` or new lines, since a spec's
+    own key=value pairs are separated by commas. Without `;` a comma list still works: short specs
+    (`smollm2,minilm`) stand alone, and a key=value part joins the spec before it unless that spec is a short one or
+    already has that key, so `name=x,path=/m.gguf` is one spec and `name=a,path=/a.gguf,name=b,path=/b.gguf` two."""
+    if ";" in text or "\n" in text:
+        return [part.strip() for part in text.replace("\n", ";").split(";") if part.strip()]
+    specs: list[list[str]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key = _keyed_part(part)
+        current = specs[-1] if specs else None
+        if key and current and _keyed_part(current[0]) and key not in {_keyed_part(p) for p in current}:
+            current.append(part)
+        else:
+            specs.append([part])
+    return [",".join(spec) for spec in specs]
+
+
+def _keyed_part(part: str) -> str:
+    """The key of a `key=value` part of a spec ("" for a short spec such as `echo` or `sleep:50:cap=4`)."""
+    key, sep, _ = part.partition("=")
+    return "" if not sep or part.startswith("sleep:") else _KEY_ALIASES.get(key.strip(), key.strip())
+
+
 def _parse_short(text: str) -> ModelSpec:
     head, *rest = text.split(":")
     if head == "smollm2" and not rest:
@@ -123,9 +151,13 @@ def _spec_from_values(values: dict[str, Any], labels: dict[str, str], requires: 
         raise ValueError(f"unknown model kind {kind!r} in {text!r}; expected one of {', '.join(KINDS)}")
     if kind in ("transformers", "gguf", "onnx-chat", "onnx-embed") and path is None:
         raise ValueError(f"model spec {text!r}: kind {kind} needs a path")
-    name = values.pop("name", None) or (_name_from_path(path) if path else kind)
+    given = values.pop("name", None)
+    name = given or (_name_from_path(path) if path else kind)
     if kind == "sleep" and name == "sleep" and "ms" in values:
         name = f"sleep:{values['ms']:g}"
+    problem = name_problem(name, "model name" if given else "model name (from its file name)")
+    if problem is not None:  # names become folder names and lane names: checked once, here where they enter
+        raise ValueError(f"{problem}; give the model a name with name=NAME in {text!r}")
     max_batch = values.pop("max_batch", None)
     concurrency = values.pop("concurrency", None)
     options = dict(values)
@@ -137,6 +169,8 @@ def _spec_from_values(values: dict[str, Any], labels: dict[str, str], requires: 
         _check_sleep(options, text)
     if "kv_cache" in options and options["kv_cache"] < 1:
         raise ValueError(f"kv_cache is in MiB and must be at least 1, got {options['kv_cache']} in {text!r}")
+    if "prefix_cache" in options and options["prefix_cache"] < 0:
+        raise ValueError(f"prefix_cache is in MiB (0: none), got {options['prefix_cache']} in {text!r}")
     if task is None:
         task = {"onnx-embed": "embed", "transformers": "chat", "gguf": "chat", "onnx-chat": "chat"}.get(kind)
     return ModelSpec(
@@ -242,6 +276,14 @@ def with_precision(spec: ModelSpec, precision: str) -> ModelSpec:
     if spec.kind not in ("gguf", "transformers") or "precision" in spec.options:
         return spec
     return replace(spec, options={**spec.options, "precision": precision})
+
+
+def with_prefix_cache(spec: ModelSpec, mib: int) -> ModelSpec:
+    """A chat spec with the node's prefix cache (`--prefix-cache`, MiB of the key/value cache; 0: none) where the
+    spec sets none (-1: the engine's default, half the key/value cache)."""
+    if mib < 0 or spec.kind not in ("gguf", "transformers", "onnx-chat") or "prefix_cache" in spec.options:
+        return spec
+    return replace(spec, options={**spec.options, "prefix_cache": mib})
 
 
 def with_kv_cache(spec: ModelSpec, mib: int) -> ModelSpec:

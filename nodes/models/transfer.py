@@ -26,10 +26,10 @@ from typing import Any
 
 import zmq
 
-from protocol import MAX_CHUNK_BYTES, Data, Error, ErrorCode, Fetch, decode, encode
+from protocol import MAX_CHUNK_BYTES, Data, DecodeError, Error, ErrorCode, Fetch, decode, encode, name_problem
 
 from .cache import CACHE_MARKER, cache_ready, cache_root
-from .catalog import SHORT, Catalog, ManifestError, PullProgress, PullState, check_manifest, safe_path
+from .catalog import SHORT, Catalog, ManifestError, PullProgress, PullState, check_manifest, open_shared, safe_path
 
 log = logging.getLogger("lanmesh.transfer")
 
@@ -85,19 +85,30 @@ class ChunkServer:
         if entry is None or entry.folder is None:
             return Error(msg.id, ErrorCode.UNKNOWN_MODEL, f"this node has no files of {msg.name}@{msg.version[:SHORT]}",
                          self.node_id)  # fmt: skip
-        if not msg.path:
-            return Data(msg.id, self.node_id, 0, json.dumps(entry.manifest()).encode())
-        # A chunk needs no hashing here: the puller checks it against the manifest it trusts.
-        size = entry.sizes().get(msg.path)
-        if size is None:
+        try:
+            if not msg.path:
+                return Data(msg.id, self.node_id, 0, json.dumps(entry.manifest()).encode())
+            # A chunk needs no hashing here: the puller checks it against the manifest it trusts.
+            found = entry.files().get(msg.path)
+        except ManifestError as exc:  # e.g. a link in the folder leads outside it: nothing of it is shared
+            log.warning("not sharing %s: %s", msg.name, exc)
+            return Error(msg.id, ErrorCode.UNAVAILABLE, f"{msg.name} is not shared by this node: {exc}", self.node_id)
+        if found is None:
             return Error(msg.id, ErrorCode.BAD_REQUEST, f"{msg.path!r} is not a file of {msg.name}", self.node_id)
+        size, real = found
         if msg.offset > size:
             return Error(msg.id, ErrorCode.BAD_REQUEST, f"offset {msg.offset} is past the end of {msg.path}",
                          self.node_id)  # fmt: skip
         length = min(msg.length or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES, size - msg.offset)
-        with (entry.folder / msg.path).open("rb") as f:
-            f.seek(msg.offset)
-            data = f.read(length)
+        try:
+            fd = open_shared(real)
+        except OSError as exc:  # gone, or swapped for a link since it was listed
+            return Error(msg.id, ErrorCode.UNAVAILABLE, f"cannot read {msg.path} of {msg.name}: {exc.strerror}",
+                         self.node_id)  # fmt: skip
+        try:
+            data = os.pread(fd, length, msg.offset)
+        finally:
+            os.close(fd)
         pause = self.limit.wait_time(len(data))
         if pause > 0:
             time.sleep(pause)
@@ -121,6 +132,7 @@ class Source:
     corrupt: int = 0
     failed: str = ""  # why it was dropped
     bad: set[tuple[int, int]] | None = None  # chunks it sent that failed their hash: asked of others only
+    introduced: bool = False  # member identities: this node's certificate went first
 
 
 class Puller:
@@ -137,6 +149,9 @@ class Puller:
         silent_after: float = _SILENT_S,
         window: int = _WINDOW,
     ) -> None:
+        problem = name_problem(name, "model name")
+        if problem is not None:  # it becomes a folder name in the cache: checked again where it does
+            raise PullError(problem)
         if not sources:
             raise PullError(f"no peer has {name}@{version[:SHORT]}")
         self.name, self.version = name, version
@@ -164,7 +179,7 @@ class Puller:
                 sock.setsockopt(zmq.MAXMSGSIZE, MAX_CHUNK_BYTES + 65536)
                 sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
                 sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2000)
-                self.security.configure_client(sock)
+                self.security.configure_client(sock, f"tcp://{source.address}")  # a member identity: the node's key
                 source.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
                 sock.connect(f"tcp://{source.address}")
                 source.sock = sock
@@ -204,8 +219,23 @@ class Puller:
             problems.append(f"{source.node}: {reply}")
         raise PullError(f"no peer gave a manifest of {self.name}@{self.version[:SHORT]}: {'; '.join(problems)}")
 
+    def _introduce(self, source: Source) -> None:
+        """With member identities: this node's certificate, once, before the first Fetch to `source`."""
+        frame = getattr(self.security, "certificate_frame", None)
+        if frame is None or source.introduced or source.sock is None:
+            return
+        try:
+            source.sock.send(frame(), zmq.NOBLOCK)
+            source.introduced = True
+        except zmq.Again:
+            pass  # not connected yet: the next send tries again
+
     def _ask(self, source: Source, msg: Fetch, timeout: float) -> Data | str:
         assert source.sock is not None
+        if not source.introduced and getattr(self.security, "certificate_frame", None) is not None:
+            if not source.sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                return "not reachable"
+            self._introduce(source)
         try:
             source.sock.send(encode(msg), zmq.NOBLOCK)
         except zmq.Again:
@@ -216,7 +246,10 @@ class Puller:
         while (left := end - time.monotonic()) > 0:
             if not source.sock.poll(int(left * 1000)):
                 break
-            reply = decode(source.sock.recv())
+            try:
+                reply = decode(source.sock.recv())
+            except DecodeError as exc:
+                return f"sent an undecodable answer ({exc})"
             if getattr(reply, "id", None) != msg.id:
                 continue
             if isinstance(reply, Data):
@@ -263,6 +296,7 @@ class Puller:
                     rid = self._id()
                     msg = Fetch(rid, self.name, self.version, f["path"], c * chunk, min(chunk, f["size"] - c * chunk))
                     assert source.sock is not None
+                    self._introduce(source)
                     try:
                         source.sock.send(encode(msg), zmq.NOBLOCK)
                     except zmq.Again:
@@ -407,9 +441,10 @@ class Puller:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise PullError(f"{f['path']} of {self.name} does not match its hash after the transfer")
         (partial / _DONE_FILE).unlink(missing_ok=True)
+        # What loads it comes from what the version covers; the sender's `info` is only recorded, under its own key.
         marker = {"created": time.time(), "source": "pulled", "name": self.name, "version": self.version,
                   "kind": manifest["kind"], "from": [s.node for s in self.sources if not s.failed],
-                  **manifest.get("info", {})}  # fmt: skip
+                  "info": manifest.get("info", {})}  # fmt: skip
         (partial / CACHE_MARKER).write_text(json.dumps(marker, indent=2))
         try:
             os.rename(partial, self.final)

@@ -15,17 +15,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from protocol import Admin, Data, Error, ErrorCode, Fetch, Reply
+from protocol import Admin, Data, Error, ErrorCode, Fetch, Reply, is_name, is_version
 
 from ..models.backends.base import Backend
 from ..models.cache import cache_ready, cache_root, content_digest
-from ..models.catalog import SHORT, Catalog, ModelEntry, ModelState, PullProgress
+from ..models.catalog import SHORT, Catalog, ModelEntry, ModelState, PullProgress, model_version
 from ..models.loader import load_backend
 from ..models.specs import ModelSpec, parse_model_arg
 from ..models.transfer import ChunkServer, Puller, PullError, RateLimit
 
 if TYPE_CHECKING:
-    from mesh import MeshKey, MeshNode, Plaintext
+    from mesh import MemberIdentity, MeshKey, MeshNode, Plaintext
 
     from .config import NodeConfig
     from .executor import Executor
@@ -43,20 +43,21 @@ class AdminHost(Protocol):
 
     def with_node_defaults(self, spec: ModelSpec) -> ModelSpec: ...
 
-    def mesh_security(self) -> MeshKey | Plaintext: ...
+    def mesh_security(self) -> MeshKey | MemberIdentity | Plaintext: ...
 
 
 log = logging.getLogger("lanmesh.admin")
 
 
 def version_of(backend: Backend, spec_text: str) -> tuple[str, str, Path | None]:
-    """(version, kind, folder) of a loaded backend: the content hash of its files, or of its spec when it has none."""
+    """(version, kind, folder) of a loaded backend: the hash of its files and kind (`catalog.model_version`, what a
+    manifest is checked against), or of its spec when it has none."""
     files = backend.files()
     if files is None:
         kind = type(backend).__name__.removesuffix("Backend").lower()
         return hashlib.sha256(spec_text.encode()).hexdigest(), kind, None
     kind, folder = files
-    return content_digest(folder), kind, folder
+    return model_version(content_digest(folder), kind), kind, folder
 
 
 def info_of(backend: Backend) -> dict[str, Any]:
@@ -68,9 +69,13 @@ def info_of(backend: Backend) -> dict[str, Any]:
 
 
 def pulled_copy(name: str, cache_dir: str | Path | None = None) -> Path | None:
-    """The newest copy of `name` this node pulled from peers earlier (what it serves when its own source is gone)."""
+    """The newest copy of `name` this node pulled from peers earlier (what it serves when its own source is gone):
+    a folder named exactly `name-V8` (never a glob: a name is matched, not interpreted)."""
     root = cache_root(cache_dir) / "pulled"
-    copies = [p for p in root.glob(f"{name}-*") if p.is_dir() and cache_ready(p) and "." not in p.name[len(name) :]]
+    if not is_name(name) or not root.is_dir():
+        return None
+    copies = [p for p in root.iterdir() if p.name.startswith(f"{name}-") and is_version(p.name[len(name) + 1 :])
+              and len(p.name) == len(name) + 1 + SHORT and p.is_dir() and cache_ready(p)]  # fmt: skip
     return max(copies, key=lambda p: p.stat().st_mtime) if copies else None
 
 

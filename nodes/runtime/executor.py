@@ -1,7 +1,6 @@
 """The local executor: a bounded priority queue per model, dynamic batching, worker threads.
 
-Model work never runs on the mesh loop (except backends marked `inline`, such
-as `echo`, whose work is cheaper than a thread hand-off).
+Model work never runs on the mesh loop, synthetic models' included: their work grows with their input.
 """
 
 from __future__ import annotations
@@ -35,8 +34,9 @@ class ModelLane:
         self.backend = backend
         self.max_queue = max_queue
         self.continuous = backend.continuous
+        if backend.batch_wait is not None:
+            batch_wait = backend.batch_wait
         self.batch_wait = batch_wait if backend.max_batch > 1 and not self.continuous else 0.0
-        self.inline = bool(getattr(backend, "inline", False))
         self._heap: list[tuple[int, int, Job]] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
@@ -64,11 +64,10 @@ class ModelLane:
         return self.backend.concurrency / self.job_seconds if self.job_seconds > 0 else 0.0
 
     def load(self) -> ModelLoad:
-        return ModelLoad(self.inflight, len(self._heap), self.capacity, round(self.rate(), 3), self.version[:8])
+        tasks = tuple(sorted(t.value for t in self.backend.tasks))
+        return ModelLoad(self.inflight, len(self._heap), self.capacity, round(self.rate(), 3), self.version[:8], tasks)
 
     def start(self) -> None:
-        if self.inline:
-            return
         target = self._serve if self.continuous else self._work
         for i in range(self.backend.concurrency):
             t = threading.Thread(target=target, name=f"model-{self.backend.name}-{i}", daemon=True)
@@ -99,14 +98,6 @@ class ModelLane:
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full or the lane is closing."""
-        if self.inline:
-            if not self.accepting:
-                return False
-            job.started = True
-            with self._cond:
-                self.inflight += 1
-            self._run([job])
-            return True
         with self._cond:
             if not self.accepting or len(self._heap) >= self.max_queue:
                 return False
@@ -123,11 +114,11 @@ class ModelLane:
         batch: list[Job] = []
         while self._heap and len(batch) < limit:
             job = heapq.heappop(self._heap)[2]
-            if job.done:
+            if not job.take():
                 continue  # answered while queued (cancelled)
+            # Counted under the lane's lock, which the job's answer takes to release it: never released first.
             if self.continuous and not self.inflight and not batch:
                 self._busy_mark = time.monotonic()
-            job.started = True
             self.inflight += 1
             batch.append(job)
         return batch
@@ -332,9 +323,13 @@ class Executor:
         while time.monotonic() < end and (lane.inflight or lane.queued()):
             time.sleep(0.02)
         handed_back = 0
-        for job in lane.close_queue():
-            job.fail(ErrorCode.UNAVAILABLE, f"{name} is being unloaded here; request handed back")
-            handed_back += 1
+        # Past the grace, what did not finish goes back to its callers as UNAVAILABLE (the entry retries it elsewhere)
+        # before the model closes: closed under a running engine, it would fail them with INTERNAL, never retried.
+        running = [job for job in list(self._jobs.values()) if job.lane is lane and job.started]
+        for job in [*lane.close_queue(), *running]:
+            if not job.done:
+                job.fail(ErrorCode.UNAVAILABLE, f"{name} is being unloaded here; request handed back")
+                handed_back += 1
         lane.stop(max(0.5, end - time.monotonic()))
         with self._write:
             self._all = {k: v for k, v in self._all.items() if v is not lane}
@@ -383,6 +378,19 @@ class Executor:
         lane = self._lane(model)
         return 0 if lane is None else lane.inflight + lane.queued()
 
+    def prefix_summary(self, model: str) -> bytes:
+        """What `model`'s prefix cache holds here, as cache-aware routing reads it (b"": none, or nothing held)."""
+        lane = self._lane(model)
+        return b"" if lane is None or not lane.accepting else getattr(lane.backend, "prefix_summary", b"")
+
+    def prefix_summaries(self) -> dict[str, bytes]:
+        """Every current chat model with a prefix cache, and what it holds (gossiped: `LoadReport.prefixes`)."""
+        return {
+            name: lane.backend.prefix_summary
+            for name, lane in self.lanes.items()
+            if lane.accepting and isinstance(getattr(lane.backend, "prefix_summary", None), bytes)
+        }
+
     def submit(self, request: Request, deadline: float, on_chunk: ChunkFn, on_done: DoneFn) -> bool:
         lane = self._lane(request.model)
         if lane is None:
@@ -413,12 +421,16 @@ class Executor:
         return True
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per model: batches run and requests in them (continuous engines: decode steps and rows in them)."""
+        """Per model: batches run and requests in them (continuous engines: decode steps and rows in them), and a chat
+        engine's prefix cache counters (`prefix_*`)."""
         out = {}
         for name, lane in self.lanes.items():
             b = lane.backend
             batches, jobs = (b.steps, b.row_steps) if lane.continuous else (lane.batches, lane.batched_jobs)
             out[name] = {"batches": batches, "batched_requests": jobs, "max_batch": b.max_batch}
+            cache_stats = getattr(b, "cache_stats", None)
+            if cache_stats is not None:
+                out[name] |= cache_stats()
         return out
 
     def drain(self, grace: float) -> None:

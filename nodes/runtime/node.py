@@ -13,7 +13,21 @@ from typing import Any
 
 import psutil
 
-from mesh import MeshKey, MeshNode, MeshSettings, Plaintext, RequestLimits, load_mesh_key, require_curve
+from mesh import (
+    Authority,
+    AuthorityError,
+    MemberIdentity,
+    MeshKey,
+    MeshKeyError,
+    MeshNode,
+    MeshSettings,
+    Plaintext,
+    RequestLimits,
+    Role,
+    key_path,
+    load_mesh_key,
+    require_curve,
+)
 from protocol import Limits
 
 from ..models.backends.base import Backend, ProgressFn, release_free_memory
@@ -21,7 +35,15 @@ from ..models.cache import CACHE_MARKER
 from ..models.hardware import detect_labels, unmet
 from ..models.loader import load_backend
 from ..models.memory import MemoryNeed, estimate_memory, fit_kv_cache
-from ..models.specs import ModelSpec, default_models, parse_model_arg, resolve_path, with_kv_cache, with_precision
+from ..models.specs import (
+    ModelSpec,
+    default_models,
+    parse_model_arg,
+    resolve_path,
+    with_kv_cache,
+    with_precision,
+    with_prefix_cache,
+)
 from ..models.transfer import PullError
 from .admin import NodeAdmin, pulled_copy, spec_for_folder
 from .config import NodeConfig, parse_hostport
@@ -47,11 +69,11 @@ class Node:
     ) -> None:
         self.config = config
         self.notifier = notifier or ServiceNotifier()  # systemd's notify socket; by default nobody listens
-        self.node_id = config.node_id()
+        self.node_id = _member_name(config) or config.node_id()  # a member identity's node is named by its certificate
         self._backends = backends
         self.executor: Executor | None = None
         self.mesh: MeshNode | None = None
-        self.mesh_key: MeshKey | None = None  # None only when running --insecure
+        self.mesh_key: MeshKey | MemberIdentity | None = None  # None only when running --insecure
         self.metrics: Any = None  # nodes.api.metrics.NodeMetrics when the http extra is installed
         self.gateway: Any = None  # nodes.api.gateway.Gateway while the HTTP gateway runs
         self._stop = threading.Event()
@@ -168,9 +190,10 @@ class Node:
 
     def with_node_defaults(self, spec: ModelSpec) -> ModelSpec:
         """A spec as this node serves it (its precision and key/value cache, unless the spec names them)."""
-        return with_kv_cache(with_precision(spec, self.config.precision), self.config.kv_cache)
+        spec = with_kv_cache(with_precision(spec, self.config.precision), self.config.kv_cache)
+        return with_prefix_cache(spec, self.config.prefix_cache)
 
-    def mesh_security(self) -> MeshKey | Plaintext:
+    def mesh_security(self) -> MeshKey | MemberIdentity | Plaintext:
         return self.mesh_key if self.mesh_key is not None else Plaintext()
 
     def install_signal_handlers(self) -> None:
@@ -211,6 +234,7 @@ class Node:
         cfg = self.config
         api_key = cfg.http_api_key()  # an unreadable key file fails now, not after a long model load
         self.mesh_key = self._load_mesh_key()  # likewise: no key, no model load
+        cfg.check_machine()  # and no such interface, or a port in use
         self.labels = {**detect_labels(False), **cfg.labels}
         backends = self._backends if self._backends is not None else self._build_backends(progress)
         release_free_memory()  # what loading the models freed (parsers, conversion buffers) leaves the process
@@ -222,15 +246,19 @@ class Node:
             self.executor.set_version(backend.name, entry.version)
         self.executor.start()
         interfaces = [cfg.advertised_host()] if cfg.interface else None
-        for seed in cfg.peers:
-            parse_hostport(seed)
+        seeds = list(cfg.peers)
+        for seed in seeds:
+            parse_hostport(seed.rpartition("@")[2])
+        identity = self.mesh_key if isinstance(self.mesh_key, MemberIdentity) else None
+        if identity is not None:  # the nodes its identity file knows are seeds too (mDNS may not reach them)
+            seeds += [f"{n.key}@{n.address}" for n in identity.nodes if n.name != identity.name]
         settings = MeshSettings(
             node_id=self.node_id,
             bind=cfg.bind,
             port=cfg.port,
             pub_port=cfg.pub_port,
             advertise=cfg.advertised_host(),
-            seeds=list(cfg.peers),
+            seeds=seeds,
             mdns=cfg.mdns,
             interfaces=interfaces,
             gossip_interval=cfg.gossip_interval,
@@ -242,6 +270,8 @@ class Node:
             routing=cfg.routing,
             key=self.mesh_key,
             fingerprint=self.mesh_key.fingerprint if self.mesh_key is not None else "",
+            authority=self._authority() if identity is not None else None,
+            state_dir=str(cfg.state_folder()) if identity is not None else "",
             limits=Limits(
                 max_frame_bytes=cfg.max_frame_bytes,
                 max_array_len=cfg.max_items,
@@ -279,7 +309,13 @@ class Node:
         assert self.mesh is not None
         cfg = self.config
         settings = GatewaySettings(
-            self.node_id, cfg.http_host, cfg.http_port, mesh_endpoint(cfg.bind, self.mesh.addr.port), api_key, cfg.grace
+            self.node_id,
+            cfg.http_host,
+            cfg.http_port,
+            mesh_endpoint(cfg.bind, self.mesh.addr.port),
+            api_key,
+            cfg.grace,
+            str(cfg.state_folder()),
         )
         gateway = Gateway(settings, self.metrics)
         try:
@@ -290,7 +326,23 @@ class Node:
             return
         self.gateway = gateway
 
-    def _load_mesh_key(self) -> MeshKey | None:
+    def _authority(self) -> Authority | None:
+        """The mesh authority, when this node holds it: --authority-dir, else `authority` beside the key file."""
+        cfg = self.config
+        folder = Path(cfg.authority_dir).expanduser() if cfg.authority_dir else None
+        if folder is None:
+            path = key_path(cfg.key_file or None)
+            folder = path.parent / "authority" if path is not None else None
+            if folder is None or not folder.exists():
+                return None
+        try:
+            authority = Authority.open(folder)
+        except AuthorityError as exc:
+            raise ValueError(str(exc)) from None
+        log.info("this node holds the mesh authority (%s): it answers joins, invites and revocations", folder)
+        return authority
+
+    def _load_mesh_key(self) -> MeshKey | MemberIdentity | None:
         """The mesh key, or None with a loud warning under --insecure; raises when there is neither."""
         if self.config.insecure:
             log.warning(
@@ -302,6 +354,16 @@ class Node:
             return None
         require_curve()
         key = load_mesh_key(self.config.key_file or None)
+        if isinstance(key, MemberIdentity):
+            if key.role < Role.NODE:
+                raise MeshKeyError(f"this machine's identity ({key.name}) is a {key.role}'s: it may send "
+                                   "requests but not serve; a node needs an invite with --role node")  # fmt: skip
+            if self.config.name and self.config.name != key.name:
+                raise MeshKeyError(f"--name {self.config.name}: this machine's certificate names it {key.name} "
+                                   "(a name belongs to a key; drop --name, or enrol again)")  # fmt: skip
+            log.info("member %s (%s) of mesh %s: its own key on every connection", key.name, key.role,
+                     key.fingerprint, extra={"fingerprint": key.fingerprint})  # fmt: skip
+            return key
         log.info("mesh key %s: CURVE on every connection", key.fingerprint, extra={"fingerprint": key.fingerprint})
         return key
 
@@ -357,6 +419,18 @@ class Node:
             self.executor.stop(max(0.5, end - time.monotonic()))
         self.notifier.close()
         log.info("left the mesh")
+
+
+def _member_name(config: NodeConfig) -> str:
+    """The name a member identity's certificate gives this node ("" for a shared key, or when there is no readable
+    key: starting says what is wrong)."""
+    if config.insecure:
+        return ""
+    try:
+        key = load_mesh_key(config.key_file or None)
+    except (MeshKeyError, OSError, ValueError):
+        return ""
+    return key.name if isinstance(key, MemberIdentity) else ""
 
 
 def _both(first: ProgressFn | None, second: ProgressFn) -> ProgressFn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import openai
 import pytest
 from gateway_nodes import start_gateway_node
 from openai_spec import problems
@@ -46,3 +47,9 @@ def test_openai_embeddings_from_minilm_are_unit_vectors_in_float_and_base64(clus
     # The official client asks for base64 by default and decodes it: the same numbers come back.
     single = client.embeddings.create(model="minilm", input=texts[0])
     assert max(abs(a - b) for a, b in zip(single.data[0].embedding, vectors[0], strict=True)) < 1e-5
+    # `dimensions`: the model's own size is served; another is refused as unsupported (MiniLM is not trained for
+    # shortened vectors), with the code and param OpenAI's clients read.
+    assert len(client.embeddings.create(model="minilm", input=texts[0], dimensions=384).data[0].embedding) == 384
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="minilm", input=texts[0], dimensions=256)
+    assert (refused.value.code, refused.value.param) == ("unsupported_parameter", "dimensions")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from gateway_nodes import FAST, GatewayNode, scrape, start_gateway_node, value, wait_until
 
-from bench.procs import Cluster
+from bench.procs import ROOT, Cluster
 from tests.conftest import LOOPBACK
 
 HELLO = [{"role": "user", "content": "hello mesh"}]
@@ -213,3 +216,37 @@ def test_refused_keys_are_logged_with_the_address_once_per_period(cluster: Clust
     lines = [line for line in node.proc.log_path.read_text().splitlines() if "http_unauthorized" in line]
     assert len(lines) == 1, lines  # the rest are counted, and said with the next line after the quiet period
     assert "wrong API key for GET /v1/models from 127.0.0.1" in lines[0] and "guess" not in lines[0]
+
+
+def test_keys_per_caller_are_named_in_logs_metrics_and_console_and_revoked_live(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+
+    def apikey(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "nodes.cli", "apikey", *args, "--state-dir", str(tmp_path)],
+                              capture_output=True, text=True, timeout=30, cwd=ROOT)  # fmt: skip
+
+    added = apikey("add", "alice")
+    assert added.returncode == 0, added.stderr
+    alice = next(w for w in added.stdout.split() if w.startswith("lm-"))
+    assert alice not in (tmp_path / "api-keys.json").read_text()  # kept as its sha256 only
+    single = "the-single-key-of-old"
+    node = start_gateway_node(cluster, "callers", ["echo"], ["--state-dir", str(tmp_path)], key=single)
+    answer = node.openai(alice).chat.completions.create(model="echo", messages=HELLO)  # type: ignore[arg-type]
+    assert answer.choices[0].message.content == "hello mesh"
+    node.openai(single).chat.completions.create(model="echo", messages=HELLO)  # type: ignore[arg-type]
+    bob = next(w for w in apikey("add", "bob").stdout.split() if w.startswith("lm-"))  # while it runs
+    wait_until(lambda: httpx.get(f"{node.url}/v1/models", headers={"Authorization": f"Bearer {bob}"}).status_code
+               == 200, 5, "bob's new key to count")  # fmt: skip
+    metrics = scrape(node, alice)
+    assert value(metrics, "lanmesh_http_caller_requests_total", caller="alice") >= 1
+    assert value(metrics, "lanmesh_http_caller_requests_total", caller="default") >= 1
+    feed = httpx.get(f"{node.url}/console/api/mesh", headers={"Authorization": f"Bearer {alice}"}).json()
+    assert {"alice", "default"} <= {r.get("caller") for r in feed["requests"]}, feed
+    assert "HTTP caller alice from 127.0.0.1" in node.proc.log_path.read_text()
+    assert apikey("revoke", "alice").returncode == 0
+    wait_until(lambda: httpx.get(f"{node.url}/v1/models", headers={"Authorization": f"Bearer {alice}"}).status_code
+               == 401, 5, "alice's key to be refused")  # fmt: skip
+    assert "revoked API key of alice" in node.proc.log_path.read_text()
+    listed = apikey("list").stdout
+    assert "alice" in listed and "revoked" in listed and "bob" in listed

@@ -142,6 +142,36 @@ def test_what_lanmesh_cannot_do_is_a_400_naming_the_field(
 
 
 @pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),  # nothing to call
+        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+        ({"functions": [WEATHER["function"]], "function_call": {"name": "get_time"}}, "function_call"),
+        ({"tools": [WEATHER, WEATHER]}, "tools.1"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ],
+)
+def test_a_value_that_names_nothing_offered_is_invalid_value(
+    echo_node: GatewayNode, change: dict[str, Any], param: str
+) -> None:
+    body = {"model": "echo", "messages": _ask("hi"), **change}
+    with pytest.raises(openai.BadRequestError) as err:
+        echo_node.openai().chat.completions.create(**body)
+    assert (err.value.code, err.value.param) == ("invalid_value", param), err.value.message
+
+
+def test_an_empty_prompt_is_the_start_of_a_document(echo_node: GatewayNode) -> None:
+    client = echo_node.openai()
+    # echo continues with what the model was given: OpenAI's start-of-document marker, as for a null prompt
+    assert client.completions.create(model="echo", prompt="").choices[0].text == "<|endoftext|>"
+    texts = [c.text for c in client.completions.create(model="echo", prompt=["", "a"], echo=True).choices]
+    assert texts == ["<|endoftext|>", "aa"]  # echo shows the prompt as the caller sent it
+    streamed = client.completions.create(model="sleep:200", prompt="", stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "<|endoftext|>"
+
+
+@pytest.mark.parametrize(
     "change",
     [
         {"stream": None},
@@ -184,3 +214,73 @@ def test_completions_take_a_null_prompt_echo_and_max_tokens_zero(echo_node: Gate
     assert err.value.param == "prompt" and err.value.code == "unsupported_parameter"
     streamed = client.completions.create(model="sleep:200", prompt="x y", echo=True, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == "x yx y"
+
+
+# ---------------------------------------------------------------- schema keywords the grammar cannot enforce
+
+WEEK = {
+    "type": "object",
+    "properties": {"days": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}},
+    "required": ["days"],
+}
+PLAN = {"type": "function", "function": {"name": "plan", "parameters": WEEK}}
+
+
+def _week(strict: bool | None = None) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "week", "schema": WEEK, "strict": strict}}
+
+
+def test_an_answer_that_breaks_a_keyword_the_grammar_cannot_enforce_is_never_handed_out(
+    echo_node: GatewayNode,
+) -> None:
+    # echo answers the last message whatever the grammar says: it stands in for a model that broke uniqueItems
+    client = echo_node.openai()
+    good = '{"days": ["mon", "thu"]}'
+    for stream in (False, True):
+        answer = client.chat.completions.create(
+            model="echo",
+            messages=_ask(good),
+            response_format=_week(),
+            stream=stream,  # type: ignore[call-overload]
+        )
+        if stream:
+            chunks = list(answer)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == good
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        else:
+            assert answer.choices[0].message.content == good
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(
+                model="echo",
+                messages=_ask('{"days": ["mon", "thu", "thu"]}'),
+                response_format=_week(),  # type: ignore[arg-type]
+                stream=stream,
+            )
+        assert (failed.value.code, failed.value.param) == ("schema_not_met", "response_format")
+        assert "3 tries (the answer: uniqueItems at /days" in failed.value.message
+
+
+def test_tool_call_arguments_are_checked_the_same_way(echo_node: GatewayNode) -> None:
+    client = echo_node.openai()
+    call = '<tool_call>{"name": "plan", "arguments": {"days": ["fri", "fri"]}}</tool_call>'
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="echo", messages=_ask(call), tools=[PLAN])  # type: ignore[list-item]
+    assert (failed.value.code, failed.value.param) == ("schema_not_met", "tools")
+    assert "the arguments of plan: uniqueItems at /days" in failed.value.message
+    fine = client.chat.completions.create(model="echo", messages=_ask(call.replace('"fri"]', '"sat"]')), tools=[PLAN])  # type: ignore[list-item]
+    (made,) = fine.choices[0].message.tool_calls or []
+    assert json.loads(made.function.arguments) == {"days": ["fri", "sat"]}  # type: ignore[union-attr]
+    metrics = httpx.get(f"{echo_node.url}/metrics", timeout=5).text
+    assert 'lanmesh_http_schema_checks_total{result="failed"}' in metrics
+
+
+def test_strict_refuses_a_keyword_the_grammar_cannot_enforce(echo_node: GatewayNode) -> None:
+    client = echo_node.openai()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="echo", messages=_ask("{}"), response_format=_week(strict=True))  # type: ignore[arg-type]
+    assert (refused.value.code, refused.value.param) == ("invalid_json_schema", "response_format")
+    assert "'uniqueItems' is not permitted" in refused.value.message
+    strict_tool = {"type": "function", "function": {**PLAN["function"], "strict": True}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="echo", messages=_ask("{}"), tools=[strict_tool])  # type: ignore[list-item]
+    assert (refused.value.code, refused.value.param) == ("invalid_function_parameters", "tools.0.function.parameters")

@@ -14,9 +14,10 @@ from typing import Any
 
 import jsonschema_rs
 import pytest
-from gateway_nodes import GatewayNode, start_gateway_node
-from openai import OpenAI
+from gateway_nodes import GatewayNode, scrape, start_gateway_node, value
+from openai import BadRequestError, InternalServerError, OpenAI
 from openai_spec import problems
+from pydantic import BaseModel
 
 from bench.procs import Cluster
 from nodes.models.packaged import models_status
@@ -105,25 +106,26 @@ def test_a_named_function_is_called_with_arguments_that_validate(client: OpenAI)
 
 
 def test_required_and_auto_answers_are_always_well_formed(client: OpenAI) -> None:
+    # "Tell me a joke" with a call required: greedy SmolLM2 writes {"tz": "local_time_local_time_... for ever;
+    # the grammar closes the call before max_tokens, so the answer is a whole call, not cut-off arguments.
     questions = ["What time is it in Tokyo?", "Tell me a joke about cats.", "Is it raining in Oslo?"]
     for tool_choice in ("required", "auto"):
         for question in questions:
-            message = (
-                client.chat.completions.create(
-                    model="smollm2",
-                    messages=[{"role": "user", "content": question}],
-                    tools=TOOLS,  # type: ignore[arg-type]
-                    tool_choice=tool_choice,  # type: ignore[arg-type]
-                    **GREEDY,  # type: ignore[arg-type]
-                )
-                .choices[0]
-                .message
-            )
+            choice = client.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": question}],
+                tools=TOOLS,  # type: ignore[arg-type]
+                tool_choice=tool_choice,  # type: ignore[arg-type]
+                **GREEDY,  # type: ignore[arg-type]
+            ).choices[0]
+            message = choice.message
             if tool_choice == "required":
                 assert message.tool_calls, (question, message)
             for call in message.tool_calls or []:
                 _valid_call(call, TOOLS)
-            if not message.tool_calls:
+            if message.tool_calls:
+                assert choice.finish_reason == "tool_calls", (question, message)  # whole, within max_tokens
+            else:
                 assert message.content and "<tool_call>" not in message.content
 
 
@@ -204,7 +206,99 @@ def test_json_schema_and_json_object_answers_parse_and_validate(client: OpenAI) 
         response_format={"type": "json_object"},
         **GREEDY,  # type: ignore[arg-type]
     )
-    assert isinstance(json.loads(loose.choices[0].message.content or ""), dict)
+    cat = json.loads(loose.choices[0].message.content or "")
+    assert isinstance(cat, dict) and cat  # any object: the model's own keys, not just {}
+
+
+WEEK = {
+    "type": "object",
+    "properties": {
+        "days": {
+            "type": "array",
+            "items": {"enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]},
+            "uniqueItems": True,  # a grammar cannot say it: checked after generation
+            "maxItems": 6,
+        }
+    },
+    "required": ["days"],
+}
+
+
+def _redrawn(node: GatewayNode) -> float:
+    """Answers that broke a schema keyword the grammar cannot enforce (drawn again, or all draws failed)."""
+    metrics = scrape(node)
+    return sum(value(metrics, "lanmesh_http_schema_checks_total", result=r) for r in ("drawn_again", "failed"))
+
+
+def test_an_answer_that_breaks_unique_items_is_never_handed_out(client: OpenAI, model_node: GatewayNode) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "week", "schema": WEEK}}
+    before = _redrawn(model_node)
+    for question in ("List the working days of the week as JSON.", "Which days do you work? Answer as JSON."):
+        try:
+            answer = client.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": question}],
+                response_format=fmt,  # type: ignore[arg-type]
+                seed=1,
+                **GREEDY,  # type: ignore[arg-type]
+            )
+        except InternalServerError as failed:  # three draws, each with a day twice: said so, nothing handed out
+            assert failed.code == "schema_not_met" and "uniqueItems" in failed.message
+            continue
+        jsonschema_rs.validate(WEEK, json.loads(answer.choices[0].message.content or ""))
+    assert _redrawn(model_node) > before  # greedy SmolLM2 does repeat days here: the check kept the promise
+
+
+def test_a_prompt_over_the_context_is_context_length_exceeded_for_openai_and_langchain(
+    client: OpenAI, model_node: GatewayNode
+) -> None:
+    too_long = [{"role": "user", "content": "word " * 9000}]  # SmolLM2's context is 8192 tokens
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model="smollm2", messages=too_long, max_tokens=8)  # type: ignore[arg-type]
+    assert (refused.value.code, refused.value.param) == ("context_length_exceeded", "messages")
+    assert "This model's maximum context length is 8192 tokens. However" in refused.value.message  # litellm's cue
+    langchain = pytest.importorskip("langchain_core.exceptions", reason="needs lanmesh[test]: langchain-openai")
+    with pytest.raises(langchain.ContextOverflowError):
+        _langchain(model_node).invoke("word " * 9000)
+
+
+def _langchain(node: GatewayNode) -> Any:
+    """langchain-openai's chat model on the node (it needs no tiktoken download for any of this)."""
+    ChatOpenAI = pytest.importorskip("langchain_openai", reason="needs lanmesh[test]: langchain-openai").ChatOpenAI
+
+    return ChatOpenAI(
+        base_url=f"{node.url}/v1", api_key="no-key-needed", model="smollm2", temperature=0, max_tokens=96, max_retries=0
+    )
+
+
+class Cat(BaseModel):
+    name: str
+    color: str
+
+
+CAT_QUESTION = "Describe a cat as JSON with the keys name and color."
+
+
+def test_langchain_json_mode_gets_the_object_the_model_wrote(model_node: GatewayNode) -> None:
+    llm = _langchain(model_node)
+    as_dict = llm.with_structured_output(None, method="json_mode").invoke(CAT_QUESTION)
+    assert isinstance(as_dict, dict) and {"name", "color"} <= set(as_dict)  # JSON mode answered {} before
+    as_model = llm.with_structured_output(Cat, method="json_mode").invoke(CAT_QUESTION)
+    assert isinstance(as_model, Cat) and as_model.name
+
+
+def test_instructor_json_mode_gets_a_model_that_validates(client: OpenAI) -> None:
+    instructor = pytest.importorskip("instructor", reason="needs lanmesh[test]: instructor")
+    structured = instructor.from_openai(client, mode=instructor.Mode.JSON)
+    cat = structured.chat.completions.create(
+        model="smollm2",
+        response_model=Cat,
+        messages=[{"role": "user", "content": CAT_QUESTION}],
+        max_retries=1,
+        temperature=0,
+        max_tokens=96,
+    )
+    assert isinstance(cat, Cat) and cat.name and cat.color
 
 
 def test_tiny_temperature_and_zero_top_p_are_greedy(client: OpenAI) -> None:

@@ -275,6 +275,34 @@ def test_embeddings_try_out_shows_what_the_mesh_answered(
     assert "is it an embedding model?" in shown
 
 
+def test_the_chat_picker_offers_chat_models_only_so_a_first_question_gets_an_answer(
+    browser: Chromium, open_page: list[Page], keyed: Path, tmp_path: Path
+) -> None:
+    """As a newcomer's mesh: an embedding model named minilm (sorted first) on one node, a chat model (echo, named
+    smollm2) on another; the embedding model's tasks reach the page by gossip."""
+    pytest.importorskip("onnx", reason="the embedding model is built with onnx (pip install 'lanmesh[models]')")
+    from bench.model_files import make_lookup_embedder
+
+    embedder = make_lookup_embedder(tmp_path / "minilm", megabytes=1.0)
+    with Cluster(tmp_path, keyed) as cluster:
+        chat = start_gateway_node(cluster, "node-chat", ["name=smollm2,kind=echo"])
+        start_gateway_node(cluster, "node-embed", [f"name=minilm,path={embedder}"], extra=["--peer", chat.proc.address])
+        cluster.wait_converged(15.0)
+        page = console(open_page, browser, chat, "playground")
+        options = "id => [...document.querySelector(id).options].map(o => o.value)"
+        page.wait_for(f"({options})('#embed-model').includes('minilm')", what="minilm offered for embeddings")
+        assert page.evaluate(f"({options})('#chat-model')") == ["smollm2"]  # before: ["minilm", "smollm2"]
+        assert page.evaluate("document.querySelector('#chat-model').value") == "smollm2"
+        assert page.evaluate(f"({options})('#embed-model')") == ["minilm", "smollm2"]  # echo answers any task
+
+        page.fill("#chat-input", "What is the capital of France?")
+        page.click("#chat-send")
+        answer = "document.querySelector('.message.assistant[data-done]')"
+        page.wait_for(f"!!{answer}", what="the answer")
+        assert page.evaluate(f"{answer}.dataset.done") == "complete"
+        assert page.evaluate(f"{answer}.querySelector('.text').innerText") == "What is the capital of France?"
+
+
 def test_with_an_api_key_the_page_shows_nothing_until_given_the_key(
     browser: Chromium, open_page: list[Page], keyed: Path, tmp_path: Path
 ) -> None:

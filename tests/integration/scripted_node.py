@@ -11,7 +11,8 @@ What a request gets depends on its model name:
   reject          Reject(queue=7)
   garbage         a Reply frame whose meta is not a map (undecodable, but it carries the request id)
   stream:N[:MS]   words "w0 " .. "w{N-1} " as chunks MS ms apart (default 0), then Reply(full text); a request
-                  with a prefix continues after the words in it (and is refused if the prefix is not those words)
+                  with a prefix continues after the words in it (and is refused if the prefix is not those words);
+                  one asking for max_tokens below N gets that many words and meta finish_reason "length"
   stream-dup:N    as stream:N, but every chunk is sent twice
 The node-wide `mode` overrides that: `hold` never answers requests, `reject` rejects them all, `unavailable`
 answers UNAVAILABLE. A Ping is always answered; its status is the node's own row, {"node": name, "address":
@@ -173,6 +174,11 @@ class ScriptedRouter:
     def _stream(self, ident: bytes, req: Request, arg: str, *, twice: bool) -> None:
         count_s, _, gap_s = arg.partition(":")
         words = [f"w{i} " for i in range(int(count_s))]
+        limit = req.params.get("max_tokens") if isinstance(req.params, dict) else None
+        meta: dict[str, Any] = {"usage": {"completion_tokens": 1}}
+        if isinstance(limit, int) and limit < len(words):
+            words = words[:limit]
+            meta = {"usage": {"completion_tokens": limit}, "finish_reason": "length"}
         done = req.prefix.split()
         if [w + " " for w in done] != words[: len(done)]:
             self._send(ident, protocol.encode(Error(req.id, ErrorCode.BAD_REQUEST, "prefix mismatch", self.name)))
@@ -183,7 +189,7 @@ class ScriptedRouter:
             for _ in range(2 if twice else 1):
                 self._at(t, ident, Chunk(req.id, seq, word, self.name, "local"))
             t += gap
-        self._at(t, ident, Reply(req.id, "".join(words), self.name, "local", 0, {"usage": {"completion_tokens": 1}}))
+        self._at(t, ident, Reply(req.id, "".join(words), self.name, "local", 0, meta))
 
 
 class ScriptedNode:

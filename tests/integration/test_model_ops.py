@@ -240,12 +240,13 @@ def test_status_shows_each_loaded_version_once_and_pins_reach_a_version_loaded_b
     a = cluster.add("a", [*LOOPBACK, "--model", "name=chat,kind=sleep,ms=5,cap=2"])
     key = MeshKey.load(keyed)
     old = _models_of(a, keyed)["models"][0]["version"]
-    assert a.status()[0]["models"] == {"chat": [0, 0, 2, old]}, "the current version appears once, with its version"
+    tasks = ["chat", "complete", "embed", "infer"]  # what a synthetic model serves
+    assert a.status()[0]["models"] == {"chat": [0, 0, 2, old, tasks]}, "the current version appears once"
     beside = admin_call(a.address, "load", {"spec": "name=chat,kind=sleep,ms=6,cap=2", "current": False}, key, 30)
     new = beside["version"]
     shown = _eventually(lambda: a.status()[0]["models"] if len(a.status()[0]["models"]) == 2 else None,
                         what="the second version in the status")  # fmt: skip
-    assert shown == {"chat": [0, 0, 2, old], f"chat@{new}": [0, 0, 2, new]}
+    assert shown == {"chat": [0, 0, 2, old, tasks], f"chat@{new}": [0, 0, 2, new, tasks]}
     with Client(a.address, timeout=10) as client:
         assert client.request(f"chat@{new}", "complete", "x").output == "x"  # the version that is not current
         assert client.request(f"chat@{old}", "complete", "x").output == "x"  # the current one, by its pin

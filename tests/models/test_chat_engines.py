@@ -149,6 +149,9 @@ def test_max_tokens_ends_with_length_and_usage_counts_tokens(backend: Backend) -
     outcome = alone(backend, request)
     prompt_tokens = len(backend._chat_ids(request.input))  # type: ignore[attr-defined]
     assert outcome.output["role"] == "assistant"
+    assert outcome.meta is not None
+    cached = outcome.meta["usage"].pop("cached_tokens", 0)  # engines with a prefix cache: what they did not re-read
+    assert 0 <= cached <= prompt_tokens
     assert outcome.meta == {
         "model": "tiny",
         "finish_reason": "length",
@@ -195,6 +198,16 @@ def test_a_json_schema_grammar_gives_json_that_validates(backend: Backend) -> No
     assert value["tag"] in ("red", "green")
 
 
+def test_a_constrained_answer_closes_within_max_tokens(backend: Backend) -> None:
+    # A random model wanders: left alone it writes strings and keys until max_tokens cuts the JSON in half.
+    free = {"type": "json_schema", "grammar": {"type": "object", "additionalProperties": True}}
+    for seed in range(4):
+        outcome = alone(backend, chat("hello", max_tokens=24, temperature=1.5, seed=seed, guidance=free))
+        assert isinstance(json.loads(outcome.text), dict), outcome.text
+        assert outcome.meta is not None and outcome.meta["finish_reason"] == "stop"
+        assert outcome.meta["usage"]["completion_tokens"] <= 24
+
+
 @pytest.mark.parametrize(
     ("guidance", "complaint"),
     [
@@ -228,10 +241,12 @@ def test_prompt_beyond_the_context_is_a_bad_request(backend: Backend) -> None:
             complete("hello", max_tokens=4),
         ],
     )
+    # OpenAI's words for it, which clients recognise (litellm's ContextWindowExceededError)
     assert too_long.code is ErrorCode.BAD_REQUEST
-    assert "tokens; model context is 96" in too_long.message
+    assert too_long.message.startswith("This model's maximum context length is 96 tokens. However, your messages")
     assert too_much.code is ErrorCode.BAD_REQUEST
-    assert "max_tokens is 96; model context is 96" in too_much.message
+    assert too_much.message.startswith("This model's maximum context length is 96 tokens. However, you requested")
+    assert "in the messages, 96 in the completion" in too_much.message
     assert fits.code is None
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from bench.procs import Cluster
+from bench.procs import Cluster, NodeProc
 from mesh import Client, client_security
 from nodes.cli.model_commands import admin_call
 from nodes.models.packaged import models_status
@@ -172,3 +172,50 @@ def test_on_a_cuda_machine_the_chat_model_lands_on_the_gpu_and_serves(
     with Client(node.address, timeout=120) as client:
         answer = client.chat("smollm2", QUESTION, max_tokens=24, temperature=0, require={"gpu": "true"})
     assert "Paris" in answer.text and answer.node == "gpu"
+
+
+OFFICE = (
+    "You are the office assistant of Northwind Traders, a small importer of coffee, tea and spices. Answer in one "
+    "or two sentences, politely, and say so when you do not know."
+)
+
+
+def _chains_seen(entry: NodeProc, peer: str) -> int:
+    row = next((r for r in entry.status() if r["node"] == peer), {})
+    return int((row.get("prefix_chains") or {}).get("smollm2", 0))
+
+
+def test_a_conversation_follows_its_cache_across_entry_nodes_and_moves_on_when_that_node_dies(
+    model_cluster: Cluster, model_env: dict[str, str]
+) -> None:
+    """Each turn enters at another node; every turn after the first goes to the node that served the ones before
+    (route `prefix:`) and reads only what is new; when that node dies, the conversation goes on elsewhere."""
+    a = model_cluster.add("a", [*LOOPBACK, "--model", "smollm2"], wait=300, env=model_env)
+    b = model_cluster.add("b", [*LOOPBACK, "--model", "smollm2", "--peer", a.address], wait=300, env=model_env)
+    model_cluster.wait_converged(timeout=30)
+    nodes = {"a": a, "b": b}
+    messages = [{"role": "system", "content": OFFICE}]
+    served: list[tuple[str, str, dict[str, int]]] = []
+    for i, question in enumerate(["Which teas do we sell?", "And coffee?", "Which is cheaper?", "Thanks!"]):
+        messages.append({"role": "user", "content": question})
+        entry = (a, b)[i % 2]
+        with Client(entry.address, timeout=120, learn=False) as client:
+            answer = client.chat("smollm2", messages, max_tokens=24, temperature=0)
+        served.append((answer.node, answer.route, answer.meta["usage"]))
+        messages.append({"role": "assistant", "content": answer.text})
+        # The other node hears what the serving node now holds before the next turn enters there.
+        other = (b, a)[i % 2]
+        deadline = time.monotonic() + 10
+        while answer.node != other.name and _chains_seen(other, answer.node) == 0:
+            assert time.monotonic() < deadline, "the serving node's cache summary never reached its peer"
+            time.sleep(0.05)
+    holder = served[0][0]
+    for node, route, usage in served[1:]:
+        assert node == holder and route.startswith(f"prefix:{holder}("), served
+        assert usage["prompt_tokens"] - usage["cached_tokens"] < 48, served  # the new question, and a partial block
+    nodes[holder].kill()
+    messages.append({"role": "user", "content": "One more question: do we sell cinnamon?"})
+    survivor = next(n for name, n in nodes.items() if name != holder)
+    with Client(survivor.address, timeout=120, learn=False) as client:
+        answer = client.chat("smollm2", messages, max_tokens=24, temperature=0)
+    assert answer.node == survivor.name and answer.text

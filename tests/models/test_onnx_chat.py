@@ -21,7 +21,7 @@ from nodes.models.backends.transformers_chat import TransformersChat
 from nodes.models.cache import cache_ready
 from nodes.models.loader import load_backend
 from nodes.models.specs import parse_model_arg
-from protocol import ErrorCode
+from protocol import ErrorCode, Request, Task
 
 pytestmark = pytest.mark.models
 
@@ -203,7 +203,7 @@ def test_a_grammar_that_allows_no_token_fails_its_request_alone(
 
     from nodes.models.backends import guidance
 
-    monkeypatch.setattr(guidance.Matcher, "allowed", lambda self: np.zeros(tiny_onnx._vocab_size, dtype=bool))
+    monkeypatch.setattr(guidance.Matcher, "allowed", lambda self, **_: np.zeros(tiny_onnx._vocab_size, dtype=bool))
     mate = complete("The quick brown fox", max_tokens=12)
     broken, other = through_a_lane(tiny_onnx, [complete("A number:", max_tokens=8, guidance=DIGITS), mate])
     assert broken.code is ErrorCode.INTERNAL and "no token" in broken.message  # not NaN probabilities
@@ -223,9 +223,9 @@ def test_a_grammar_compiles_off_the_engine_thread_while_the_batch_keeps_decoding
     real = guidance.GrammarTokenizer.matcher
     compiled_after_stream: list[bool] = []
 
-    def slow(self: guidance.GrammarTokenizer, kind: str, grammar: str) -> guidance.Matcher:
+    def slow(self: guidance.GrammarTokenizer, *grammar: Any) -> guidance.Matcher:
         compiled_after_stream.append(stream_done.wait(30))
-        return real(self, kind, grammar)
+        return real(self, *grammar)
 
     monkeypatch.setattr(guidance.GrammarTokenizer, "matcher", slow)
     running, constrained = Outcome(), Outcome()
@@ -268,3 +268,63 @@ def test_the_key_value_cache_stays_within_its_cap_and_is_given_back_when_idle(ti
     assert all(o.code is None for o in outcomes)
     assert 0 < max(peak) <= cap
     assert [o.text for o in outcomes] == [solo(tiny_onnx, r) for r in requests]
+
+
+# ---------------------------------------------------------------- the prefix cache
+
+
+def converse(engine: OnnxChat, questions: list[str], max_tokens: int = 6) -> list[Outcome]:
+    """A conversation, turn by turn: each request sends the earlier turns and their answers again."""
+    messages = [{"role": "system", "content": "Answer about cities."}]
+    outcomes = []
+    for i, question in enumerate(questions):
+        messages.append({"role": "user", "content": question})
+        request = Request(f"turn-{i}-{time.monotonic_ns()}", "tiny", Task.CHAT, list(messages),
+                          {"max_tokens": max_tokens, "temperature": 0})  # fmt: skip
+        (outcome,) = serve(engine, [request])
+        assert outcome.code is None, outcome.message
+        messages.append({"role": "assistant", "content": outcome.text})
+        outcomes.append(outcome)
+    return outcomes
+
+
+def test_a_conversation_reads_only_its_new_turn_and_answers_exactly_as_without_the_cache(tiny_onnx: OnnxChat) -> None:
+    assert tiny_onnx.model_dir is not None
+    cached = OnnxChat("tiny", tiny_onnx.model_dir)  # the default: half the key/value cache is the prefix cache
+    cached.load()
+    plain = OnnxChat("tiny", tiny_onnx.model_dir, prefix_cache_bytes=0)
+    plain.load()
+    questions = ["hello", "France?", "Japan?"]  # the tiny model's context is 96 tokens
+    with_cache, without = converse(cached, questions), converse(plain, questions)
+    assert [o.text for o in with_cache] == [o.text for o in without]  # greedy: identical, token for token
+    usage = [o.meta["usage"] for o in with_cache if o.meta]
+    assert usage[0]["cached_tokens"] == 0
+    for before, turn in zip(usage, usage[1:], strict=False):
+        # At least every full block of the turn before: a random model's answer may not tokenize again to the very
+        # tokens it wrote, so reuse may stop where the answer starts (SmolLM2's test sees it go further).
+        assert turn["cached_tokens"] >= before["prompt_tokens"] // 16 * 16, (before, turn)
+    assert all("cached_tokens" not in (o.meta or {})["usage"] for o in without)
+    stats = cached.cache_stats()
+    assert stats["prefix_hits"] == 2 and stats["prefix_lookups"] == 3 and stats["prefix_evictions"] == 0
+    runner = cached._runner
+    assert runner is not None and stats["prefix_cache_capacity_bytes"] <= cached.kv_cache_bytes // 2
+
+
+def test_the_pool_and_the_running_requests_share_the_key_value_cap(tiny_onnx: OnnxChat) -> None:
+    assert tiny_onnx.model_dir is not None and tiny_onnx._runner is not None
+    per_token = tiny_onnx._runner.layout.bytes_per_token
+    engine = OnnxChat("tiny", tiny_onnx.model_dir, max_batch=4, kv_cache_bytes=6 * 96 * per_token,
+                      prefix_cache_bytes=2 * 96 * per_token)  # fmt: skip
+    engine.load()
+    requests = [chat(f"Story {i}: once upon a time", max_tokens=30, stream=True) for i in range(6)]
+    peak: list[int] = []
+    outcomes = [Outcome() for _ in requests]
+    with LaneRun(engine) as run:
+        for request, outcome in zip(requests, outcomes, strict=True):
+            run.submit(request, outcome, on_chunk=lambda *_: peak.append(engine._runner.bytes_held))  # type: ignore[union-attr]
+        run.wait()
+    stats = engine.cache_stats()
+    assert max(peak) + stats["prefix_cache_capacity_bytes"] <= engine.kv_cache_bytes
+    assert [o.text for o in outcomes] == [solo(tiny_onnx, r) for r in requests]
+    with pytest.raises(ValueError, match="leaves nothing of the"):
+        OnnxChat("tiny", tiny_onnx.model_dir, kv_cache_bytes=per_token * 512, prefix_cache_bytes=per_token * 512).load()

@@ -229,4 +229,4 @@ def test_a_second_node_with_the_same_id_is_refused_with_a_clear_error(make_lan: 
     first = Probe.spawn(lan, lan.hosts[0])
     first.wait_for(lambda e: e["event"] == "started", timeout=30)
     said = run_python(lan, lan.hosts[1], DUPLICATE, first.node, lan.hosts[1].ip)
-    assert "node ids must be unique" in said
+    assert "already uses the name" in said and "another name" in said

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nodes.models.backends.chat_scheduler import ChatScheduler, IllegalMove, SchedSeq, SeqState, StepPlan
+from nodes.models.backends.prefix_cache import BLOCK_TOKENS
 
 
 @dataclass
@@ -20,13 +21,23 @@ class FakeRunner:
     length: int = 0
     slots: dict[int, list[int]] = field(default_factory=dict)
     peak_cells: int = 0
+    pool: dict[int, list[int]] = field(default_factory=dict)  # prefix cache: pool slot -> its block's tokens
 
     def run(self, plan: StepPlan, next_tokens: dict[int, int]) -> None:
+        for row, saved in plan.saves:  # first, before any row is moved or cut
+            for i, slot in enumerate(saved.slots):
+                start = saved.start + i * BLOCK_TOKENS
+                block = self.slots[row][start : start + BLOCK_TOKENS]
+                assert len(block) == BLOCK_TOKENS, "a block saved from a row that does not hold it"
+                self.pool[slot] = block
         for src, dst, tokens in plan.moves:
             self.slots[dst] = list(self.slots.get(src, [])[:tokens])
         self.rows, self.length = plan.rows, plan.length
         self.slots = {s: t[: self.length] for s, t in self.slots.items() if s < self.rows}
         self.peak_cells = max(self.peak_cells, self.rows * self.length)
+        if plan.load:
+            assert plan.prefill is not None
+            self.slots[plan.prefill.slot] = [t for slot in plan.load for t in self.pool[slot]]
         if plan.prefill is not None:
             seq = plan.prefill
             assert seq.slot < self.rows and seq.cached + len(plan.chunk) <= self.length
@@ -45,18 +56,24 @@ class Engine:
         self.runner = FakeRunner()
         self.expected: dict[int, list[int]] = {}  # id(seq) -> what its cache must hold
         self.left: dict[int, int] = {}  # tokens each may still write
+        self.prompts: dict[int, list[int]] = {}
 
     def add(self, seq: SchedSeq, prompt: list[int], new_tokens: int) -> None:
         self.s.add(seq)
         self.s.prepared(seq, prompt, len(prompt) + new_tokens)
         self.expected[id(seq)] = []
         self.left[id(seq)] = new_tokens
+        self.prompts[id(seq)] = list(prompt)
 
     def step(self) -> StepPlan | None:
         plan = self.s.schedule()
         if plan is None:
             return None
         tokens = {id(seq): 1000 + len(self.expected[id(seq)]) for seq in plan.decode}
+        if plan.load:  # what it takes from the prefix cache is the start of its own prompt, nobody else's
+            seq = plan.prefill
+            assert seq is not None and seq.reused == len(plan.load) * BLOCK_TOKENS == seq.cached
+            self.expected[id(seq)] = self.prompts[id(seq)][: seq.reused]
         self.runner.run(plan, tokens)
         # What each request of the step finds in its slot is its own past: moves and resizes lost nothing.
         for seq in plan.decode:
@@ -72,7 +89,8 @@ class Engine:
                 self.s.start(seq)
         for seq in plan.decode:
             self.expected[id(seq)].append(tokens[id(seq)])
-            self.s.decoded(seq)
+            self.s.decoded(seq, tokens[id(seq)])
+            assert seq.tokens == self.expected[id(seq)]
             self.left[id(seq)] -= 1
             if self.left[id(seq)] <= 0:
                 self.s.end(seq, SeqState.FINISHED)
@@ -211,12 +229,13 @@ def test_state_changes_are_checked() -> None:
         max_size=60,
     ),
     st.sampled_from([(4, 1 << 16, 1024), (3, 3 * 512, 512), (8, 4 * 1024, 2048), (2, 2 * 256, 256)]),
+    st.sampled_from([0, 3, 40]),
 )
 def test_whatever_arrives_and_leaves_every_request_keeps_its_cache_and_the_cap_holds(
-    events: list[tuple[str, int, int]], shape: tuple[int, int, int]
+    events: list[tuple[str, int, int]], shape: tuple[int, int, int], cache_blocks: int
 ) -> None:
     slots, kv_tokens, context = shape
-    s = ChatScheduler(slots, kv_tokens, context, prefill_chunk=64)
+    s = ChatScheduler(slots, kv_tokens, context, prefill_chunk=64, cache_blocks=cache_blocks)
     engine = Engine(s)
     held: list[SchedSeq] = []
     for kind, a, b in events:
@@ -226,7 +245,7 @@ def test_whatever_arrives_and_leaves_every_request_keeps_its_cache_and_the_cap_h
             prompt, new = [a % 97] * min(a, context // 2), b
             if len(prompt) + new <= s.max_need():
                 s.prepared(x, prompt, len(prompt) + new)
-                engine.expected[id(x)], engine.left[id(x)] = [], new
+                engine.expected[id(x)], engine.left[id(x)], engine.prompts[id(x)] = [], new, prompt
                 held.append(x)
             else:
                 s.end(x, SeqState.ABORTED)
@@ -245,3 +264,139 @@ def test_whatever_arrives_and_leaves_every_request_keeps_its_cache_and_the_cap_h
             break
         engine.check()
     assert not s.has_work()
+    if s.cache is not None:
+        assert s.cache.pinned() == 0 and len(s.cache) <= cache_blocks
+
+
+# ---------------------------------------------------------------- the prefix cache
+
+
+def run_to_end(engine: Engine, *seqs: SchedSeq) -> None:
+    while not all(x.ended for x in seqs):
+        assert engine.step() is not None
+        engine.check()
+
+
+def test_a_prompt_that_starts_like_an_earlier_one_reads_only_what_is_new() -> None:
+    s = ChatScheduler(slots=4, kv_tokens=1 << 16, context=2048, cache_blocks=64)
+    engine = Engine(s)
+    system = list(range(100, 180))  # 80 tokens: five full blocks
+    first = seq("turn 1")
+    engine.add(first, [*system, 1, 2, 3], new_tokens=20)
+    run_to_end(engine, first)
+    assert first.reused == 0
+    # Turn 2 sends turn 1's prompt, the answer the engine wrote, and a new question.
+    answer = engine.expected[id(first)][len(system) + 3 :]
+    second = seq("turn 2")
+    engine.add(second, [*system, 1, 2, 3, *answer, 4, 5, 6, 7], new_tokens=5)
+    plan = engine.step()
+    assert plan is not None and plan.prefill is second and plan.load
+    # 83 prompt tokens + the 20 answer tokens fed back = 103 tokens in turn 1's row: six full blocks.
+    assert second.reused == 96
+    assert len(plan.chunk) == 83 + 20 + 4 - 96  # only the rest is read (the Engine checks the row's tokens)
+    run_to_end(engine, second)
+    counts = s.cache.counts if s.cache else None
+    assert counts is not None and counts.hits == 1 and counts.reused_tokens == 96 and counts.lookups == 2
+
+
+def test_the_last_prompt_token_is_always_read_again() -> None:
+    s = ChatScheduler(slots=2, kv_tokens=1 << 14, context=1024, cache_blocks=16)
+    engine = Engine(s)
+    prompt = list(range(32))  # exactly two blocks
+    a = seq()
+    engine.add(a, prompt, new_tokens=3)
+    run_to_end(engine, a)
+    b = seq()
+    engine.add(b, prompt, new_tokens=3)  # the same prompt again
+    plan = engine.step()
+    assert plan is not None and b.reused == 16 and plan.chunk == prompt[16:]  # its logits choose the first token
+    run_to_end(engine, b)
+
+
+def test_a_request_whose_prompt_is_in_shares_it_while_it_is_still_decoding() -> None:
+    s = ChatScheduler(slots=4, kv_tokens=1 << 16, context=2048, cache_blocks=64)
+    engine = Engine(s)
+    shared = list(range(500, 564))  # one long system prompt, four blocks
+    a = seq("a")
+    engine.add(a, [*shared, 1], new_tokens=50)
+    while a.state is not SeqState.RUNNING:
+        engine.step()
+    b = seq("b")
+    engine.add(b, [*shared, 2], new_tokens=5)
+    while b.state is SeqState.WAITING:
+        engine.step()
+    assert a.state is SeqState.RUNNING and b.reused == 64
+    run_to_end(engine, a, b)
+
+
+def test_the_pool_keeps_the_most_recently_used_blocks_and_never_grows_past_its_size() -> None:
+    s = ChatScheduler(slots=2, kv_tokens=1 << 14, context=1024, cache_blocks=6)
+    engine = Engine(s)
+    a, b, c = ([i * 1000 + t for t in range(49)] for i in range(3))  # prompts of three blocks each
+
+    def ask(prompt: list[int]) -> int:
+        x = seq()
+        engine.add(x, prompt, new_tokens=1)
+        run_to_end(engine, x)
+        return x.reused
+
+    assert [ask(a), ask(b), ask(a)] == [0, 0, 48]  # the pool is full; a was used last
+    assert ask(c) == 0  # c takes b's blocks, the least recently used
+    assert s.cache is not None and s.cache.counts.evictions == 3 and len(s.cache) == 6
+    assert [ask(a), ask(b)] == [48, 0]
+    assert len(s.cache) == 6 and s.cache.pinned() == 0
+
+
+def test_a_request_that_leaves_in_the_step_its_slot_is_taken_still_leaves_its_own_blocks() -> None:
+    s = ChatScheduler(slots=3, kv_tokens=1 << 16, context=2048, cache_blocks=64)
+    engine = Engine(s)
+    a, b = seq("a"), seq("b")
+    engine.add(a, list(range(40)), new_tokens=100)
+    engine.add(b, list(range(200, 240)), new_tokens=100)
+    while len(s.running) < 2:
+        engine.step()
+    s.end(a, SeqState.FINISHED)  # b moves into a's row in the next step: a's blocks are copied out first
+    plan = engine.step()
+    assert plan is not None and plan.saves and plan.moves
+    c = seq("c")
+    engine.add(c, [*list(range(40)), 7], new_tokens=2)  # starts like a
+    run_to_end(engine, c)
+    assert c.reused == 32  # the FakeRunner checked c's row holds exactly its own prompt's tokens
+
+
+def test_a_cancel_leaves_nothing_pinned_and_a_failure_leaves_nothing_behind() -> None:
+    s = ChatScheduler(slots=2, kv_tokens=1 << 14, context=1024, prefill_chunk=16, cache_blocks=32)
+    engine = Engine(s)
+    prompt = list(range(80))
+    first = seq()
+    engine.add(first, prompt, new_tokens=2)
+    run_to_end(engine, first)
+    cancelled = seq("cancelled while its prompt is read")
+    engine.add(cancelled, [*prompt, *range(900, 940)], new_tokens=5)
+    engine.step()
+    assert cancelled.state is SeqState.PREFILLING and cancelled.reused == 80  # its prompt and the token fed back
+    s.end(cancelled, SeqState.ABORTED)
+    assert s.cache is not None
+    engine.step()  # its blocks are saved, its pins gone
+    assert s.cache.pinned() == 0
+    failed = seq("failed")
+    engine.add(failed, list(range(3000, 3040)), new_tokens=5)
+    while failed.state is not SeqState.RUNNING:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    held = len(s.cache)  # with its prompt's two blocks, kept once read
+    s.end(failed, SeqState.FAILED)
+    assert len(s.cache) == held  # nothing of what it wrote since
+
+
+def test_what_the_last_request_leaves_reaches_the_pool_before_the_arrays_go() -> None:
+    s = ChatScheduler(slots=2, kv_tokens=1 << 14, context=1024, cache_blocks=32)
+    engine = Engine(s)
+    x = seq()
+    engine.add(x, list(range(40)), new_tokens=30)
+    run_to_end(engine, x)
+    plan = s.schedule()
+    assert plan is not None and plan.saves and plan.prefill is None and not plan.decode
+    engine.runner.run(plan, {})
+    assert s.schedule() is None and s.idle()

@@ -42,7 +42,9 @@ from protocol import (
 )
 
 ids = st.text(min_size=1, max_size=40)
-names = st.text(min_size=1, max_size=30)
+names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,29}\Z").filter(lambda n: ".." not in n)  # protocol._names
+nodes_or_none = names | st.just("")  # who answered ("" where nobody is named)
+labels = st.text(max_size=20).filter(str.isprintable)  # a client's own id
 small = st.integers(min_value=0, max_value=10_000)
 scalars = (
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
@@ -79,7 +81,7 @@ def requests(draw: st.DrawFn) -> Request:
         deadline_ms=draw(st.integers(1, MAX_DEADLINE_MS)),
         priority=draw(st.integers(0, 9)),
         hops=draw(st.integers(0, 8)),
-        origin=draw(st.text(max_size=20)),
+        origin=draw(labels),
         stream=draw(st.booleans()),
         require=draw(str_maps),
         prefix=draw(st.text(max_size=30)),
@@ -87,15 +89,18 @@ def requests(draw: st.DrawFn) -> Request:
 
 
 addrs = st.builds(PeerAddr, names, names, st.integers(1, 65535), st.integers(1, 65535))
-loads = st.builds(ModelLoad, small, small, small, st.floats(0, 1e6), st.text(alphabet="0123456789abcdef", max_size=64))
+tasks = st.lists(st.sampled_from(["chat", "complete", "embed", "infer"]), max_size=4, unique=True).map(tuple)
+loads = st.builds(
+    ModelLoad, small, small, small, st.floats(0, 1e6), st.text(alphabet="0123456789abcdef", max_size=64), tasks
+)
 any_message = st.one_of(
     requests(),
-    st.builds(Reply, ids, values, st.text(max_size=20), st.text(max_size=20), small, any_maps),
-    st.builds(Chunk, ids, small, values, st.text(max_size=20), st.text(max_size=20)),
+    st.builds(Reply, ids, values, nodes_or_none, st.text(max_size=20), small, any_maps),
+    st.builds(Chunk, ids, small, values, nodes_or_none, st.text(max_size=20)),
     st.builds(
-        Error, st.text(max_size=20), st.sampled_from(list(ErrorCode)), st.text(max_size=50), st.text(max_size=9), small
+        Error, st.text(max_size=20), st.sampled_from(list(ErrorCode)), st.text(max_size=50), nodes_or_none, small
     ),
-    st.builds(Reject, ids, st.text(max_size=20), small, st.text(max_size=20)),
+    st.builds(Reject, ids, nodes_or_none, small, st.text(max_size=20)),
     st.builds(
         LoadReport,
         names,
@@ -107,6 +112,8 @@ any_message = st.one_of(
         st.lists(addrs, max_size=3).map(tuple),
         st.booleans(),
         st.text(max_size=20),
+        st.dictionaries(names, st.binary(max_size=8 * 16).map(lambda b: b[: len(b) // 8 * 8]), max_size=3),
+        st.integers(0, 2**63 - 1),
         st.booleans(),
     ),
     st.builds(Suspicion, names, st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1), names, st.booleans()),
@@ -124,20 +131,26 @@ any_message = st.one_of(
     ),
     st.builds(Hello, addrs, st.integers(0, 2**63 - 1), st.text(max_size=20)),
     st.builds(Leave, names, st.integers(0, 2**63 - 1)),
-    st.builds(Ping, ids, st.text(max_size=20), st.booleans()),
-    st.builds(Pong, ids, st.text(max_size=20), st.none() | st.lists(any_maps, max_size=3)),
+    st.builds(Ping, ids, labels, st.booleans()),
+    st.builds(Pong, ids, nodes_or_none, st.none() | st.lists(any_maps, max_size=3)),
     st.builds(Cancel, ids, st.text(max_size=40)),
-    st.builds(Admin, ids, st.sampled_from(["models", "load", "unload", "switch", "pull"]), any_maps),
+    st.builds(
+        Admin,
+        ids,
+        st.sampled_from(["models", "load", "unload", "switch", "pull"]),
+        any_maps.filter(lambda m: "name" not in m and "version" not in m)
+        | st.fixed_dictionaries({"name": names, "version": st.text(alphabet="0123456789abcdef", max_size=64)}),
+    ),
     st.builds(
         Fetch,
         ids,
         names,
-        st.text(min_size=1, max_size=64),
+        st.text(alphabet="0123456789abcdef", min_size=1, max_size=64),
         st.text(max_size=40),
         st.integers(0, 2**40),
         st.integers(0, MAX_CHUNK_BYTES),
     ),  # fmt: skip
-    st.builds(Data, ids, st.text(max_size=20), st.integers(0, 2**40), st.binary(max_size=200)),
+    st.builds(Data, ids, nodes_or_none, st.integers(0, 2**40), st.binary(max_size=200)),
 )
 
 
@@ -235,6 +248,21 @@ def test_optional_trailing_fields_take_defaults_and_extra_fields_are_ignored() -
     assert longer == short
 
 
+def test_a_model_load_says_its_tasks_and_an_older_peers_says_none() -> None:
+    addr = PeerAddr("a", "10.0.0.1", 5555, 5556)
+    report = LoadReport("a", 1, 2, addr, {"minilm": ModelLoad(0, 0, 8, 1.5, "9d83ed24", ("embed",))}, {}, (), False)
+    body = msgpack.unpackb(encode(report)[1:])
+    assert body[5]["minilm"] == [0, 0, 8, 1.5, "9d83ed24", ["embed"]]
+    assert decode(encode(report)) == report
+    body[5]["minilm"] = [0, 0, 8, 1.5, "9d83ed24"]  # as a node before tasks were gossiped sends it
+    older = decode(_frame(body))
+    assert isinstance(older, LoadReport) and older.models["minilm"].tasks == ()
+    for bad in ("embed", ["x"] * 9, [""], [7]):
+        body[5]["minilm"] = [0, 0, 8, 1.5, "9d83ed24", bad]
+        with pytest.raises(DecodeError, match="model task"):
+            decode(_frame(body))
+
+
 def test_encode_refuses_what_is_not_a_message() -> None:
     with pytest.raises(TypeError, match="not a lanmesh message"):
         encode("hello")  # type: ignore[arg-type]
@@ -288,6 +316,6 @@ def test_a_load_report_from_an_older_node_reads_as_one_that_reports_every_interv
 
 
 def test_a_digest_member_in_an_unknown_state_is_refused() -> None:
-    body = [16, "n1", 1, 5, [["n2", "10.0.0.2", 5555, 5556, 1, 2, "zombie"]]]
+    body = [17, "n1", 1, 5, [[["n2", "10.0.0.2", 5555, 5556], 1, 2, "zombie"]]]
     with pytest.raises(DecodeError, match="state must be one of"):
         decode(bytes([VERSION]) + msgpack.packb(body))

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from nodes.models.specs import parse_model_arg
 from nodes.runtime.config import NodeConfig, parse_hostport, parse_labels, parse_size
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_match_the_design() -> None:
@@ -65,5 +68,81 @@ def test_small_parsers() -> None:
     assert parse_labels("gpu=true, room = lab") == {"gpu": "true", "room": "lab"}
     assert parse_hostport("[::1]:5555") == ("::1", 5555)
     assert parse_size("512M") == 512 * 2**20 and parse_size("8GiB") == 8 * 2**30 and parse_size("1.5g") == 3 * 2**29
+    assert parse_size("300MB") == 300 * 2**20 and parse_size(" 2 G ") == 2 * 2**30 and parse_size("8Gi") == 8 * 2**30
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("300", "max_memory 300 has no unit, so it would mean 300 bytes: write 300M or 300G (units K, M, G, T)"),
+        ("4000", "write 4000M or 4000G"),
+        ("abc", "max_memory: size 'abc' is not a number with a unit, like 512M or 8G (units K, M, G, T)"),
+        ("8 GB please", "is not a number with a unit"),
+        ("1K", "max_memory 1K is below 64 MiB, less than a node needs; e.g. 512M or 8G"),
+        ("32M", "below 64 MiB"),
+    ],
+)
+def test_a_memory_limit_needs_a_unit_and_a_sane_size(value: str, message: str) -> None:
+    for source in ({"LANMESH_MAX_MEMORY": value}, {}):
+        with pytest.raises(ValueError) as refused:
+            NodeConfig.load({} if source else {"max_memory": value}, env=source)
+        assert message in str(refused.value)
+
+
+def test_memory_limits_with_units_or_in_plain_bytes_are_taken() -> None:
+    assert NodeConfig.load({"max_memory": "8G"}, env={}).max_memory_bytes() == 8 * 2**30
+    assert NodeConfig.load({"max_memory": "512MiB"}, env={}).max_memory_bytes() == 512 * 2**20
+    assert NodeConfig.load({"max_memory": str(2**30)}, env={}).max_memory_bytes() == 2**30  # bytes, clearly meant
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"models": ["echo", "sleep:fast"]}, "ms must be a number"),  # the second spec: refused before the first loads
+        ({"models": ["name=x,pth=/m.gguf"]}, "unknown model spec key 'pth'"),
+        ({"log_level": "verbose"}, "log_level must be one of debug, info, warning, error"),
+    ],
+)
+def test_every_value_is_checked_when_the_config_is_built(flags: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NodeConfig.load(flags, env={})
+
+
+@pytest.mark.parametrize(
+    ("value", "specs"),
+    [
+        ("smollm2,minilm", ["smollm2", "minilm"]),  # a comma list of names, as before
+        ("echo, sleep:50:cap=4", ["echo", "sleep:50:cap=4"]),
+        ("name=mychat,path=/srv/m.gguf", ["name=mychat,path=/srv/m.gguf"]),  # the README's spec, whole
+        ("name=mychat,path=/srv/m.gguf;minilm", ["name=mychat,path=/srv/m.gguf", "minilm"]),
+        ("smollm2; name=e,kind=echo,batch=4 ;", ["smollm2", "name=e,kind=echo,batch=4"]),
+        (
+            "smollm2,name=big,path=/m.gguf,require.gpu=true,minilm",
+            ["smollm2", "name=big,path=/m.gguf,require.gpu=true", "minilm"],
+        ),
+        ("name=a,path=/a.gguf,name=b,path=/b.gguf", ["name=a,path=/a.gguf", "name=b,path=/b.gguf"]),  # a key repeats
+    ],
+)
+def test_lanmesh_models_carries_specs_with_commas(value: str, specs: list[str]) -> None:
+    assert NodeConfig.load({}, env={"LANMESH_MODELS": value}).models == specs
+
+
+def test_a_toml_string_of_models_splits_like_the_env_and_a_list_is_taken_as_it_is(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text('models = "name=x,path=/srv/x.gguf;echo"\n')
+    assert NodeConfig.load({}, env={}, toml=str(toml)).models == ["name=x,path=/srv/x.gguf", "echo"]
+    toml.write_text('models = ["name=x,path=/srv/x.gguf", "echo"]\n')
+    assert NodeConfig.load({}, env={}, toml=str(toml)).models == ["name=x,path=/srv/x.gguf", "echo"]
+
+
+def test_every_models_example_of_the_service_settings_file_parses() -> None:
+    lines = (ROOT / "deploy" / "systemd" / "lanmesh.env").read_text().splitlines()
+    examples = [line.removeprefix("#").partition("=")[2] for line in lines if line.startswith("#LANMESH_MODELS=")]
+    assert any("path=" in e for e in examples), examples
+    for value in examples:
+        specs = NodeConfig.load({}, env={"LANMESH_MODELS": value}).models
+        assert len(specs) == (value.count(";") + 1 if ";" in value else len(specs)), specs
+        for spec in specs:
+            parse_model_arg(spec)  # each one a whole spec (before: `name=...` and `path=...` apart, both refused)

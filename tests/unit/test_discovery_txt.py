@@ -20,7 +20,7 @@ GOOD = {
     b"fingerprint": b"3f9a0c",
 }
 
-node_ids = st.text(st.characters(codec="utf-8", categories=["L", "N", "P", "S"]), min_size=1, max_size=60)
+node_ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,59}\Z").filter(lambda n: ".." not in n)  # names' rule
 ports = st.integers(1, 65535)
 fingerprints = st.text("0123456789abcdefABCDEF:+/=_-.", max_size=128)
 
@@ -149,3 +149,10 @@ def test_instance_name_is_the_node_id_when_dns_safe_and_distinct_otherwise() -> 
     assert instance_name("worker-7") == "worker-7"
     assert instance_name("a.b") != instance_name("a_b")
     assert instance_name("x" * 80) != instance_name("x" * 81)
+
+
+@pytest.mark.parametrize("node", ["../x", "a b", "a/b", "*"])
+def test_an_announced_node_id_follows_the_rule_for_names(node: str) -> None:
+    props = {b"node": node.encode(), b"port": b"5555", b"pub_port": b"5556", b"version": b"1", b"fingerprint": b""}
+    with pytest.raises(ValueError, match="not a valid name"):
+        parse_txt(props, ["10.0.0.7"], "s")

@@ -343,3 +343,55 @@ def test_a_refused_reconnect_makes_a_peer_dead_at_once_but_a_left_peer_stays_lef
     fd.left("c", clock.now, 1)
     assert fd.unreachable("c", clock.now) == [] and fd.state("c") is PeerState.LEFT
     assert fd.unreachable("nobody", clock.now) == [] and fd.connection_lost("nobody", clock.now) == []
+
+
+# ---------------------------------------------------------------- incarnations are bounded by this node's clock
+
+WALL = 1_765_000_000 * 10**9  # this node's wall clock (ns) at monotonic 0
+H = 3600 * 10**9
+
+
+@pytest.fixture
+def timed() -> FailureDetector:
+    fd = FailureDetector(suspect_after=1.0, dead_after=3.0, forget_after=300.0)
+    fd.sync_clock(WALL, 0.0)
+    return fd
+
+
+def test_a_forged_incarnation_far_ahead_is_refused_and_real_reports_keep_counting(timed: FailureDetector) -> None:
+    """A process on the peer's own machine gossips as the peer with incarnation 2^63-2 for 3 s: refused each time,
+    so the peer's real reports (a lower incarnation) are never stale and it stays alive."""
+    real = WALL - 600 * 10**9  # started ten minutes ago
+    assert timed.heard("b", 0.0, real, 1) is not None
+    for i in range(12):
+        assert timed.heard("b", 0.25 * i, 2**63 - 2, i) is None
+        assert timed.heard("b", 0.25 * i + 0.1, real, 2 + i) is None  # heard, not stale: still alive
+    assert timed.refused_incarnations == 12
+    assert timed.incarnation("b") == real and timed.state("b") is ALIVE
+    assert timed.left("b", 3.5, 2**63 - 2) is None and timed.state("b") is not LEFT, "a forged goodbye was believed"
+
+
+def test_a_forged_incarnation_is_refused_at_first_contact_too(timed: FailureDetector) -> None:
+    assert timed.heard("b", 1.0, WALL + 2 * H, 1) is None
+    assert timed.state("b") is None and timed.refused_incarnations == 1
+    assert timed.heard("b", 1.0, WALL - 5 * 10**9, 1) == Transition("b", None, ALIVE, "new")
+
+
+def test_clocks_minutes_apart_and_restarts_after_hours_are_accepted(timed: FailureDetector) -> None:
+    # A peer that ran for three weeks before this node met it, with a clock 10 minutes ahead of this node's.
+    assert timed.heard("b", 0.0, WALL - 21 * 24 * H, 1) is not None
+    five_hours = 5 * 3600.0
+    restart = WALL + int(five_hours * 1e9) + 10 * 60 * 10**9  # it restarts 5 h later, by its own (fast) clock
+    t = timed.heard("b", five_hours, restart, 1)
+    assert t is not None and t.reason == "restarted" and timed.refused_incarnations == 0
+
+
+def test_the_bound_follows_this_nodes_clock_as_it_is_resynced(timed: FailureDetector) -> None:
+    later = 2 * H
+    assert not timed.incarnation_ok(WALL + 2 * H, 0.0)
+    timed.sync_clock(WALL + 3 * H, 10.0)  # NTP stepped this node's clock three hours forward
+    assert timed.incarnation_ok(WALL + later, 10.0)
+
+
+def test_without_a_clock_every_incarnation_is_taken_as_before(fd: FailureDetector) -> None:
+    assert fd.heard("b", 0.0, 2**63 - 2, 1) is not None

@@ -208,3 +208,15 @@ def test_every_module_named_in_a_string_exists() -> None:
                     if not found:
                         stale.append(f"{rel}:{number}: {name}")
     assert not stale, "strings naming modules that do not exist:\n" + "\n".join(stale)
+
+
+def test_test_modules_have_unique_names() -> None:
+    """pytest imports test modules by basename (no packages under tests/):
+    two files of one name abort the whole collection in a clean checkout."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(REPO)} and {path.relative_to(REPO)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, clashes

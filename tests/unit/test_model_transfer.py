@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +43,9 @@ def model(tmp_path: Path) -> Path:
     return folder
 
 
+GARBAGE = object()  # a Peer answer: a frame that is no message at all
+
+
 def _entry(folder: Path) -> ModelEntry:
     m = make_manifest("m", "onnx-embed", folder, {})
     return ModelEntry("m", m["version"], "onnx-embed", str(folder), folder, state="ready")
@@ -71,7 +75,9 @@ class Peer:
             assert isinstance(msg, Fetch)
             self.fetches.append(msg)
             reply = self.answer(msg)
-            if reply is not None:
+            if reply is GARBAGE:
+                self.sock.send_multipart([ident, b"\x01\xc1 not msgpack"])
+            elif reply is not None:
                 self.sock.send_multipart([ident, encode(reply)])
 
     def close(self) -> None:
@@ -118,7 +124,7 @@ def test_a_manifest_that_does_not_hash_to_the_version_asked_for_is_refused(model
         check_manifest(json.dumps(m).encode(), "m", m["version"])
 
 
-_BAD_PATHS = ["../evil", "/etc/passwd", "a/../../b", "C:/x", "", "a//b", "./a", "x\\..\\y", CACHE_MARKER]
+_BAD_PATHS = ["../evil", "/etc/passwd", "a/../../b", "C:/x", "", ".", "a/.", "a//b", "./a", "x\\..\\y", CACHE_MARKER]
 
 
 @pytest.mark.parametrize("path", _BAD_PATHS)
@@ -132,6 +138,36 @@ def test_a_manifest_whose_hash_matches_but_names_a_path_outside_the_cache_is_ref
     m["files"][0]["path"] = "../../.bashrc"  # a liar can make the hash match any paths it likes
     m["version"] = folder_digest([(f["path"], f["size"], f["sha256"]) for f in m["files"]])
     with pytest.raises(ManifestError, match="outside the model's folder"):
+        check_manifest(json.dumps(m).encode(), "m", m["version"])
+
+
+def test_the_kind_that_loads_a_model_is_covered_by_its_version(model: Path) -> None:
+    """The kind chooses the engine a pulled copy runs on: a peer cannot keep the files and change the kind."""
+    m = make_manifest("m", "onnx-embed", model, {})
+    m["kind"] = "transformers"
+    with pytest.raises(ManifestError, match="not the version asked for"):
+        check_manifest(json.dumps(m).encode(), "m", m["version"])
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"name": "other"}, "names another model"),
+        ({"kind": "echo"}, "names kind 'echo'"),
+        ({"info": {"x": "y" * 10_000}}, "malformed info"),
+        ({"info": ["not", "a", "map"]}, "malformed info"),
+        ({"files": [{"path": "a", "size": 0, "sha256": "0" * 64, "chunks": []},
+                    {"path": "a/b", "size": 0, "sha256": "0" * 64, "chunks": []}]}, "as a file and as a folder"),
+        ({"files": [{"path": ".", "size": 0, "sha256": "0" * 64, "chunks": []}]}, "refused a manifest path '.'"),
+        ({"files": [{"path": "a", "size": "12", "sha256": "0" * 64, "chunks": []}]}, "malformed entry"),
+        ({"chunk": 1024, "files": [{"path": "a", "size": 10**30, "sha256": "0" * 64, "chunks": []}]}, "chunk hashes"),
+    ],
+)  # fmt: skip
+def test_a_manifest_a_peer_lied_in_is_refused_with_a_reason(
+    model: Path, change: dict[str, Any], complaint: str
+) -> None:
+    m = make_manifest("m", "onnx-embed", model, {}) | change
+    with pytest.raises(ManifestError, match=re.escape(complaint)):
         check_manifest(json.dumps(m).encode(), "m", m["version"])
 
 
@@ -192,6 +228,80 @@ def test_a_peer_sending_a_manifest_with_a_path_outside_the_cache_writes_nothing(
     with pytest.raises(PullError, match="outside the model's folder"):
         _pull(forged, [("liar", peers[0].address)], tmp_path / "a" / "b" / "cache")
     assert not list(tmp_path.rglob("evil"))
+
+
+@pytest.mark.parametrize("lie", ["dot path", "garbage frame", "another kind", "file and folder"])
+def test_a_lying_peer_is_dropped_and_the_pull_goes_on_from_an_honest_one(
+    model: Path, tmp_path: Path, peers: list[Peer], lie: str
+) -> None:
+    version = _entry(model).version
+    honest = _server(model, "honest")
+
+    def liar(msg: Fetch) -> Any:
+        if msg.path:
+            return honest.serve(msg)
+        m = make_manifest("m", "onnx-embed", model, {})
+        if lie == "dot path":
+            m["files"][0]["path"] = "."
+        elif lie == "garbage frame":
+            return GARBAGE
+        elif lie == "another kind":
+            m["kind"] = "transformers"
+        else:
+            m["files"].append(dict(m["files"][1], path="weights/w.bin/x"))
+        return Data(msg.id, "liar", 0, json.dumps(m).encode())
+
+    peers.append(Peer(liar))
+    peers.append(Peer(honest.serve))
+    progress = PullProgress("m", version)
+    puller = Puller("m", version, [("liar", peers[0].address), ("honest", peers[1].address)], Plaintext(), progress,
+                    cache_dir=tmp_path / "cache")  # fmt: skip
+    out = puller.run()
+    assert (out / "weights" / "w.bin").read_bytes() == (model / "weights" / "w.bin").read_bytes()
+    assert "liar" in progress.dropped or any(s.node == "liar" and s.failed for s in puller.sources)
+    marker = json.loads((out / CACHE_MARKER).read_text())
+    assert marker["kind"] == "onnx-embed" and marker["from"] == ["honest"], marker
+
+
+def test_what_a_sender_says_about_a_model_never_decides_how_it_loads(
+    model: Path, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """`info` is not covered by the version: it is recorded under its own key, never over the marker's kind."""
+    version = _entry(model).version
+    honest = _server(model, "p1")
+
+    def tells_tales(msg: Fetch) -> Any:
+        reply = honest.serve(msg)
+        if msg.path or not isinstance(reply, Data):
+            return reply
+        m = json.loads(reply.data) | {"info": {"kind": "transformers", "version": "0" * 64, "backend": "x"}}
+        return Data(reply.id, "p1", 0, json.dumps(m).encode())
+
+    peers.append(Peer(tells_tales))
+    out, _ = _pull(version, [("p1", peers[0].address)], tmp_path / "cache")
+    marker = json.loads((out / CACHE_MARKER).read_text())
+    assert marker["kind"] == "onnx-embed" and marker["version"] == version, marker
+    assert marker["info"]["kind"] == "transformers"  # shown as what the sender said, nothing more
+
+
+def test_a_link_in_a_served_folder_never_lets_a_peer_read_outside_it(model: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.key"
+    secret.write_text("the mesh's secret key")
+    (model / "tokenizer.json").symlink_to(secret)
+    entry = ModelEntry("m", "0" * 64, "onnx-embed", str(model), model, state="ready")
+    catalog = Catalog()
+    catalog.add(entry)
+    server = ChunkServer(catalog, "p1", RateLimit(None))
+    manifest = server.serve(Fetch("1", "m", "0" * 64))
+    chunk = server.serve(Fetch("2", "m", "0" * 64, "tokenizer.json", 0, 100))
+    for reply in (manifest, chunk):
+        assert isinstance(reply, Error) and "not shared" in reply.message and "outside" in reply.message, reply
+        assert b"secret" not in encode(reply).replace(b"secret.key", b"")
+    # A link that stays inside the folder is just another name for a file there.
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.json").symlink_to(model / "config.json")
+    inside = ModelEntry("m", "1" * 64, "onnx-embed", str(model), model, state="ready")
+    assert "tokenizer.json" in {f["path"] for f in inside.manifest()["files"]}
 
 
 def test_a_pull_says_which_peer_refused_and_why(model: Path, tmp_path: Path, peers: list[Peer]) -> None:

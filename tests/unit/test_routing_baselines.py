@@ -40,4 +40,4 @@ def test_least_loaded_trusts_stale_gossip_and_herds() -> None:
 
 
 def test_every_policy_is_selectable_by_name() -> None:
-    assert set(POLICIES) == {"p2c", "round-robin", "random", "least-loaded"}
+    assert set(POLICIES) == {"cache-aware", "p2c", "round-robin", "random", "least-loaded"}

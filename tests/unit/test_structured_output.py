@@ -94,6 +94,24 @@ def test_json_answers_follow_the_schema_and_may_sit_beside_calls() -> None:
     assert not _accepts(with_tools, "forty-two")
 
 
+def test_json_object_is_any_json_object_not_just_an_empty_one() -> None:
+    pytest.importorskip("fastapi")
+    from nodes.api.bodies import ChatCompletionRequest
+
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "a cat, as JSON"}],
+            "response_format": {"type": "json_object"},
+        }
+    )
+    grammar = body.answer_shape().guidance()
+    assert grammar is not None
+    assert _accepts(grammar, '{"name": "Whiskers", "age": 3, "toys": ["ball", {"kind": "mouse", "new": true}]}')
+    assert _accepts(grammar, "{}")
+    assert not _accepts(grammar, "[1, 2]") and not _accepts(grammar, '"a cat"')
+
+
 def test_no_calls_means_no_tools_shown_and_text_without_calls() -> None:
     assert AnswerShape().params() == {}
     none = AnswerShape(SHOWN, (WEATHER,), "none")

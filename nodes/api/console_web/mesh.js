@@ -13,24 +13,49 @@ const byName = (a, b) => a.localeCompare(b, undefined, { numeric: true }); // sl
 const stateOf = (row) => (row.state === "self" ? "alive" : row.state);
 const isLive = (row) => row.state === "self" || row.state === "alive";
 
-/** A model's load as [inflight, queued, capacity] or as a map (with a version once nodes report one). */
+/** A model's load as [inflight, queued, capacity, version, tasks] or as a map with those keys. `tasks`: the tasks
+ * it serves (chat, complete, embed, infer), or null where its node did not say (an older node). */
 export function modelLoad(value) {
+  const tasksOf = (t) => (Array.isArray(t) && t.length ? t : null);
   if (Array.isArray(value)) {
     const [inflight = 0, queued = 0, capacity = 0] = value;
-    return { inflight, queued, capacity, version: typeof value[3] === "string" ? value[3] : "" };
+    const version = typeof value[3] === "string" ? value[3] : "";
+    return { inflight, queued, capacity, version, tasks: tasksOf(value[4]) };
   }
   const v = value || {};
-  return { inflight: v.inflight || 0, queued: v.queued || 0, capacity: v.capacity || 0, version: v.version || "" };
+  return {
+    inflight: v.inflight || 0,
+    queued: v.queued || 0,
+    capacity: v.capacity || 0,
+    version: v.version || "",
+    tasks: tasksOf(v.tasks),
+  };
 }
 
-/** Names of the models that at least one live node serves, sorted. */
+/** The models at least one live node serves, sorted by name, each with the tasks it serves (null: not known). */
 export function liveModels(view) {
-  const names = new Set();
-  for (const row of view.nodes) if (isLive(row)) Object.keys(row.models || {}).forEach((m) => names.add(m));
-  return [...names].sort(byName);
+  const tasks = new Map();
+  for (const row of view.nodes) {
+    if (!isLive(row)) continue;
+    for (const [name, value] of Object.entries(row.models || {})) {
+      const said = modelLoad(value).tasks;
+      const known = tasks.has(name) ? tasks.get(name) : said;
+      tasks.set(name, known && said ? [...new Set([...known, ...said])] : null);
+    }
+  }
+  return [...tasks.keys()].sort(byName).map((name) => ({ name, tasks: tasks.get(name) }));
 }
 
-function modelCell(models) {
+/** What a node's prefix cache does for `name`: its own share of prompt tokens reused, or what a peer's gossip says. */
+function cacheText(row, name) {
+  const reused = (row.prefix_reused || {})[name];
+  if (reused !== undefined) return `prefix cache: ${(reused * 100).toFixed(0)}% of prompt tokens reused`;
+  const chains = (row.prefix_chains || {})[name];
+  return chains ? `prefix cache: ${chains} conversation links` : "";
+}
+
+function modelCell(row) {
+  const models = row.models;
   const cell = el("td", { className: "models" });
   for (const name of Object.keys(models || {}).sort(byName)) {
     const load = modelLoad(models[name]);
@@ -47,6 +72,7 @@ function modelCell(models) {
         load.version ? el("span", { className: "version", text: load.version }) : null,
         el("span", { className: "meter", title: text }, fill),
         el("span", { className: "load", text }),
+        cacheText(row, name) ? el("div", { className: "cache", text: cacheText(row, name) }) : null,
       ),
     );
   }
@@ -78,7 +104,7 @@ function nodeRow(row) {
     { data: { node: row.node, state } },
     name,
     el("td", {}, el("span", { className: `state state-${state}`, text: state })),
-    modelCell(row.models),
+    modelCell(row),
     labelCell(row.labels),
     el("td", { className: "heard", text: self ? "—" : `${seconds(row.last_heard_s || 0)} ago` }),
     el("td", { text: SOURCES[row.source] || row.source || "" }),
@@ -146,6 +172,7 @@ function requestRow(r) {
     el("td", { text: time }),
     el("td", { text: ENDPOINTS[r.endpoint] || r.endpoint }, r.stream ? el("span", { className: "chip", text: "stream" }) : null),
     el("td", { text: r.model }),
+    el("td", { className: "caller", text: r.caller || "" }),
     el("td", {}, el("span", { className: ok ? "status ok" : "status failed", text: r.status })),
     el("td", { className: "served-by", text: r.node || "—" }),
     el("td", {}, el("code", { className: "route", text: r.route || "" })),
@@ -161,8 +188,9 @@ export function renderMesh(view) {
   const mode = view.nodes[0]?.security?.mode;
   const badge = byId("mesh-mode");
   badge.hidden = !mode;
-  badge.textContent = mode === "curve" ? "encrypted (CURVE)" : "OPEN MESH (--insecure)";
-  badge.className = mode === "curve" ? "chip" : "chip warn";
+  const closed = mode === "curve" || mode === "identities";
+  badge.textContent = mode === "identities" ? "encrypted, a key per member" : closed ? "encrypted (CURVE)" : "OPEN MESH (--insecure)";
+  badge.className = closed ? "chip" : "chip warn";
   summary(view);
   byId("nodes-body").replaceChildren(...view.nodes.map(nodeRow));
   const t = view.timeline;

@@ -7,14 +7,29 @@ import { byId, el } from "./dom.js";
 let history = []; // the conversation sent with each turn: [{role, content}]
 let running = null; // the AbortController of the answer being streamed
 
-/** Offer these models (names served by live nodes), keeping each picker's choice while it is still offered. */
-export function offerModels(names) {
-  for (const id of ["chat-model", "embed-model"]) {
+const PICKERS = [
+  { id: "chat-model", task: "chat", none: "no chat model in the mesh" },
+  { id: "embed-model", task: "embed", none: "no embedding model in the mesh" },
+];
+
+/** Offer each picker the models live nodes serve for its task ({name, tasks}; tasks null: offered to both), keeping
+ * its choice while it is still offered. A chat model never starts out as an embedding model, or the reverse. */
+export function offerModels(models) {
+  for (const { id, task, none } of PICKERS) {
+    const names = models.filter((m) => m.tasks === null || m.tasks.includes(task)).map((m) => m.name);
     const select = byId(id);
     const current = select.value;
-    const same = select.options.length === names.length && names.every((n, i) => select.options[i].value === n);
-    if (same) continue;
-    select.replaceChildren(...names.map((n) => el("option", { text: n })));
+    const offered = [...select.options].filter((o) => o.value).map((o) => o.value);
+    const same = offered.length === names.length && names.every((n, i) => offered[i] === n);
+    if (same && select.options.length) continue;
+    const options = names.map((n) => el("option", { text: n }));
+    if (!options.length) {
+      const placeholder = el("option", { text: none });
+      placeholder.value = "";
+      placeholder.disabled = true;
+      options.push(placeholder);
+    }
+    select.replaceChildren(...options);
     if (names.includes(current)) select.value = current;
   }
 }

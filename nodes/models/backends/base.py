@@ -88,6 +88,18 @@ class Job:
                 self.on_settled(self)
             self._on_done(self, None, None, code, message)
 
+    def take(self) -> bool:
+        """Mark the job taken by a model (in flight from now on); False when it was answered already (cancelled).
+
+        Check and set happen under the job's lock, as does answering it: a cancel landing at that moment either
+        sees the job started (and its answer frees the slot) or keeps it from starting, never neither.
+        """
+        with self._lock:
+            if self.done:
+                return False
+            self.started = True
+            return True
+
     def sleep(self, seconds: float) -> bool:
         """Wait up to `seconds`; True as soon as the job is answered meanwhile (e.g. cancelled by its caller)."""
         with self._lock:
@@ -154,6 +166,7 @@ class Backend(ABC):
     max_batch: int = 1
     concurrency: int = 1
     continuous: bool = False
+    batch_wait: float | None = None  # seconds a batch may wait to fill; None: the node's --batch-wait-ms
     steps = 0  # continuous backends: decode steps run, and requests advanced by them (summed over steps)
     row_steps = 0
     labels: dict[str, str]

@@ -14,11 +14,18 @@ Rules:
 - Each step decodes every running request by one token and reads at most one chunk of one prompt; the chunk is what
   is left of the step's token budget, at most `prefill_chunk`.
 - Memory is reserved, never hoped for: the key/value arrays are `rows x length` token slots (rows a power of two,
-  length a multiple of LENGTH_STEP, capped by the slots and the context) and grow as the requests do. A request starts only when the
-  arrays that every started request may grow to (their full `need`: prompt, prefix and every token they may write)
-  fit `kv_tokens` (shrinking first what long requests that left made large); so a running request can always grow,
-  and the arrays never pass the cap. A request whose own need cannot fit is refused when it arrives.
+  length a multiple of LENGTH_STEP, capped by the slots and the context) and grow as the requests do. A request
+  starts only when the arrays that every started request may grow to (their full `need`: prompt, prefix and every
+  token they may write) fit `kv_tokens` (shrinking first what long requests that left made large); so a running
+  request can always grow, and the arrays never pass the cap. A request whose own need cannot fit is refused when it
+  arrives.
 - A request that ends (finished, cancelled, expired, failed) leaves between steps and frees its slot at once.
+- Prefix cache (`prefix_cache.PrefixIndex`, when the engine has a pool): a request that gets a slot reuses the
+  longest chain of cached blocks its prompt starts with (the plan's `load`: copied into its slot before its first
+  chunk) and reads only the rest. A request whose prompt is in, and one that finishes or is cancelled, leaves its full
+  blocks behind (the plan's `saves`, copied out of its row before anything moves). A failed request leaves nothing.
+  The pool is its own share of the key/value budget (`kv_tokens` counts the arrays only), so the cache never takes
+  room from a running request.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixIndex, Saved
 
 LENGTH_STEP = 256  # the arrays' length (tokens per slot) is a multiple of this
 
@@ -69,6 +78,9 @@ class SchedSeq:
     state: SeqState = SeqState.PREPARING
     slot: int = -1
     cached: int = 0  # tokens of it in its slot of the cache
+    tokens: list[int] = field(default_factory=list)  # those tokens (len == cached): what its blocks are made of
+    reused: int = 0  # tokens of its prompt taken from the prefix cache
+    chain: list[CachedBlock] = field(default_factory=list)  # the cached blocks that stand for its tokens, root first
 
     def move(self, to: SeqState) -> None:
         if to not in _MOVES[self.state]:
@@ -82,7 +94,8 @@ class SchedSeq:
 
 @dataclass
 class StepPlan:
-    """What one step does, in order: KV copies, then the arrays' shape, then one prompt chunk and one decode."""
+    """What one step does, in order: blocks saved to the prefix cache, KV copies between slots, the arrays' shape, a
+    cached prefix loaded, then one prompt chunk and one decode."""
 
     moves: list[tuple[int, int, int]]  # (from slot, to slot, tokens): copy before the step
     rows: int  # slots the key/value arrays must have
@@ -90,13 +103,21 @@ class StepPlan:
     prefill: SchedSeq | None  # read `chunk` of its prompt, in its slot, after its `cached` tokens
     chunk: list[int]
     decode: list[SchedSeq]  # every running request, row i in slot i
+    saves: list[tuple[int, Saved]] = field(default_factory=list)  # (row, blocks): copy into the pool, first of all
+    load: list[int] = field(default_factory=list)  # pool slots to copy into the prefill's row (tokens 0..) first
 
 
 class ChatScheduler:
     """Queues, slots and the key/value budget of one chat engine (see the module docstring)."""
 
     def __init__(
-        self, slots: int, kv_tokens: int, context: int, prefill_chunk: int = 128, step_tokens: int | None = None
+        self,
+        slots: int,
+        kv_tokens: int,
+        context: int,
+        prefill_chunk: int = 128,
+        step_tokens: int | None = None,
+        cache_blocks: int = 0,
     ) -> None:
         if slots < 1 or context < 2 or prefill_chunk < 1:
             raise ValueError(f"bad engine shape: slots {slots}, prefill chunk {prefill_chunk}, context {context}")
@@ -114,6 +135,9 @@ class ChatScheduler:
         self.alloc_rows = 0  # the arrays' shape as last planned (the runner holds exactly this)
         self.alloc_length = 0
         self._moves: list[tuple[int, int, SchedSeq]] = []  # slot copies owed, sized when the next step is planned
+        self.cache = PrefixIndex(cache_blocks) if cache_blocks > 0 else None
+        self._saves: list[tuple[int, Saved]] = []  # blocks owed to the pool, copied before the next step moves a row
+        self._pinned: list[CachedBlock] = []  # the prefix the last plan loads; its copy is done by the next plan
 
     # ------------------------------------------------------------ sizes
 
@@ -178,6 +202,8 @@ class ChatScheduler:
             return
         was = seq.state
         seq.move(state)
+        if state is not SeqState.FAILED and was in (SeqState.PREFILLING, SeqState.RUNNING):
+            self._keep(seq)  # before its slot is given to another: the copy is made from it
         if was is SeqState.PREPARING:
             self.preparing.remove(seq)
         elif was is SeqState.WAITING:
@@ -231,14 +257,23 @@ class ChatScheduler:
         return True
 
     def schedule(self) -> StepPlan | None:
-        """The next step, or None when nothing can run (all waiting for room, or nothing held)."""
+        """The next step, or None when nothing can run (all waiting for room, or nothing held) and no block is owed
+        to the prefix cache."""
+        if self._pinned and self.cache is not None:
+            self.cache.unpin(self._pinned)  # the plan that loaded them has run
+        self._pinned = []
+        load: list[int] = []
         if self.prefilling is None and self.waiting and len(self.running) < self.slots and self._admit(self.waiting[0]):
             seq = self.waiting.pop(0)
             seq.move(SeqState.PREFILLING)
             seq.slot = len(self.running)
             self.prefilling = seq
+            load = self._reuse(seq)
+        saves, self._saves = self._saves, []
         if not self.running and self.prefilling is None:
             self._moves.clear()
+            if saves:  # what the last requests left must reach the pool before the arrays may be given back
+                return StepPlan([], self.alloc_rows, self.alloc_length, None, [], [], saves)
             return None
         chunk: list[int] = []
         length = max((s.cached + 1 for s in self.running), default=0)
@@ -254,11 +289,37 @@ class ChatScheduler:
         # A request moved after it left a step may have grown since: copy what it holds now.
         moves = [(src, dst, seq.cached) for src, dst, seq in self._moves if not seq.ended]
         self._moves = []
-        return StepPlan(moves, self.alloc_rows, self.alloc_length, self.prefilling, chunk, list(self.running))
+        return StepPlan(
+            moves, self.alloc_rows, self.alloc_length, self.prefilling, chunk, list(self.running), saves, load
+        )
+
+    def _reuse(self, seq: SchedSeq) -> list[int]:
+        """A request that just got its slot takes the longest cached prefix of its prompt: the pool slots to load."""
+        if self.cache is None:
+            return []
+        chain = self.cache.lookup(seq.pending)
+        if not chain:
+            return []
+        n = len(chain) * BLOCK_TOKENS
+        seq.tokens, seq.cached, seq.reused, seq.chain = seq.pending[:n], n, n, chain
+        del seq.pending[:n]
+        self.cache.pin(chain)  # until the copy is made (the next plan unpins)
+        self._pinned = chain
+        return [block.slot for block in chain]
+
+    def _keep(self, seq: SchedSeq) -> None:
+        """Leave `seq`'s full blocks in the prefix cache: those it does not share with one held already are copied
+        out of its row at the start of the next step."""
+        if self.cache is None or len(seq.tokens) < BLOCK_TOKENS:
+            return
+        seq.chain, saved = self.cache.insert(seq.tokens)
+        if saved.slots:
+            self._saves.append((seq.slot, saved))
 
     def prefilled(self, seq: SchedSeq, tokens: int) -> bool:
         """`tokens` of its prompt were read; True when the whole prompt is in (its first token is due)."""
         seq.cached += tokens
+        seq.tokens += seq.pending[:tokens]
         del seq.pending[:tokens]
         return not seq.pending
 
@@ -266,11 +327,14 @@ class ChatScheduler:
         """Its prompt is read and its first token taken: it decodes from the next step on."""
         seq.move(SeqState.RUNNING)
         self.prefilling = None
+        self._keep(seq)  # its prompt is in: a request with the same prefix may use it while this one decodes
         seq.slot = len(self.running)
         self.running.append(seq)
 
-    def decoded(self, seq: SchedSeq) -> None:
+    def decoded(self, seq: SchedSeq, token: int) -> None:
+        """A decode step wrote `token` (the one it was fed) into `seq`'s row."""
         seq.cached += 1
+        seq.tokens.append(token)
 
     def idle(self) -> bool:
         """Nothing held in the arrays: the runner may give their memory back (the shape starts from zero)."""

@@ -123,7 +123,13 @@ def _hf_source(name: str, source: Path, cache_dir: str | None) -> Path:
         raise BuildError(f"{source}: expected an HF model folder (config.json) or a .gguf file")
     from .transformers_chat import convert_gguf
 
-    return convert_gguf(name, gguf, cache_dir, lambda stage, fraction: _emit(stage=stage, fraction=0.3 * fraction))
+    # The parent puts the model's name before every stage: the converter's own "NAME: " would say it twice.
+    return convert_gguf(
+        name,
+        gguf,
+        cache_dir,
+        lambda stage, fraction: _emit(stage=stage.removeprefix(f"{name}: "), fraction=0.3 * fraction),
+    )
 
 
 def _run_builder(hf: Path, out: Path, precision: str, provider: str, layers: int) -> None:

@@ -29,11 +29,13 @@ from protocol import ErrorCode, Task
 
 from ..cache import cache_ready, discard_cache
 from .base import Backend, Job, JobSource, ProgressFn, release_free_memory
+from .cache_summary import ConversationIndex, cache_counters
 from .chat_scheduler import ChatScheduler, SchedSeq, SeqState, StepPlan
 from .chat_template import ChatTemplate, TemplateError, find_template, special_tokens
 from .guidance import GrammarTokenizer, Matcher, parse_guidance
 from .onnx_build import build_in_child, built_entry, check_precision
 from .onnx_runner import KVLayout, OnnxRunner
+from .prefix_cache import BLOCK_TOKENS
 from .textgen import DEFAULT_MAX_TOKENS_LIMIT, Detokenizer, Sampling, TextRow, chat_messages, heal_prefix, token_budget
 from .token_choice import pick_tokens
 from .tools import check_tools, with_tools
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SLOTS = 16  # requests decoded together; the executor's capacity for this model
 PREFILL_CHUNK = 128  # prompt tokens read per step: bounds how long running requests wait for a newcomer
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the key/value cache's cap when neither the node nor the spec sets one
+ARRAYS_FIRST_TOKENS = 4096  # the default prefix cache takes half the cap, but only what leaves the arrays this many
 _IDLE_WAIT = 0.25  # seconds the engine sleeps on an empty queue before checking for shutdown
 _PREPARE_WAIT = 0.005  # while only preparations are under way: how long to wait for one before looking again
 
@@ -62,6 +65,8 @@ class _Request:
     heal_ids: list[int] | None = None
     matcher: Matcher | None = None  # the grammar the answer must follow (params["guidance"])
     preparing: concurrent.futures.Future[_Prepared] | None = None
+    chain: list[bytes] | None = None  # a chat's chain of message digests (what the prefix cache's summary says)
+    first_tokens: int = 0  # tokens the chat's first message takes in the prompt
 
 
 @dataclass
@@ -74,6 +79,7 @@ class _Prepared:
     rng: np.random.Generator | None
     heal_ids: list[int] | None
     matcher: Matcher | None
+    first_tokens: int = 0
 
 
 class OnnxChat(Backend):
@@ -81,7 +87,8 @@ class OnnxChat(Backend):
 
     `path` is a .gguf file (or a folder holding one), an HF model folder (both built once into the model cache
     at `precision`), or a folder already built by onnxruntime-genai (genai_config.json + model.onnx).
-    `kv_cache_bytes` caps the key/value cache (all running requests together).
+    `kv_cache_bytes` caps the key/value cache (all running requests together); `prefix_cache_bytes` of it (default
+    half, 0: none) is the prefix cache's pool, the rest the running requests' arrays.
     """
 
     continuous = True
@@ -99,6 +106,7 @@ class OnnxChat(Backend):
         threads: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         kv_cache_bytes: int | None = None,
+        prefix_cache_bytes: int | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -114,6 +122,7 @@ class OnnxChat(Backend):
         self.threads = threads
         self.prefill_chunk = prefill_chunk
         self.kv_cache_bytes = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+        self.prefix_cache_bytes = prefix_cache_bytes  # None: the default share, set once the model's shape is known
         self.loaded_from = ""  # "onnx" (given built folder), "build" (built now) or "cache"
         self.model_dir: Path | None = None
         self._session: Any = None
@@ -128,6 +137,8 @@ class OnnxChat(Backend):
         self._preparer: concurrent.futures.ThreadPoolExecutor | None = None
         self._worked = False  # a step ran since the engine last went idle
         self.failed_alone = 0  # requests that failed on their own while others went on
+        self._conversations = ConversationIndex()  # chains of chat messages the prefix cache holds
+        self.prefix_summary = b""  # what the prefix cache holds, for gossip (read by the mesh loop; swapped whole)
 
     # ------------------------------------------------------------ loading
 
@@ -210,9 +221,22 @@ class OnnxChat(Backend):
     def _new_scheduler(self, layout: KVLayout) -> ChatScheduler:
         """The scheduler for the cache cap; with a cap too small for the slots or the context, fewer of them (said
         in the log), and a cap too small for one short request is an error."""
-        assert self.context is not None
-        kv_tokens = self.kv_cache_bytes // layout.bytes_per_token
-        scheduler = ChatScheduler(self.max_batch, kv_tokens, self.context, self.prefill_chunk)
+        assert self.context is not None and self._runner is not None
+        per_token = layout.bytes_per_token
+        if self.prefix_cache_bytes is None:
+            room = self.kv_cache_bytes - ARRAYS_FIRST_TOKENS * per_token
+            self.prefix_cache_bytes = max(0, min(self.kv_cache_bytes // 2, room))
+        if self.prefix_cache_bytes >= self.kv_cache_bytes:
+            raise ValueError(
+                f"a {self.prefix_cache_bytes >> 20} MiB prefix cache leaves nothing of the {self.kv_cache_bytes >> 20} "
+                f"MiB key/value cache for running requests: give the prefix cache less, or raise --kv-cache"
+            )
+        kv_tokens = (self.kv_cache_bytes - self.prefix_cache_bytes) // per_token
+        blocks = self.prefix_cache_bytes // (BLOCK_TOKENS * per_token)
+        scheduler = ChatScheduler(self.max_batch, kv_tokens, self.context, self.prefill_chunk, cache_blocks=blocks)
+        self._runner.open_pool(blocks, BLOCK_TOKENS)
+        self._conversations.clear()
+        self.prefix_summary = b""
         longest = scheduler.max_need()
         if longest < self.context:
             log.warning(
@@ -221,9 +245,11 @@ class OnnxChat(Backend):
                 self.name, self.kv_cache_bytes >> 20, longest, self.context,
             )  # fmt: skip
         log.info(
-            "model %s: key/value cache at most %d MiB (%d tokens at %d KiB each: e.g. %d requests of %d tokens)",
+            "model %s: key/value cache at most %d MiB (%d tokens at %d KiB each: e.g. %d requests of %d tokens), "
+            "%d MiB of it the prefix cache (%d tokens)",
             self.name, self.kv_cache_bytes >> 20, kv_tokens, layout.bytes_per_token >> 10,
             max(1, min(self.max_batch, kv_tokens // max(1, min(longest, 2048)))), min(longest, 2048),
+            self.prefix_cache_bytes >> 20, blocks * BLOCK_TOKENS,
         )  # fmt: skip
         return scheduler
 
@@ -239,8 +265,14 @@ class OnnxChat(Backend):
     def describe(self) -> dict[str, Any]:
         out = super().describe() | {"precision": self.precision, "engine": "onnxruntime-genai build, continuous"}
         if self._runner is not None:
-            out |= {"kv_cache_mib": self.kv_cache_bytes >> 20, "kv_cache_held_mib": self._runner.bytes_held >> 20}
+            out |= {"kv_cache_mib": self.kv_cache_bytes >> 20, "kv_cache_held_mib": self._runner.bytes_held >> 20,
+                    "prefix_cache_mib": (self.prefix_cache_bytes or 0) >> 20}  # fmt: skip
         return out
+
+    def cache_stats(self) -> dict[str, int]:
+        """The prefix cache's counters for /metrics (read on another thread: plain ints)."""
+        cache, runner = self._scheduler.cache if self._scheduler is not None else None, self._runner
+        return {} if cache is None or runner is None else cache_counters(cache, runner.layout.bytes_per_token)
 
     # ------------------------------------------------------------ serving
 
@@ -325,6 +357,7 @@ class OnnxChat(Backend):
                 continue
             request.text, request.rng = prepared.text, prepared.rng
             request.heal_ids, request.matcher = prepared.heal_ids, prepared.matcher
+            request.first_tokens = prepared.first_tokens
             if prepared.text.budget <= 0:  # a failed-over stream that had already used its whole max_tokens
                 prepared.text.finish("length", self.name)
                 self._end(request, SeqState.FINISHED, held)
@@ -343,9 +376,10 @@ class OnnxChat(Backend):
         req = job.request
         sampling = Sampling.from_params(req.params, self.max_tokens_limit)
         guidance = parse_guidance(req.params)
+        first = 0
         if req.task is Task.CHAT:
             tools = check_tools(req.params["tools"]) if req.params.get("tools") is not None else None
-            prompt_ids = self._chat_ids(req.input, tools)
+            prompt_ids, first = self._chat_prompt(req.input, tools)
         elif req.task is Task.COMPLETE:
             if not isinstance(req.input, str):
                 raise ValueError(f"complete input must be a prompt string, got {type(req.input).__name__}")
@@ -368,13 +402,18 @@ class OnnxChat(Backend):
             if prefix_ids:  # a taken-over stream: the grammar is already that far
                 matcher.consume(prefix_ids)
         text = TextRow(job, sampling, budget, Detokenizer(self._decode, context), heal)
+        text.cached_tokens = 0 if self.prefix_cache_bytes else None
         rng = None
         if not sampling.greedy:
             rng = np.random.default_rng(sampling.seed % (2**63) if sampling.seed is not None else None)
         need = len(context) + max(budget.new_tokens, 0)
-        return _Prepared(context, text, need, rng, heal[1] if heal else None, matcher)
+        return _Prepared(context, text, need, rng, heal[1] if heal else None, matcher, first)
 
     def _chat_ids(self, messages: Any, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self._chat_prompt(messages, tools)[0]
+
+    def _chat_prompt(self, messages: Any, tools: list[dict[str, Any]] | None = None) -> tuple[list[int], int]:
+        """The prompt's tokens, and (with a prefix cache) how many of them its first message takes."""
         clean: list[dict[str, Any]] = chat_messages(messages)
         if self._template is None:
             raise ValueError(f"model {self.name} has no chat template; send task 'complete' with a prompt")
@@ -387,7 +426,10 @@ class OnnxChat(Backend):
         ids = self._encode(prompt, special=False)
         if not ids:
             raise ValueError("the chat prompt is empty")
-        return ids
+        first = 0
+        if self.prefix_cache_bytes and len(clean) > 1:  # the summary ties the first message (a system prompt) alone
+            first = len(self._encode(self._template.render(clean[:1], tools=tools, generation=False), special=False))
+        return ids, first
 
     def _encode(self, text: str, *, special: bool) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=special).ids)
@@ -409,6 +451,10 @@ class OnnxChat(Backend):
         held.pop(id(request.sched), None)
         if request.preparing is not None:
             request.preparing.cancel()
+        if state is SeqState.FINISHED and request.sched.chain and request.text is not None:
+            seq, text = request.sched, request.text
+            self._conversations.remember(request.job.request, text.text, seq.chain, request.first_tokens,
+                                         text.prompt_tokens, len(seq.tokens))  # fmt: skip
 
     def _fail_alone(
         self, request: _Request, code: ErrorCode, why: str, held: dict[int, _Request], *, log_it: bool = True
@@ -434,13 +480,22 @@ class OnnxChat(Backend):
     def _step(self, plan: StepPlan, held: dict[int, _Request]) -> None:
         runner = self._runner
         assert runner is not None and self.context is not None
+        for row, saved in plan.saves:  # first: the rows they come from may move or shrink below
+            runner.save_blocks(row, saved.start, saved.slots)
         for src, dst, tokens in plan.moves:
             runner.move(src, dst, tokens)
         runner.resize(plan.rows, plan.length)
+        if plan.load and plan.prefill is not None:
+            runner.load_blocks(plan.prefill.slot, plan.load)
+            text = held[id(plan.prefill)].text
+            if text is not None:
+                text.cached_tokens = plan.prefill.reused
         if plan.prefill is not None:
             self._prefill(plan.prefill, plan.chunk, held)
         if plan.decode:
             self._decode_step(plan.decode, held)
+        if self._scheduler is not None and self._scheduler.cache is not None:
+            self.prefix_summary = self._conversations.summary_now(self._scheduler.cache, self.prefix_summary)
 
     def _prefill(self, seq: SchedSeq, chunk: list[int], held: dict[int, _Request]) -> None:
         runner, scheduler = self._runner, self._scheduler
@@ -478,7 +533,7 @@ class OnnxChat(Backend):
         for request, token in zip(requests, tokens, strict=True):
             if token is None:
                 continue  # failed alone while its token was chosen
-            scheduler.decoded(request.sched)
+            scheduler.decoded(request.sched, request.next_token)
             if not self._advance(request, token, held):
                 continue
             if request.sched.cached >= self.context:  # the context is full: the answer ends here

@@ -6,6 +6,12 @@ request; the model reads and writes them in place (past and present bound to the
 what the scheduler planned and no larger: the memory of a request's cache is spent as it grows, within the cap the
 scheduler keeps. A step costs more with a longer cache even where it is empty (measured: 8192 vs 1024 tokens, one
 stream 35 vs 51 tokens/s), which is why the length grows with the requests instead of starting at the context.
+
+The prefix cache's pool is apart from them: per layer, keys and values of `blocks` blocks of `block_tokens` tokens,
+[kv_heads, blocks, block_tokens, head_size], made once with np.zeros (pages the OS maps on first write, so an unused
+pool costs no memory) and never larger. A block is copied out of a request's row when the scheduler keeps it, and a
+reused prefix is copied into the row of the request that takes it: one copy per layer for a whole chain (measured:
+a 768-token prefix of SmolLM2 in about 10 ms, against about 2.3 s to read it again).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class OnnxRunner:
         self.length = 0
         self.arrays: list[tuple[np.ndarray, np.ndarray]] = []
         self._bindings: dict[tuple[int, int], Any] = {}
+        self.pool: list[tuple[np.ndarray, np.ndarray]] = []  # the prefix cache's blocks, per layer
+        self.block_tokens = 0
 
     @property
     def bytes_held(self) -> int:
@@ -97,6 +105,34 @@ class OnnxRunner:
         for keys, values in self.arrays:
             keys[dst, :, :tokens] = keys[src, :, :tokens]
             values[dst, :, :tokens] = values[src, :, :tokens]
+
+    # ------------------------------------------------------------ the prefix cache's pool
+
+    def open_pool(self, blocks: int, block_tokens: int) -> None:
+        """A pool of `blocks` blocks (0: none); what an earlier pool held is dropped."""
+        import numpy as np
+
+        self.pool, self.block_tokens = [], block_tokens
+        if blocks <= 0:
+            return
+        shape = (self.layout.heads, blocks, block_tokens, self.layout.head_size)
+        self.pool = [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)) for _ in self.names]
+
+    def save_blocks(self, row: int, start: int, slots: list[int]) -> None:
+        """Copy tokens [start, start + len(slots) * block_tokens) of a row into those pool slots."""
+        b, n = self.block_tokens, len(slots)
+        heads, size = self.layout.heads, self.layout.head_size
+        for (keys, values), (pool_k, pool_v) in zip(self.arrays, self.pool, strict=True):
+            pool_k[:, slots] = keys[row, :, start : start + n * b].reshape(heads, n, b, size)
+            pool_v[:, slots] = values[row, :, start : start + n * b].reshape(heads, n, b, size)
+
+    def load_blocks(self, row: int, slots: list[int]) -> None:
+        """Copy a chain of pool slots into a row, from its first token on."""
+        b, n = self.block_tokens, len(slots)
+        heads, size = self.layout.heads, self.layout.head_size
+        for (keys, values), (pool_k, pool_v) in zip(self.arrays, self.pool, strict=True):
+            keys[row, :, : n * b] = pool_k[:, slots].reshape(heads, n * b, size)
+            values[row, :, : n * b] = pool_v[:, slots].reshape(heads, n * b, size)
 
     def _binding(self, start: int, n: int) -> Any:
         """An IOBinding with the cache of slots [start, start + n) bound as past and present."""

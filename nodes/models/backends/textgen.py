@@ -193,16 +193,29 @@ class Budget:
     new_tokens: int  # this node may generate at most this many (after the prefix a failed node sent)
 
 
+# How a refusal for a prompt over the context begins: OpenAI's words, which clients recognise (litellm raises its
+# ContextWindowExceededError on them, langchain-openai its ContextOverflowError on "prompt is too long", since
+# openai-python's exception text holds the message and not the code); the gateway answers it as OpenAI's
+# `context_length_exceeded`.
+CONTEXT_EXCEEDED = "This model's maximum context length is"
+
+
 def token_budget(sampling: Sampling, n_prompt: int, n_prefix: int, context: int) -> Budget:
     """Raises ValueError (for the client) when the prompt, or prompt + max_tokens, does not fit the context."""
     n_context = n_prompt + n_prefix
     if n_context >= context:
-        raise ValueError(f"prompt is {n_context} tokens; model context is {context}")
+        full = ", which leaves no room for the completion" if n_context == context else ""
+        raise ValueError(
+            f"{CONTEXT_EXCEEDED} {context} tokens. However, your messages resulted in {n_context} tokens{full}: "
+            "the prompt is too long. Please reduce the length of the messages."
+        )
     if sampling.max_tokens is None:
         total = min(DEFAULT_MAX_TOKENS, context - n_prompt)
     elif n_prompt + sampling.max_tokens > context:
         raise ValueError(
-            f"prompt is {n_prompt} tokens and max_tokens is {sampling.max_tokens}; model context is {context}"
+            f"{CONTEXT_EXCEEDED} {context} tokens. However, you requested {n_prompt + sampling.max_tokens} tokens "
+            f"({n_prompt} in the messages, {sampling.max_tokens} in the completion): the prompt is too long for "
+            "that completion. Please reduce the length of the messages or completion."
         )
     else:
         total = sampling.max_tokens
@@ -224,6 +237,7 @@ class TextRow:
         self.job = job
         self.sampling = sampling
         self.prompt_tokens = budget.prompt_tokens
+        self.cached_tokens: int | None = None  # prompt tokens an engine with a prefix cache did not read again
         self.prefix_tokens = budget.prefix_tokens
         self.budget = budget.new_tokens
         self.generated = 0
@@ -295,15 +309,11 @@ class TextRow:
         text = job.request.prefix + self.text
         output: Any = {"role": "assistant", "content": text} if job.request.task is Task.CHAT else text
         completion = self.prefix_tokens + self.generated
-        job.finish(
-            output,
-            {
-                "model": model,
-                "finish_reason": reason,
-                "usage": {
-                    "prompt_tokens": self.prompt_tokens,
-                    "completion_tokens": completion,
-                    "total_tokens": self.prompt_tokens + completion,
-                },
-            },
-        )
+        usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+        if self.cached_tokens is not None:
+            usage["cached_tokens"] = min(self.cached_tokens, self.prompt_tokens)
+        job.finish(output, {"model": model, "finish_reason": reason, "usage": usage})

@@ -49,7 +49,10 @@ def pick_one(request: Choosing, scores: np.ndarray) -> int:
         allowed[request.heal_ids] = scores[request.heal_ids]
         scores, request.heal_ids = allowed, None
     if request.matcher is not None:
-        scores[~request.matcher.allowed()[: len(scores)]] = -np.inf
+        # The engine's own count of what is left (max_tokens, or what the context leaves), so the grammar closes the
+        # answer in time even when the caller set no max_tokens.
+        left = request.text.budget - request.text.generated
+        scores[~request.matcher.allowed(tokens_left=left)[: len(scores)]] = -np.inf
     if not np.isfinite(scores).any():
         raise ValueError("no token the model can write is allowed here (by its grammar, or the healed prefix)")
     token = choose(request, scores)

@@ -426,7 +426,8 @@ class TransformersChat(Backend):
                 scores, row.heal_ids = allowed, None
                 greedy[i] = int(scores.argmax())
             if row.matcher is not None:  # only what the grammar allows next
-                allowed = torch.from_numpy(row.matcher.allowed()[: scores.shape[-1]])
+                left = row.budget - row.generated  # so the grammar closes the answer within max_tokens
+                allowed = torch.from_numpy(row.matcher.allowed(tokens_left=left)[: scores.shape[-1]])
                 scores = scores.masked_fill(~allowed, float("-inf"))
                 greedy[i] = int(scores.argmax())
             if row.generator is None:
