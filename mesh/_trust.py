@@ -20,6 +20,7 @@ from protocol import (
     Admin,
     Credentials,
     DecodeError,
+    Digest,
     Error,
     ErrorCode,
     Fetch,
@@ -29,6 +30,7 @@ from protocol import (
     Reply,
     Request,
     Revocations,
+    Suspicion,
     decode,
     encode,
 )
@@ -165,6 +167,10 @@ class Trust:
         if t is Hello and (msg.addr.node != member.name or msg.addr.key != member.uid):
             self._refuse(ident, msg, "name_refused", member.name,
                          f"{member.name} said hello as {msg.addr.node}")  # fmt: skip
+            return False
+        sender = msg.node if t is Digest else msg.by if t is Suspicion else member.name
+        if sender != member.name:  # gossip names its sender: only as itself
+            self._refuse(ident, msg, "name_refused", member.name, f"{member.name} sent a {t.__name__} as {sender}")
             return False
         if t is Request and not self.synced and member is not self.members.own:
             why = "this node is catching up with the mesh's revocations; try another node"
