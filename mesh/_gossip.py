@@ -6,8 +6,9 @@ report). `Membership` carries that out on a node's sockets; `bench/gossip_sim.py
 
 What a node sends, and when (per node, none of it grows with the mesh):
 
-- **Its own report** when it is news (`ReportNews`): models, labels or leaving changed, a model's load moved past a
-  threshold, or a smaller difference lasted `settle` seconds; at most once per `interval`. An idle node sends none.
+- **Its own report** when it is news (`ReportNews`): models, labels, leaving, its prefix caches or its revocation
+  list changed, a model's load moved past a threshold, or a smaller difference lasted `settle` seconds; at most once
+  per `interval`. An idle node sends none.
 - **Probes**: a `Ping` every `probe_every` to the `watchers` members just before it on the ring (`MemberView.watched`),
   to the members it has requests on, and to those it privately suspects. Silence from a probed member
   (`suspect_after`, `dead_after`, measured by a `FailureDetector` that holds only probed members) or a link that

@@ -309,7 +309,8 @@ class PeerLinks:
             try:
                 dealer.send(self.credentials(), zmq.NOBLOCK)
             except zmq.Again:
-                pass  # not connected: the handshake's event introduces us again
+                return  # not connected: the handshake's event introduces us again
+            self.poller.touch(dealer)  # a send may take the notification of a message that just arrived
 
     def hello(self, dealer: zmq.Socket[Any]) -> None:
         self.introduce(dealer)

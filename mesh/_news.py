@@ -19,7 +19,8 @@ class ReportNews:
     rate doubled or halved (a coarse, noisy measure: what routing needs of it is which node is several times
     faster; smaller drifts are not news at all). A smaller load difference is news once it has lasted `settle`
     seconds, so what peers hold converges on the truth within seconds. Never twice within `interval`. A field a
-    report gains later is news whenever it differs, unless it is given a threshold here.
+    report gains later (prefix-cache summaries, the revocation serial) is news whenever it differs, unless it is
+    given a threshold here.
     """
 
     def __init__(self, interval: float, threshold: float, settle: float) -> None:

@@ -295,7 +295,8 @@ class Trust:
         try:
             peer.dealer.send(encode(Revocations(doc.encode())), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # not connected: its next report asks again
+            return  # not connected: its next report asks again
+        self.links.poller.touch(peer.dealer)  # a send may take the notification of a message that just arrived
 
     def _heard_serial(self, serial: int) -> None:
         if not self.synced and serial <= self.serial:

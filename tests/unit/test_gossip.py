@@ -324,3 +324,17 @@ def test_a_watcher_with_several_probed_members_silent_at_once_counts_itself_unwe
     mesh.cut(names[0])  # its cable: every member it probes goes quiet at once
     mesh.run_for(2.0)
     assert watcher.gossip.health >= 1
+
+
+def test_a_prefix_cache_change_is_news_and_a_report_carries_only_what_changed() -> None:
+    host = RecordingHost()
+    g = Gossip(addr("a"), 100, host)
+    one, two = {"chat": b"1" * 8}, {"chat": b"1" * 8, "other": b"2" * 8}
+    first = g.report(0.0, MODELS, LABELS, prefixes=one, revocations=3)
+    assert first is not None and first.prefixes == one and first.revocations == 3
+    assert g.report(1.0, MODELS, LABELS, prefixes=one, revocations=3) is None  # nothing new
+    second = g.report(2.0, MODELS, LABELS, prefixes=two, revocations=3)  # a chat turn ended: at once, not in 2 s
+    assert second is not None and second.prefixes == {"other": b"2" * 8}
+    assert g.current_report().prefixes == two  # a member that asks (it missed a report, or is new) gets them all
+    third = g.report(3.0, MODELS, LABELS, prefixes={"other": b"2" * 8}, revocations=4)
+    assert third is not None and third.prefixes == {"chat": b""} and third.revocations == 4  # dropped, and a serial
