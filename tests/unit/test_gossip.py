@@ -338,3 +338,13 @@ def test_a_prefix_cache_change_is_news_and_a_report_carries_only_what_changed() 
     assert g.current_report().prefixes == two  # a member that asks (it missed a report, or is new) gets them all
     third = g.report(3.0, MODELS, LABELS, prefixes={"other": b"2" * 8}, revocations=4)
     assert third is not None and third.prefixes == {"chat": b""} and third.revocations == 4  # dropped, and a serial
+
+
+def test_a_digest_entry_with_an_incarnation_far_ahead_of_this_nodes_clock_is_not_taken() -> None:
+    g, _ = node_with_peer()
+    g.sync_clock(1_000 * 10**9, 0.0)  # this node's wall clock: 1,000 s after the epoch
+    forged = Member(addr("z"), 2**63 - 2, 1, "dead")  # believed, z's real reports would be stale for ever
+    honest = Member(addr("y"), 999 * 10**9, 1, "dead")
+    g.on_digest(Digest("b", 3, 1, (forged, honest)), 1.0, asked=False)
+    assert "z" not in g.view and "y" in g.view
+    assert not g.incarnation_ok(2**63 - 2, 1.0) and g.incarnation_ok(1_000 * 10**9 + 3599 * 10**9, 1.0)
