@@ -23,6 +23,7 @@ SCENARIOS = {
     "gossip": "the membership protocol simulated to 10,000 nodes at 1% loss: messages/node/s, convergence, false "
     "suspicions",
     "prefix": "conversations on 3 SmolLM2 nodes: cache-aware routing vs p2c with and without the prefix cache",
+    "split": "SmolLM2 split over 2 and 3 pinned hosts vs one node whole: tok/s, first token, memory, a stage killed",
 }
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 default="auto",
                 help="netns: one network namespace per host (needs root); loopback: processes on 127.0.0.1",
             )
-        if name in ("overhead", "scaling", "heterogeneous", "failover", "models"):
+        if name in ("overhead", "scaling", "heterogeneous", "failover", "models", "split"):
             p.add_argument("--reps", type=int, default=3, help="repetitions; the summary reports medians")
         if name == "overhead":
             p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve anchor")
@@ -126,6 +127,11 @@ def _run(args: argparse.Namespace) -> int:
 
         result = gossip.run(quick=args.quick)
         return 0 if all(result["summary"]["met"].values()) else 1
+    elif args.scenario == "split":
+        from . import split
+
+        result = split.run(quick=args.quick, mode=args.mode, reps=args.reps)
+        return 0 if result is None or result["summary"]["failed_when_a_stage_is_killed"] == 0 else 1
     elif args.scenario == "rollout":
         from . import rollout
 

@@ -3,8 +3,10 @@ user would run instead on the same machine, in the same run.
 
 Chat tokens/s for one stream and for 8 at once, time to first token, embeddings/s, the node's memory, and how
 long a node takes to start with an empty model cache (build included) and with a warm one. Then, with the node
-stopped: onnxruntime-genai's own Generator on the very model the node built, llama.cpp on the packaged GGUF
-(when llama-cpp-python is installed), and onnxruntime on the very embedding model the node exported.
+stopped, every anchor with the threads our engine uses: onnxruntime-genai's own Generator on the very model the
+node built and on its builder's default int4 build of the same source, llama.cpp on the packaged GGUF (when
+llama-cpp-python is installed), and onnxruntime on the very embedding model the node exported; and the quality
+each chat engine keeps (perplexity against the fp32 model the build came from, `quality.py`).
 Reported as ratios (lanmesh / anchor) next to the goals.
 """
 
@@ -21,19 +23,21 @@ from typing import Any
 import psutil
 
 from mesh import KEY_ENV, Client, MeshKey
+from nodes.models.backends.onnx_build import build_in_child
 from nodes.models.cache import cache_ready
 from nodes.models.packaged import models_status, smollm2_gguf
 
-from .anchors import run_anchor
+from .anchors import build_default_int4, engine_threads, run_anchor
 from .plots import plot_models
+from .quality import ratios
 from .report import median, progress, write
 from .testbed import Testbed
 
-# Goals on this machine (issue: chat engine as fast as llama.cpp on every node).
+# Goals on this machine (issue: as fast as the fastest thing a user could run instead, at the source's quality).
 GOALS = {
-    "over_raw_single": 0.85,  # lanmesh / onnxruntime-genai, one stream
-    "over_raw_batch": 0.85,  # lanmesh / onnxruntime-genai, 8 streams
-    "over_llama_cpp_single": 1.0,
+    "over_fastest_single": 1.0,  # lanmesh / the fastest chat anchor, one stream
+    "over_fastest_batch": 1.0,  # lanmesh / the fastest chat anchor, 8 streams
+    "perplexity_over_fp32": 1.05,  # the default build / the fp32 model it was built from (at most)
     "aggregate_tok_per_s": 350.0,
     "ttft_ms": 40.0,
     "rss_mib": 500.0,
@@ -52,6 +56,12 @@ PROMPTS = [
     "Write a long poem about the sea at night.",
 ]
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank, number {}."
+# The chat anchors: what a user would run instead, each with the threads our engine uses.
+CHAT_ANCHORS = {
+    "onnxruntime_genai": "onnxruntime-genai on lanmesh's build",
+    "onnxruntime_genai_default_int4": "onnxruntime-genai on its builder's default int4",
+    "llama_cpp": "llama.cpp on the packaged GGUF",
+}
 
 
 def missing_models() -> str | None:
@@ -188,30 +198,40 @@ def run(quick: bool = False, reps: int = 3) -> dict[str, Any] | None:
             rss = psutil.Process(node_pid).memory_info().rss / 2**20
         bed.nodes["n1"].stop(timeout=30)
         where = {**bed.describe(), "detail": "one node process on 127.0.0.1 (no mDNS); the client in the harness"}
-        print("anchors (the node stopped): onnxruntime-genai, llama.cpp, onnxruntime")
         built, exported = _built(cache, "smollm2-onnx"), _built(cache, "minilm")
+        build_facts = json.loads((built / "lanmesh-cache.json").read_text())
+        threads = engine_threads()
+        print(f"anchors (the node stopped), {threads} threads each: building onnxruntime-genai's default int4 and"
+              " lanmesh's fp32 reference")  # fmt: skip
+        default_int4 = build_default_int4(Path(build_facts["hf_folder"]), cache / "anchor-default-int4")
+        fp32 = build_in_child("smollm2", smollm2_gguf(), "fp32", "cpu", cache, lambda _stage, _fraction: None)
+        common = ["--max-tokens", str(max_tokens), "--reps", str(reps), "--threads", str(threads)]
+        print("anchors: onnxruntime-genai (lanmesh's build, its default int4), llama.cpp, onnxruntime; quality")
         anchors = {
-            "onnxruntime_genai": run_anchor(
-                "ortgenai", str(built), "--max-tokens", str(max_tokens), "--reps", str(reps), texts=PROMPTS,
+            "onnxruntime_genai": run_anchor("ortgenai", str(built), *common, texts=PROMPTS),
+            "onnxruntime_genai_default_int4": (
+                run_anchor("ortgenai", default_int4["built"], *common, texts=PROMPTS)
+                if "built" in default_int4 else default_int4
             ),
-            "llama_cpp": run_anchor(
-                "llama-cpp", str(smollm2_gguf()), "--max-tokens", str(max_tokens), "--reps", str(reps), texts=PROMPTS,
-            ),
+            "llama_cpp": run_anchor("llama-cpp", str(smollm2_gguf()), *common, texts=PROMPTS),
             "onnxruntime_embed": run_anchor(
-                "onnx-embed", str(exported), "--batch", "32", "--reps", str(reps), texts=sentences(embed_n * 32),
+                "onnx-embed", str(exported), "--batch", "32", "--reps", str(reps), "--threads", str(threads),
+                texts=sentences(embed_n * 32),
             ),
         }  # fmt: skip
-        build_facts = json.loads((built / "lanmesh-cache.json").read_text())
-    summary = _summary(runs, anchors, cold, warm, warm_ready, rss)
+        quality = _quality(built, fp32, default_int4, threads)
+        profile = run_anchor("step-profile", str(built), "--threads", str(threads), texts=[])
+    summary = _summary(runs, anchors, quality, cold, warm, warm_ready, rss)
     result = {
         "quick": quick,
         "repetitions": reps,
         "testbed": where,
         "models": {
-            "chat": f"smollm2 (SmolLM2-135M-Instruct, GGUF -> onnxruntime-genai build, {build_facts['precision']})",
+            "chat": f"smollm2 (SmolLM2-135M-Instruct, GGUF -> onnxruntime-genai build, {build_facts['precision']}"
+            f"{', recipe ' + build_facts['recipe'] if 'recipe' in build_facts else ''})",
             "embed": "minilm (all-MiniLM-L6-v2, onnxruntime)",
         },
-        "build": {k: build_facts.get(k) for k in ("precision", "builder", "provider")},
+        "build": {k: build_facts.get(k) for k in ("precision", "recipe", "carried", "builder", "provider")},
         "chat": {"max_tokens": max_tokens, "seed": "fixed per request", "tokens_from": "usage.completion_tokens"},
         "definitions": {
             "tok_per_s": "completion tokens / wall time from send to the last token",
@@ -220,8 +240,15 @@ def run(quick: bool = False, reps: int = 3) -> dict[str, Any] | None:
             "warm_start_s": "spawn until the node serves, with the cache the cold start filled",
             "rss_mib": "resident memory of the node serving smollm2 + minilm, after the runs",
             "ratios": "lanmesh through its client / the anchor alone on the same machine, same run",
+            "threads": "every anchor runs with the threads lanmesh's engine uses (one per core it may use)",
+            "perplexity_over_fp32": "perplexity on two passages / that of lanmesh's fp32 build of the same GGUF",
+            "step_profile": "onnxruntime's profile of lanmesh's build, one decode step after 128 tokens: each"
+            " operator type's share of the kernels' time (profiling slows the step itself)",
         },
+        "threads": threads,
         "anchors": anchors,
+        "quality": quality,
+        "step_profile": profile,
         "goals": GOALS,
         "summary": summary,
         "runs": runs,
@@ -229,8 +256,27 @@ def run(quick: bool = False, reps: int = 3) -> dict[str, Any] | None:
     }
     path = write("models", result, plot=plot_models)
     _print(summary, anchors)
+    for batch in ("batch_1", "batch_8"):
+        if batch in profile:
+            shares = ", ".join(f"{op} {share:.0%}" for op, share in list(profile[batch]["share"].items())[:5])
+            print(f"one decode step, {batch.replace('_', ' ')}: {profile[batch]['step_ms_median']:.1f} ms"
+                  f" (profiled); {shares}")  # fmt: skip
     print(f"written to {path}")
     return result
+
+
+def _quality(built: Path, fp32: Path, default_int4: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Perplexity of each chat engine's model on the passages, over that of the fp32 build of the same GGUF."""
+    t = ["--threads", str(threads)]
+    reference = run_anchor("perplexity", str(fp32), *t, texts=[])
+    theirs = run_anchor("perplexity", default_int4["built"], *t, texts=[]) if "built" in default_int4 else default_int4
+    llama = run_anchor("llama-cpp-perplexity", str(smollm2_gguf()), "--tokenizer", str(built), *t, texts=[])
+    return {
+        "reference": {"model": "lanmesh's fp32 build of the GGUF (its weights de-quantized)", **reference},
+        "lanmesh": ratios(run_anchor("perplexity", str(built), *t, texts=[]), reference),
+        "onnxruntime_genai_default_int4": ratios(theirs, reference),
+        "llama_cpp": ratios(llama, reference),
+    }
 
 
 def _ratio(ours: float, theirs: Any) -> float | None:
@@ -238,13 +284,22 @@ def _ratio(ours: float, theirs: Any) -> float | None:
 
 
 def _summary(
-    runs: dict[str, list[dict[str, Any]]], anchors: dict[str, dict[str, Any]], cold: float, warm: float,
-    warm_ready: float, rss: float,
+    runs: dict[str, list[dict[str, Any]]], anchors: dict[str, dict[str, Any]], quality: dict[str, Any],
+    cold: float, warm: float, warm_ready: float, rss: float,
 ) -> dict[str, Any]:  # fmt: skip
     single = median([r["tok_per_s"] for r in runs["single"]])
     aggregate = median([r["tok_per_s"] for r in runs["aggregate"]])
     batched = median([r["sentences_per_s"] for r in runs["embed_batched"]])
-    raw, llama, raw_embed = anchors["onnxruntime_genai"], anchors["llama_cpp"], anchors["onnxruntime_embed"]
+    over = {
+        name: {
+            "single": _ratio(single, anchors[name].get("single_tok_per_s")),
+            "batch": _ratio(aggregate, anchors[name].get("batch_tok_per_s")),
+        }
+        for name in CHAT_ANCHORS
+    }
+    fastest_single = _fastest(anchors, "single_tok_per_s")
+    fastest_batch = _fastest(anchors, "batch_tok_per_s")
+    ours = quality["lanmesh"].get("over_fp32")
     return {
         "chat_single_tok_per_s": single,
         "chat_single_decode_tok_per_s": median([r["decode_tok_per_s"] for r in runs["single"]]),
@@ -261,43 +316,55 @@ def _summary(
         "warm_start_s": warm_ready,
         "warm_both_answered_s": warm,
         "rss_mib": rss,
-        "over_raw_single": _ratio(single, raw.get("single_tok_per_s")),
-        "over_raw_batch": _ratio(aggregate, raw.get("batch_tok_per_s")),
-        "over_llama_cpp_single": _ratio(single, llama.get("single_tok_per_s")),
-        "embed_over_raw": _ratio(batched, raw_embed.get("sentences_per_s")),
+        "over_anchor": over,
+        "fastest_single_anchor": fastest_single,
+        "fastest_batch_anchor": fastest_batch,
+        "over_fastest_single": over[fastest_single]["single"] if fastest_single else None,
+        "over_fastest_batch": over[fastest_batch]["batch"] if fastest_batch else None,
+        "perplexity_over_fp32": max(ours) if ours else None,
+        "embed_over_raw": _ratio(batched, anchors["onnxruntime_embed"].get("sentences_per_s")),
     }
 
 
+def _fastest(anchors: dict[str, dict[str, Any]], key: str) -> str | None:
+    measured = {name: anchors[name][key] for name in CHAT_ANCHORS if isinstance(anchors[name].get(key), int | float)}
+    return max(measured, key=lambda name: measured[name]) if measured else None
+
+
 def _print(s: dict[str, Any], anchors: dict[str, dict[str, Any]]) -> None:
-    def ratio(key: str) -> str:
-        value = s[key]
+    def ratio(value: float | None, goal: float | None = None) -> str:
         if value is None:
             return "n/a"
-        return f"{value:.2f}x (goal >= {GOALS[key]}x: {'met' if value >= GOALS[key] else 'NOT met'})"
+        return f"{value:.2f}x" + (f" (goal >= {goal}x: {'met' if value >= goal else 'NOT met'})" if goal else "")
 
-    raw, llama, raw_embed = anchors["onnxruntime_genai"], anchors["llama_cpp"], anchors["onnxruntime_embed"]
     print(f"chat, one stream: lanmesh {s['chat_single_tok_per_s']:.1f} tok/s, first token {s['ttft_ms']:.0f} ms")
     print(f"chat, 8 streams:  lanmesh {s['chat_aggregate_tok_per_s']:.1f} tok/s ({s['aggregate_over_single']:.2f}x)")
-    if "skipped" in raw:
-        print(f"  onnxruntime-genai: skipped ({raw['skipped']})")
-    else:
-        print(f"  onnxruntime-genai: {raw['single_tok_per_s']:.1f} tok/s one stream, {raw['batch_tok_per_s']:.1f}"
-              f" with {raw['batch']}")  # fmt: skip
-        print(f"  lanmesh/raw: one stream {ratio('over_raw_single')}, 8 streams {ratio('over_raw_batch')}")
-    if "skipped" in llama:
-        print(f"  llama.cpp: skipped ({llama['skipped']})")
-    else:
-        print(f"  llama.cpp: {llama['single_tok_per_s']:.1f} tok/s one stream, first token"
-              f" {llama['single_ttft_ms']:.0f} ms; lanmesh/llama.cpp {ratio('over_llama_cpp_single')}")  # fmt: skip
+    for name, what in CHAT_ANCHORS.items():
+        a = anchors[name]
+        if "skipped" in a:
+            print(f"  {what}: skipped ({a['skipped']})")
+            continue
+        batch = f", {a['batch_tok_per_s']:.1f} with {a['batch']}" if "batch_tok_per_s" in a else ""
+        over = s["over_anchor"][name]
+        print(f"  {what}: {a['single_tok_per_s']:.1f} tok/s one stream (first token {a['single_ttft_ms']:.0f} ms)"
+              f"{batch}; lanmesh/it {ratio(over['single'])} one stream, {ratio(over['batch'])} 8 streams")  # fmt: skip
+    print(f"  vs the fastest: one stream {ratio(s['over_fastest_single'], GOALS['over_fastest_single'])},"
+          f" 8 streams {ratio(s['over_fastest_batch'], GOALS['over_fastest_batch'])}")  # fmt: skip
+    quality = s["perplexity_over_fp32"]
+    if quality is not None:
+        goal = GOALS["perplexity_over_fp32"]
+        print(f"  perplexity, lanmesh's build / fp32: {quality:.3f}x at most (goal <= {goal}x:"
+              f" {'met' if quality <= goal else 'NOT met'})")  # fmt: skip
     goal = GOALS["aggregate_tok_per_s"]
     fast_first = s["ttft_ms"] <= GOALS["ttft_ms"]
     print(f"  8 streams >= {goal:.0f} tok/s: {'met' if s['chat_aggregate_tok_per_s'] >= goal else 'NOT met'};"
           f" first token <= {GOALS['ttft_ms']:.0f} ms: {'met' if fast_first else 'NOT met'}")  # fmt: skip
     for k, v in s["embed"].items():
         print(f"embeddings, {k}: {v['sentences_per_s']:.0f} sentences/s")
+    raw_embed = anchors["onnxruntime_embed"]
     if "skipped" not in raw_embed:
         print(f"  onnxruntime alone, batches of 32: {raw_embed['sentences_per_s']:.0f}/s; lanmesh/raw"
-              f" {ratio('embed_over_raw')}")  # fmt: skip
+              f" {ratio(s['embed_over_raw'], GOALS['embed_over_raw'])}")  # fmt: skip
     print(f"node memory (smollm2 + minilm): {s['rss_mib']:.0f} MiB (goal <= {GOALS['rss_mib']:.0f})")
     print(f"start: cold {s['cold_start_s']:.1f}s; warm {s['warm_start_s']:.1f}s until serving (goal <="
           f" {GOALS['warm_start_s']:.0f}), {s['warm_both_answered_s']:.1f}s until both models answered")  # fmt: skip

@@ -167,14 +167,17 @@ def plot_models(result: dict[str, Any], path: Path) -> None:
     s = result["summary"]
     anchors = result.get("anchors", {})
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
-    raw, llama = anchors.get("onnxruntime_genai", {}), anchors.get("llama_cpp", {})
+    llama = anchors.get("llama_cpp", {})
     labels = ["lanmesh\n1 stream", "lanmesh\n8 streams"]
     values = [s["chat_single_tok_per_s"], s["chat_aggregate_tok_per_s"]]
     colors = ["#2b7bba", "#2b7bba"]
-    if "single_tok_per_s" in raw:
-        labels += ["ort-genai\n1 stream", f"ort-genai\n{raw['batch']} batched"]
-        values += [raw["single_tok_per_s"], raw["batch_tok_per_s"]]
-        colors += ["#9aa5b1", "#9aa5b1"]
+    for key, name, color in (("onnxruntime_genai", "ort-genai", "#9aa5b1"),
+                             ("onnxruntime_genai_default_int4", "ort-genai\ndefault int4", "#5f6b77")):  # fmt: skip
+        raw = anchors.get(key, {})
+        if "single_tok_per_s" in raw:
+            labels += [f"{name}\n1 stream", f"{name}\n{raw['batch']} batched"]
+            values += [raw["single_tok_per_s"], raw["batch_tok_per_s"]]
+            colors += [color, color]
     if "single_tok_per_s" in llama:
         labels.append("llama.cpp\n1 stream")
         values.append(llama["single_tok_per_s"])

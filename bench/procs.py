@@ -77,8 +77,10 @@ class NodeProc:
         env: dict[str, str] | None = None,
         key_file: str | os.PathLike[str] | None = None,
         insecure: bool = False,
+        cpus: str = "",
     ) -> None:
         self.name = name
+        self.cpus = cpus  # e.g. "0": run pinned to these cores (taskset), as if on a machine with only them
         self.host = host
         self.port = port or free_port_pair(host)
         self.argv = list(argv)
@@ -98,8 +100,9 @@ class NodeProc:
         return f"{self.host}:{self.port}"
 
     def command(self) -> list[str]:
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
         return [
-            sys.executable, "-m", "nodes.cli", "node", "--name", self.name, "--port", str(self.port),
+            *pin, sys.executable, "-m", "nodes.cli", "node", "--name", self.name, "--port", str(self.port),
             "--advertise", self.host, *self._security_flags(), *self.argv,
         ]  # fmt: skip
 

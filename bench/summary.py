@@ -114,6 +114,8 @@ def goals(r: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
         s = r["models"]["summary"]
         goals = r["models"].get("goals", {})
         for key, what in (
+            ("over_fastest_single", "chat, one stream >= {}x the fastest anchor"),
+            ("over_fastest_batch", "chat, 8 streams >= {}x the fastest anchor"),
             ("over_raw_single", "chat, one stream >= {}x onnxruntime-genai alone"),
             ("over_raw_batch", "chat, 8 streams >= {}x onnxruntime-genai alone"),
             ("over_llama_cpp_single", "chat, one stream >= {}x llama.cpp"),
@@ -128,6 +130,13 @@ def goals(r: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
                         _met(value is not None and value >= goals[key]),
                     )
                 )
+        if "perplexity_over_fp32" in goals:
+            value = s.get("perplexity_over_fp32")
+            rows.append((
+                f"models: perplexity <= {goals['perplexity_over_fp32']}x the fp32 model it was built from",
+                _f(value, ".3f", "x"),
+                _met(value is not None and value <= goals["perplexity_over_fp32"]),
+            ))  # fmt: skip
         if "aggregate_tok_per_s" in goals:
             for what, shown, ok in (
                 (f"8 streams >= {goals['aggregate_tok_per_s']:.0f} tok/s", f"{s['chat_aggregate_tok_per_s']:.0f} tok/s",
@@ -333,27 +342,49 @@ def _soak(res: dict[str, Any]) -> list[str]:
 def _models(res: dict[str, Any]) -> list[str]:
     s = res["summary"]
     anchors = res.get("anchors", {})
+    threads = f", every anchor with lanmesh's {res['threads']} threads" if "threads" in res else ""
     lines = [
         f"{res['models']['chat']} and {res['models']['embed']} through one node on loopback;"
-        f" chat max_tokens {res['chat']['max_tokens']}. Anchors run alone afterwards on the same machine.",
+        f" chat max_tokens {res['chat']['max_tokens']}. Anchors run alone afterwards on the same machine{threads}.",
         "",
         "| figure | lanmesh | anchor | ratio |",
         "|---|---|---|---|",
     ]
-    raw, llama, raw_embed = (anchors.get(k, {}) for k in ("onnxruntime_genai", "llama_cpp", "onnxruntime_embed"))
+    raw_embed = anchors.get("onnxruntime_embed", {})
 
     def anchor(value: Any, unit: str) -> str:
         return f"{value:.1f} {unit}" if isinstance(value, int | float) else "skipped"
 
-    lines += [
-        f"| chat, one stream vs onnxruntime-genai | {s['chat_single_tok_per_s']:.1f} tok/s |"
-        f" {anchor(raw.get('single_tok_per_s'), 'tok/s')} | {_f(s.get('over_raw_single'), '.2f', 'x')} |",
-        f"| chat, 8 streams vs onnxruntime-genai batched | {s['chat_aggregate_tok_per_s']:.1f} tok/s |"
-        f" {anchor(raw.get('batch_tok_per_s'), 'tok/s')} | {_f(s.get('over_raw_batch'), '.2f', 'x')} |",
-        f"| chat, one stream vs llama.cpp | {s['chat_single_tok_per_s']:.1f} tok/s |"
-        f" {anchor(llama.get('single_tok_per_s'), 'tok/s')} | {_f(s.get('over_llama_cpp_single'), '.2f', 'x')} |",
-        f"| time to first token | {s['ttft_ms']:.0f} ms | {anchor(llama.get('single_ttft_ms'), 'ms')} (llama.cpp) | |",
-    ]
+    names = {
+        "onnxruntime_genai": "onnxruntime-genai on lanmesh's build",
+        "onnxruntime_genai_default_int4": "onnxruntime-genai, its default int4",
+        "llama_cpp": "llama.cpp",
+    }
+    over = s.get("over_anchor") or {  # results from before the anchors were compared one by one
+        "onnxruntime_genai": {"single": s.get("over_raw_single"), "batch": s.get("over_raw_batch")},
+        "llama_cpp": {"single": s.get("over_llama_cpp_single"), "batch": None},
+    }
+    for name, what in names.items():
+        a = anchors.get(name)
+        if a is None:
+            continue
+        lines.append(
+            f"| chat, one stream vs {what} | {s['chat_single_tok_per_s']:.1f} tok/s |"
+            f" {anchor(a.get('single_tok_per_s'), 'tok/s')} | {_f(over[name]['single'], '.2f', 'x')} |"
+        )
+        if "batch_tok_per_s" in a:
+            lines.append(
+                f"| chat, 8 streams vs {what} (batched) | {s['chat_aggregate_tok_per_s']:.1f} tok/s |"
+                f" {anchor(a.get('batch_tok_per_s'), 'tok/s')} | {_f(over[name]['batch'], '.2f', 'x')} |"
+            )
+        lines.append(f"| time to first token vs {what} | {s['ttft_ms']:.0f} ms |"
+                     f" {anchor(a.get('single_ttft_ms'), 'ms')} | |")  # fmt: skip
+    quality = res.get("quality", {})
+    for name, what in (("lanmesh", "lanmesh's build"), *names.items()):
+        q = quality.get(name, {})
+        if "over_fp32" in q:
+            shown = " / ".join(f"{r:.3f}x" for r in q["over_fp32"])
+            lines.append(f"| perplexity / fp32's, {what} | {shown} | | |")
     emb = s["embed"]
     first = next(iter(emb))
     lines.append(

@@ -59,6 +59,7 @@ class Testbed:
         self._argv: dict[str, list[str]] = {}
         self._index: dict[str, int] = {}
         self._starts: dict[str, int] = {}  # incarnations per node, so each start logs to a file of its own
+        self._cpus: dict[str, str] = {}
         self._tools: list[subprocess.Popen[Any]] = []
         self.lan: Lan | None = None
         self.env = dict(NODE_ENV)  # for nodes and tools alike
@@ -90,13 +91,15 @@ class Testbed:
             "why_not_netns": self.why_not_netns,
         }
 
-    def start_node(self, index: int, argv: Sequence[str], name: str | None = None) -> NodeProc:
-        """Start a node on host `index` (1..n) without waiting; `converge()` waits for all of them."""
+    def start_node(self, index: int, argv: Sequence[str], name: str | None = None, cpus: str = "") -> NodeProc:
+        """Start a node on host `index` (1..n) without waiting; `converge()` waits for all of them. `cpus` pins it
+        to those cores (taskset), as if its machine had only them."""
         if not 1 <= index <= self.n_nodes:
             raise ValueError(f"node hosts are 1..{self.n_nodes}, got {index}")
         name = name or f"n{index}"
         self._argv[name] = list(argv)
         self._index[name] = index
+        self._cpus[name] = cpus
         node = self._make(name, index, port=None)
         node.start(wait=0)
         self.nodes[name] = node
@@ -121,7 +124,7 @@ class Testbed:
             # Static seeds: every other node, so a restarted node finds the mesh again whoever else is down.
             seeds = [x for n, other in self.nodes.items() if n != name for x in ("--peer", self._seed(n, other))]
             node = NodeProc(name, [*LOOPBACK, *argv, *seeds], port=port, log_dir=self.log_dir, env=self.env,
-                            key_file=key)  # fmt: skip
+                            cpus=self._cpus.get(name, ""), key_file=key)  # fmt: skip
         else:
             lan, host = self.lan, self.lan.hosts[index]
 
@@ -130,7 +133,8 @@ class Testbed:
                     err = subprocess.STDOUT
                     return lan.spawn(host, cmd, env=env, stdout=log, stderr=err, cwd=str(ROOT), text=False)
 
-            node = NodeProc(name, argv, host=host.ip, port=NETNS_PORT, spawn=spawn, env=self.env, key_file=key)
+            node = NodeProc(name, argv, host=host.ip, port=NETNS_PORT, spawn=spawn, env=self.env,
+                            cpus=self._cpus.get(name, ""), key_file=key)  # fmt: skip
         node.log_path = log_path
         return node
 
@@ -169,7 +173,8 @@ class Testbed:
     def converge(self, names: Sequence[str] | None = None, timeout: float = 60.0) -> float:
         """Wait until the given nodes (default all) answer and see each other alive; seconds since all answered."""
         self._user()
-        s = self.tool("converge", "--nodes", ",".join(self.addresses(names)), "--timeout", str(timeout))
+        s = self.tool("converge", "--nodes", ",".join(self.addresses(names)), "--timeout", str(timeout),
+                      timeout=timeout + 30)  # fmt: skip
         if not s.get("converged"):
             dead = [n for n, p in self.nodes.items() if not p.alive()]
             views = s.get("views")

@@ -47,6 +47,7 @@ from ._keyfiles import MeshSecurity, client_security, default_key_path, key_path
 from ._members import Members, role_needed
 from ._news import ReportNews
 from ._node import MeshNode
+from ._pipeline import StageHolder, compose_chain, holders_of
 from ._prefixes import (
     SUMMARY_BYTES,
     bound_summaries,
@@ -114,6 +115,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "StageHolder",
+    "compose_chain",
+    "holders_of",
     # clients
     "AsyncClient",
     "AsyncStream",

@@ -15,6 +15,10 @@ Rules:
   the request again never mistakes it for the one it was told to drop.
 - A stream that moves continues after what the caller already has: the new node gets it as `prefix`, and chunks
   are renumbered so the caller sees 0, 1, 2, ... whatever the number of nodes.
+- A model no eligible node holds whole is served by a chain of stage holders (`EntryHost.pipeline`): the try goes
+  to the first stage, which answers; losing any node of the chain moves the try to a new chain, which reads the
+  exact tokens already generated (`prefix_ids`, from the ids the first stage sends with each streamed piece) so the
+  stream continues with no token lost or repeated. An abandoned chain is cancelled on every node of it.
 - The caller gets exactly one answer: a Reply or an Error; none after it cancelled.
 """
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
@@ -85,7 +89,7 @@ class Pending:
     try_started: float = 0.0
     route: str = ""
     tries: int = 0
-    outstanding: set[str] = field(default_factory=set)  # nodes the policy counts it on
+    outstanding: dict[str, str] = field(default_factory=dict)  # node -> model the policy counts it on there
     excluded: set[str] = field(default_factory=set)
     retry_at: float = 0.0  # > 0: waiting out a backoff before the next draw
     rounds: int = 0
@@ -93,6 +97,10 @@ class Pending:
     streamed: list[str] = field(default_factory=list)
     refused: bool = False  # some node said it was too busy
     state: PendingState = PendingState.ROUTING
+    chain: tuple[tuple[str, str], ...] = ()  # a pipeline try: (node, stage) from the first stage to the last
+    ids: list[int] = field(default_factory=list)  # the token ids of `streamed`, while every piece came with them
+    exact: bool = True  # every piece streamed so far came with its token ids (a chain may replay them)
+    next_why: str = "retry-after:busy:"  # the route's prefix when a backoff ends
 
     @property
     def id(self) -> str:
@@ -102,6 +110,10 @@ class Pending:
         if to not in _MOVES[self.state]:
             raise IllegalMove(f"request {self.id}: {self.state} -> {to}")
         self.state = to
+
+
+PipelineFn = Callable[[Request, set[str], float], "tuple[list[tuple[str, str]], str] | None"]
+ServeTrackedFn = Callable[[Request, float, float], bool]
 
 
 class EntryHost(Protocol):
@@ -126,6 +138,15 @@ class EntryHost(Protocol):
     def send_peer(self, node: str, frame: bytes) -> bool:
         """Send an encoded Request or Cancel to a peer's ROUTER; False when its socket cannot take it now."""
         ...
+
+    # A chain of stage holders that serves a request's model together, and why (None: none can now).
+    pipeline: PipelineFn
+    # Serve a try here whose answers come back to this table (`on_chunk`, `on_reply`, `on_error` with this node's
+    # id), as a peer's would: a pipeline whose first stage is this node.
+    serve_tracked: ServeTrackedFn
+
+    # Stop a try running here (and free a pipeline sequence of that id held here).
+    cancel_here: Callable[[str, str], None]
 
     def send_client(self, client: bytes, frame: bytes) -> None:
         """Send an encoded Reply, Chunk or Error to a client (or to the entry node that forwarded to us)."""
@@ -213,7 +234,8 @@ class EntryTable:
         p = self._current(node, msg.id)
         if p is None:
             return
-        self.policy.observe_queue(node, p.request.model, msg.queue, now)
+        if node != self.host.node_id:
+            self.policy.observe_queue(node, p.outstanding.get(node, p.request.model), msg.queue, now)
         out = (
             restamp_reply(frame, msg, id=p.id, route=p.route) if frame else encode(replace(msg, id=p.id, route=p.route))
         )
@@ -223,11 +245,22 @@ class EntryTable:
         p = self._current(node, msg.id)
         if p is None:
             return
-        if isinstance(msg.data, str):
-            p.streamed.append(msg.data)
+        data = msg.data
+        if p.chain and isinstance(data, dict) and isinstance(data.get("text"), str):
+            # A pipeline's piece: its text for the caller, its token ids kept for a replay.
+            tokens = data.get("tokens")
+            if isinstance(tokens, list) and all(type(t) is int for t in tokens):
+                p.ids.extend(tokens)
+            else:
+                p.exact = False
+            data = data["text"]
+        else:
+            p.exact = False
+        if isinstance(data, str):
+            p.streamed.append(data)
         if p.seq == 0:
             self.host.first_chunk(p.request.model, now - p.started)
-        self.host.send_client(p.client, encode(Chunk(p.id, p.seq, msg.data, msg.node, p.route)))
+        self.host.send_client(p.client, encode(Chunk(p.id, p.seq, data, msg.node, p.route)))
         p.seq += 1
 
     def on_reject(self, node: str, msg: Reject, now: float) -> None:
@@ -246,11 +279,19 @@ class EntryTable:
             return
         if msg.code in RETRYABLE and p.tries < self.max_tries:
             p.refused = p.refused or msg.code is ErrorCode.OVERLOADED
+            chain = bool(p.chain)
             self._abandon(p, node, now, msg.queue, cancel=False)  # it answered: nothing runs there any more
+            if chain and msg.code is ErrorCode.UNAVAILABLE:
+                # A stage behind the first one failed or went away: the failure detector is about to say which
+                # (a closed connection is seen in milliseconds), so wait a moment rather than compose the same chain.
+                p.move(PendingState.BACKING_OFF)
+                p.retry_at, p.next_why = now + ENTRY.delay(1), f"retry-after:stage-lost({node}):"
+                return
             p.excluded.add(node)
             self._dispatch(p, f"retry-after:{msg.code.name.lower()}({node}):", now)
             return
-        self.policy.observe_queue(node, p.request.model, msg.queue, now)
+        if node != self.host.node_id:
+            self.policy.observe_queue(node, p.outstanding.get(node, p.request.model), msg.queue, now)
         self._finish(p, encode(replace(msg, id=p.id)), msg.code.name.lower(), now)
 
     def cancel(self, client: bytes, request_id: str, reason: str, now: float) -> bool:
@@ -271,10 +312,10 @@ class EntryTable:
         return True
 
     def node_gone(self, node: str, why: str, now: float) -> None:
-        """`node` is suspected, dead, left or restarted: re-send what runs there to other nodes."""
+        """`node` is suspected, dead, left or restarted: re-send what runs there (or on a chain through it)."""
         for p in list(self._pending.values()):
-            if p.target == node:
-                self._abandon(p, node, now, cancel=True, reason=f"moved to another node ({why})")
+            if p.target == node or any(n == node for n, _ in p.chain):
+                self._abandon(p, p.target, now, cancel=True, reason=f"moved to another node ({why})")
                 p.excluded.add(node)
                 self._dispatch(p, f"retry-after:{why}:", now)
 
@@ -293,7 +334,8 @@ class EntryTable:
                 err = Error(p.id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed while being served", self.host.node_id)
                 self._finish(p, err, "deadline_exceeded", now)
             elif p.state is PendingState.BACKING_OFF and now >= p.retry_at:
-                self._dispatch(p, "retry-after:busy:", now)
+                why, p.next_why = p.next_why, "retry-after:busy:"
+                self._dispatch(p, why, now)
             elif self.try_timeout is not None and p.target and now - p.try_started > self.try_timeout:
                 self._count("try_timeouts")
                 node = p.target
@@ -326,8 +368,15 @@ class EntryTable:
         while True:
             candidates, known = self.host.eligible(req, p.excluded)
             if not candidates:
-                self._nobody(p, known, now)
-                return
+                piped = self.host.pipeline(req, p.excluded, now)
+                if piped is None:
+                    self._nobody(p, known, now)
+                    return
+                chain, reason = piped
+                if self._forward_chain(p, chain, f"{why}{reason}" if why else reason, now):
+                    return
+                p.excluded.add(chain[0][0])
+                continue
             choice = self.policy.choose(req.model, candidates, now, req)
             route = f"{why}{choice.reason}" if why else choice.reason
             if choice.node == self.host.node_id:
@@ -381,16 +430,45 @@ class EntryTable:
         if not self.host.send_peer(node, frame):
             self._count("forward_unreachable")
             return False
+        p.chain = ()
+        self._sent(p, node, route, try_id, now, {node: req.model})
+        return True
+
+    def _forward_chain(self, p: Pending, chain: list[tuple[str, str]], route: str, now: float) -> bool:
+        """Send a try to the first stage of `chain`, which answers for the whole chain."""
+        left_ms = int((p.deadline - now) * 1000)
+        if left_ms <= 0:
+            return False
+        try_id = _try_id(p.id, p.tries + 1)
+        req = p.request
+        streamed = "".join(p.streamed)
+        first, stage = chain[0]
+        try_req = replace(req, id=try_id, model=stage, hops=req.hops + 1, deadline_ms=left_ms,
+                          origin=req.origin or self.host.node_id, prefix=req.prefix + streamed, stages=tuple(chain),
+                          prefix_ids=tuple(p.ids) if p.exact and p.ids else ())  # fmt: skip
+        if first == self.host.node_id:
+            sent = self.host.serve_tracked(try_req, p.deadline, p.started)
+        else:
+            sent = self.host.send_peer(first, encode(try_req))
+        if not sent:
+            self._count("forward_unreachable")
+            return False
+        p.chain = tuple(chain)
+        self._sent(p, first, route, try_id, now, {n: s for n, s in chain if n != self.host.node_id})
+        self._count("pipelined")
+        return True
+
+    def _sent(self, p: Pending, node: str, route: str, try_id: str, now: float, counted: dict[str, str]) -> None:
         p.move(PendingState.ON_PEER)
         p.target, p.route, p.try_id, p.try_started = node, route, try_id, now
         p.tries += 1
-        p.outstanding.add(node)
+        p.outstanding.update(counted)
         self._by_try[try_id] = p
-        self.policy.dispatched(node, req.model)
+        for n, model in counted.items():
+            self.policy.dispatched(n, model)
         self._count("forwarded")
         if p.tries > 1:
             self._count("retries")
-        return True
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -405,17 +483,26 @@ class EntryTable:
     def _abandon(
         self, p: Pending, node: str, now: float, queue: int | None = None, *, cancel: bool, reason: str = ""
     ) -> None:
-        if node in p.outstanding:
-            p.outstanding.discard(node)
-            self.policy.completed(node, p.request.model)
-        if queue is not None:
-            self.policy.observe_queue(node, p.request.model, queue, now)
+        """Give up the current try (on `node`; on a chain, every node of it: each frees what it holds)."""
+        nodes = [n for n, _ in p.chain] if p.chain and p.target == node else [node]
+        for n in nodes:
+            model = p.outstanding.pop(n, None)
+            if model is not None:
+                self.policy.completed(n, model)
+                if queue is not None and n == node:
+                    self.policy.observe_queue(n, model, queue, now)
         if p.target == node:
-            if cancel:
-                self.host.send_peer(node, encode(Cancel(p.try_id, reason)))
-                self._count("cancels_sent")
+            if cancel or p.chain:  # a chain's other stages still hold the sequence, whatever the first one said
+                frame = encode(Cancel(p.try_id, reason or "try abandoned"))
+                for n in nodes:
+                    if n == self.host.node_id:
+                        self.host.cancel_here(p.try_id, reason)
+                    elif n != node or cancel:
+                        self.host.send_peer(n, frame)
+                        self._count("cancels_sent")
             self._by_try.pop(p.try_id, None)
             p.target = ""
+            p.chain = ()
             p.move(PendingState.ROUTING)
 
     def _release(self, p: Pending, state: PendingState) -> None:
@@ -424,8 +511,8 @@ class EntryTable:
         self._pending.pop(p.id, None)
         if p.try_id:
             self._by_try.pop(p.try_id, None)
-        for node in p.outstanding:
-            self.policy.completed(node, p.request.model)
+        for node, model in p.outstanding.items():
+            self.policy.completed(node, model)
         p.outstanding.clear()
         p.target = ""
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from protocol import Digest, LoadReport, Member, ModelLoad, PeerAddr, Ping, Suspicion
+from protocol import Digest, LoadReport, Member, ModelLoad, PeerAddr, Ping, StageWant, Suspicion
 
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._news import Content, ReportNews
@@ -120,7 +120,7 @@ class Gossip:
         self.news = ReportNews(self.s.interval, self.s.threshold, self.s.settle)
         self.counts: dict[str, int] = {}
         self.leaving = False
-        self._content: Content = ({}, {}, False, {}, 0)  # models, labels, leaving, prefixes, revocations
+        self._content: Content = ({}, {}, False, {}, 0, {})  # models, labels, leaving, prefixes, revocations, wants
         self._prefixes_sent: dict[str, bytes] = {}  # each model's prefix-cache summary as last published
         self._ring_watched: list[str] = []
         self._ring_version = -1
@@ -171,7 +171,7 @@ class Gossip:
     def assume_reported(self, now: float, models: dict[str, ModelLoad], labels: dict[str, str], seq: int) -> None:
         """Take report `seq` with this content as already sent and known to the mesh: for a simulation that starts
         from a converged mesh instead of letting every node introduce itself."""
-        content: Content = (models, labels, False, {}, 0)
+        content: Content = (models, labels, False, {}, 0, {})
         self.seq, self._content = seq, content
         self.news.sent(now, content)
         self.view.put(Member(self.addr, self.incarnation, seq, PeerState.ALIVE.value))
@@ -189,14 +189,16 @@ class Gossip:
         legacy_peers: tuple[PeerAddr, ...] | None = None,
         prefixes: dict[str, bytes] | None = None,
         revocations: int = 0,
+        wants: dict[str, StageWant] | None = None,
     ) -> LoadReport | None:
         """Publish this node's report if it is news (or `force`); returns it, or None when nothing went out.
 
         `legacy_peers`: older members are alive, which take silence for failure: report every interval as they do,
         listing the live peers as they expect. `prefixes`: what its prefix caches hold (a change is news; a report
         carries the summaries that changed, `current_report` all). `revocations`: the serial of its revocation list.
+        `wants`: the models it would hold a stage of.
         """
-        content = (models, labels, leaving, prefixes or {}, revocations)
+        content = (models, labels, leaving, prefixes or {}, revocations, wants or {})
         if not force and legacy_peers is None and not self.news.due(now, content):
             return None
         self.seq += 1
@@ -214,10 +216,10 @@ class Gossip:
     def _report(
         self, content: Content, seq: int, peers: tuple[PeerAddr, ...] = (), prefixes: dict[str, bytes] | None = None
     ) -> LoadReport:
-        models, labels, leaving, summaries, revocations = content
+        models, labels, leaving, summaries, revocations, wants = content
         prefixes = summary_news(summaries, {}, True) if prefixes is None else prefixes
         return LoadReport(self.node_id, self.incarnation, seq, self.addr, models, labels, peers, leaving,
-                          self.fingerprint, prefixes, revocations, on_change=True)  # fmt: skip
+                          self.fingerprint, prefixes, wants, revocations, on_change=True)  # fmt: skip
 
     def _refute(self, now: float, accused_seq: int) -> LoadReport:
         """Someone holds this node suspect or dead as of report `accused_seq`: report again, past it. The
@@ -225,8 +227,9 @@ class Gossip:
         self._count("refutations")
         self._unwell(now, "accused")
         self.seq = max(self.seq, accused_seq)
-        models, labels, leaving, prefixes, revocations = self._content
-        r = self.report(now, models, labels, leaving, force=True, prefixes=prefixes, revocations=revocations)
+        models, labels, leaving, prefixes, revocations, wants = self._content
+        r = self.report(now, models, labels, leaving, force=True, prefixes=prefixes, revocations=revocations,
+                        wants=wants)  # fmt: skip
         assert r is not None
         self._repeat_at = now + self.s.interval
         return r

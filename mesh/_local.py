@@ -17,6 +17,8 @@ from protocol import Chunk, Error, ErrorCode, Reply, Request
 
 from ._settings import LocalServer, RequestObserver
 
+TRACKED = b"\0entry"  # the "client" of a try this node's own entry table tracks (a pipeline starting here)
+
 
 class Local(NamedTuple):
     """A request running on this node's executor, and where its answer goes."""
@@ -40,11 +42,13 @@ class LocalWork:
         send_client: Callable[[bytes, Any], None],
         post: Callable[[str, Any], None],
         observer: Callable[[], RequestObserver | None],
+        entry: Any = None,
     ) -> None:
         self.node_id = node_id
         self.server = server
         self.stats = stats
-        self._send_client = send_client
+        self._send = send_client
+        self._entry = entry  # the node's EntryTable, for tries it tracks itself (TRACKED)
         self._post = post
         self._observer = observer
         self._running: dict[str, Local] = {}
@@ -71,6 +75,10 @@ class LocalWork:
             self._running.pop(rid, None)
         return ok
 
+    def submit_tracked(self, req: Request, deadline: float, started: float) -> bool:
+        """Queue a try whose answers go back to this node's entry table (a pipeline whose first stage is here)."""
+        return self.submit(TRACKED, req, deadline, "", 0, started, "local")
+
     def cancel(self, request_id: str, reason: str) -> None:
         """Stop work running here, whoever asks (a request's id is its caller's capability: see EntryTable.cancel)."""
         if request_id not in self._running:
@@ -78,6 +86,17 @@ class LocalWork:
         self._cancelled.add(request_id)
         if not self.server.cancel(request_id, reason or "cancelled by the caller"):
             self._cancelled.discard(request_id)
+
+    def _send_client(self, client: bytes, msg: Any) -> None:
+        """An answer goes to the client, or, for a try this node's entry table tracks, back to that table."""
+        if client != TRACKED:
+            self._send(client, msg)
+        elif isinstance(msg, Chunk):
+            self._entry.on_chunk(self.node_id, msg, time.monotonic())
+        elif type(msg) is Reply:
+            self._entry.on_reply(self.node_id, msg, time.monotonic())
+        elif isinstance(msg, Error):
+            self._entry.on_error(self.node_id, msg, time.monotonic())
 
     def hand_back(self) -> None:
         """The node stops: every caller of work running here hears UNAVAILABLE (its client retries elsewhere)."""

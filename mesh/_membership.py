@@ -18,13 +18,28 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol import DecodeError, Digest, Hello, Leave, LoadReport, PeerAddr, Ping, Suspicion, decode, encode
+from protocol import (
+    DecodeError,
+    Digest,
+    Hello,
+    Leave,
+    LoadReport,
+    PeerAddr,
+    Ping,
+    Request,
+    StageWant,
+    Suspicion,
+    decode,
+    encode,
+)
 
 from ._failure import FORGOTTEN, INCARNATION_AHEAD_S, PeerState, Transition
 from ._gossip import Gossip, GossipSettings
 from ._peers import Peer
+from ._pipeline import compose_chain, holders_of
 from ._security import same_host
 from ._sockets import bind_pub
+from ._status import security_view, status_rows
 
 if TYPE_CHECKING:
     from ._admission import Admission
@@ -37,21 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lanmesh.mesh")
 
 DRAIN = 256  # messages read from one socket per turn: gossip and replies keep their rhythm under load
-
-
-def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
-    """A node's models as status rows show them: `name: [in flight, queued, capacity, version (8 hex), tasks]`, each
-    loaded version once (tasks: the ones it serves, [] when its node did not say). Gossip lists the current version
-    twice (as `name` and as its pin `name@v8`); the pin is left out here, so loads add up. A version loaded beside
-    the current one (a rollout's moment) shows as `name@v8`."""
-    out: dict[str, list[Any]] = {}
-    for m, v in models.items():
-        name, _, pin = m.partition("@")
-        current = models.get(name)
-        if pin and current is not None and name != m and str(getattr(current, "version", "")).startswith(pin):
-            continue
-        out[m] = [v.inflight, v.queued, v.capacity, str(getattr(v, "version", ""))[:8], list(getattr(v, "tasks", ()))]
-    return out
 
 
 class Membership:
@@ -114,6 +114,11 @@ class Membership:
         if self._gossip is None:
             raise RuntimeError("membership has no gossip before the node binds")
         return self._gossip
+
+    @property
+    def bound(self) -> bool:
+        """Whether the node is bound (its gossip runs)."""
+        return self._gossip is not None
 
     def state(self, node: str) -> PeerState | None:
         """What this node acts on about a peer (None: not a member, or not yet heard from itself)."""
@@ -228,7 +233,8 @@ class Membership:
         peers = None
         if legacy:  # older nodes alive: they take silence for failure and learn the mesh from our reports
             peers = tuple(p.addr for p in self.links.peers if g.state(p.node) is PeerState.ALIVE and not p.leaving)
-        g.report(now, models, dict(self.server.labels), self.leaving, legacy_peers=peers,
+        wants = {} if self.leaving else dict(getattr(self.server, "wants", dict)())
+        g.report(now, models, dict(self.server.labels), self.leaving, legacy_peers=peers, wants=wants,
                  prefixes={} if self.leaving else self._prefixes(), revocations=self.revocations_serial())  # fmt: skip
 
     def _prefixes(self) -> dict[str, bytes]:
@@ -334,6 +340,7 @@ class Membership:
         peer.incarnation, peer.seq = r.incarnation, r.seq
         peer.models = dict(r.models)
         peer.labels = dict(r.labels)
+        peer.wants = dict(r.wants)
         peer.leaving = r.leaving
         for model, load in r.models.items():
             self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, now, load.rate)
@@ -441,50 +448,7 @@ class Membership:
 
     def status(self) -> list[dict[str, Any]]:
         """The nodes this node sees, itself first (for `lanmesh status`, clients learning the mesh, the console)."""
-        now = time.monotonic()
-        rows = [
-            {
-                "node": self.node_id,
-                "address": f"{self.addr.host}:{self.addr.port}",
-                "state": "leaving" if self.leaving else "self",
-                "models": model_rows(self.server.models()),
-                "labels": dict(self.server.labels),
-                "last_heard_s": 0.0,
-                "inflight_to": 0,
-                "source": "self",
-                "stats": dict(self.stats) | self._gossip_counts(),
-                "executor": self.server.stats(),
-                "security": self.security_view(now),
-            }
-        ]
-        probing = self._gossip.probing() if self._gossip is not None else set()
-        for peer in self.links.peers:
-            state = self.state(peer.node)
-            rows.append(
-                {
-                    "node": peer.node,
-                    "address": f"{peer.addr.host}:{peer.addr.port}",
-                    # "unverified": told of it (mDNS, a hello, a digest), but it has not reported to us itself yet
-                    "state": "leaving" if peer.leaving else (state.value if state else "unverified"),
-                    "models": model_rows(peer.models),
-                    "labels": dict(peer.labels),
-                    "last_heard_s": round(now - peer.last_heard, 3),
-                    "inflight_to": self.policy.inflight_to(peer.node),
-                    "source": peer.source,
-                    "probed": peer.node in probing,
-                    # member identities: each node's key and certificate (clients learn node keys from them)
-                    **(self.trust.row(peer.addr.key) if self.trust is not None and peer.verified else {}),
-                }
-            )
-            chains_held = getattr(self.policy, "chains_held", None)  # cache-aware routing: what its gossip says
-            if chains_held is not None:
-                rows[-1]["prefix_chains"] = chains_held(peer.node)
-        if self.trust is not None:
-            rows[0].update(self.trust.row(self.addr.key))
-        return rows
-
-    def _gossip_counts(self) -> dict[str, int]:
-        return {} if self._gossip is None else {f"gossip_{k}": v for k, v in self._gossip.stats().items()}
+        return status_rows(self)
 
     def holders(self, name: str) -> list[tuple[str, str, str]]:
         """(node, host:port, version) of every live peer serving `name`, as its gossip says (any thread)."""
@@ -495,6 +459,92 @@ class Membership:
                 out.append((peer.node, f"{peer.addr.host}:{peer.addr.port}", load.version))
         return out
 
+    def eligible(self, req: Request, excluded: set[str] | frozenset[str]) -> tuple[list[str], bool]:
+        """Eligible node ids for `req` (the node's `EntryHost.eligible`), and whether any node at all serves the
+        model (a stage of it counts)."""
+        out: list[str] = []
+        known = False
+        if self.server.serves(req.model):
+            known = True
+            labels = self.server.labels
+            if (
+                not self.leaving
+                and self.node_id not in excluded
+                and all(labels.get(k) == v for k, v in req.require.items())
+            ):
+                out.append(self.node_id)
+        known = known or self.stage_known(req.model)
+        if self.trust is not None and not self.trust.synced:
+            return out, known  # catching up with revocations: no peer is routed to yet
+        for peer in self.links.peers:
+            if req.model not in peer.models:
+                continue
+            known = True
+            if peer.node in excluded or peer.leaving:
+                continue
+            if self.state(peer.node) is not PeerState.ALIVE:
+                continue
+            if peer.serves(req.model, req.require):
+                out.append(peer.node)
+        return out, known
+
+    def servers(self, model: str) -> list[str]:
+        """Every node (alive or not) that announced `model`, this one included."""
+        nodes = [peer.node for peer in self.links.peers if model in peer.models]
+        if self.server.serves(model):
+            nodes.append(self.node_id)
+        return nodes
+
+    def stage_servers(self, req: Request, excluded: set[str] | frozenset[str]) -> list[tuple[str, str, int, str]]:
+        """(node, served name, the whole model's layers, version) of every pipeline stage this node and its live
+        peers serve that may take `req` now (alive, not leaving, not excluded, labels matching)."""
+        out = []
+        if not self.leaving and self.node_id not in excluded:
+            labels = self.server.labels
+            if all(labels.get(k) == v for k, v in req.require.items()):
+                out += [(self.node_id, name, load.layers, load.version) for name, load in self.server.models().items()
+                        if load.layers]  # fmt: skip
+        if self.trust is not None and not self.trust.synced:
+            return out  # catching up with revocations: no peer is routed to yet
+        for peer in self.links.peers:
+            if peer.node in excluded or peer.leaving or self.state(peer.node) is not PeerState.ALIVE:
+                continue
+            out += [(peer.node, name, load.layers, load.version) for name, load in peer.models.items()
+                    if load.layers and peer.serves(name, req.require)]  # fmt: skip
+        return out
+
+    def pipeline(self, req: Request, excluded: set[str], now: float) -> tuple[list[tuple[str, str]], str] | None:
+        """A chain of live stage holders serving `req`'s model together (P2C among each stage's holders), and the
+        route that says so (`pipeline:<why stage 1>><why stage 2>...`); None when they cannot cover it now."""
+        holders = holders_of(req.model, self.stage_servers(req, excluded))
+
+        def choose(stage: str, nodes: list[str]) -> tuple[str, str] | None:
+            choice = self.policy.choose(stage, nodes, now)
+            return (choice.node, choice.reason) if choice is not None else None
+
+        found = compose_chain(holders, choose) if holders else None
+        return None if found is None else (found[0], "pipeline:" + ">".join(found[1]))
+
+    def stage_known(self, model: str) -> bool:
+        """Whether any node (alive or not) serves a stage of `model`."""
+        prefix = model.partition("@")[0] + "["
+        models = [self.server.models(), *(p.models for p in self.links.peers)]
+        return any(name.startswith(prefix) and load.layers for m in models for name, load in m.items())
+
+    def stage_view(self, model: str) -> list[tuple[str, StageWant | None, list[tuple[str, str]]]]:
+        """For the automatic split (any thread): every live peer's want of `model` and the stages of it it serves,
+        as (node, want or None, [(stage name, version)])."""
+        out = []
+        prefix = model + "["
+        for peer in self.links.peers:
+            if peer.leaving or self.state(peer.node) is not PeerState.ALIVE:
+                continue
+            held = [(n, load.version) for n, load in peer.models.items() if n.startswith(prefix) and load.layers]
+            want = peer.wants.get(model)
+            if want is not None or held:
+                out.append((peer.node, want, held))
+        return out
+
     def on_refused_connection(self, kind: str, source: str) -> None:
         # Runs on the ZAP thread (which also logs it). Each of these counters has that one writer, and a
         # dict store is atomic under the GIL, so the loop's own counters are not disturbed.
@@ -502,18 +552,4 @@ class Membership:
 
     def security_view(self, now: float) -> dict[str, Any]:
         """This node's security state for `lanmesh status` and `lanmesh doctor`."""
-        return {
-            "mode": "insecure" if self.s.key is None else "identities" if self.trust is not None else "curve",
-            "fingerprint": self.s.fingerprint,
-            "auth_rejected": self.stats["auth_rejected"],
-            "handshake_failed": self.stats["handshake_failed"],
-            "identity_mismatch": self.stats["identity_mismatch"],
-            "identity_conflict": self.stats["identity_conflict"],
-            "incarnation_refused": self.stats["incarnation_refused"],
-            "bad_peer_address": self.stats["bad_peer_address"],
-            **(self.trust.view() if self.trust is not None else {}),
-            "foreign": [
-                {k: v for k, v in e.items() if k != "last_seen"} | {"last_seen_s": round(now - e["last_seen"], 1)}
-                for e in self.links.foreign.values()
-            ],
-        }
+        return security_view(self, now)

@@ -7,7 +7,7 @@ from typing import Any
 
 __all__ = ["Content", "ReportNews"]
 
-# models, labels, leaving, then what reports gained later (prefix-cache summaries, the revocation serial)
+# models, labels, leaving, then what reports gained later (prefix-cache summaries, the revocation serial, wants)
 Content = tuple[Any, ...]
 
 

@@ -38,14 +38,14 @@ from protocol import (
     Reject,
     Reply,
     Request,
+    Stage,
     Suspicion,
     decode,
     encode,
 )
 
 from ._admission import Admission
-from ._entry import EntryTable
-from ._failure import PeerState
+from ._entry import EntryTable, PipelineFn, ServeTrackedFn
 from ._identity import MemberIdentity
 from ._links import PeerLinks
 from ._local import LocalWork
@@ -57,6 +57,7 @@ from ._security import Authenticator
 from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
 from ._sockets import SocketPoller, Waker, bind_pub, bind_router, bound_port, peer_address
+from ._stages import FailFn, StageTraffic
 from ._trust import Trust
 from ._watchdog import LoopWatchdog, within
 
@@ -74,6 +75,10 @@ _ERROR_LOG_EVERY_S = 10.0
 
 class MeshNode:
     """Runs the mesh loop for one node in a thread of its own."""
+
+    pipeline: PipelineFn  # EntryHost's: a chain of stage holders (`Membership.pipeline`)
+    serve_tracked: ServeTrackedFn  # EntryHost's: a try served here, answered to the entry table (`LocalWork`)
+    cancel_here: Callable[[str, str], None]  # EntryHost's: a request here, and a stage's sequence of that id
 
     def __init__(
         self,
@@ -126,7 +131,10 @@ class MeshNode:
             self.membership.trust, self.services.membership = self.trust, self.trust.handle
         self.observer: RequestObserver | None = None
         self.local = LocalWork(self.node_id, server, self.stats, send_client=self._send_client, post=self.post,
-                               observer=lambda: self.observer)  # fmt: skip
+                               observer=lambda: self.observer, entry=self.entry)  # fmt: skip
+        self.stages = StageTraffic(self.node_id, server, self.stats, settings.limits, self.links.peers, self.local)
+        self.pipeline, self.serve_tracked = self.membership.pipeline, self.local.submit_tracked
+        self.cancel_here = self.stages.cancel_here
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._outbox: list[tuple[bytes, bytes]] = []  # answers to clients, sent at the end of the loop's turn
         self._waker: Waker | None = None  # made with the loop's sockets; until then the inbox waits for the loop
@@ -351,6 +359,8 @@ class MeshNode:
                 self._guarded("a local answer", self.local.done, *payload)
             elif kind == "chunk":
                 self._guarded("a local chunk", self.local.chunk, *payload)
+            elif kind == "stage":
+                self._guarded("a stage's message", self.stages.send, *payload)
             elif kind == "answer":
                 ident, frame, done = payload
                 self.services.done(done)
@@ -377,10 +387,11 @@ class MeshNode:
             except zmq.Again:
                 return
             part = router.recv(_NB, copy=False)  # a ROUTER hands over whole messages: the body is there
-            if part.more:  # a sender's multi-part message: not ours to read; skip the rest of it
-                self.stats["bad_frames"] += 1
-                while router.recv(_NB, copy=False).more:
-                    pass
+            if part.more:  # multi-part: a pipeline stage's header and tensor (from a node), or dropped (counted) whole
+                if trust is not None and not trust.from_node(part):
+                    self.stages.skip(router, part)
+                    continue
+                self._guarded("a stage's message", self.stages.read, router, part)
                 continue
             if trust is not None:  # member identities: who sent it is on the message (ZAP's User-Id)
                 trust.on_part(ident, part)
@@ -407,6 +418,8 @@ class MeshNode:
             self.membership.on_hello(ident, msg)
         elif isinstance(msg, Digest | Suspicion):
             self.membership.on_router_gossip(ident, msg, peer_address(part) if part is not None else None)
+        elif isinstance(msg, Stage):
+            self.stages.deliver([(msg, None)])
         elif isinstance(msg, Admin | Fetch):
             refused = self.services.submit(ident, msg)
             if refused is not None:
@@ -453,7 +466,11 @@ class MeshNode:
         self.stats["cancels_in"] += 1
         if self.entry.cancel(ident, msg.id, msg.reason, time.monotonic()):
             return
-        self.local.cancel(msg.id, msg.reason)
+        self.cancel_here(msg.id, msg.reason)
+
+    def send_stage(self, node: str, items: list[tuple[Stage, Any]], on_fail: FailFn | None) -> None:
+        """Send a stage's messages to `node` as one (any thread: headers encoded here, sent by the loop)."""
+        self.post("stage", (node, [(msg, encode(msg), tensor) for msg, tensor in items], on_fail))
 
     def _in_flight_for(self, ident: bytes, rid: str) -> bool:
         p = self.entry.get(rid)
@@ -468,32 +485,10 @@ class MeshNode:
     # ------------------------------------------------------------ EntryHost: what the entry table asks of us
 
     def eligible(self, req: Request, excluded: set[str] | frozenset[str]) -> tuple[list[str], bool]:
-        """Eligible node ids for `req`, and whether any node at all serves the model."""
-        out: list[str] = []
-        known = False
-        if self.server.serves(req.model):
-            known = True
-            if not self.membership.leaving and self.node_id not in excluded and self._labels_match(req.require):
-                out.append(self.node_id)
-        if self.trust is not None and not self.trust.synced:
-            return out, known  # catching up with revocations: no peer is routed to yet
-        for peer in self.links.peers:
-            if req.model not in peer.models:
-                continue
-            known = True
-            if peer.node in excluded or peer.leaving:
-                continue
-            if self.membership.state(peer.node) is not PeerState.ALIVE:
-                continue
-            if peer.serves(req.model, req.require):
-                out.append(peer.node)
-        return out, known
+        return self.membership.eligible(req, excluded)
 
     def servers(self, model: str) -> list[str]:
-        nodes = [peer.node for peer in self.links.peers if model in peer.models]
-        if self.server.serves(model):
-            nodes.append(self.node_id)
-        return nodes
+        return self.membership.servers(model)
 
     def serve_here(self, client: bytes, req: Request, deadline: float, route: str, seq0: int, started: float) -> bool:
         return self.local.submit(client, req, deadline, route, seq0, started, "local")
@@ -535,10 +530,6 @@ class MeshNode:
     def first_chunk(self, model: str, seconds: float) -> None:
         if self.observer is not None:
             self.observer.first_chunk(model, seconds)
-
-    def _labels_match(self, require: dict[str, str]) -> bool:
-        labels = self.server.labels
-        return all(labels.get(k) == v for k, v in require.items())
 
     def _send_client(self, ident: bytes, msg: Any) -> None:
         self.send_client(ident, encode(msg))

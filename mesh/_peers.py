@@ -8,7 +8,7 @@ from typing import Any
 
 import zmq
 
-from protocol import ModelLoad, PeerAddr
+from protocol import ModelLoad, PeerAddr, StageWant
 
 
 @dataclass(slots=True)
@@ -29,6 +29,7 @@ class Peer:
     monitor: zmq.Socket[Any] | None = None  # transport events of `dealer`
     sub: zmq.Socket[Any] | None = None  # where its gossip arrives
     disconnected: bool = False  # its connection closed and has not come back yet
+    wants: dict[str, StageWant] = field(default_factory=dict)  # models it would hold a stage of (gossiped)
     verified: bool = True  # member identities: it presented a node certificate naming its name and key
 
     @property

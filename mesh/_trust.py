@@ -128,6 +128,15 @@ class Trust:
             return
         self._guarded("a message from a member", self.on_frame, ident, part.bytes, member, uid)
 
+    def from_node(self, part: zmq.Frame) -> bool:
+        """Whether a multi-part message on the ROUTER (a pipeline stage's: only nodes send them) comes from a node's
+        key; otherwise it is counted (role_refused, unknown_key) and the caller drops it whole."""
+        member = self.members.by_uid.get(str(part.get("User-Id")))
+        if member is not None and member.role >= Role.NODE:
+            return True
+        self.stats["unknown_key" if member is None else "role_refused"] += 1
+        return False
+
     def on_frame(self, ident: bytes, frame: bytes, member: Member | None, uid: str | None) -> None:
         """A message on the node's ROUTER from the connection with key `uid`: through the door, then certificates,
         joins, revocations and hellos here, the rest as without member identities (`router_frame`)."""

@@ -1,5 +1,5 @@
 """lanmesh wire protocol: messages (`_messages.py`), the codec (`_encode.py`, `_decode.py`, with what they share in
-`_wire.py`) and error codes (`_errors.py`). Pure code: no I/O."""
+`_wire.py`) and error codes (`_errors.py`), the naming of pipeline stages (`_stages.py`). Pure code: no I/O."""
 
 from ._decode import decode, error_code_name
 from ._encode import encode, restamp_reply, restamp_request
@@ -28,10 +28,13 @@ from ._messages import (
     Reply,
     Request,
     Revocations,
+    Stage,
+    StageWant,
     Suspicion,
     Task,
 )
 from ._names import NAME_MAX, NAME_RULE, check_name, is_name, is_version, name_problem
+from ._stages import StageName, parse_stage, stage_name, tensor_nbytes
 from ._wire import (
     DEFAULT_LIMITS,
     MAX_CHUNK_BYTES,
@@ -80,6 +83,9 @@ __all__ = [
     "Reply",
     "Request",
     "Suspicion",
+    "Stage",
+    "StageName",
+    "StageWant",
     "Revocations",
     "Task",
     "check_name",
@@ -89,6 +95,9 @@ __all__ = [
     "is_name",
     "is_version",
     "name_problem",
+    "parse_stage",
     "restamp_reply",
     "restamp_request",
+    "stage_name",
+    "tensor_nbytes",
 ]

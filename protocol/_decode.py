@@ -9,8 +9,9 @@ from typing import Any
 
 import msgpack
 
-from ._checks import _bool, _bytes, _fail, _fields, _int, _label, _name, _or, _str, _strmap, _value, _version
+from ._decode_stages import _dec_stage, _dec_wants, _stages, _token_ids
 from ._errors import DecodeError, ErrorCode
+from ._fields import _bool, _fail, _fields, _int, _label, _name, _or, _rid, _str, _strmap, _value, _version
 from ._messages import (
     MEMBER_STATES,
     Admin,
@@ -68,6 +69,7 @@ from ._wire import (
     T_REPLY,
     T_REQUEST,
     T_REVOCATIONS,
+    T_STAGE,
     T_SUSPICION,
     VERSION,
     Limits,
@@ -144,7 +146,7 @@ def _dec_request(b: list[Any], lim: Limits) -> Request:
 def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
     rid_raw = b[1] if len(b) > 1 else None
     rid = rid_raw if isinstance(rid_raw, str) and 0 < len(rid_raw) <= ID_LEN else None
-    f = _fields(b, 4, 12, "request", rid)
+    f = _fields(b, 4, 14, "request", rid)
     rid = _str(f[0], "id", ID_LEN, None, empty=False)
     model = _name(f[1], "model", rid)
     task = _TASKS.get(f[2]) if isinstance(f[2], str) else None
@@ -163,6 +165,8 @@ def _dec_request_checked(b: list[Any], lim: Limits) -> Request:
         stream=_bool(_or(f[9], False), "stream", rid),
         require=_strmap(_or(f[10], {}), "require", rid, lim, str_values=True),
         prefix=_str(_or(f[11], ""), "prefix", lim.max_str_len, rid),
+        stages=_stages(_or(f[12], []), rid),
+        prefix_ids=_token_ids(_or(f[13], []), "prefix_ids", rid),
     )
 
 
@@ -203,6 +207,7 @@ def _dec_models(v: Any) -> dict[str, ModelLoad]:
             float(rate),
             version,
             _dec_tasks(load[5]) if len(load) > 5 else (),
+            _int(load[6], "model layers", 0, 2**20, None) if len(load) > 6 else 0,
         )
     return out
 
@@ -229,7 +234,7 @@ def _dec_prefixes(v: Any) -> dict[str, bytes]:
 
 
 def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
-    f = _fields(b, 4, 12, "load report", None)
+    f = _fields(b, 4, 13, "load report", None)
     peers = _or(f[6], [])
     if not isinstance(peers, list):
         raise _fail("peers must be a list")
@@ -245,7 +250,8 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
         fingerprint=_str(_or(f[8], ""), "fingerprint", NAME_LEN, None),
         prefixes=_dec_prefixes(_or(f[9], {})),
         revocations=_int(_or(f[10], 0), "revocations", 0, 2**63 - 1, None),
-        on_change=_bool(_or(f[11], False), "on_change", None),
+        wants=_dec_wants(_or(f[11], {})),
+        on_change=_bool(_or(f[12], False), "on_change", None),
     )
 
 
@@ -288,10 +294,6 @@ def _dec_digest(b: list[Any], lim: Limits) -> Digest:
         checksum=_int(f[2], "checksum", 0, 2**64 - 1, None),
         members=tuple(_dec_member(m) for m in members),
     )
-
-
-def _rid(b: list[Any]) -> str:
-    return _str(b[1], "id", ID_LEN, None, empty=False)
 
 
 def _flat(v: Any) -> bool:
@@ -454,6 +456,12 @@ def _dec_data(b: list[Any], lim: Limits) -> Data:
     return Data(rid, _name(f[1], "node", rid, empty=True), _int(f[2], "offset", 0, 2**62, rid), f[3])
 
 
+def _bytes(v: Any, what: str, max_len: int, rid: str | None) -> bytes:
+    if isinstance(v, bytes) and len(v) <= max_len:
+        return v
+    raise _fail(f"{what} must be bytes (at most {max_len})", rid)
+
+
 def _dec_credentials(b: list[Any], lim: Limits) -> Credentials:
     f = _fields(b, 1, 3, "credentials", None)
     return Credentials(
@@ -492,6 +500,7 @@ _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     T_DATA: _dec_data,
     T_SUSPICION: _dec_suspicion,
     T_DIGEST: _dec_digest,
+    T_STAGE: _dec_stage,
     T_CREDENTIALS: _dec_credentials,
     T_JOIN: _dec_join,
     T_REVOCATIONS: _dec_revocations,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -30,6 +31,7 @@ from ._messages import (
     Reply,
     Request,
     Revocations,
+    Stage,
     Suspicion,
 )
 from ._wire import (
@@ -51,6 +53,7 @@ from ._wire import (
     T_REPLY,
     T_REQUEST,
     T_REVOCATIONS,
+    T_STAGE,
     T_SUSPICION,
     VERSION,
 )
@@ -61,7 +64,7 @@ def _addr(a: PeerAddr) -> list[Any]:
 
 
 def _enc_request(m: Request) -> list[Any]:
-    return [
+    body = [
         T_REQUEST,
         m.id,
         m.model,
@@ -76,6 +79,16 @@ def _enc_request(m: Request) -> list[Any]:
         m.require,
         m.prefix,
     ]
+    if m.stages or m.prefix_ids:  # a pipeline try: only then, so every other request keeps its 13 fields
+        body += [[list(pair) for pair in m.stages], list(m.prefix_ids)]
+    return body
+
+
+def _load(v: Any) -> list[Any]:
+    out = [v.inflight, v.queued, v.capacity, v.rate, v.version, list(v.tasks)]
+    if v.layers:  # a stage's: sent only then
+        out.append(v.layers)
+    return out
 
 
 def _enc_load(m: LoadReport) -> list[Any]:
@@ -85,15 +98,21 @@ def _enc_load(m: LoadReport) -> list[Any]:
         m.incarnation,
         m.seq,
         _addr(m.addr),
-        {k: [v.inflight, v.queued, v.capacity, v.rate, v.version, list(v.tasks)] for k, v in m.models.items()},
+        {k: _load(v) for k, v in m.models.items()},
         m.labels,
         [_addr(p) for p in m.peers],
         m.leaving,
         m.fingerprint,
         m.prefixes,
         m.revocations,
+        {k: [w.version, w.budget, w.speed] for k, w in m.wants.items()},
         m.on_change,
     ]
+
+
+def _enc_stage(m: Stage) -> list[Any]:
+    return [T_STAGE, m.id, m.model, m.kind, m.first, m.start, list(m.tokens), list(m.shape), m.dtype, m.last,
+            m.request, [list(pair) for pair in m.stages], m.need, m.deadline_ms, m.data, m.due]  # fmt: skip
 
 
 def _enc_digest(m: Digest) -> list[Any]:
@@ -118,6 +137,7 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Data: lambda m: [T_DATA, m.id, m.node, m.offset, m.data],
     Suspicion: lambda m: [T_SUSPICION, m.node, m.incarnation, m.seq, m.by, m.dead],
     Digest: _enc_digest,
+    Stage: _enc_stage,
     Credentials: lambda m: [T_CREDENTIALS, m.cert, m.revocations, m.reply],
     Join: lambda m: [T_JOIN, m.id, m.token, m.name],
     Revocations: lambda m: [T_REVOCATIONS, m.document],
@@ -176,17 +196,15 @@ def restamp_request(frame: bytes, req: Request, *, id: str, deadline_ms: int, ho
                     prefix: str) -> bytes:  # fmt: skip
     """`frame` (which decoded to `req`) as a forwarded try: another id, what is left of the deadline, one more
     hop, the entry as origin, and the text already streamed as prefix. The input and params are not re-encoded."""
-    if len(frame) < _SPLICE_FROM:
-        return encode(Request(id, req.model, req.task, req.input, req.params, deadline_ms, req.priority, hops,
-                              origin, req.stream, req.require, prefix))  # fmt: skip
+    if len(frame) < _SPLICE_FROM or req.stages or req.prefix_ids:
+        return encode(replace(req, id=id, deadline_ms=deadline_ms, hops=hops, origin=origin, prefix=prefix))
     head = [T_REQUEST, req.id, req.model, req.task.value]
     tail = [req.deadline_ms, req.priority, req.hops, req.origin, req.stream, req.require, req.prefix]
     new_tail = [deadline_ms, req.priority, hops, origin, req.stream, req.require, prefix]
     out = _splice(frame, head, 2, tail, [T_REQUEST, id, req.model, req.task.value], new_tail)
     if out is not None:
         return out
-    return encode(Request(id, req.model, req.task, req.input, req.params, deadline_ms, req.priority, hops, origin,
-                          req.stream, req.require, prefix))  # fmt: skip
+    return encode(replace(req, id=id, deadline_ms=deadline_ms, hops=hops, origin=origin, prefix=prefix))
 
 
 def restamp_reply(frame: bytes, reply: Reply, *, id: str, route: str) -> bytes:

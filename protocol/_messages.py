@@ -45,6 +45,10 @@ class Request:
     stream: bool = False
     require: dict[str, str] = field(default_factory=dict)
     prefix: str = ""
+    # A pipeline try (see Stage): the chain of (node, stage name) that serves it, the receiver first, and the exact
+    # tokens a failed chain already generated (the text of which is `prefix`). Sent only when set.
+    stages: tuple[tuple[str, str], ...] = ()
+    prefix_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +161,17 @@ class ModelLoad:
     rate: float = 0.0
     version: str = ""
     tasks: tuple[str, ...] = ()
+    layers: int = 0  # a stage (`name[a-b]`): how many layers the whole model has; 0 for a whole model
+
+
+@dataclass(frozen=True, slots=True)
+class StageWant:
+    """A node wants to serve a model it cannot hold whole (see `LoadReport.wants`): of the build `version`, it can
+    give a stage `budget` bytes, and runs `speed` times as fast as a one-core node (its cores)."""
+
+    version: str
+    budget: int
+    speed: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +212,7 @@ class LoadReport:
     leaving: bool = False
     fingerprint: str = ""
     prefixes: dict[str, bytes] = field(default_factory=dict)
+    wants: dict[str, StageWant] = field(default_factory=dict)  # models this node would hold a stage of
     revocations: int = 0  # the serial of the revocation list the sender holds (member identities; 0: none)
     on_change: bool = False
 
@@ -281,6 +297,41 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
+class Stage:
+    """Stage-to-stage traffic of a pipeline (a model whose layers several nodes hold). The header of a multi-part
+    message: when `shape` is not empty, one more frame follows with the tensor's raw bytes (`dtype`, C order).
+
+    `id` names the sequence (the entry's try id), `model` the receiving stage (`name[a-b]`), `first` the node of the
+    pipeline's first stage, which owns the request. Kinds:
+    - `run`: the residual stream of positions `start`..`start + len(tokens) - 1`; `tokens` are those positions' token
+      ids; `last`: the prompt is complete after them (each later input is one decode step); `due`: the last stage
+      chooses a token after them (not while tokens a failed chain generated are replayed, one decode step each, so
+      their keys and values are computed as they first were). A sequence's first `run` to a stage also carries the
+      `request` (its encoded Request), the chain (`stages`), the key/value tokens it may need (`need`) and what is
+      left of its deadline (`deadline_ms`).
+    - `token`: from the last stage to the first: `tokens` is the token picked, `data` a map with `text` (a piece to
+      stream), `output` and `meta` (the request is done), or `code` and `message` (it failed).
+    - `close`: the sequence is over (`data`: why); its keys and values are freed.
+    """
+
+    id: str
+    model: str
+    kind: str
+    first: str
+    start: int = 0
+    tokens: tuple[int, ...] = ()
+    shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    last: bool = False
+    request: bytes = b""
+    stages: tuple[tuple[str, str], ...] = ()
+    need: int = 0
+    deadline_ms: int = 0
+    data: Any = None
+    due: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Credentials:
     """A member presents its certificate (the authority-signed bytes) as the first message on a new connection, so
     the node learns who the connection's key is; `revocations` is the serial of the revocation list it holds. With
@@ -326,6 +377,7 @@ Message = (
     | Data
     | Suspicion
     | Digest
+    | Stage
     | Credentials
     | Join
     | Revocations
@@ -356,6 +408,8 @@ __all__ = [
     "Reply",
     "Request",
     "Suspicion",
+    "Stage",
+    "StageWant",
     "Revocations",
     "Task",
 ]

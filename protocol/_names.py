@@ -3,7 +3,9 @@ command line). Names become file names (a pulled model's folder), log fields and
 separator, no `..`, no control character and no glob character, and is bounded.
 
 Model names include their pins (`name@1a2b3c4d`) and synthetic models' settings (`sleep:50`, `sleep:1e+06`); node
-names include hostnames with a random suffix (`box-3f9a1c`) and dotted ones (`gpu1.lab`).
+names include hostnames with a random suffix (`box-3f9a1c`) and dotted ones (`gpu1.lab`). A pipeline stage's name is a
+model name followed by its layer range, `smollm2[0-14]` (`protocol._stages`): digits and a dash between brackets, at
+the end only. Stages are never pulled or kept under their own name, and no name is ever used as a glob.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import re
 NAME_MAX = 128
 NAME_RULE = (
     f"1 to {NAME_MAX} letters, digits and . _ : @ + -, starting with a letter or digit, with no '..' (no spaces, "
-    "slashes or control characters)"
+    "slashes or control characters); a pipeline stage's ends in its layers, [A-B]"
 )
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.:@+-]{{0,{NAME_MAX - 1}}}")
+_STAGE_SUFFIX = re.compile(r"\[\d{1,6}-\d{1,6}\](?=@[0-9a-f]{1,64}$|$)")  # before a pin, or at the end
 _VERSION = re.compile(r"[0-9a-f]{1,64}")
 _known: set[str] = set()  # names that passed: a node sees the same few names in every message
 
@@ -26,7 +29,8 @@ def is_name(value: object) -> bool:
         return False
     if value in _known:
         return True
-    if _NAME.fullmatch(value) is None or ".." in value:
+    base = _STAGE_SUFFIX.sub("", value, count=1) if "[" in value else value
+    if len(value) > NAME_MAX or _NAME.fullmatch(base) is None or ".." in value:
         return False
     if len(_known) >= 4096:  # bounded: a stream of distinct names costs the check, never memory
         _known.clear()

@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from mesh import AsyncClient, AsyncStream, BadRequest, LanmeshError, MeshUnavailable, Result
-from protocol import Task
+from protocol import Task, parse_stage
 
 from .callers import CallerClients, Lease
 from .feed import RequestFeed, note_model, note_served
@@ -25,18 +25,40 @@ STATUS_TIMEOUT_S = 2.0
 
 
 def live_servers(rows: list[dict[str, Any]], model: str) -> tuple[bool, list[str]]:
-    """(whether any known node serves `model`, the live ones that do) in a node's status rows."""
+    """(whether any known node serves `model`, the live ones that do) in a node's status rows. A node holding a
+    stage of it (`model[a-b]`) serves it with the others that hold the other stages."""
     known, live = False, []
     name, _, pin = model.partition("@")
     for row in rows:
         served = row.get("models") or {}
         current = served.get(name)
         pinned_current = bool(pin) and isinstance(current, list) and len(current) > 3 and current[3].startswith(pin)
-        if model in served or pinned_current:  # status rows show a current version under its name alone
+        # status rows show a current version under its name alone
+        if model in served or pinned_current or _holds_a_stage(served, name, pin):
             known = True
             if row.get("state") in ("self", "alive"):
                 live.append(str(row.get("node")))
     return known, sorted(live)
+
+
+def _holds_a_stage(served: dict[str, Any], name: str, pin: str) -> bool:
+    for served_name, load in served.items():
+        stage = parse_stage(served_name)
+        if stage is not None and stage.model == name:
+            version = load[3] if isinstance(load, list) and len(load) > 3 else ""
+            if not pin or str(version).startswith(pin[:8]):
+                return True
+    return False
+
+
+def model_names(rows: list[dict[str, Any]]) -> list[str]:
+    """The models the mesh serves, as a caller names them: a model split into stages once, under its own name."""
+    names = set()
+    for row in rows:
+        for served in row.get("models") or {}:
+            stage = parse_stage(served)
+            names.add(stage.model if stage is not None else served)
+    return sorted(names)
 
 
 class MeshView:

@@ -55,7 +55,7 @@ from .bodies import (
 from .errors import api_error, install_error_handlers
 from .feed import note_caller, note_model
 from .keys import CallerKeys
-from .mesh_api import MeshApi, live_servers
+from .mesh_api import MeshApi, live_servers, model_names
 from .metrics import CONTENT_TYPE, NodeMetrics
 from .openapi import error_responses, install_openapi, served_responses
 from .structured_output import read_answer
@@ -236,7 +236,7 @@ def build_app(api: MeshApi, api_key: str | CallerKeys = "") -> FastAPI:
         rows = await api.rows(max_age=0.5)
         if rows is None:
             raise ApiError(503, "this node's mesh loop did not answer", "service_unavailable_error", code="unavailable")
-        names = sorted({m for row in rows for m in (row.get("models") or {})})
+        names = model_names(rows)
         cards = []
         for name in names:
             _known, nodes = live_servers(rows, name)

@@ -55,7 +55,13 @@ def status_table(rows: list[dict[str, Any]], node: str, problem: str = "") -> An
             str(r.get("node", "")),
             str(r.get("address", "")),
             Text(state, style=_STATE_STYLE.get(state, "dim")),
-            "\n".join(f"{m} {v[0]}/{v[1]}/{v[2]}" for m, v in sorted(models.items())) or "-",
+            "\n".join(
+                [
+                    *(f"{m} {v[0]}/{v[1]}/{v[2]}" for m, v in sorted(models.items())),
+                    *(f"({m}: a stage, when split)" for m in sorted(r.get("wants") or {})),
+                ]
+            )
+            or "-",  # fmt: skip
             _load_bar(busy, cap),
             ",".join(f"{k}={v}" for k, v in sorted((r.get("labels") or {}).items())) or "-",
             heard,

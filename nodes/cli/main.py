@@ -69,6 +69,13 @@ def _add_node_parser(sub: Any) -> None:
         ),
     )
     p.add_argument(
+        "--layers",
+        metavar="A-B|auto",
+        help="serve only layers A to B (from 0) of the chat model: one stage of a model several nodes serve together "
+        "(shown as NAME[A-B]); auto: take the stage the automatic split gives this node. Without it, a chat model "
+        "too big for this node's memory joins the automatic split",
+    )
+    p.add_argument(
         "--precision",
         choices=["int4", "int8", "fp16", "fp32"],
         help=(
@@ -261,7 +268,8 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     head = ["NODE", "ADDRESS", "STATE", "MODELS (inflight/queued/cap)", "LABELS", "HEARD", "VIA"]
     table = [head]
     for r in rows:
-        models = " ".join(f"{m}:{v[0]}/{v[1]}/{v[2]}" for m, v in sorted(r.get("models", {}).items())) or "-"
+        models = " ".join([*(f"{m}:{v[0]}/{v[1]}/{v[2]}" for m, v in sorted(r.get("models", {}).items())),
+                           *(f"({m}:wanted)" for m in sorted(r.get("wants") or {}))]) or "-"  # fmt: skip
         labels = ",".join(f"{k}={v}" for k, v in sorted(r.get("labels", {}).items())) or "-"
         heard = "-" if r.get("source") == "self" else f"{r.get('last_heard_s', 0):.1f}s ago"
         table.append([r["node"], r["address"], r["state"], models, labels, heard, r.get("source", "")])

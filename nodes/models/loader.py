@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .hardware import cuda_gpu_name
 from .memory import kv_cache_bytes, kv_shape
 from .packaged import MODELS_EXTRA_HINT
-from .specs import DEFAULT_PRECISION, ENGINES, KINDS, ModelSpec, resolve_path
+from .specs import DEFAULT_PRECISION, ENGINES, KINDS, ModelSpec, resolve_path, stage_range
 
 if TYPE_CHECKING:
     from .backends.base import Backend, ProgressFn
@@ -65,8 +65,9 @@ def _chat_backend(spec: ModelSpec, cache_dir: str | Path | None) -> Backend:
     if spec.kind == "onnx-chat" and engine == "transformers":
         raise ValueError(f"model {spec.name}: {spec.path} is an ONNX build; only the onnx engine serves it")
     missing = _missing("onnxruntime", "tokenizers", "jinja2", "numpy")
-    gpu = cuda_gpu_name() if engine == "auto" and spec.kind != "onnx-chat" and not missing else None
-    if engine == "transformers" or (engine == "auto" and (missing or gpu)):
+    staged = "layers" in spec.options  # a pipeline stage runs on the onnx engine only
+    gpu = cuda_gpu_name() if engine == "auto" and spec.kind != "onnx-chat" and not missing and not staged else None
+    if not staged and (engine == "transformers" or (engine == "auto" and (missing or gpu))):
         if missing and engine == "auto":
             log.warning("model %s: transformers engine, because %s is not installed", spec.name, ", ".join(missing))
         elif gpu:
@@ -89,6 +90,28 @@ def _chat_backend(spec: ModelSpec, cache_dir: str | Path | None) -> Backend:
             threads=spec.options.get("threads"),
         )
     _require("onnxruntime", "tokenizers", "jinja2", "numpy")
+    layers = stage_range(spec)
+    if layers is not None:
+        _require("onnx")
+        from .backends.onnx_stage import DEFAULT_SLOTS as STAGE_SLOTS
+        from .backends.onnx_stage import OnnxStage
+
+        kv_mib = spec.options.get("kv_cache")
+        return OnnxStage(
+            spec.name,
+            str(spec.options.get("model", spec.name)),
+            resolve_path(spec),
+            *layers,
+            cache_dir=cache_dir,
+            precision=spec.options.get("precision", DEFAULT_PRECISION),
+            max_batch=spec.max_batch or STAGE_SLOTS,
+            max_tokens_limit=spec.options.get("max_tokens"),
+            context=spec.options.get("context"),
+            threads=spec.options.get("threads"),
+            kv_cache_bytes=int(kv_mib) << 20 if kv_mib else None,
+        )
+    if spec.options.get("layers") == "auto":
+        raise ValueError(f"model {spec.name}: layers=auto is a stage the automatic plan gives; it is not loaded as is")
     from .backends.onnx_chat import DEFAULT_SLOTS, OnnxChat
 
     return OnnxChat(

@@ -46,7 +46,7 @@ class ModelSpec:
 
 _INT_KEYS = {"max_batch", "concurrency", "cap", "max_tokens", "threads", "context", "kv_cache", "prefix_cache"}
 _FLOAT_KEYS = {"ms"}
-_STR_KEYS = {"name", "kind", "path", "task", "device", "engine", "precision"}
+_STR_KEYS = {"name", "kind", "path", "task", "device", "engine", "precision", "layers"}
 _KEY_ALIASES = {"batch": "max_batch", "capacity": "cap"}
 _SPEC_HELP = (
     "expected smollm2, minilm, echo, sleep:MS[:cap=N], a .gguf/.onnx path or model folder, "
@@ -171,9 +171,13 @@ def _spec_from_values(values: dict[str, Any], labels: dict[str, str], requires: 
         raise ValueError(f"kv_cache is in MiB and must be at least 1, got {options['kv_cache']} in {text!r}")
     if "prefix_cache" in options and options["prefix_cache"] < 0:
         raise ValueError(f"prefix_cache is in MiB (0: none), got {options['prefix_cache']} in {text!r}")
+    if "layers" in options:
+        if kind not in ("gguf", "transformers", "onnx-chat") or task not in (None, "chat", "complete"):
+            raise ValueError(f"model spec {text!r}: layers= splits a chat model; {kind} models are served whole")
+        options["layers"] = parse_layers(options["layers"], text)
     if task is None:
         task = {"onnx-embed": "embed", "transformers": "chat", "gguf": "chat", "onnx-chat": "chat"}.get(kind)
-    return ModelSpec(
+    spec = ModelSpec(
         name=name,
         kind=kind,
         path=path,
@@ -184,6 +188,53 @@ def _spec_from_values(values: dict[str, Any], labels: dict[str, str], requires: 
         requires=requires,
         options=options,
     )
+    return with_layers(spec, options.pop("layers")) if "layers" in options else spec
+
+
+def parse_layers(value: str, text: str = "") -> str:
+    """`A-B` (layers A to B, from 0) or `auto`; ValueError otherwise."""
+    if value == "auto":
+        return value
+    first, sep, last = value.partition("-")
+    if not sep or not first.isdigit() or not last.isdigit() or int(first) > int(last):
+        where = f" in {text!r}" if text else ""
+        raise ValueError(f"layers must be A-B (e.g. 0-14, counted from 0) or auto, got {value!r}{where}")
+    return f"{int(first)}-{int(last)}"
+
+
+def with_layers(spec: ModelSpec, layers: str) -> ModelSpec:
+    """A chat spec as one stage of its model (`layers` A-B: served as `name[A-B]`), or as a wish to hold a stage of
+    it by the automatic plan (`auto`). Other models are returned as they are."""
+    if not layers or spec.kind not in ("gguf", "transformers", "onnx-chat") or "layers" in spec.options:
+        return spec
+    layers = parse_layers(layers)
+    if spec.options.get("engine") == "transformers":
+        raise ValueError(f"model {spec.name}: only the onnx engine serves a range of layers (drop engine=transformers)")
+    options = {**spec.options, "layers": layers, "model": spec.options.get("model", spec.name)}
+    if layers == "auto":
+        return replace(spec, options=options)
+    first, _, last = layers.partition("-")
+    return replace(spec, name=f"{options['model']}[{first}-{last}]", options=options)
+
+
+def stage_range(spec: ModelSpec) -> tuple[int, int] | None:
+    """The layers a stage spec holds (None: a whole model, or `auto`)."""
+    layers = spec.options.get("layers", "")
+    if not layers or layers == "auto":
+        return None
+    first, _, last = layers.partition("-")
+    return int(first), int(last)
+
+
+def spec_text(spec: ModelSpec) -> str:
+    """A chat spec written back as `--model` text (what a node loads a stage by)."""
+    parts = [f"name={spec.options.get('model', spec.name)}", f"path={resolve_path(spec)}", f"kind={spec.kind}"]
+    for key in ("precision", "kv_cache", "context", "threads", "max_tokens", "layers"):
+        if key in spec.options:
+            parts.append(f"{key}={spec.options[key]}")
+    if spec.max_batch:
+        parts.append(f"max_batch={spec.max_batch}")
+    return ",".join(parts)
 
 
 def infer_kind(path: str, task: str | None = None) -> str:

@@ -164,6 +164,10 @@ class NodeAdmin:
         """Load a model beside what serves (the node's own use: a model pulled at start-up)."""
         return self._load({"spec": spec, **({"name": name} if name else {})})
 
+    def handle_unload(self, name: str) -> dict[str, Any]:
+        """Unload a model (the node's own use: a pipeline stage the automatic split moved elsewhere)."""
+        return self._unload({"name": name})
+
     def _switch(self, args: dict[str, Any]) -> dict[str, Any]:
         name, version = _arg(args, "name"), _arg(args, "version")
         executor = self.node.executor

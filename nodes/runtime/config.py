@@ -23,7 +23,7 @@ import psutil
 from protocol import check_name
 
 from ..api.keys import CallerKeys, check_api_key
-from ..models.specs import parse_model_arg, split_model_specs
+from ..models.specs import parse_layers, parse_model_arg, split_model_specs
 
 DEFAULT_PORT = 5555
 DEFAULT_HTTP_PORT = 8000
@@ -43,6 +43,7 @@ class NodeConfig:
     peers: list[str] = field(default_factory=list)  # static seeds host:port
     mdns: bool = True
     models: list[str] = field(default_factory=list)  # model specs; empty: the default models
+    layers: str = ""  # A-B: serve only those layers of the chat model (a pipeline stage); auto: join the split plan
     precision: str = "int4"  # chat models built for the onnxruntime engine: int4, int8, fp16 (GPU) or fp32
     labels: dict[str, str] = field(default_factory=dict)
     max_queue: int = 256
@@ -107,6 +108,8 @@ class NodeConfig:
             raise ValueError("transfer_rate must be >= 0 Mbit/s (0: no cap)")
         if self.kv_cache < 0:
             raise ValueError("kv_cache must be >= 0 MiB (0: the default, cut to fit the memory limit)")
+        if self.layers:
+            parse_layers(self.layers, "--layers")
         if self.prefix_cache < -1:
             raise ValueError("prefix_cache must be >= 0 MiB (0: none), or -1 for the default (half the kv cache)")
         if self.precision not in ("int4", "int8", "fp16", "fp32"):

@@ -47,6 +47,7 @@ class ModelLane:
         self._last_arrival = 0.0  # when the previous job was queued (a lone job is not held for batch mates)
         self._burst = False  # the job at the head of the queue arrived within batch_wait of the one before
         self._busy_mark = 0.0  # continuous lanes: start of the busy time not yet charged to a completed job
+        self._woken = False  # `wake()` was called: the next `take` returns at once
         self.version = ""  # content hash of the model's files (set once known)
         self.batches = 0
         self.batched_jobs = 0
@@ -64,8 +65,10 @@ class ModelLane:
         return self.backend.concurrency / self.job_seconds if self.job_seconds > 0 else 0.0
 
     def load(self) -> ModelLoad:
-        tasks = tuple(sorted(t.value for t in self.backend.tasks))
-        return ModelLoad(self.inflight, len(self._heap), self.capacity, round(self.rate(), 3), self.version[:8], tasks)
+        b = self.backend
+        tasks = tuple(sorted(t.value for t in b.tasks))
+        return ModelLoad(self.inflight + b.held_for_others, len(self._heap), self.capacity, round(self.rate(), 3),
+                         self.version[:8], tasks, b.model_layers)  # fmt: skip
 
     def start(self) -> None:
         target = self._serve if self.continuous else self._work
@@ -149,9 +152,16 @@ class ModelLane:
 
     def take(self, limit: int, wait: float) -> list[Job]:
         with self._cond:
-            if not self._heap and wait > 0 and not self._stopping:
+            if not self._heap and wait > 0 and not self._stopping and not self._woken:
                 self._cond.wait(wait)
+            self._woken = False
             return self._pop(limit) if limit > 0 else []
+
+    def wake(self) -> None:
+        """Something besides a job arrived for the engine (a pipeline stage's input): its `take` returns now."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
 
     def _serve(self) -> None:
         while not self._stopping:
@@ -255,6 +265,8 @@ class Executor:
         self.batch_wait = batch_wait
         self.labels: dict[str, str] = {}  # the node's labels (set by the node), matched against `require`
         self._jobs: dict[str, Job] = {}  # by request id, from submit until answered: what `cancel` can stop
+        self._wants: dict[str, Any] = {}  # models this node would hold a stage of (`StageWant`s, gossiped)
+        self._stage_sender: Callable[[Backend], Any] | None = None  # makes a pipeline stage's send function
         self._write = threading.Lock()
         self._started = False
         lanes = [ModelLane(b, max_queue, batch_wait) for b in backends]
@@ -283,6 +295,7 @@ class Executor:
         """Serve a newly loaded model (a version beside the one serving, or a new name); started at once."""
         lane = ModelLane(backend, self.max_queue, self.batch_wait)
         lane.version = version
+        self._attach(backend)
         with self._write:
             if (backend.name, version) in self._all:
                 raise ValueError(f"{backend.name}@{version[:8]} is loaded already")
@@ -320,7 +333,7 @@ class Executor:
             with lane._cond:
                 lane.accepting = False
         end = time.monotonic() + grace
-        while time.monotonic() < end and (lane.inflight or lane.queued()):
+        while time.monotonic() < end and (lane.inflight or lane.queued() or lane.backend.held_for_others):
             time.sleep(0.02)
         handed_back = 0
         # Past the grace, what did not finish goes back to its callers as UNAVAILABLE (the entry retries it elsewhere)
@@ -358,7 +371,7 @@ class Executor:
     def models(self) -> dict[str, ModelLoad]:
         out = {name: lane.load() for name, lane in self.lanes.items() if lane.accepting}
         for (name, version), lane in self._all.items():
-            if version and lane.accepting:
+            if version and lane.accepting and not lane.backend.model_layers:  # a stage is never asked for by name
                 out[f"{name}@{version[:8]}"] = lane.load()
         return out
 
@@ -420,6 +433,66 @@ class Executor:
             job.lane.forget(job)
         return True
 
+    # ------------------------------------------------------------ pipeline stages
+
+    def attach_stages(self, sender: Callable[[Backend], Any]) -> None:
+        """Pipeline stages send their output through the mesh: `sender(backend)` makes a stage's send function."""
+        self._stage_sender = sender
+        for lane in self._all.values():
+            self._attach(lane.backend)
+
+    def _attach(self, backend: Backend) -> None:
+        attach = getattr(backend, "attach", None)
+        if attach is not None and self._stage_sender is not None:
+            attach(*self._stage_sender(backend))
+
+    def stage_in(self, items: list[tuple[Any, Any]]) -> list[Any]:
+        """Pipeline messages (a group that arrived together) for this node's stages; each stage is woken once, after
+        all of its messages are in. Returns the messages no stage here takes (unloaded, or never here). A stage
+        being unloaded still takes what its sequences need until they end."""
+        woken: dict[int, Any] = {}
+        unknown = []
+        for msg, tensor in items:
+            backend = self._stage_for(msg)
+            if backend is None:
+                unknown.append(msg)
+                continue
+            backend.stage_in(msg, tensor, wake=False)
+            woken[id(backend)] = backend
+        for backend in woken.values():
+            backend.wake()
+        return unknown
+
+    def _stage_for(self, msg: Any) -> Any:
+        for (name, _), lane in self._all.items():
+            if name == msg.model and hasattr(lane.backend, "stage_in"):
+                return lane.backend
+        if msg.kind == "token":  # to the first stage of a model, by the model's name (its stage name unknown)
+            for lane in self._all.values():
+                backend = lane.backend
+                if getattr(backend, "model", None) == msg.model and getattr(backend, "first", -1) == 0:
+                    return backend
+        return None
+
+    def cancel_stage(self, sequence: str, reason: str) -> None:
+        """Free a pipeline sequence on every stage here (its caller or its entry gave up)."""
+        for lane in list(self._all.values()):
+            cancel = getattr(lane.backend, "cancel_sequence", None)
+            if cancel is not None:
+                cancel(sequence, reason)
+
+    def set_want(self, model: str, want: Any | None) -> None:
+        """Gossip (or stop gossiping) that this node would hold a stage of `model` (a `StageWant`)."""
+        wants = dict(self._wants)
+        if want is None:
+            wants.pop(model, None)
+        else:
+            wants[model] = want
+        self._wants = wants
+
+    def wants(self) -> dict[str, Any]:
+        return self._wants
+
     def stats(self) -> dict[str, dict[str, int]]:
         """Per model: batches run and requests in them (continuous engines: decode steps and rows in them), and a chat
         engine's prefix cache counters (`prefix_*`)."""
@@ -440,7 +513,11 @@ class Executor:
         for lane in lanes:
             with lane._cond:
                 lane.accepting = False
-        while time.monotonic() < end and any(lane.inflight or lane.queued() for lane in lanes):
+        # A pipeline stage also finishes the sequences it holds for other nodes' requests (its peers route no new
+        # chain through a leaving node); what is left at the grace fails over at their entries.
+        while time.monotonic() < end and any(
+            lane.inflight or lane.queued() or lane.backend.held_for_others for lane in lanes
+        ):
             time.sleep(0.02)
         for lane in lanes:
             for job in lane.close_queue():

@@ -36,7 +36,12 @@ class MemoryLimit:
 
 
 class ModelTooBig(MemoryError):
-    """A model would not fit in the memory left under one of the node's limits."""
+    """A model would not fit in the memory left under one of the node's limits: `model`, and the bytes `free` for it
+    there (after the models loaded before it)."""
+
+    def __init__(self, message: str, model: str = "", free: int = 0) -> None:
+        super().__init__(message)
+        self.model, self.free = model, free
 
 
 def cgroup_memory_limits(
@@ -155,7 +160,9 @@ def check_models_fit(
                 origin += f"; {_size(taken)} go to {', '.join(n for n, _ in needs[:index])}, loaded before it"
             raise ModelTooBig(
                 f"model {name} needs about {_size(need)}, but only {_size(max(0, lim.free - taken))} of {where} is "
-                f"free ({origin}). Serve fewer or smaller models (or a lower --precision), or raise the limit"
+                f"free ({origin}). Serve fewer or smaller models (or a lower --precision), or raise the limit",
+                name,
+                max(0, min(lim.free for lim in limits) - taken),
             )
         taken += need
         granted.append(need)

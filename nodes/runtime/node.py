@@ -34,13 +34,14 @@ from ..models.backends.base import Backend, ProgressFn, release_free_memory
 from ..models.cache import CACHE_MARKER
 from ..models.hardware import detect_labels, unmet
 from ..models.loader import load_backend
-from ..models.memory import MemoryNeed, estimate_memory, fit_kv_cache
+from ..models.memory import MemoryNeed, estimate_memory, fit_kv_cache, onnx_chat
 from ..models.specs import (
     ModelSpec,
     default_models,
     parse_model_arg,
     resolve_path,
     with_kv_cache,
+    with_layers,
     with_precision,
     with_prefix_cache,
 )
@@ -48,7 +49,8 @@ from ..models.transfer import PullError
 from .admin import NodeAdmin, pulled_copy, spec_for_folder
 from .config import NodeConfig, parse_hostport
 from .executor import Executor
-from .memory_budget import check_models_fit, describe_limits, node_memory_limits
+from .memory_budget import ModelTooBig, check_models_fit, describe_limits, node_memory_limits
+from .stage_planner import StagePlanner, Want, cores
 from .systemd import ServiceNotifier
 
 log = logging.getLogger("lanmesh.node")
@@ -83,10 +85,18 @@ class Node:
         self.admin: NodeAdmin | None = None
         self._spec_text: dict[str, str] = {}  # model name -> the spec it was configured with
         self._to_pull: list[ModelSpec] = []  # configured models whose files are not here: fetched from peers
+        self._wants: list[Want] = []  # chat models this node holds a stage of by the automatic split
+        self.planner: StagePlanner | None = None
 
     def _build_backends(self, progress: ProgressFn | None) -> list[Backend]:
         specs = [parse_model_arg(m) for m in self.config.models] if self.config.models else default_models()
         specs = [self.with_node_defaults(s) for s in specs]
+        if self.config.layers:
+            chat = [s for s in specs if s.kind in ("gguf", "transformers", "onnx-chat")]
+            if len(chat) != 1:
+                raise ValueError(f"--layers applies to one chat model, and {len(chat)} are configured; give each its "
+                                 f"own with layers=A-B in its --model spec")  # fmt: skip
+            specs = [with_layers(s, self.config.layers) if s is chat[0] else s for s in specs]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a name: {names}")
@@ -102,7 +112,7 @@ class Node:
                 runnable.append(spec)
         if not runnable and not self._to_pull:
             raise ValueError(f"none of the models can run here (node labels {self.labels})")
-        runnable = self.check_memory(runnable)
+        runnable = self._fit_or_split(runnable)
         if self.notifier.enabled:  # systemd hears of the progress too (STATUS=, and more time to start)
             progress = _both(progress, self.notifier.progress)
         backends = []
@@ -114,6 +124,38 @@ class Node:
             log.info("model %s ready in %.1fs (%s)", backend.name, time.monotonic() - t0, engine)
             backends.append(backend)
         return backends
+
+    def _fit_or_split(self, specs: list[ModelSpec]) -> list[ModelSpec]:
+        """The specs to load whole (or as the stage they name), after the memory check; a chat model that does not
+        fit (or says layers=auto) is wanted instead: this node will hold the stage of it the automatic split gives."""
+        split = [s for s in specs if s.options.get("layers") == "auto"]
+        specs = [s for s in specs if s not in split]
+        while True:
+            try:
+                fitted = self.check_memory(specs)
+                break
+            except ModelTooBig as exc:
+                spec = next((s for s in specs if s.name == exc.model), None)
+                if spec is None or "layers" in spec.options or not onnx_chat(spec):
+                    raise
+                log.warning("%s: serving a stage of it together with other nodes instead (the automatic split; "
+                            "--layers A-B to choose one)", exc)  # fmt: skip
+                specs = [s for s in specs if s is not spec]
+                split.append(spec)
+        if split:
+            limits = node_memory_limits(self.config.max_memory_bytes())
+            free = min(lim.free for lim in limits) if limits else psutil.virtual_memory().available
+            for spec in fitted:
+                try:
+                    free -= estimate_memory(spec).total
+                except (OSError, ValueError):
+                    continue
+            if len(split) > 1:
+                free //= len(split)
+            self._wants = [Want(s, max(0, free), cores()) for s in split]
+        if not fitted and not split and not self._to_pull:
+            raise ValueError("none of the models fits this node's memory")
+        return fitted
 
     def check_memory(self, specs: list[ModelSpec]) -> list[ModelSpec]:
         """Each model's memory budget (weights + engine + the key/value cache a chat model may fill), logged, and the
@@ -285,6 +327,10 @@ class Node:
         )
         self.mesh = MeshNode(self.executor, settings)
         self.mesh.services.handler = self.admin.handle
+        mesh = self.mesh
+        self.executor.attach_stages(
+            lambda stage: (self.node_id, lambda node, items: mesh.send_stage(node, items, stage.undeliverable))
+        )  # fmt: skip
         try:
             self.mesh.start()
         except Exception:
@@ -294,6 +340,9 @@ class Node:
             raise
         if self._to_pull:
             threading.Thread(target=self._pull_missing, name="lanmesh-pull", daemon=True).start()
+        if self._wants:
+            self.planner = StagePlanner(self, self._wants)
+            self.planner.start()
         a = self.mesh.addr
         models = ", ".join(sorted(self.executor.lanes))
         log.info(f"serving {models} on {a.host}:{a.port} (gossip :{a.pub_port})", extra={"models": models})
@@ -404,6 +453,8 @@ class Node:
         self.notifier.stopping()
         grace = self.config.grace
         end = time.monotonic() + grace
+        if self.planner is not None:
+            self.planner.stop()
         if self.mesh is not None:
             self.mesh.begin_leave()
         if self.gateway is not None:

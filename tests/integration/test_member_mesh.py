@@ -38,6 +38,7 @@ from protocol import (
     PeerAddr,
     Ping,
     Request,
+    Stage,
     Suspicion,
     Task,
     decode,
@@ -155,6 +156,21 @@ def test_a_client_key_may_ask_but_not_load_forward_or_say_hello(nodes: Cluster, 
     eventually(lambda: security_of(a)["role_refused"] >= 4, what="the refusals counted")
     assert "laptop" not in {r["node"] for r in a.status()}
     assert admin_call(a.address, "models", {}, me, 5)["models"]  # reading is a client's right
+    sock.close(0)
+
+
+def test_a_client_key_cannot_feed_a_nodes_pipeline_stages(nodes: Cluster, ca: TestAuthority) -> None:
+    a = start(nodes, ca, "a", "echo", authority=True)
+    me = client_of(ca, "laptop", a)
+    sock = raw(a.address, me)
+    sock.send(encode(Request("r0", "echo", Task.COMPLETE, "hi")))
+    assert answer(sock, "r0").output == "hi"  # its certificate was taken: it is a known client
+    # A stage's message as nodes send them (a header, then the tensor it announces), and one without a tensor.
+    run = Stage("s1", "echo[0-1]", "run", "a", 0, (1,), (1, 4), "float32", last=True, due=True)
+    sock.send_multipart([encode(run), bytes(16)])
+    sock.send(encode(Stage("s2", "echo[0-1]", "close", "a")))
+    eventually(lambda: security_of(a)["role_refused"] >= 2, what="both stage messages refused")
+    assert a.status()[0]["stats"].get("stage_messages_in", 0) == 0
     sock.close(0)
 
 

@@ -28,12 +28,22 @@ _CHAT_TEMPLATE = (
 @pytest.fixture(scope="session")
 def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama with a byte-level BPE tokenizer trained here, saved as an HF folder."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-chat"), layers=2, tied=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_deep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with 4 layers and tied embeddings (the head reads the embedding table, as SmolLM2's does):
+    enough layers to cut into 2 and 3 stages."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-deep"), layers=4, tied=True)
+
+
+def _tiny_llama(folder: Path, layers: int, tied: bool) -> Path:
     requires("torch", "transformers", "tokenizers")
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-chat")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -57,11 +67,11 @@ def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=TINY_CONTEXT,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         initializer_range=0.3,  # peaked logits: greedy choices are far from ties, so runs compare exactly
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,

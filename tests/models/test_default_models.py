@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from model_jobs import chat, embed, requires, serve
 
+from bench.quality import PASSAGES
 from nodes.models import packaged
 from nodes.models.backends.onnx_chat import OnnxChat
 from nodes.models.backends.onnx_embed import OnnxEmbedder
@@ -18,7 +20,10 @@ from nodes.models.specs import parse_model_arg
 
 pytestmark = pytest.mark.models
 
-QUESTION = "What is the capital of France?"
+# SmolLM2-135M itself (its GGUF's weights in fp32) sits at a tie on the bare "What is the capital of France?": "The"
+# 25.33, "L" 25.24 (then "L'Étoile, la ..."), and answers Italy's "Il Coriobella". A build faithful to it may go
+# either way there; asked for one sentence, it answers both with a margin (first token 1.5 logits).
+QUESTION = "What is the capital of France? Answer in one sentence."
 
 
 def requires_package(import_name: str, package: str) -> None:
@@ -60,7 +65,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2: OnnxChat) -> None:
     assert "".join(answer.chunks) == answer.text
     assert answer.meta is not None and answer.meta["finish_reason"] in ("stop", "length")
     assert smollm2.loaded_from == "build"
-    (rome,) = serve(smollm2, [chat("What is the capital of Italy?", model="smollm2")])
+    (rome,) = serve(smollm2, [chat("What is the capital of Italy? Answer in one sentence.", model="smollm2")])
     assert "Rome" in rome.text
 
 
@@ -74,36 +79,22 @@ def test_smollm2_second_start_loads_the_build_and_answers_the_same(smollm2: Onnx
     again.close()
 
 
-# Written for this test (not in any training set we know of): plain prose, a few hundred words.
-PASSAGE = (
-    "On the last street of the old harbour town there is a bakery that opens before the fishing boats come in. "
-    "The baker, a patient woman with flour on her sleeves, lights the oven at four in the morning and listens to "
-    "the radio while the dough rises. By six the first loaves are cooling on wooden racks near the window, and the "
-    "smell of warm bread drifts down to the quay, where the sailors are tying their ropes and counting the catch. "
-    "Most of her customers buy the same thing every day: a round brown loaf, two rolls, sometimes a sweet bun for "
-    "a child on the way to school. She knows their names, their habits and the small news of their families. When "
-    "the winter storms keep the boats in the harbour, fewer people come, and she bakes less, but she never closes. "
-    "In the spring, visitors arrive from the city. They take photographs of the painted doors and the narrow "
-    "stairs, and they ask her for the recipe of the dark rye bread that her grandmother taught her. She smiles and "
-    "tells them that the secret is time: the dough must rest through the night, slowly, in a cool room, and no "
-    "machine can hurry it. Some of them write the words down carefully, as if that were enough. In the afternoon, "
-    "when the shelves are nearly empty, she sweeps the floor, washes the trays and writes tomorrow's list on a "
-    "small board by the door. Then she walks along the sea wall, watching the light change on the water, and "
-    "thinks about the bread she will make the next morning, and the people who will come to buy it."
-)
-
-
-def test_int4_build_is_within_15_percent_of_fp32_perplexity(smollm2: OnnxChat, cache_dir: Path) -> None:
-    """The default precision keeps the model's quality: int4 perplexity <= 1.15x fp32 on unseen prose."""
+def test_default_build_keeps_the_quality_of_the_gguf_it_was_built_from(smollm2: OnnxChat, cache_dir: Path) -> None:
+    """The default precision scores within 5% of the perplexity of the model it came from (the GGUF's weights,
+    de-quantized to fp32) on unseen prose: it carries the GGUF's Q4_1 blocks over instead of quantizing twice."""
     spec = parse_model_arg("smollm2")
     fp32 = load_backend(replace(spec, options={**spec.options, "precision": "fp32"}), cache_dir=cache_dir)
     assert isinstance(fp32, OnnxChat) and fp32.precision == "fp32"
-    int4_ppl, scored = smollm2.perplexity(PASSAGE)
-    fp32_ppl, _ = fp32.perplexity(PASSAGE)
+    for passage in PASSAGES:
+        int4_ppl, scored = smollm2.perplexity(passage)
+        fp32_ppl, _ = fp32.perplexity(passage)
+        assert scored > 250
+        assert 1 < fp32_ppl < 100, fp32_ppl  # a working model on plain English prose
+        assert int4_ppl <= 1.05 * fp32_ppl, f"int4 {int4_ppl:.2f} vs fp32 {fp32_ppl:.2f} ({passage[:30]}...)"
     fp32.close()
-    assert scored > 250
-    assert 1 < fp32_ppl < 100, fp32_ppl  # a working model on plain English prose
-    assert int4_ppl <= 1.15 * fp32_ppl, f"int4 {int4_ppl:.2f} vs fp32 {fp32_ppl:.2f}"
+    assert smollm2.model_dir is not None
+    facts = json.loads((smollm2.model_dir / "lanmesh-cache.json").read_text())
+    assert facts["recipe"].startswith("gguf-blocks") and facts["carried"] == {"Q4_1": 210, "Q8_0": 1}
 
 
 def test_smollm2_stream_taken_over_mid_answer_ends_like_the_uninterrupted_one(smollm2: OnnxChat) -> None:

@@ -20,7 +20,8 @@ from tests.conftest import LOOPBACK
 
 pytestmark = [pytest.mark.models, pytest.mark.timeout(600)]
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Asked bare, SmolLM2 itself (fp32) is at a tie between "The capital..." and "L'Étoile...": see test_default_models.
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 COUNTING = [{"role": "user", "content": "Write the numbers from one to twenty in words, separated by commas."}]
 
 

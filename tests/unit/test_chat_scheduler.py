@@ -137,6 +137,24 @@ def test_the_prompt_is_read_in_chunks_within_the_step_token_budget_while_others_
     engine.check()
 
 
+def test_a_taken_over_answer_is_read_one_token_a_step_as_it_was_decoded() -> None:
+    """A failed node's streamed answer (the input's last tokens) is not read as a chunk: its keys and values would
+    differ in the last bits from the failed node's, and the answer could go another way at a near tie."""
+    s = ChatScheduler(slots=2, kv_tokens=1 << 16, context=4096, prefill_chunk=128)
+    engine = Engine(s)
+    resumed = seq("taken over")
+    s.add(resumed)
+    s.prepared(resumed, list(range(300)) + [900, 901, 902], 303 + 5, replay=3)
+    engine.expected[id(resumed)], engine.left[id(resumed)] = [], 5
+    chunks = []
+    while resumed.state is not SeqState.RUNNING:
+        plan = engine.step()
+        assert plan is not None and plan.prefill is resumed
+        chunks.append(plan.chunk)
+    assert [len(c) for c in chunks] == [128, 128, 44, 1, 1, 1]
+    assert chunks[-3:] == [[900], [901], [902]]
+
+
 def test_a_request_that_leaves_frees_its_slot_and_the_last_one_moves_into_the_hole() -> None:
     s = ChatScheduler(slots=3, kv_tokens=1 << 16, context=2048)
     engine = Engine(s)

@@ -33,12 +33,17 @@ from protocol import (
     Reject,
     Reply,
     Request,
+    Stage,
+    StageWant,
     Suspicion,
     Task,
     decode,
     encode,
+    parse_stage,
     restamp_reply,
     restamp_request,
+    stage_name,
+    tensor_nbytes,
 )
 
 ids = st.text(min_size=1, max_size=40)
@@ -63,6 +68,10 @@ messages_in = st.lists(
 )
 
 
+chains = st.lists(st.tuples(names, names), max_size=4).map(tuple)
+token_ids = st.lists(st.integers(0, 2**31 - 1), max_size=20).map(tuple)
+
+
 @st.composite
 def requests(draw: st.DrawFn) -> Request:
     task = draw(st.sampled_from(list(Task)))
@@ -85,14 +94,24 @@ def requests(draw: st.DrawFn) -> Request:
         stream=draw(st.booleans()),
         require=draw(str_maps),
         prefix=draw(st.text(max_size=30)),
+        stages=draw(chains),
+        prefix_ids=draw(token_ids),
     )
 
 
 addrs = st.builds(PeerAddr, names, names, st.integers(1, 65535), st.integers(1, 65535))
 tasks = st.lists(st.sampled_from(["chat", "complete", "embed", "infer"]), max_size=4, unique=True).map(tuple)
 loads = st.builds(
-    ModelLoad, small, small, small, st.floats(0, 1e6), st.text(alphabet="0123456789abcdef", max_size=64), tasks
-)
+    ModelLoad, small, small, small, st.floats(0, 1e6), st.text(alphabet="0123456789abcdef", max_size=64), tasks,
+    st.integers(0, 200),
+)  # fmt: skip
+wants = st.builds(StageWant, st.text(alphabet="0123456789abcdef", max_size=64), st.integers(0, 2**40), st.floats(0, 64))
+summaries = st.binary(max_size=32).map(lambda b: b[: len(b) // 8 * 8])
+stages = st.builds(
+    Stage, ids, names, st.sampled_from(["run", "token", "close"]), names, small, token_ids,
+    st.lists(st.integers(0, 4096), max_size=3).map(tuple), st.sampled_from(["float32", "float16"]), st.booleans(),
+    st.binary(max_size=100), chains, small, st.integers(0, MAX_DEADLINE_MS), values, st.booleans(),
+)  # fmt: skip
 any_message = st.one_of(
     requests(),
     st.builds(Reply, ids, values, nodes_or_none, st.text(max_size=20), small, any_maps),
@@ -112,7 +131,8 @@ any_message = st.one_of(
         st.lists(addrs, max_size=3).map(tuple),
         st.booleans(),
         st.text(max_size=20),
-        st.dictionaries(names, st.binary(max_size=8 * 16).map(lambda b: b[: len(b) // 8 * 8]), max_size=3),
+        st.dictionaries(names, summaries, max_size=2),
+        st.dictionaries(names, wants, max_size=2),
         st.integers(0, 2**63 - 1),
         st.booleans(),
     ),
@@ -151,6 +171,7 @@ any_message = st.one_of(
         st.integers(0, MAX_CHUNK_BYTES),
     ),  # fmt: skip
     st.builds(Data, ids, nodes_or_none, st.integers(0, 2**40), st.binary(max_size=200)),
+    stages,
 )
 
 
@@ -244,7 +265,8 @@ def test_request_without_a_usable_id_cannot_be_answered() -> None:
 def test_optional_trailing_fields_take_defaults_and_extra_fields_are_ignored() -> None:
     short = decode(_frame([1, "r", "echo", "complete", "hi"]))
     assert short == Request("r", "echo", Task.COMPLETE, "hi")
-    longer = decode(_frame([*msgpack.unpackb(encode(short)[1:]), "a field from a newer peer"]))
+    # After the two pipeline fields (stages, prefix_ids) this version knows.
+    longer = decode(_frame([*msgpack.unpackb(encode(short)[1:]), [], [], "a field from a newer peer"]))
     assert longer == short
 
 
@@ -319,3 +341,66 @@ def test_a_digest_member_in_an_unknown_state_is_refused() -> None:
     body = [17, "n1", 1, 5, [[["n2", "10.0.0.2", 5555, 5556], 1, 2, "zombie"]]]
     with pytest.raises(DecodeError, match="state must be one of"):
         decode(bytes([VERSION]) + msgpack.packb(body))
+
+
+def test_a_plain_request_keeps_the_thirteen_fields_older_peers_read() -> None:
+    plain = Request("r1", "m", Task.COMPLETE, "hi")
+    assert len(msgpack.unpackb(encode(plain)[1:])) == 13
+    piped = Request("r1", "m[0-14]", Task.COMPLETE, "hi", stages=(("n1", "m[0-14]"), ("n2", "m[15-29]")),
+                    prefix_ids=(5, 6))  # fmt: skip
+    assert len(msgpack.unpackb(encode(piped)[1:])) == 15
+    assert decode(encode(piped)) == piped
+
+
+def test_a_restamped_pipeline_try_keeps_its_chain_and_tokens() -> None:
+    req = Request("r1", "m[0-14]", Task.COMPLETE, "long prompt " * 50, stages=(("n1", "m[0-14]"),), prefix_ids=(7,))
+    out = decode(restamp_request(encode(req), req, id="r1#2", deadline_ms=10, hops=1, origin="n0", prefix="x"))
+    assert isinstance(out, Request)
+    assert (out.id, out.stages, out.prefix_ids, out.prefix, out.hops) == ("r1#2", req.stages, (7,), "x", 1)
+
+
+def test_stage_names_say_the_model_and_its_layers() -> None:
+    assert stage_name("smollm2", 0, 14) == "smollm2[0-14]"
+    assert parse_stage("smollm2[0-14]") == ("smollm2", 0, 14)
+    assert parse_stage("my[model][3-4]") == ("my[model]", 3, 4)
+    assert str(parse_stage("a[1-2]")) == "a[1-2]"
+    for other in ("smollm2", "smollm2@abcd1234", "m[4-2]", "m[a-b]", "m[1-2]x", "[1-2]"):
+        assert parse_stage(other) is None, other
+    assert tensor_nbytes((2, 576), "float32") == 4608 and tensor_nbytes((), "float32") == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (3, "push", "stage kind"),
+        (7, [1, -1], "stage shape"),
+        (8, "int8", "stage dtype"),
+        (6, [1, "a"], "tokens"),
+        (10, "not bytes", "stage request"),
+        (11, [["n1"]], "a .node, stage. pair"),
+    ],
+)
+def test_bad_stage_headers_are_refused_and_name_the_sequence(field: int, value: object, message: str) -> None:
+    body = msgpack.unpackb(encode(Stage("s1", "m[0-3]", "run", "n1", 0, (1,), (1, 4)))[1:])
+    body[field] = value
+    with pytest.raises(DecodeError, match=message) as info:
+        decode(bytes([VERSION]) + msgpack.packb(body, use_bin_type=True))
+    assert info.value.request_id == "s1"
+
+
+def test_a_load_report_with_stages_and_wants_reaches_older_and_newer_peers() -> None:
+    load = ModelLoad(1, 0, 16, 2.5, "3f7583b1", ("chat", "complete"), 30)
+    report = LoadReport(
+        "a", 1, 2, PeerAddr("a", "10.0.0.1", 7000, 7001),
+        {"smollm2[0-18]": load, "smollm2[0-18]@3f7583b1": load, "minilm": ModelLoad(0, 0, 8)},
+        revocations=5, wants={"smollm2": StageWant("3f7583b1" * 8, 300 << 20, 2.0)},
+    )  # fmt: skip
+    assert decode(encode(report)) == report
+    body = msgpack.unpackb(encode(report)[1:])
+    # On the wire: ..., prefixes, revocations (member identities), wants; a peer that knows revocations but not
+    # stages reads the rest of the report.
+    assert body[10:13] == [{}, 5, {"smollm2": ["3f7583b1" * 8, 300 << 20, 2.0]}]
+    identities_only = decode(bytes([VERSION]) + msgpack.packb(body[:12], use_bin_type=True))
+    assert isinstance(identities_only, LoadReport) and identities_only.revocations == 5 and identities_only.wants == {}
+    older = decode(bytes([VERSION]) + msgpack.packb(body[:10], use_bin_type=True))  # a peer before stages
+    assert isinstance(older, LoadReport) and older.wants == {} and older.models["minilm"].layers == 0

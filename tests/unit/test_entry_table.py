@@ -55,6 +55,15 @@ class Host:
         self.served_here.append(request)
         return True
 
+    def pipeline(self, request: Request, excluded: set[str], now: float) -> None:
+        return None  # no stages here: tests/unit/test_entry_pipelines.py has them
+
+    def serve_tracked(self, request: Request, deadline: float, started: float) -> bool:
+        raise AssertionError("no pipeline starts here")
+
+    def cancel_here(self, request_id: str, reason: str) -> None:
+        raise AssertionError("no pipeline runs here")
+
     def send_peer(self, node: str, frame: bytes) -> bool:
         if node in self.unreachable:
             return False

@@ -32,12 +32,14 @@ export function modelLoad(value) {
   };
 }
 
-/** The models at least one live node serves, sorted by name, each with the tasks it serves (null: not known). */
+/** The models at least one live node serves, sorted by name, each with the tasks it serves (null: not known). A
+ * model split into stages (`smollm2[0-14]`, shown as such in the table) is offered once, by its own name. */
 export function liveModels(view) {
   const tasks = new Map();
   for (const row of view.nodes) {
     if (!isLive(row)) continue;
-    for (const [name, value] of Object.entries(row.models || {})) {
+    for (const [served, value] of Object.entries(row.models || {})) {
+      const name = served.replace(/\[\d+-\d+\]$/, "");
       const said = modelLoad(value).tasks;
       const known = tasks.has(name) ? tasks.get(name) : said;
       tasks.set(name, known && said ? [...new Set([...known, ...said])] : null);

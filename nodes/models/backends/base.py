@@ -169,6 +169,8 @@ class Backend(ABC):
     batch_wait: float | None = None  # seconds a batch may wait to fill; None: the node's --batch-wait-ms
     steps = 0  # continuous backends: decode steps run, and requests advanced by them (summed over steps)
     row_steps = 0
+    model_layers = 0  # a pipeline stage: how many layers its whole model has (gossiped); 0 for a whole model
+    held_for_others = 0  # a pipeline stage: sequences it holds for requests whose job is on another node
     labels: dict[str, str]
 
     def __init__(self) -> None:

@@ -12,7 +12,10 @@ Rules:
   being read sits in slot n. When a request leaves, the last running one moves into its hole (a KV copy the plan
   names), and the prompt being read follows.
 - Each step decodes every running request by one token and reads at most one chunk of one prompt; the chunk is what
-  is left of the step's token budget, at most `prefill_chunk`.
+  is left of the step's token budget, at most `prefill_chunk`. The answer a failed node had already streamed (a
+  taken-over stream's `replay` tokens, at the end of its input) is read one token a step, as it was decoded there: a
+  chunk computes the same keys and values in another order, they differ in the last bits, and a near tie later goes
+  the other way (SmolLM2 int4, counting in words, taken over after 4 pieces: a different answer).
 - Memory is reserved, never hoped for: the key/value arrays are `rows x length` token slots (rows a power of two,
   length a multiple of LENGTH_STEP, capped by the slots and the context) and grow as the requests do. A request
   starts only when the arrays that every started request may grow to (their full `need`: prompt, prefix and every
@@ -81,6 +84,7 @@ class SchedSeq:
     tokens: list[int] = field(default_factory=list)  # those tokens (len == cached): what its blocks are made of
     reused: int = 0  # tokens of its prompt taken from the prefix cache
     chain: list[CachedBlock] = field(default_factory=list)  # the cached blocks that stand for its tokens, root first
+    replay: int = 0  # the last this many of its input tokens are an answer already streamed: read one a step
 
     def move(self, to: SeqState) -> None:
         if to not in _MOVES[self.state]:
@@ -179,7 +183,7 @@ class ChatScheduler:
             )
         self.preparing.append(seq)
 
-    def prepared(self, seq: SchedSeq, tokens: list[int], need: int) -> None:
+    def prepared(self, seq: SchedSeq, tokens: list[int], need: int, replay: int = 0) -> None:
         """Its prompt is tokenized (and grammar compiled): it waits for a slot."""
         limit = self.max_need()
         if need > limit:
@@ -190,7 +194,7 @@ class ChatScheduler:
                 f"per request (raise --kv-cache, or ask for fewer max_tokens)"
             )
         self.preparing.remove(seq)
-        seq.pending, seq.need = list(tokens), need
+        seq.pending, seq.need, seq.replay = list(tokens), need, min(replay, len(tokens))
         seq.move(SeqState.WAITING)
         self.waiting.append(seq)
 
@@ -280,7 +284,8 @@ class ChatScheduler:
         rows = len(self.running)
         if self.prefilling is not None:
             room = max(1, self.step_tokens - len(self.running))
-            chunk = self.prefilling.pending[: min(self.prefill_chunk, room)]
+            head = len(self.prefilling.pending) - self.prefilling.replay  # tokens before the replayed answer
+            chunk = self.prefilling.pending[: min(self.prefill_chunk, room, head) if head > 0 else 1]
             length = max(length, self.prefilling.cached + len(chunk))
             rows += 1
         # Grow the arrays as the requests grow; admission made sure they fit however far the held requests go.

@@ -49,6 +49,7 @@ DEFAULT_SLOTS = 16  # requests decoded together; the executor's capacity for thi
 PREFILL_CHUNK = 128  # prompt tokens read per step: bounds how long running requests wait for a newcomer
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the key/value cache's cap when neither the node nor the spec sets one
 ARRAYS_FIRST_TOKENS = 4096  # the default prefix cache takes half the cap, but only what leaves the arrays this many
+REPLAY_MAX = 512  # a taken-over answer this long is replayed a token a step (exact); longer: in chunks (fast)
 _IDLE_WAIT = 0.25  # seconds the engine sleeps on an empty queue before checking for shutdown
 _PREPARE_WAIT = 0.005  # while only preparations are under way: how long to wait for one before looking again
 
@@ -80,6 +81,7 @@ class _Prepared:
     heal_ids: list[int] | None
     matcher: Matcher | None
     first_tokens: int = 0
+    replay: int = 0  # its last tokens are an answer streamed elsewhere (ChatScheduler)
 
 
 class OnnxChat(Backend):
@@ -363,7 +365,7 @@ class OnnxChat(Backend):
                 self._end(request, SeqState.FINISHED, held)
                 continue
             try:
-                scheduler.prepared(seq, prepared.tokens, prepared.need)
+                scheduler.prepared(seq, prepared.tokens, prepared.need, prepared.replay)
             except ValueError as exc:
                 held.pop(id(seq), None)
                 request.job.fail(ErrorCode.BAD_REQUEST, str(exc))
@@ -407,7 +409,8 @@ class OnnxChat(Backend):
         if not sampling.greedy:
             rng = np.random.default_rng(sampling.seed % (2**63) if sampling.seed is not None else None)
         need = len(context) + max(budget.new_tokens, 0)
-        return _Prepared(context, text, need, rng, heal[1] if heal else None, matcher, first)
+        replay = len(prefix_ids) if len(prefix_ids) <= REPLAY_MAX else 0
+        return _Prepared(context, text, need, rng, heal[1] if heal else None, matcher, first, replay)
 
     def _chat_ids(self, messages: Any, tools: list[dict[str, Any]] | None = None) -> list[int]:
         return self._chat_prompt(messages, tools)[0]

@@ -1,5 +1,5 @@
-"""The field checks every decoder uses: each returns the value when it fits the schema and raises a one-line
-`DecodeError` naming the field otherwise."""
+"""The checks every decoder applies to one field: each refusal is a `DecodeError` naming the field (and, when it
+could be read, the request it belongs to, so the node can answer it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from ._errors import DecodeError
 from ._names import is_name, is_version, name_problem
-from ._wire import NAME_LEN, Limits
+from ._wire import ID_LEN, NAME_LEN, Limits
 
 
 def _fail(what: str, rid: str | None = None) -> DecodeError:
@@ -105,7 +105,5 @@ def _or(v: Any, default: Any) -> Any:
     return default if v is None else v
 
 
-def _bytes(v: Any, what: str, max_len: int, rid: str | None) -> bytes:
-    if isinstance(v, bytes) and len(v) <= max_len:
-        return v
-    raise _fail(f"{what} must be bytes (at most {max_len})", rid)
+def _rid(b: list[Any]) -> str:
+    return _str(b[1], "id", ID_LEN, None, empty=False)
