@@ -19,6 +19,9 @@ SCENARIOS = {
     "models": "the default models through one node: tokens/s, time to first token, embeddings/s, start times",
     "transfer": "a >= 100 MB model pulled from 3 peers over a 200 Mbit/s link: clean, a sender killed, rotten chunks",
     "rollout": "every node of a 4-node mesh moves to a new model version under steady load: failures, step times",
+    "scale": "100 idle echo nodes in namespaces: time to see all, packets/s, CPU and RSS per node, detection, churn",
+    "gossip": "the membership protocol simulated to 10,000 nodes at 1% loss: messages/node/s, convergence, false "
+    "suspicions",
     "prefix": "conversations on 3 SmolLM2 nodes: cache-aware routing vs p2c with and without the prefix cache",
     "split": "SmolLM2 split over 2 and 3 pinned hosts vs one node whole: tok/s, first token, memory, a stage killed",
 }
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in SCENARIOS.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--quick", action="store_true", help="a short CI-sized run; figures are rough")
-        if name != "models":
+        if name not in ("models", "gossip"):
             p.add_argument(
                 "--mode",
                 choices=["auto", "netns", "loopback"],
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve anchor")
             p.add_argument("--identities", action="store_true",
                            help="every node and the client its own key (lanmesh init), not one mesh key")  # fmt: skip
+        if name == "scale":
+            p.add_argument("--nodes", type=int, help="how many nodes (default 100; --quick: 12)")
         if name == "prefix":
             p.add_argument("--conversations", type=int, help="conversations of 8 turns (default 12; --quick: 3 of 3)")
             p.add_argument("--seed", type=int, default=1, help="seed of the conversations, their times and entries")
@@ -112,6 +117,16 @@ def _run(args: argparse.Namespace) -> int:
 
         result = transfer.run(quick=args.quick, mode=args.mode)
         return 0 if result["summary"]["all_intact"] else 1
+    elif args.scenario == "scale":
+        from . import scale
+
+        result = scale.run(quick=args.quick, mode=args.mode, nodes=args.nodes)
+        return 0 if result["summary"]["churn_failed"] == 0 else 1
+    elif args.scenario == "gossip":
+        from . import gossip
+
+        result = gossip.run(quick=args.quick)
+        return 0 if all(result["summary"]["met"].values()) else 1
     elif args.scenario == "split":
         from . import split
 

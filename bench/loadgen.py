@@ -7,6 +7,7 @@
     python -m bench.loadgen converge --nodes A,B,C --timeout 10
     python -m bench.loadgen until-state --node A --peer n3 --states suspect,dead --timeout 10
     python -m bench.loadgen detect --nodes A,B,C --peer n4 --timeout 10
+    python -m bench.loadgen see-all --nodes A,B,C --timeout 60 --since 1234.5
 
 Every command prints JSON lines on stdout: `progress`/`tick` events while it runs and one `summary` at the end.
 Times (`t`, `t0`, ...) are time.monotonic(), which network namespaces share, so a harness can line them up
@@ -131,8 +132,12 @@ def load(
     task: str,
     duration: float | None = None,
     samples: str | None = None,
+    rate: float | None = None,
+    seed: int = 1,
 ) -> dict[str, Any]:
     """Closed loop: keep `in_flight` requests going until `count` have finished (or for `duration` seconds).
+    With `rate`: paced instead, Poisson arrivals at `rate` per second (at most `in_flight` outstanding), through the
+    same client, so its fail-over between the entry nodes is part of what is measured.
 
     Every request ends as a success or a counted failure; none is dropped from the tally.
     """
@@ -145,6 +150,8 @@ def load(
     sent = outstanding = finished = 0
     step = max(1, (count or 1) // 20)
     last_sent = t0
+    arrivals = random.Random(seed)
+    next_at = t0 + (arrivals.expovariate(rate) if rate else 0.0)
     emit("start", t0=t0)
     with Client(nodes, timeout=timeout) as client:
 
@@ -158,15 +165,18 @@ def load(
 
         while True:
             now = time.monotonic()
-            while outstanding < in_flight and (count is None or sent < count) and now < stop_at:
+            while outstanding < in_flight and (count is None or sent < count) and now < stop_at and now >= next_at:
                 submit(sent)
                 sent += 1
                 outstanding += 1
                 last_sent = now
-            if outstanding == 0:
+                if rate:
+                    next_at += arrivals.expovariate(rate)
+            if outstanding == 0 and (not rate or now >= stop_at or (count is not None and sent >= count)):
                 break
             try:
-                start, end, fut = done.get(timeout=0.25)
+                wait = 0.25 if not rate else max(0.0, min(0.25, next_at - time.monotonic()))
+                start, end, fut = done.get(timeout=wait) if wait > 0 else done.get_nowait()
             except queue.Empty:
                 now = time.monotonic()
                 out.tick(now, in_flight=outstanding)
@@ -337,6 +347,47 @@ def converge(nodes: list[str], timeout: float) -> int:
     return 1
 
 
+def see_all(nodes: list[str], timeout: float, since: float, workers: int = 8) -> dict[str, Any]:
+    """Poll every node's status (`workers` at a time) until each one sees all the others alive with models.
+
+    Reports, per node, when it first did, in seconds after `since` (a time.monotonic() of the harness, which
+    network namespaces share). Polls go round after round, so a view is known to within one round's time.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def view(addr: str) -> set[str] | None:
+        pong = ping(addr, 2.0, want_status=True)
+        if pong is None or pong.status is None:
+            return None
+        return {r["node"] for r in pong.status if r["state"] in ("alive", "self") and r.get("models")}
+
+    seen: dict[str, float | None] = {a: None for a in nodes}
+    largest: dict[str, int] = {a: 0 for a in nodes}
+    t_start = time.monotonic()
+    rounds = 0
+    with ThreadPoolExecutor(workers) as pool:
+        while time.monotonic() - t_start < timeout:
+            waiting = [a for a in nodes if seen[a] is None]
+            if not waiting:
+                break
+            rounds += 1
+            for addr, v in zip(waiting, pool.map(view, waiting), strict=True):
+                if v is not None:
+                    largest[addr] = max(largest[addr], len(v))
+                    if len(v) >= len(nodes):
+                        seen[addr] = time.monotonic() - since
+    done = [t for t in seen.values() if t is not None]
+    summary = {
+        "converged": len(done) == len(nodes),
+        "seconds": max(done) if len(done) == len(nodes) else None,
+        "median_s": sorted(done)[len(done) // 2] if done else None,
+        "rounds": rounds,
+        "not_yet": {a: largest[a] for a in nodes if seen[a] is None},
+    }
+    emit("summary", **summary)
+    return summary
+
+
 def until_state(node: str, peer: str, states: set[str], timeout: float) -> int:
     """Wait until `node` reports `peer` in one of `states` (or not at all, if 'gone' is one of them)."""
     t0 = time.monotonic()
@@ -416,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-flight", type=int, default=32, dest="in_flight")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
     p.add_argument("--samples", help="write every request's (start, end, ok, node) to this JSON file")
+    p.add_argument("--rate", type=float, help="paced: Poisson arrivals per second instead of a closed loop")
+    p.add_argument("--seed", type=int, default=1, help="seed of the paced arrivals")
     t = sub.add_parser("trace", help="open loop: a seeded Poisson trace entering at uniformly drawn nodes")
     t.add_argument("--nodes", required=True)
     t.add_argument("--model", required=True)
@@ -439,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--peer", required=True)
     u.add_argument("--states", default="suspect,dead", help="comma-separated; 'gone' = no longer listed")
     u.add_argument("--timeout", type=float, default=10.0)
+    a = sub.add_parser("see-all", help="when each node first sees every other alive (polling many at a time)")
+    a.add_argument("--nodes", required=True)
+    a.add_argument("--timeout", type=float, default=60.0)
+    a.add_argument("--since", type=float, help="report times after this time.monotonic() (default: now)")
     d = sub.add_parser("detect", help="when each node first reports a peer suspect and dead")
     d.add_argument("--nodes", required=True)
     d.add_argument("--peer", required=True)
@@ -447,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "load":
         count = args.count if args.count is not None or args.duration is not None else 300
         nodes = args.nodes.split(",")
-        s = load(nodes, args.model, count, args.in_flight, args.timeout, args.task, args.duration, args.samples)
+        s = load(nodes, args.model, count, args.in_flight, args.timeout, args.task, args.duration, args.samples,
+                 args.rate, args.seed)  # fmt: skip
         return 0 if s["failed"] == 0 else 1
     if args.cmd == "trace":
         caps = [int(x) for x in args.jsq.split(",")] if args.jsq else None
@@ -461,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "converge":
         return converge(args.nodes.split(","), args.timeout)
+    if args.cmd == "see-all":
+        since = time.monotonic() if args.since is None else args.since
+        return 0 if see_all(args.nodes.split(","), args.timeout, since)["converged"] else 1
     if args.cmd == "detect":
         return 0 if detect(args.nodes.split(","), args.peer, args.timeout)["complete"] else 1
     return until_state(args.node, args.peer, set(args.states.split(",")), args.timeout)

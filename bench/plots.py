@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,76 @@ def plot_rollout(result: dict[str, Any], path: Path) -> None:
                  f"{result['nodes']} nodes on the new version, {s['rollout_s']:.1f} s in all")  # fmt: skip
     ax.legend(fontsize=8, loc="lower left", ncol=3)
     fig.suptitle(f"rollout — {_subtitle(result)}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_scale(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
+    phases = [("idle", result["idle"]), ("light load", result["light"])]
+    x = range(len(phases))
+    a.bar([i - 0.2 for i in x], [p["packets_in_per_s"]["median"] for _, p in phases], 0.4, label="in", color="#2b7bba")
+    a.bar([i + 0.2 for i in x], [p["packets_out_per_s"]["median"] for _, p in phases], 0.4, label="out",
+          color="#5aa6dd")  # fmt: skip
+    a.axhline(result["goals"]["idle_packets_in_per_s"], color="#c0392b", ls="--", lw=1, label="goal (idle, in)")
+    a.set_xticks(list(x), [name for name, _ in phases])
+    a.set_ylabel("packets/s per node (median)")
+    a.legend(fontsize=8)
+    b.bar([name for name, _ in phases], [p["cpu_percent"]["median"] for _, p in phases], color="#d9822b")
+    b.axhline(result["goals"]["idle_cpu_percent"], color="#c0392b", ls="--", lw=1, label="goal (idle)")
+    b.set_ylabel("CPU % per node (median)")
+    b.legend(fontsize=8)
+    faults = [("kill -9", "kill_detected_s"), ("SIGSTOP", "sigstop_detected_s")]
+    c.bar([f"{f}\nnot alive" for f, _ in faults] + [f"{f}\ndead" for f, _ in faults],
+          [result[f]["not_alive_all_s"] or 0 for f, _ in faults] + [result[f]["dead_all_s"] or 0 for f, _ in faults],
+          color=["#9aa5b1", "#9aa5b1", "#2b7bba", "#2b7bba"])  # fmt: skip
+    for i, (_, goal) in enumerate(faults):
+        c.plot([i + 1.6, i + 2.4], [result["goals"][goal]] * 2, color="#c0392b", ls="--", lw=1)
+    c.set_ylabel("seconds until every other node saw it")
+    see = result["see_all"]["after_last_start_s"]
+    fig.suptitle(f"scale: {result['nodes']} echo nodes; all saw all {see if see is None else round(see, 1)} s "
+                 f"after the last start — {_subtitle(result)}", fontsize=9)  # fmt: skip
+    _save(fig, path)
+
+
+def plot_gossip(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    points = result["points"]
+    n = [p["nodes"] for p in points]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
+    kinds = sorted({k for p in points for k in p["by_type_per_node_s"]})
+    bottom = [0.0] * len(n)
+    for kind in kinds:
+        vals = [p["by_type_per_node_s"].get(kind, 0.0) for p in points]
+        a.bar([str(x) for x in n], vals, bottom=bottom, label=kind)
+        bottom = [x + y for x, y in zip(bottom, vals, strict=True)]
+    a.set_xlabel("nodes")
+    a.set_ylabel("messages per node per second (out; as many in)")
+    a.set_title("idle traffic per node", fontsize=9)
+    a.legend(fontsize=7)
+    conv = [("hung: all suspect", "hung_suspect"), ("hung: all dead", "hung_dead"), ("kill -9: all dead",
+            "killed_dead"), ("join: all see all", "join"), ("woke: all alive", "woke_alive")]  # fmt: skip
+    for label, key in conv:
+        b.plot(n, [p["convergence_s"][key] or float("nan") for p in points], marker="o", label=label)
+    ref = points[0]["convergence_s"]["hung_dead"] or 3.0
+    b.plot(n, [ref * math.log(x) / math.log(n[0]) for x in n], ls=":", color="#999", label="log n (from 10)")
+    b.set_xscale("log")
+    b.set_xlabel("nodes")
+    b.set_ylabel("seconds until every node knew")
+    b.set_title("convergence at 1% loss", fontsize=9)
+    b.legend(fontsize=7)
+    bars = c.bar([str(x) for x in n], [p["false_suspicions_per_node_hour"] for p in points], color="#d9822b")
+    for bar, p in zip(bars, points, strict=True):
+        c.annotate(f"{p['false_suspicions']} in\n{p['node_hours']:.0f} node-h", (bar.get_x() + bar.get_width() / 2,
+                   bar.get_height()), ha="center", va="bottom", fontsize=7)  # fmt: skip
+    c.axhline(result["goals"]["false_suspicions_per_node_hour"], color="#c0392b", ls="--", lw=1, label="goal")
+    c.set_xlabel("nodes")
+    c.set_ylabel("false suspicions per node-hour")
+    c.set_title(f"at {result['network']['loss'] * 100:g}% loss", fontsize=9)
+    c.legend(fontsize=8)
+    m = result.get("machine", {})
+    fig.suptitle(f"gossip simulated (the nodes' own Gossip on a simulated LAN) — {m.get('cores', '?')} cores",
+                 fontsize=9)  # fmt: skip
     _save(fig, path)
 
 

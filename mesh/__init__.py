@@ -12,7 +12,8 @@ What lives where (private modules, free to move behind this face):
 - a node's mesh layer: `MeshNode` (`_node.py`: the socket loop, where a request enters and is answered),
   `EntryTable` (`_entry.py`: the entry's tries, retries and fail-over), `RoutingPolicy` and `CacheAwarePolicy`
   (`_routing.py`; the chains of chat messages they compare and the gossiped summaries: `_prefixes.py`),
-  `FailureDetector` (`_failure.py`), `Membership` (`_membership.py`: gossip), `PeerLinks` (`_links.py`: the
+  `FailureDetector` (`_failure.py`), `Gossip` (`_gossip.py`: what a node tells whom, over the `MemberView` of
+  `_view.py`), `Membership` (`_membership.py`: gossip on the node's sockets), `PeerLinks` (`_links.py`: the
   DEALER per peer that forwards requests), `Discovery` (`_discovery.py`: mDNS)
 - security: `MeshKey`, CURVE and the ZAP `Authenticator` (`_security.py`); member identities: certificates
   (`_certs.py`), the authority (`_authority.py`), a node's book of members (`_members.py`), a member's identity
@@ -40,9 +41,11 @@ from ._directory import NodeDirectory
 from ._endpoints import parse_endpoints
 from ._entry import EntryTable, PendingState
 from ._failure import FORGOTTEN, INCARNATION_AHEAD_S, FailureDetector, PeerState, Transition
+from ._gossip import Gossip, GossipHost, GossipSettings
 from ._identity import KnownNode, MemberIdentity
 from ._keyfiles import MeshSecurity, client_security, default_key_path, key_path, load_key, load_mesh_key
 from ._members import Members, role_needed
+from ._news import ReportNews
 from ._node import MeshNode
 from ._pipeline import StageHolder, compose_chain, holders_of
 from ._prefixes import (
@@ -76,6 +79,8 @@ from ._security import (
     zap_reply,
 )
 from ._settings import LocalServer, MeshSettings, RequestObserver
+from ._sockets import SocketPoller
+from ._view import MemberView, outranks, ring_key
 from ._watchdog import LoopWatchdog
 from .errors import (
     BadRequest,
@@ -175,10 +180,18 @@ __all__ = [
     "MeshNode",
     "MeshSettings",
     "RequestObserver",
+    "SocketPoller",
     # the pure policies (fed with observations and `now`; no sockets): for tests and simulations
     "FORGOTTEN",
     "INCARNATION_AHEAD_S",
     "POLICIES",
+    "Gossip",
+    "GossipHost",
+    "GossipSettings",
+    "MemberView",
+    "ReportNews",
+    "outranks",
+    "ring_key",
     "Call",
     "CallTable",
     "Choice",

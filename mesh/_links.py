@@ -1,9 +1,13 @@
 """A node's links to its peers: one DEALER per peer (requests out, answers back), the SUB that hears their gossip,
 seeds, hellos, and the rule of who may claim to be whom.
 
-Every link runs ZMTP heartbeats and TCP keepalive, and gives up a connect attempt after a second, so a link that
-was dropped silently (a cable, a Wi-Fi blip, a firewall) is torn down and re-made by ZeroMQ, and used again within
-about a second of the network coming back, whatever the length of the outage.
+Links cost nothing while idle: no ZMTP heartbeats (a heartbeat per link would make every node's traffic grow with the
+mesh; liveness is the gossip's probes), only a TCP keepalive every two minutes. Data that a peer does not acknowledge
+within `dead_after` gives the connection up (TCP_MAXRT), a connect attempt gives up after half a second, and
+ZeroMQ reconnects at most half a second apart, so a link dropped silently (a cable, a Wi-Fi blip, a firewall) is
+re-made within about a second of the network coming back, whatever the length of the outage; a link that carried
+nothing meanwhile never noticed. The SUB connection to a peer that comes back from the dead is made afresh
+(`resubscribe`): its gossip may otherwise sit on a half-open connection.
 
 Gossip arrives on one SUB per peer, connected to that peer's PUB: a report is believed only from the peer it names.
 
@@ -28,25 +32,26 @@ from typing import Any, Protocol
 
 import zmq
 
-from protocol import Credentials, Hello, Leave, LoadReport, PeerAddr, encode
+from protocol import Credentials, Hello, Leave, LoadReport, PeerAddr, Suspicion, encode
 
 from ._certs import key_bytes
-from ._failure import FailureDetector, PeerState, Transition
+from ._failure import PeerState
 from ._identity import MemberIdentity
 from ._members import Members
 from ._peers import Peer, PeerTable
 from ._security import MeshKey, Plaintext, RejectionLog, valid_peer_host
+from ._sockets import SocketPoller, tcp_options
 
 log = logging.getLogger("lanmesh.mesh")
 
 PEER_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-MAX_UNVERIFIED_PEERS = 64  # peers learned from claims (Hello, mDNS, digests) whose own gossip has not arrived yet
+MAX_UNVERIFIED_PEERS = 256  # peers learned from claims (Hello, mDNS, digests) whose own report has not arrived yet
 # A connect attempt into a silent network gives up after this and tries afresh (a SYN the kernel keeps
 # retransmitting with backoff would reach a healed network seconds late): with the reconnect interval below,
 # a link that comes back is used again within about a second.
 _CONNECT_TIMEOUT_MS = 500
 _RECONNECT_MS, _RECONNECT_MAX_MS = 100, 500
-_SEED_HELLO_S = 1.0
+_SEED_HELLO_S = 0.5  # hellos to seeds and to peers that have not reported yet
 
 
 def _is_loopback(host: str) -> bool:
@@ -56,19 +61,14 @@ def _is_loopback(host: str) -> bool:
         return host.lower() in ("localhost", "localhost.")
 
 
-def link_options(sock: zmq.Socket[Any], heartbeat_s: float, dead_after_s: float) -> None:
-    """What every peer link (DEALER, SUB) sets: reconnect quickly, notice a silent drop, never wait on a dead SYN."""
+def link_options(sock: zmq.Socket[Any], dead_after_s: float) -> None:
+    """What every peer link (DEALER, SUB) sets: reconnect quickly, give up on data nobody acknowledges, never wait
+    on a dead SYN, and say nothing while idle."""
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
     sock.setsockopt(zmq.CONNECT_TIMEOUT, _CONNECT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(dead_after_s * 1000)))
-    sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(dead_after_s * 1000)))
-    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(dead_after_s)))
-    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+    tcp_options(sock, dead_after_s)
 
 
 class LinkSettings(Protocol):
@@ -76,7 +76,6 @@ class LinkSettings(Protocol):
     bind: str
     fingerprint: str
     hwm: int
-    gossip_interval: float
     dead_after: float
     key: MeshKey | MemberIdentity | None
     limits: Any
@@ -88,18 +87,18 @@ class PeerLinks:
     def __init__(
         self,
         ctx: zmq.Context[Any],
-        poller: zmq.Poller,
+        poller: SocketPoller,
         settings: LinkSettings,
-        detector: FailureDetector,
+        state: Callable[[str], PeerState | None],
         stats: collections.Counter[str],
-        on_transition: Callable[[Transition], None],
+        incarnation_ok: Callable[[int, float], bool],
     ) -> None:
         self.ctx = ctx
         self.poller = poller
         self.s = settings
-        self.detector = detector
+        self.state = state  # what the node believes of a peer (its gossip's view)
+        self.incarnation_ok = incarnation_ok  # whether an incarnation is plausible by this node's clock
         self.stats = stats
-        self.on_transition = on_transition
         self.peers = PeerTable()
         self.monitors: dict[zmq.Socket[Any], Peer] = {}
         self.subs: dict[zmq.Socket[Any], Peer] = {}  # each peer's gossip arrives on a SUB of its own
@@ -123,7 +122,7 @@ class PeerLinks:
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.MAXMSGSIZE, self.s.limits.max_frame_bytes)
         sub.setsockopt(zmq.RCVHWM, 1000)
-        link_options(sub, self.s.gossip_interval * 2, self.s.dead_after)
+        link_options(sub, self.s.dead_after)
         self.security.configure_client(sub, server_key=addr.key)
         sub.connect(f"tcp://{addr.host}:{addr.pub_port}")
         return sub
@@ -134,7 +133,7 @@ class PeerLinks:
         dealer.setsockopt(zmq.SNDHWM, self.s.hwm)
         dealer.setsockopt(zmq.RCVHWM, self.s.hwm)
         dealer.setsockopt(zmq.MAXMSGSIZE, self.s.limits.max_frame_bytes)
-        link_options(dealer, self.s.gossip_interval * 2, self.s.dead_after)
+        link_options(dealer, self.s.dead_after)
         self.security.configure_client(dealer, server_key=server_key)
         return dealer
 
@@ -167,7 +166,7 @@ class PeerLinks:
         if nowhere:
             self.refuse("bad_peer_address", source, f"{addr.node} claims {addr.host}:{addr.port}, {nowhere}")
             return None
-        if incarnation and not self.detector.incarnation_ok(incarnation, time.monotonic()):
+        if incarnation and not self.incarnation_ok(incarnation, time.monotonic()):
             self.refuse("incarnation_refused", source, f"{addr.node} claims an incarnation far ahead of this node's "
                         "clock (a forgery, or one of the two clocks is wrong)")  # fmt: skip
             return None
@@ -201,12 +200,8 @@ class PeerLinks:
         self.poller.register(dealer, zmq.POLLIN)
         if peer.verified:
             self.subscribe(peer)
-        peer.last_heard = time.monotonic()
+        peer.last_heard = time.monotonic()  # learned now: dropped if it never speaks for itself (`Membership`)
         self.peers.add(peer)
-        # Known now: silence from here on makes it suspect, then dead, then forgotten.
-        t = self.detector.heard(addr.node, peer.last_heard)
-        if t is not None and t.reason != "new":
-            self.on_transition(t)
         self.hello(dealer)
         log.info("learned peer %s at %s:%d via %s", addr.node, addr.host, addr.port, source)
         return peer
@@ -278,7 +273,7 @@ class PeerLinks:
 
     def may_move(self, old: Peer) -> bool:
         """Whether a peer's name may move to another address: only once the old one is dead, left or never spoke."""
-        state = self.detector.state(old.node)
+        state = self.state(old.node)
         return not old.last_report or state in (PeerState.DEAD, PeerState.LEFT, None)
 
     def drop(self, peer: Peer) -> None:
@@ -296,6 +291,12 @@ class PeerLinks:
             self.subs.pop(peer.sub, None)
             self._closing.append(peer.sub)
 
+    def resubscribe(self, peer: Peer) -> None:
+        """Make the SUB connection to a peer's gossip afresh: after an outage the old one may be half-open (the peer
+        gave it up while this side, which only listens, never noticed), and its news would not arrive."""
+        if peer.sub is not None and peer.verified:
+            self.subscribe(peer)
+
     # ------------------------------------------------------------ hellos and seeds
 
     def _hello_frame(self) -> bytes:
@@ -308,7 +309,8 @@ class PeerLinks:
             try:
                 dealer.send(self.credentials(), zmq.NOBLOCK)
             except zmq.Again:
-                pass  # not connected: the handshake's event introduces us again
+                return  # not connected: the handshake's event introduces us again
+            self.poller.touch(dealer)  # a send may take the notification of a message that just arrived
 
     def hello(self, dealer: zmq.Socket[Any]) -> None:
         self.introduce(dealer)
@@ -316,7 +318,8 @@ class PeerLinks:
             # Queued (not IMMEDIATE-dropped) only once connected; the seed timer re-sends.
             dealer.send(self._hello_frame(), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # not connected yet: gossip (theirs, once they know us) or the next hello will do
+            return  # not connected yet: gossip (theirs, once they know us) or the next hello will do
+        self.poller.touch(dealer)
 
     def add_seed(self, seed: str) -> None:
         """A seed `host:port` (with member identities `KEY@host:port`, or a node of the identity file)."""
@@ -332,7 +335,7 @@ class PeerLinks:
         dealer.setsockopt(zmq.MAXMSGSIZE, self.s.limits.max_frame_bytes)
         dealer.setsockopt(zmq.SNDHWM, 100)  # only Hellos go out here, one a second
         dealer.setsockopt(zmq.RCVHWM, 100)
-        link_options(dealer, self.s.gossip_interval * 2, self.s.dead_after)
+        link_options(dealer, self.s.dead_after)
         try:
             self.security.configure_client(dealer, server_key=key)
             dealer.connect(f"tcp://{host}:{int(port)}")
@@ -362,7 +365,7 @@ class PeerLinks:
         if now < self._next_seed_hello:
             return
         self._next_seed_hello = now + _SEED_HELLO_S
-        known = {(p.addr.host, p.addr.port) for p in self.peers if self.detector.state(p.node) is PeerState.ALIVE}
+        known = {(p.addr.host, p.addr.port) for p in self.peers if self.state(p.node) is PeerState.ALIVE}
         hello = self._hello_frame()
         for peer in self.peers:
             if not peer.last_report:  # learned but never heard: maybe it does not know us yet
@@ -375,18 +378,22 @@ class PeerLinks:
                 dealer.send(hello, zmq.NOBLOCK)
             except zmq.Again:
                 self.stats["seed_unreachable"] += 1
+            else:
+                self.poller.touch(dealer)
 
     # ------------------------------------------------------------ who may say what
 
-    def gossip_from(self, peer: Peer, msg: LoadReport | Leave) -> bool:
-        """Gossip on a peer's own SUB must name that peer (and, with member identities, come after its certificate)."""
+    def gossip_from(self, peer: Peer, msg: LoadReport | Leave | Suspicion) -> bool:
+        """Gossip on a peer's own SUB must name that peer as its sender (a report's or goodbye's node, a suspicion's
+        `by`), and, with member identities, come after its certificate."""
         if not peer.verified:
             self.stats["unverified_gossip"] += 1  # its certificate is on its way (a Hello answer): the next report
             return False
-        if msg.node == peer.node:
+        sender = msg.by if isinstance(msg, Suspicion) else msg.node
+        if sender == peer.node:
             return True
         self.refuse("identity_mismatch", f"{peer.addr.host}:{peer.addr.pub_port}",
-                    f"gossip on {peer.node}'s link claiming to be {msg.node}")  # fmt: skip
+                    f"gossip on {peer.node}'s link claiming to be {sender}")  # fmt: skip
         return False
 
     def speaks_for(self, peer: Peer, msg: Any) -> bool:

@@ -1,9 +1,10 @@
-"""Membership, as the mesh loop carries it out: gossip sent and heard, peers' states and what follows from them
-(fail-over, forgetting), transport events, hellos and announcements, and the node's view of the mesh.
+"""Membership, as the mesh loop carries it out: the node's gossip on its sockets, peers' states and what follows
+from them (fail-over, forgetting), transport events, hellos and announcements, and the node's view of the mesh.
 
 A part `MeshNode` is composed of, with its dependencies given explicitly (it runs on the node's loop thread and uses
-the node's PUB and SUB); the decisions themselves are the failure detector's (`_failure`), the entry table's
-(`_entry`) and the links' identity rule (`_links`).
+the node's PUB, SUB and peer links). What to send and what to believe is the pure `Gossip`'s (`_gossip`, over the
+`MemberView` of `_view`); this module is the `GossipHost` it acts through, and carries its verdicts to the entry
+table (`_entry`), the routing policy (`_routing`) and the links (`_links`, which also say who may claim what).
 """
 
 from __future__ import annotations
@@ -17,13 +18,28 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol import DecodeError, Hello, Leave, LoadReport, PeerAddr, Ping, Request, StageWant, decode, encode
+from protocol import (
+    DecodeError,
+    Digest,
+    Hello,
+    Leave,
+    LoadReport,
+    PeerAddr,
+    Ping,
+    Request,
+    StageWant,
+    Suspicion,
+    decode,
+    encode,
+)
 
-from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
+from ._failure import FORGOTTEN, INCARNATION_AHEAD_S, PeerState, Transition
+from ._gossip import Gossip, GossipSettings
 from ._peers import Peer
 from ._pipeline import compose_chain, holders_of
-from ._prefixes import summary_news
+from ._security import same_host
 from ._sockets import bind_pub
+from ._status import security_view, status_rows
 
 if TYPE_CHECKING:
     from ._admission import Admission
@@ -36,29 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lanmesh.mesh")
 
 DRAIN = 256  # messages read from one socket per turn: gossip and replies keep their rhythm under load
-PREFIXES_RESENT_EVERY = 8  # reports: a prefix-cache summary that did not change is sent again this often (2 s)
-
-
-def model_rows(models: dict[str, Any]) -> dict[str, list[Any]]:
-    """A node's models as status rows show them: `name: [in flight, queued, capacity, version (8 hex), tasks]`, each
-    loaded version once (tasks: the ones it serves, [] when its node did not say). Gossip lists the current version
-    twice (as `name` and as its pin `name@v8`); the pin is left out here, so loads add up. A version loaded beside
-    the current one (a rollout's moment) shows as `name@v8`."""
-    out: dict[str, list[Any]] = {}
-    for m, v in models.items():
-        name, _, pin = m.partition("@")
-        current = models.get(name)
-        if pin and current is not None and name != m and str(getattr(current, "version", "")).startswith(pin):
-            continue
-        out[m] = [v.inflight, v.queued, v.capacity, str(getattr(v, "version", ""))[:8], list(getattr(v, "tasks", ()))]
-    return out
-
-
-def _wants_row(wants: dict[str, StageWant]) -> dict[str, Any]:
-    """A status row's `wants`: models the node would hold a stage of (the automatic split), when there are any."""
-    if not wants:
-        return {}
-    return {"wants": {m: {"budget_mib": w.budget >> 20, "cores": w.speed} for m, w in wants.items()}}
 
 
 class Membership:
@@ -70,7 +63,6 @@ class Membership:
         addr: PeerAddr,
         incarnation: int,
         server: LocalServer,
-        detector: FailureDetector,
         policy: RoutingPolicy,
         links: PeerLinks,
         entry: EntryTable,
@@ -85,7 +77,6 @@ class Membership:
         self.node_id = settings.node_id
         self.incarnation = incarnation
         self.server = server
-        self.detector = detector
         self.policy = policy
         self.links = links
         self.entry = entry
@@ -97,15 +88,45 @@ class Membership:
         self.addr = addr  # as bound once the loop runs (`attach`)
         self.leaving = False  # this node is leaving: it gossips so, and takes no new work
         self._pub: zmq.Socket[Any] | None = None
-        self._seq = 0
         self.trust: Trust | None = None  # member identities (set by the node)
         self.pub_stale = False  # the gossip PUB is to be bound again (after a revocation)
         self._next_admission_sweep = 0.0
-        self._prefixes_sent: dict[str, bytes] = {}  # each model's prefix-cache summary as last gossiped
+        self._next_sweep = 0.0
+        self._next_report = 0.0
+        self.gossip_settings = GossipSettings(
+            interval=settings.gossip_interval,
+            probe_every=min(2 * settings.gossip_interval, settings.suspect_after / 2),
+            suspect_after=settings.suspect_after,
+            dead_after=settings.dead_after,
+            forget_after=settings.forget_after,
+        )
+        self._gossip: Gossip | None = None  # made once the node is bound (its address is part of its reports)
 
     def attach(self, pub: zmq.Socket[Any], addr: PeerAddr) -> None:
         """The node's gossip socket and its address as bound (the loop thread makes them once it starts)."""
         self._pub, self.addr = pub, addr
+        self._gossip = Gossip(addr, self.incarnation, self, self.gossip_settings, fingerprint=self.s.fingerprint)
+        self._gossip.sync_clock(self.incarnation, time.monotonic())  # before any gossip: incarnations are bounded
+        self.gossip_report()  # before anyone can ask (a Hello is answered with the last report)
+
+    @property
+    def gossip(self) -> Gossip:
+        if self._gossip is None:
+            raise RuntimeError("membership has no gossip before the node binds")
+        return self._gossip
+
+    @property
+    def bound(self) -> bool:
+        """Whether the node is bound (its gossip runs)."""
+        return self._gossip is not None
+
+    def state(self, node: str) -> PeerState | None:
+        """What this node acts on about a peer (None: not a member, or not yet heard from itself)."""
+        return None if self._gossip is None else self._gossip.state(node)
+
+    def incarnation_ok(self, incarnation: int, now: float) -> bool:
+        """Whether a peer's incarnation is plausible by this node's clock (`FailureDetector.incarnation_ok`)."""
+        return self._gossip is None or self._gossip.incarnation_ok(incarnation, now)
 
     @property
     def pub(self) -> zmq.Socket[Any]:
@@ -140,18 +161,17 @@ class Membership:
                 self._guarded("a transport event", self._on_transport_event, peer, event)
 
     def _on_transport_event(self, peer: Peer, event: int) -> None:
+        now = time.monotonic()
         if event == zmq.EVENT_DISCONNECTED:
             peer.disconnected = True
-            for t in self.detector.connection_lost(peer.node, time.monotonic(), "connection closed"):
-                self.on_transition(t)
+            self.gossip.connection_lost(peer.node, now)
         elif event == zmq.EVENT_CONNECT_RETRIED and peer.disconnected:
-            for t in self.detector.unreachable(peer.node, time.monotonic(), "reconnect failed"):
-                self.on_transition(t)
+            self.gossip.unreachable(peer.node, now)
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             peer.disconnected = False
             self.links.introduce(peer.dealer)  # member identities: who we are comes first on a new connection
-            # Back after an outage (or new): ask at once rather than wait for its next gossip to route to it.
-            self._ping(peer)
+            # Back after an outage (or new): ask at once rather than wait to route to it.
+            self.gossip.reconnected(peer.node, now)
             if not peer.last_report:
                 self.links.hello(peer.dealer)
 
@@ -159,8 +179,9 @@ class Membership:
         """A node says hello on this node's ROUTER; `by_itself`: on a connection made with its own key (member
         identities), so where it says it is now is where it is."""
         self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint, by_itself=by_itself)
-        # Tell the newcomer who we are, so a seed contact learns our id and gossip port.
+        # Tell the newcomer who we are (a seed contact learns our id and gossip port), and what we report.
         self._send_client(ident, Hello(self.addr, self.incarnation, self.s.fingerprint))
+        self._send_client(ident, self.gossip.current_report())
 
     def on_announcement(self, ann: Any) -> None:
         if ann.fingerprint != self.s.fingerprint:
@@ -170,48 +191,56 @@ class Membership:
             return
         self.links.learn(ann.addr, "mdns", 0, ann.fingerprint)
 
-    def _ping(self, peer: Peer) -> None:
-        self._seq += 1
-        try:
-            peer.dealer.send(encode(Ping(f"ping-{self._seq}", self.node_id)), zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # not connected: silence will make it dead
+    # ------------------------------------------------------------ what Gossip does through us (GossipHost)
 
-    # ------------------------------------------------------------ gossip
-
-    def gossip(self) -> None:
-        self._seq += 1
-        digest = tuple(
-            p.addr for p in self.links.peers if self.detector.state(p.node) is PeerState.ALIVE and not p.leaving
-        )
-        report = LoadReport(
-            node=self.node_id,
-            incarnation=self.incarnation,
-            seq=self._seq,
-            addr=self.addr,
-            models={} if self.leaving else self.server.models(),
-            labels=dict(self.server.labels),
-            peers=digest,
-            leaving=self.leaving,
-            fingerprint=self.s.fingerprint,
-            prefixes={} if self.leaving else self._prefix_news(),
-            wants={} if self.leaving else dict(getattr(self.server, "wants", dict)()),
-            revocations=self.revocations_serial(),
-        )
+    def publish(self, msg: LoadReport | Suspicion) -> None:
         try:
-            self.pub.send(encode(report), zmq.NOBLOCK)
+            self.pub.send(encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             self.stats["gossip_dropped"] += 1
 
-    def _prefix_news(self) -> dict[str, bytes]:
-        """Prefix-cache summaries for this report: those that changed since the last one, and all of them every
-        PREFIXES_RESENT_EVERY reports (a report may be lost; a peer may be new). Bounded in bytes whatever the
-        caches hold (`mesh._prefixes.REPORT_BYTES`)."""
+    def send(self, node: str, msg: Ping | Digest | Suspicion) -> bool:
+        peer = self.links.peers.get(node)
+        if peer is None:
+            return False
+        try:
+            peer.dealer.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return False  # not connected: its silence, or the transport, will tell
+        self.links.poller.touch(peer.dealer)
+        return True
+
+    def learn(self, addr: PeerAddr, source: str) -> None:
+        if self.links.peers.get(addr.node) is None:
+            self.links.learn(addr, source)
+
+    def pull(self, node: str) -> None:
+        peer = self.links.peers.get(node)
+        if peer is not None:
+            self.links.hello(peer.dealer)  # the answer is its report, on this link
+
+    def changed(self, t: Transition) -> None:
+        self.on_transition(t)
+
+    # ------------------------------------------------------------ gossip
+
+    def gossip_report(self) -> None:
+        """Publish this node's report if it is news (every gossip interval; `Gossip` decides)."""
+        now = time.monotonic()
+        g = self.gossip
+        models = {} if self.leaving else self.server.models()
+        legacy = [n for n in g.view.legacy() if g.state(n) is PeerState.ALIVE]
+        peers = None
+        if legacy:  # older nodes alive: they take silence for failure and learn the mesh from our reports
+            peers = tuple(p.addr for p in self.links.peers if g.state(p.node) is PeerState.ALIVE and not p.leaving)
+        wants = {} if self.leaving else dict(getattr(self.server, "wants", dict)())
+        g.report(now, models, dict(self.server.labels), self.leaving, legacy_peers=peers, wants=wants,
+                 prefixes={} if self.leaving else self._prefixes(), revocations=self.revocations_serial())  # fmt: skip
+
+    def _prefixes(self) -> dict[str, bytes]:
+        """What this node's prefix caches hold, per chat model (`mesh._prefixes`; `Gossip` reports what changed)."""
         summaries = getattr(self.server, "prefix_summaries", None)
-        current: dict[str, bytes] = summaries() if summaries is not None else {}
-        news = summary_news(current, self._prefixes_sent, self._seq % PREFIXES_RESENT_EVERY == 0)
-        self._prefixes_sent = dict(current)
-        return news
+        return summaries() if summaries is not None else {}
 
     def drain_sub(self, sock: zmq.Socket[Any], peer: Peer) -> None:
         """Gossip on one peer's SUB."""
@@ -231,7 +260,7 @@ class Membership:
             self.stats["bad_frames"] += 1
             log.debug("bad gossip frame: %s", exc)
             return
-        if not isinstance(msg, LoadReport | Leave):
+        if not isinstance(msg, LoadReport | Leave | Suspicion):
             self.stats["bad_frames"] += 1
             return
         if not self.links.gossip_from(peer, msg):
@@ -241,8 +270,47 @@ class Membership:
                 self.trust.peer_serial(peer, msg.revocations)
             # With member identities the SUB's connection was made with the peer's key: its word on where it is.
             self._on_report(msg, by_itself=self.trust is not None)
+        elif isinstance(msg, Suspicion):
+            self.stats["suspicions_in"] += 1
+            if self._plausible(msg.node, msg.incarnation, peer.addr.host):
+                self.gossip.on_suspicion(msg, time.monotonic())
         else:
             self._on_leave(msg)
+
+    def on_report_on_link(self, peer: Peer, r: LoadReport) -> None:
+        """A report on the link to `peer` (the answer to a hello, or a refutation): from the peer itself."""
+        if r.addr != peer.addr:
+            self.links.refuse("identity_mismatch", f"{peer.addr.host}:{peer.addr.port}",
+                              f"a report of {r.node} at another address on its link")  # fmt: skip
+            return
+        if self.trust is not None:
+            self.trust.peer_serial(peer, r.revocations)
+        self._on_report(r, by_itself=self.trust is not None)
+
+    def on_digest(self, d: Digest, reply: Any, asked: bool, trusted: bool = True) -> None:
+        """A digest: on the ROUTER from a member that syncs with us (`reply` answers it there), or on the link to
+        it answering ours (`asked`)."""
+        answer = self.gossip.on_digest(d, time.monotonic(), asked=asked, trusted=trusted)
+        if answer is not None:
+            reply(answer)
+
+    def on_router_gossip(self, ident: bytes, msg: Digest | Suspicion, peer_address: str | None) -> None:
+        """A digest or an accusation sent to this node's ROUTER (with member identities, it passed the door: its
+        sender's key names it). Without them a digest naming a member must come from its host. An accusation of
+        this node is answered with its report (which refutes it)."""
+        if isinstance(msg, Suspicion):
+            if msg.node == self.node_id:
+                r = self.gossip.on_suspicion(msg, time.monotonic())
+                if r is not None:
+                    self._send_client(ident, r)
+            return
+        peer = self.links.peers.get(msg.node)
+        known = peer is not None and peer.verified and self.state(msg.node) is not None
+        if known and self.trust is None and not same_host(peer.addr.host, peer_address):  # type: ignore[union-attr]
+            self.links.refuse("identity_mismatch", peer_address or "?", f"a digest naming {msg.node}")
+            return
+        # From a member not verified here yet (it just joined): it is answered, but what it says is not taken.
+        self.on_digest(msg, lambda answer: self._send_client(ident, answer), asked=False, trusted=known)
 
     def _on_report(self, r: LoadReport, by_itself: bool = False) -> None:
         if r.node == self.node_id:
@@ -255,6 +323,8 @@ class Membership:
         peer = self.links.peers.get(r.node)
         if peer is not None and peer.addr == r.addr and (r.incarnation, r.seq) <= (peer.incarnation, peer.seq):
             self.stats["stale_gossip"] += 1
+            if r.incarnation == peer.incarnation:
+                self.gossip.heard(r.node, time.monotonic())  # a repeat still says it runs
             return  # an older incarnation's late gossip, or a repeat
         if peer is None or peer.addr != r.addr:
             if peer is not None:
@@ -263,9 +333,9 @@ class Membership:
             if peer is None:
                 return
         now = time.monotonic()
-        t = self.detector.heard(r.node, now, r.incarnation, r.seq)
-        if t is not None:
-            self.on_transition(t)
+        self.stats["reports_in"] += 1
+        if not self.gossip.on_report(r, now):
+            return
         peer.last_heard = peer.last_report = now
         peer.incarnation, peer.seq = r.incarnation, r.seq
         peer.models = dict(r.models)
@@ -276,7 +346,7 @@ class Membership:
             self.policy.observe_gossip(r.node, model, load.inflight + load.queued, load.capacity, now, load.rate)
         for model, summary in r.prefixes.items():
             self.policy.observe_prefixes(r.node, model, summary)
-        for addr in r.peers:
+        for addr in r.peers:  # older nodes list their peers in every report
             if addr.node != self.node_id and self.links.peers.get(addr.node) is None:
                 self.links.learn(addr, "gossip")
 
@@ -287,29 +357,25 @@ class Membership:
         if not self._plausible(msg.node, msg.incarnation, peer.addr.host):
             return
         peer.leaving = True
-        t = self.detector.left(msg.node, time.monotonic(), msg.incarnation)
-        if t is not None:
-            self.on_transition(t)
+        self.gossip.on_leave(msg.node, msg.incarnation, time.monotonic())
         log.info("peer %s is leaving", msg.node)
 
     def _plausible(self, node: str, incarnation: int, host: str) -> bool:
         """Gossip whose incarnation is far ahead of this node's clock is refused and counted: believed, it would make
         the node's real reports stale (and keep it out of routing) until its clock caught up, restarts included."""
-        if self.detector.incarnation_ok(incarnation, time.monotonic()):
+        if self.incarnation_ok(incarnation, time.monotonic()):
             return True
         ahead_s = (incarnation - time.time_ns()) / 1e9
         self.links.refuse(
             "incarnation_refused", host,
             f"gossip as {node} with an incarnation {ahead_s / 3600:.1f} h ahead of this node's clock (the limit is "
-            f"{self.detector.incarnation_ahead / 3600:g} h): a forgery, or one of the two clocks is wrong",
+            f"{INCARNATION_AHEAD_S / 3600:g} h): a forgery, or one of the two clocks is wrong",
         )  # fmt: skip
         return False
 
     def heard(self, node: str, now: float) -> None:
         """Any message from `node` (a reply, a pong, a hello): proof of life."""
-        t = self.detector.heard(node, now)
-        if t is not None:
-            self.on_transition(t)
+        self.gossip.heard(node, now)
 
     def on_transition(self, t: Transition) -> None:
         if t.reason == FORGOTTEN:
@@ -325,6 +391,10 @@ class Membership:
         elif t.reason == "restarted":
             self.entry.node_gone(t.node, "peer-restarted", time.monotonic())
         if t.new is PeerState.ALIVE:
+            if t.old in (PeerState.SUSPECT, PeerState.DEAD):
+                peer = self.links.peers.get(t.node)
+                if peer is not None:
+                    self.links.resubscribe(peer)  # its gossip may sit on a half-open connection after an outage
             self.entry.node_back(time.monotonic())
 
     def drop_peer(self, peer: Peer, why: str) -> None:
@@ -334,30 +404,36 @@ class Membership:
 
     # ------------------------------------------------------------ housekeeping
 
+    def in_doubt(self) -> bool:
+        return self._gossip is not None and self._gossip.in_doubt
+
     def housekeeping(self, now: float) -> None:
         if self.pub_stale:
             self.rebind_pub()
-        self.detector.sync_clock(time.time_ns(), now)  # incarnations are bounded by this clock (it may be stepped)
-        for t in self.detector.tick(now):
-            self.on_transition(t)
-        for peer in self.links.peers:
-            state = self.detector.state(peer.node)
-            if state is None:
-                log.info("forgetting peer %s", peer.node)
-                self.drop_peer(peer, "peer-gone")
-            elif state is PeerState.DEAD and not peer.last_report:
-                # Claimed (Hello, mDNS, digest) but never heard from: free its sockets now, not in forget_after.
-                log.info("dropping %s at %s:%d: never heard from it", peer.node, peer.addr.host, peer.addr.port)
-                self.drop_peer(peer, "peer-gone")
-            elif state is PeerState.SUSPECT:
-                self._ping(peer)
-            elif state is PeerState.LEFT and now - peer.last_heard > self.s.suspect_after:
-                self.entry.node_gone(peer.node, "peer-left", now)
+        if now >= self._next_report:
+            self._next_report = now + self.s.gossip_interval
+            self.gossip_report()
+        self.gossip.sync_clock(time.time_ns(), now)  # incarnations are bounded by this clock (it may be stepped)
+        self.gossip.tick(now, self.policy.busy_peers())
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.s.gossip_interval
+            self._sweep(now)
         self.entry.tick(now)
         self.links.hello_seeds(now)
         if now >= self._next_admission_sweep:
             self.admission.sweep(self._in_flight_for)
             self._next_admission_sweep = now + 5.0
+
+    def _sweep(self, now: float) -> None:
+        for peer in self.links.peers:
+            state = self.state(peer.node)
+            if state is None and not peer.last_report and now - peer.last_heard >= 2 * self.s.dead_after:
+                # Claimed (hello, mDNS, digest) but never heard from itself: free its sockets (a later claim may
+                # bring it back).
+                log.info("dropping %s at %s:%d: never heard from it", peer.node, peer.addr.host, peer.addr.port)
+                self.drop_peer(peer, "peer-gone")
+            elif state is PeerState.LEFT and now - peer.last_heard > self.s.suspect_after:
+                self.entry.node_gone(peer.node, "peer-left", now)
 
     def leave(self) -> None:
         self.leaving = True
@@ -366,59 +442,20 @@ class Membership:
                 self.pub.send(encode(Leave(self.node_id, self.incarnation)), zmq.NOBLOCK)
             except zmq.Again:
                 self.stats["gossip_dropped"] += 1
-        self.gossip()
+        self.gossip.report(time.monotonic(), {}, dict(self.server.labels), True, force=True)
 
     # ------------------------------------------------------------ views
 
     def status(self) -> list[dict[str, Any]]:
         """The nodes this node sees, itself first (for `lanmesh status`, clients learning the mesh, the console)."""
-        now = time.monotonic()
-        rows = [
-            {
-                "node": self.node_id,
-                "address": f"{self.addr.host}:{self.addr.port}",
-                "state": "leaving" if self.leaving else "self",
-                "models": model_rows(self.server.models()),
-                "labels": dict(self.server.labels),
-                "last_heard_s": 0.0,
-                "inflight_to": 0,
-                "source": "self",
-                "stats": dict(self.stats),
-                "executor": self.server.stats(),
-                "security": self.security_view(now),
-                **_wants_row(getattr(self.server, "wants", dict)()),
-            }
-        ]
-        for peer in self.links.peers:
-            state = self.detector.state(peer.node)
-            rows.append(
-                {
-                    "node": peer.node,
-                    "address": f"{peer.addr.host}:{peer.addr.port}",
-                    "state": "leaving" if peer.leaving else (state.value if state else "unknown"),
-                    "models": model_rows(peer.models),
-                    "labels": dict(peer.labels),
-                    "last_heard_s": round(now - peer.last_heard, 3),
-                    "inflight_to": self.policy.inflight_to(peer.node),
-                    "source": peer.source,
-                    **_wants_row(peer.wants),
-                    # member identities: each node's key and certificate (clients learn node keys from them)
-                    **(self.trust.row(peer.addr.key) if self.trust is not None and peer.verified else {}),
-                }
-            )
-            chains_held = getattr(self.policy, "chains_held", None)  # cache-aware routing: what its gossip says
-            if chains_held is not None:
-                rows[-1]["prefix_chains"] = chains_held(peer.node)
-        if self.trust is not None:
-            rows[0].update(self.trust.row(self.addr.key))
-        return rows
+        return status_rows(self)
 
     def holders(self, name: str) -> list[tuple[str, str, str]]:
         """(node, host:port, version) of every live peer serving `name`, as its gossip says (any thread)."""
         out = []
         for peer in self.links.peers:
             load = peer.models.get(name)
-            if load is not None and load.version and self.detector.state(peer.node) is PeerState.ALIVE:
+            if load is not None and load.version and self.state(peer.node) is PeerState.ALIVE:
                 out.append((peer.node, f"{peer.addr.host}:{peer.addr.port}", load.version))
         return out
 
@@ -445,7 +482,7 @@ class Membership:
             known = True
             if peer.node in excluded or peer.leaving:
                 continue
-            if self.detector.state(peer.node) is not PeerState.ALIVE:
+            if self.state(peer.node) is not PeerState.ALIVE:
                 continue
             if peer.serves(req.model, req.require):
                 out.append(peer.node)
@@ -470,7 +507,7 @@ class Membership:
         if self.trust is not None and not self.trust.synced:
             return out  # catching up with revocations: no peer is routed to yet
         for peer in self.links.peers:
-            if peer.node in excluded or peer.leaving or self.detector.state(peer.node) is not PeerState.ALIVE:
+            if peer.node in excluded or peer.leaving or self.state(peer.node) is not PeerState.ALIVE:
                 continue
             out += [(peer.node, name, load.layers, load.version) for name, load in peer.models.items()
                     if load.layers and peer.serves(name, req.require)]  # fmt: skip
@@ -500,7 +537,7 @@ class Membership:
         out = []
         prefix = model + "["
         for peer in self.links.peers:
-            if peer.leaving or self.detector.state(peer.node) is not PeerState.ALIVE:
+            if peer.leaving or self.state(peer.node) is not PeerState.ALIVE:
                 continue
             held = [(n, load.version) for n, load in peer.models.items() if n.startswith(prefix) and load.layers]
             want = peer.wants.get(model)
@@ -515,18 +552,4 @@ class Membership:
 
     def security_view(self, now: float) -> dict[str, Any]:
         """This node's security state for `lanmesh status` and `lanmesh doctor`."""
-        return {
-            "mode": "insecure" if self.s.key is None else "identities" if self.trust is not None else "curve",
-            "fingerprint": self.s.fingerprint,
-            "auth_rejected": self.stats["auth_rejected"],
-            "handshake_failed": self.stats["handshake_failed"],
-            "identity_mismatch": self.stats["identity_mismatch"],
-            "identity_conflict": self.stats["identity_conflict"],
-            "incarnation_refused": self.stats["incarnation_refused"],
-            "bad_peer_address": self.stats["bad_peer_address"],
-            **(self.trust.view() if self.trust is not None else {}),
-            "foreign": [
-                {k: v for k, v in e.items() if k != "last_seen"} | {"last_seen_s": round(now - e["last_seen"], 1)}
-                for e in self.links.foreign.values()
-            ],
-        }
+        return security_view(self, now)

@@ -26,10 +26,12 @@ from protocol import (
     Cancel,
     Chunk,
     DecodeError,
+    Digest,
     Error,
     ErrorCode,
     Fetch,
     Hello,
+    LoadReport,
     PeerAddr,
     Ping,
     Pong,
@@ -37,24 +39,24 @@ from protocol import (
     Reply,
     Request,
     Stage,
+    Suspicion,
     decode,
     encode,
 )
 
 from ._admission import Admission
 from ._entry import EntryTable, PipelineFn, ServeTrackedFn
-from ._failure import FailureDetector
 from ._identity import MemberIdentity
 from ._links import PeerLinks
 from ._local import LocalWork
 from ._members import Members
 from ._membership import DRAIN, Membership
 from ._peers import Peer
-from ._routing import POLICIES, CacheAwarePolicy
+from ._routing import node_policy
 from ._security import Authenticator
 from ._services import Services
 from ._settings import LocalServer, MeshSettings, RequestObserver
-from ._sockets import Waker, bind_pub, bind_router, bound_port
+from ._sockets import SocketPoller, Waker, bind_pub, bind_router, bound_port, peer_address
 from ._stages import FailFn, StageTraffic
 from ._trust import Trust
 from ._watchdog import LoopWatchdog, within
@@ -65,7 +67,7 @@ _NOBODY: frozenset[str] = frozenset()
 # Plain ints: zmq's flag enums cost an enum operation per `|` on the hot path; send_multipart/recv_multipart loop in
 # Python and ask RCVMORE by getsockopt, two socket calls per message more than needed here.
 _NB, _NB_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
-_TICK = 0.05  # seconds between housekeeping passes (detector, deadlines, retries)
+_TICK = 0.05  # seconds between housekeeping passes (deadlines, retries, probes in doubt) while anything needs them
 _FLUSH_AT = 32  # answers queued before the loop sends them mid-turn (bounds the wait of the first in a burst)
 _INBOX_PER_TURN = 1024  # events from other threads handled per turn: a flood of chunks cannot hold up the sockets
 _ERROR_LOG_EVERY_S = 10.0
@@ -90,31 +92,11 @@ class MeshNode:
         self.node_id = settings.node_id
         self.incarnation = time.time_ns()
         self.ctx = zmq.Context()
-        self.detector = FailureDetector(settings.suspect_after, settings.dead_after, settings.forget_after)
-        self.detector.sync_clock(self.incarnation, time.monotonic())  # before any gossip: incarnations are bounded
-        policy = POLICIES[settings.routing]
-        # Cache-aware routing reads what this node's own prefix caches hold (an executor without them: none).
-        extra = {"local_prefixes": getattr(server, "prefix_summary", None)} if policy is CacheAwarePolicy else {}
-        self.policy = policy(
-            self.node_id,
-            server.load,
-            stale_after=3 * settings.gossip_interval,
-            rng=rng,
-            local_rate=getattr(server, "rate", None),
-            **extra,
-        )
         self.stats: collections.Counter[str] = collections.Counter()
-        if isinstance(self.policy, CacheAwarePolicy):
-            self.policy.counts = self.stats  # routed_prefix, routed_prefix_busy: in status rows and /metrics
-        self._poller = zmq.Poller()
-        self.links = PeerLinks(
-            self.ctx,
-            self._poller,
-            settings,
-            self.detector,
-            self.stats,
-            lambda t: self.membership.on_transition(t),
-        )
+        self.policy = node_policy(settings.routing, self.node_id, server, rng, self.stats)
+        self._poller = SocketPoller()
+        self.links = PeerLinks(self.ctx, self._poller, settings, lambda node: self.membership.state(node), self.stats,
+                               lambda incarnation, now: self.membership.incarnation_ok(incarnation, now))  # fmt: skip
         self.entry = EntryTable(
             self,
             self.policy,
@@ -129,7 +111,7 @@ class MeshNode:
         self.addr = PeerAddr(self.node_id, settings.advertise, settings.port, settings.pub_port or settings.port + 1,
                              identity.key_text if identity is not None else "")  # fmt: skip
         self.membership = Membership(
-            settings, self.addr, self.incarnation, server, self.detector, self.policy, self.links, self.entry,
+            settings, self.addr, self.incarnation, server, self.policy, self.links, self.entry,
             self.admission, self.stats,
             send_client=self._send_client, guarded=self._guarded, in_flight_for=self._in_flight_for,
         )  # fmt: skip
@@ -296,13 +278,13 @@ class MeshNode:
             self.links.add_seed(seed)
         self._ready.set()
         log.info("node up", extra={"addr": f"{self.addr.host}:{self.addr.port}", "pub": self.addr.pub_port})
-        next_gossip = next_tick = 0.0
+        next_tick = 0.0
         crashed = True
         try:
             while self._running:
                 now = time.monotonic()
                 self.last_turn = now
-                wait = 0.0 if self._inbox else max(0.0, min(next_gossip, next_tick) - now)  # events left: go on
+                wait = 0.0 if self._inbox else max(0.0, next_tick - now)  # events left: go on
                 events = self._poller.poll(math.ceil(wait * 1000))
                 for sock, _ in events:
                     self._drain(sock)
@@ -312,20 +294,24 @@ class MeshNode:
                 if self._outbox:
                     self._flush()
                 now = time.monotonic()
-                if now >= next_gossip:
-                    self._guarded("gossip", self.membership.gossip)
-                    next_gossip = now + self.s.gossip_interval
                 if now >= next_tick:
                     self._guarded("housekeeping", self.membership.housekeeping, now)
                     if self.trust is not None:
                         self._guarded("identities", self.trust.housekeeping, now)
-                    next_tick = now + _TICK
+                    next_tick = now + self.s.gossip_interval  # idle: nothing needs a finer clock
+                if self._busy():
+                    next_tick = min(next_tick, now + _TICK)
             crashed = False
         except Exception:
             # The watchdog sees the loop thread gone and ends the process (goodbye, exit 70).
             log.exception("mesh loop crashed")
         finally:
             self._shutdown(intended=not crashed)
+
+    def _busy(self) -> bool:
+        """Whether housekeeping needs its fine clock: requests to route, retry or time out, work served here, or a
+        peer in doubt (probed more often). An idle node wakes for it four times a second instead of twenty."""
+        return bool(len(self.entry) or len(self.local)) or self.membership.in_doubt()
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         if sock is self.router:
@@ -359,6 +345,7 @@ class MeshNode:
         self._guarded("the last answers", self._flush)
         if self._waker is not None:
             self._waker.silence()
+        self._poller.close()
         if intended:
             self._stopped.set()
 
@@ -409,9 +396,9 @@ class MeshNode:
             if trust is not None:  # member identities: who sent it is on the message (ZAP's User-Id)
                 trust.on_part(ident, part)
                 continue
-            self._guarded("a message from a client", self._on_router_frame, ident, part.bytes)
+            self._guarded("a message from a client", self._on_router_frame, ident, part.bytes, None, part)
 
-    def _on_router_frame(self, ident: bytes, frame: bytes, decoded: Any = None) -> None:
+    def _on_router_frame(self, ident: bytes, frame: bytes, decoded: Any = None, part: zmq.Frame | None = None) -> None:
         try:
             msg = decoded if decoded is not None else decode(frame, self.s.limits)
         except DecodeError as exc:
@@ -429,6 +416,8 @@ class MeshNode:
             self._send_client(ident, Pong(msg.id, self.node_id, self.status() if msg.want_status else None))
         elif isinstance(msg, Hello):
             self.membership.on_hello(ident, msg)
+        elif isinstance(msg, Digest | Suspicion):
+            self.membership.on_router_gossip(ident, msg, peer_address(part) if part is not None else None)
         elif isinstance(msg, Stage):
             self.stages.deliver([(msg, None)])
         elif isinstance(msg, Admin | Fetch):
@@ -512,6 +501,7 @@ class MeshNode:
             peer.dealer.send(frame, _NB)
         except zmq.ZMQError:
             return False
+        self._poller.touch(peer.dealer)
         return True
 
     def send_client(self, client: bytes, frame: bytes) -> None:
@@ -524,6 +514,7 @@ class MeshNode:
     def _flush(self) -> None:
         out, self._outbox = self._outbox, []
         router = self.router
+        self._poller.touch(router)
         for client, frame in out:
             try:
                 router.send(client, _NB_MORE)  # with ROUTER_MANDATORY an unknown client fails here, at once
@@ -585,6 +576,10 @@ class MeshNode:
             self.entry.on_error(peer.node, msg, now)
         elif isinstance(msg, Hello):
             self.links.learn(msg.addr, "hello", msg.incarnation, msg.fingerprint, by_itself=self.trust is not None)
+        elif isinstance(msg, LoadReport):
+            self.membership.on_report_on_link(peer, msg)
+        elif isinstance(msg, Digest):
+            self.membership.on_digest(msg, lambda answer: self.membership.send(peer.node, answer), asked=True)
         elif not isinstance(msg, Pong):
             self.stats["bad_frames"] += 1
 

@@ -24,6 +24,7 @@ __all__ = [
     "RandomPolicy",
     "RoundRobinPolicy",
     "RoutingPolicy",
+    "node_policy",
 ]
 
 
@@ -88,6 +89,7 @@ class RoutingPolicy:
         self._local_rate = local_rate
         self._rng = rng if rng is not None else random.Random()
         self._peers: dict[str, dict[str, _PeerLoad]] = {}
+        self._busy: dict[str, int] = {}  # peer -> requests in flight to it, over all models (only those with some)
 
     def observe_gossip(self, node: str, model: str, load: int, capacity: int, now: float, rate: float = 0.0) -> None:
         """A load report from `node`: `load` = in-flight + queued for `model`, `capacity` = how many it runs at once,
@@ -107,12 +109,18 @@ class RoutingPolicy:
     def dispatched(self, node: str, model: str) -> None:
         """A request for `model` was just sent to `node`: count it now, not when the reply comes."""
         self._entry(node, model).m += 1
+        self._busy[node] = self._busy.get(node, 0) + 1
 
     def completed(self, node: str, model: str) -> None:
         """A request sent to `node` ended (reply, reject, error, or given up); never counts below zero."""
         entry = self._peers.get(node, {}).get(model)
         if entry is not None and entry.m > 0:
             entry.m -= 1
+            left = self._busy.get(node, 0) - 1
+            if left > 0:
+                self._busy[node] = left
+            else:
+                self._busy.pop(node, None)
 
     def estimate(self, node: str, model: str, now: float) -> float:
         """Estimated in-flight + queued requests at `node` for `model` as of `now` (never negative)."""
@@ -157,6 +165,11 @@ class RoutingPolicy:
     def forget(self, node: str) -> None:
         """Drop everything known about `node` (it died, left or restarted); unknown nodes are a no-op."""
         self._peers.pop(node, None)
+        self._busy.pop(node, None)
+
+    def busy_peers(self) -> list[str]:
+        """The peers this node has requests in flight to (it watches them itself, as the links it uses)."""
+        return [node for node, n in self._busy.items() if n > 0]
 
     def inflight_to(self, node: str) -> int:
         """Requests this node has in flight to `node`, over all models (for status and metrics)."""
@@ -354,3 +367,16 @@ POLICIES: dict[str, type[RoutingPolicy]] = {
     "random": RandomPolicy,
     "least-loaded": LeastLoadedGossipPolicy,
 }
+
+
+def node_policy(name: str, node_id: str, server: Any, rng: random.Random | None, counts: Any) -> RoutingPolicy:
+    """The routing policy `name` of a node whose own work is `server` (its load, rate and, for cache-aware routing,
+    what its prefix caches hold; an executor without them: none). A peer reports whenever its load moved past a
+    threshold (or a smaller difference lasted seconds), so its last report holds however old it is: the entry's own
+    counts cover what it sent since."""
+    policy = POLICIES[name]
+    extra = {"local_prefixes": getattr(server, "prefix_summary", None)} if policy is CacheAwarePolicy else {}
+    out = policy(node_id, server.load, stale_after=math.inf, rng=rng, local_rate=getattr(server, "rate", None), **extra)
+    if isinstance(out, CacheAwarePolicy):
+        out.counts = counts  # routed_prefix, routed_prefix_busy: in status rows and /metrics
+    return out

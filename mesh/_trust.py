@@ -20,6 +20,7 @@ from protocol import (
     Admin,
     Credentials,
     DecodeError,
+    Digest,
     Error,
     ErrorCode,
     Fetch,
@@ -29,6 +30,7 @@ from protocol import (
     Reply,
     Request,
     Revocations,
+    Suspicion,
     decode,
     encode,
 )
@@ -175,6 +177,10 @@ class Trust:
             self._refuse(ident, msg, "name_refused", member.name,
                          f"{member.name} said hello as {msg.addr.node}")  # fmt: skip
             return False
+        sender = msg.node if t is Digest else msg.by if t is Suspicion else member.name
+        if sender != member.name:  # gossip names its sender: only as itself
+            self._refuse(ident, msg, "name_refused", member.name, f"{member.name} sent a {t.__name__} as {sender}")
+            return False
         if t is Request and not self.synced and member is not self.members.own:
             why = "this node is catching up with the mesh's revocations; try another node"
             self.stats["sync_refused"] += 1
@@ -298,7 +304,8 @@ class Trust:
         try:
             peer.dealer.send(encode(Revocations(doc.encode())), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # not connected: its next report asks again
+            return  # not connected: its next report asks again
+        self.links.poller.touch(peer.dealer)  # a send may take the notification of a message that just arrived
 
     def _heard_serial(self, serial: int) -> None:
         if not self.synced and serial <= self.serial:

@@ -13,17 +13,20 @@ from ._decode_stages import _dec_stage, _dec_wants, _stages, _token_ids
 from ._errors import DecodeError, ErrorCode
 from ._fields import _bool, _fail, _fields, _int, _label, _name, _or, _rid, _str, _strmap, _value, _version
 from ._messages import (
+    MEMBER_STATES,
     Admin,
     Cancel,
     Chunk,
     Credentials,
     Data,
+    Digest,
     Error,
     Fetch,
     Hello,
     Join,
     Leave,
     LoadReport,
+    Member,
     Message,
     ModelLoad,
     PeerAddr,
@@ -33,6 +36,7 @@ from ._messages import (
     Reply,
     Request,
     Revocations,
+    Suspicion,
     Task,
 )
 from ._names import is_name
@@ -52,6 +56,7 @@ from ._wire import (
     T_CHUNK,
     T_CREDENTIALS,
     T_DATA,
+    T_DIGEST,
     T_ERROR,
     T_FETCH,
     T_HELLO,
@@ -65,6 +70,7 @@ from ._wire import (
     T_REQUEST,
     T_REVOCATIONS,
     T_STAGE,
+    T_SUSPICION,
     VERSION,
     Limits,
 )
@@ -228,7 +234,7 @@ def _dec_prefixes(v: Any) -> dict[str, bytes]:
 
 
 def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
-    f = _fields(b, 4, 12, "load report", None)
+    f = _fields(b, 4, 13, "load report", None)
     peers = _or(f[6], [])
     if not isinstance(peers, list):
         raise _fail("peers must be a list")
@@ -245,6 +251,48 @@ def _dec_load(b: list[Any], lim: Limits) -> LoadReport:
         prefixes=_dec_prefixes(_or(f[9], {})),
         revocations=_int(_or(f[10], 0), "revocations", 0, 2**63 - 1, None),
         wants=_dec_wants(_or(f[11], {})),
+        on_change=_bool(_or(f[12], False), "on_change", None),
+    )
+
+
+def _dec_suspicion(b: list[Any], lim: Limits) -> Suspicion:
+    f = _fields(b, 4, 5, "suspicion", None)
+    return Suspicion(
+        node=_name(f[0], "node", None),
+        incarnation=_int(f[1], "incarnation", 0, 2**63 - 1, None),
+        seq=_int(f[2], "seq", 0, 2**63 - 1, None),
+        by=_name(f[3], "by", None),
+        dead=_bool(_or(f[4], False), "dead", None),
+    )
+
+
+_STATES = frozenset(MEMBER_STATES)
+
+
+def _dec_member(v: Any) -> Member:
+    if not isinstance(v, list) or len(v) < 4:
+        raise _fail("digest member must be [[node, host, port, pub_port, key?], incarnation, seq, state]")
+    state = v[3]
+    if state not in _STATES:
+        raise _fail(f"digest member state must be one of {list(MEMBER_STATES)}, got {state!r}")
+    return Member(
+        addr=_dec_addr(v[0]),
+        incarnation=_int(v[1], "incarnation", 0, 2**63 - 1, None),
+        seq=_int(v[2], "seq", 0, 2**63 - 1, None),
+        state=state,
+    )
+
+
+def _dec_digest(b: list[Any], lim: Limits) -> Digest:
+    f = _fields(b, 3, 4, "digest", None)
+    members = _or(f[3], [])
+    if not isinstance(members, list):
+        raise _fail("digest members must be a list")
+    return Digest(
+        node=_name(f[0], "node", None),
+        count=_int(f[1], "count", 0, 2**31, None),
+        checksum=_int(f[2], "checksum", 0, 2**64 - 1, None),
+        members=tuple(_dec_member(m) for m in members),
     )
 
 
@@ -450,6 +498,8 @@ _DECODERS: dict[int, Callable[[list[Any], Limits], Message]] = {
     T_ADMIN: _dec_admin,
     T_FETCH: _dec_fetch,
     T_DATA: _dec_data,
+    T_SUSPICION: _dec_suspicion,
+    T_DIGEST: _dec_digest,
     T_STAGE: _dec_stage,
     T_CREDENTIALS: _dec_credentials,
     T_JOIN: _dec_join,

@@ -16,6 +16,7 @@ from ._messages import (
     Chunk,
     Credentials,
     Data,
+    Digest,
     Error,
     Fetch,
     Hello,
@@ -31,6 +32,7 @@ from ._messages import (
     Request,
     Revocations,
     Stage,
+    Suspicion,
 )
 from ._wire import (
     T_ADMIN,
@@ -38,6 +40,7 @@ from ._wire import (
     T_CHUNK,
     T_CREDENTIALS,
     T_DATA,
+    T_DIGEST,
     T_ERROR,
     T_FETCH,
     T_HELLO,
@@ -51,6 +54,7 @@ from ._wire import (
     T_REQUEST,
     T_REVOCATIONS,
     T_STAGE,
+    T_SUSPICION,
     VERSION,
 )
 
@@ -101,12 +105,19 @@ def _enc_load(m: LoadReport) -> list[Any]:
         m.fingerprint,
         m.prefixes,
         m.revocations,
-    ] + ([{k: [w.version, w.budget, w.speed] for k, w in m.wants.items()}] if m.wants else [])
+        {k: [w.version, w.budget, w.speed] for k, w in m.wants.items()},
+        m.on_change,
+    ]
 
 
 def _enc_stage(m: Stage) -> list[Any]:
     return [T_STAGE, m.id, m.model, m.kind, m.first, m.start, list(m.tokens), list(m.shape), m.dtype, m.last,
             m.request, [list(pair) for pair in m.stages], m.need, m.deadline_ms, m.data, m.due]  # fmt: skip
+
+
+def _enc_digest(m: Digest) -> list[Any]:
+    members = [[_addr(e.addr), e.incarnation, e.seq, e.state] for e in m.members]
+    return [T_DIGEST, m.node, m.count, m.checksum, members]
 
 
 _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
@@ -124,6 +135,8 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Admin: lambda m: [T_ADMIN, m.id, m.action, m.args],
     Fetch: lambda m: [T_FETCH, m.id, m.name, m.version, m.path, m.offset, m.length],
     Data: lambda m: [T_DATA, m.id, m.node, m.offset, m.data],
+    Suspicion: lambda m: [T_SUSPICION, m.node, m.incarnation, m.seq, m.by, m.dead],
+    Digest: _enc_digest,
     Stage: _enc_stage,
     Credentials: lambda m: [T_CREDENTIALS, m.cert, m.revocations, m.reply],
     Join: lambda m: [T_JOIN, m.id, m.token, m.name],

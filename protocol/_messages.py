@@ -188,18 +188,18 @@ class PeerAddr:
 
 @dataclass(frozen=True, slots=True)
 class LoadReport:
-    """A node's periodic gossip: its load, labels and who it knows.
+    """A node's own news: its load, models, labels, whether it is leaving.
 
-    `incarnation` changes on every restart and `seq` grows within one
-    incarnation, so receivers can tell a restart from a stale or repeated
-    report. `peers` is the membership digest: one live peer is enough to
-    learn the whole mesh.
+    `incarnation` changes on every restart and `seq` grows with every report within one incarnation, so receivers
+    can tell a restart from a stale or repeated report, and a report outranks a `Suspicion` of an older one.
+    `on_change`: the node reports only when something changed past a threshold and otherwise stays quiet (its
+    liveness is probed; membership travels in `Digest`s); older nodes leave it False, report every gossip interval
+    and list their live peers in `peers`.
 
-    `prefixes` says, per chat model, what the node's prefix cache holds: the
-    8-byte digests of the chains of chat messages whose keys and values it
-    keeps (`mesh._prefixes`), most recent first, at most PREFIX_REPORT_BYTES
-    in all. It is news: a model left out is unchanged since the last report
-    that named it, and b"" means the cache holds nothing.
+    `prefixes` says, per chat model, what the node's prefix cache holds: the 8-byte digests of the chains of chat
+    messages whose keys and values it keeps (`mesh._prefixes`), most recent first, at most PREFIX_REPORT_BYTES in
+    all. It is news: a model left out is unchanged since the last report that named it, and b"" means the cache
+    holds nothing. `revocations`: the serial of the revocation list the sender holds (member identities; 0: none).
     """
 
     node: str
@@ -214,6 +214,51 @@ class LoadReport:
     prefixes: dict[str, bytes] = field(default_factory=dict)
     wants: dict[str, StageWant] = field(default_factory=dict)  # models this node would hold a stage of
     revocations: int = 0  # the serial of the revocation list the sender holds (member identities; 0: none)
+    on_change: bool = False
+
+
+MEMBER_STATES = ("alive", "suspect", "dead", "left")
+
+
+@dataclass(frozen=True, slots=True)
+class Suspicion:
+    """`by` says that `node` has gone quiet: suspect, or with `dead`, dead. It names the incarnation and report
+    (`seq`) of `node` it last knew, so a newer report of `node` outranks it: `node` refutes it by reporting again.
+    Published by the nodes that watch `node`; sent to `node` itself by a node that hears from it while it holds it
+    suspect or dead."""
+
+    node: str
+    incarnation: int
+    seq: int
+    by: str
+    dead: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One entry of a membership digest: a node, the last report of it known (`incarnation`, `seq`) and its
+    state (`MEMBER_STATES`)."""
+
+    addr: PeerAddr
+    incarnation: int
+    seq: int
+    state: str = "alive"
+
+    @property
+    def node(self) -> str:
+        return self.addr.node
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """Anti-entropy between two nodes. Without `members`: the sender's `count` and `checksum` of its membership
+    view, to compare; a receiver whose view differs answers with its own `members`. With `members`: the sender's
+    whole view, so the receiver learns what it lacks (and the asker answers once with its own, so both do)."""
+
+    node: str
+    count: int
+    checksum: int
+    members: tuple[Member, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +375,8 @@ Message = (
     | Admin
     | Fetch
     | Data
+    | Suspicion
+    | Digest
     | Stage
     | Credentials
     | Join
@@ -342,6 +389,7 @@ __all__ = [
     "Credentials",
     "Chunk",
     "Data",
+    "Digest",
     "Error",
     "ErrorCode",
     "Fetch",
@@ -349,6 +397,8 @@ __all__ = [
     "Join",
     "Leave",
     "LoadReport",
+    "MEMBER_STATES",
+    "Member",
     "Message",
     "ModelLoad",
     "PeerAddr",
@@ -357,6 +407,7 @@ __all__ = [
     "Reject",
     "Reply",
     "Request",
+    "Suspicion",
     "Stage",
     "StageWant",
     "Revocations",

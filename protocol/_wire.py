@@ -11,8 +11,9 @@ VERSION = 1
 T_REQUEST, T_REPLY, T_CHUNK, T_ERROR, T_REJECT = 1, 2, 3, 4, 5
 T_LOAD, T_HELLO, T_LEAVE, T_PING, T_PONG = 6, 7, 8, 9, 10
 T_CANCEL, T_ADMIN, T_FETCH, T_DATA = 11, 12, 13, 14
-T_STAGE = 15  # stage-to-stage traffic of a split model (16 and 17 are left to other work in flight)
-T_CREDENTIALS, T_JOIN, T_REVOCATIONS = 20, 21, 22  # member identities
+T_STAGE = 15  # stage-to-stage traffic of a split model
+T_SUSPICION, T_DIGEST = 16, 17  # membership gossip
+T_CREDENTIALS, T_JOIN, T_REVOCATIONS = 20, 21, 22  # member identities (18-19 left to other work in flight)
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # a revocation list of ~20,000 entries; a certificate is ~170 bytes
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # the most one Fetch may ask for (one Data frame, well under the frame limit)
 

@@ -33,7 +33,7 @@ disable_created_metrics()
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-PEER_STATES = ("alive", "suspect", "dead", "left", "leaving")
+PEER_STATES = ("alive", "suspect", "dead", "left", "leaving", "unverified")
 # Model names come from clients: unknown ones, and any past this many, share one label value so a client
 # sending random names cannot grow the series without bound.
 MAX_MODEL_LABELS = 64
@@ -341,7 +341,8 @@ def _peer_gauges(peers: list[dict[str, Any]]) -> Iterator[Metric]:
     counts = dict.fromkeys(PEER_STATES, 0)
     age = GaugeMetricFamily(
         "lanmesh_peer_last_heard_seconds",
-        "Seconds since this node last heard from the peer (gossip age).",
+        "Seconds since this node last heard from the peer itself (peers it neither probes nor sends work to stay "
+        "quiet while healthy: their watchers vouch for them).",
         labels=["peer"],
     )
     sent = GaugeMetricFamily("lanmesh_peer_inflight", "Requests this node has in flight at the peer.", labels=["peer"])

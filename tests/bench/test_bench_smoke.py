@@ -1,4 +1,6 @@
-"""The benchmark harness runs end to end in its quick mode: overhead and failover complete and lose nothing.
+"""The benchmark harness runs end to end in its quick mode: overhead and failover complete and lose nothing; a dozen
+idle nodes in namespaces see each other, detect faults and fail no request while nodes are killed and restarted;
+the simulated membership protocol stays flat in messages per node as the mesh grows.
 
 Not a timing test: the figures of a quick run on a busy CI machine mean little. Results go to a temporary
 folder (`--results-dir`), never over the committed ones in bench/results/.
@@ -74,3 +76,28 @@ def test_quick_rollout_run_fails_no_request_and_moves_every_node(tmp_path: Path)
     assert s["failed"] == 0, result["failures"]
     assert s["nodes_moved"] == s["nodes_on_new_version"] == result["nodes"]
     assert (tmp_path / "rollout.png").stat().st_size > 0
+
+
+def test_quick_scale_run_sees_every_node_detects_every_fault_and_fails_no_request(tmp_path: Path) -> None:
+    from bench.hosts import netns_unavailable_reason
+
+    reason = netns_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the scale scenario runs nodes in network namespaces: {reason}")
+    result = run_bench(tmp_path, "scale", "--quick", timeout=280)
+    assert result["see_all"]["after_last_start_s"] is not None, result["see_all"]
+    for fault in ("kill -9", "SIGSTOP"):
+        assert not result[fault]["missed_by"], f"{fault} was never seen by {result[fault]['missed_by']}"
+    churn = result["churn"]
+    assert churn["load"]["count"] > 0 and churn["load"]["failed"] == 0, churn["load"]["failures"]
+    assert churn["see_all_after_s"] is not None
+    assert result["idle"]["packets_in_per_s"]["median"] > 0 and (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_quick_gossip_simulation_is_flat_in_messages_per_node_and_converges(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "gossip", "--quick", timeout=200)
+    s = result["summary"]
+    assert s["flatness"] <= 2.0, s["messages_per_node_s"]
+    for p in result["points"]:
+        assert all(v is not None for v in p["convergence_s"].values()), p["convergence_s"]
+    assert (tmp_path / "gossip.png").stat().st_size > 0

@@ -131,12 +131,16 @@ def test_doctor_names_why_announced_nodes_are_not_peers(cluster: Cluster) -> Non
             zc.register_service(info)
             infos.append(info)
 
-        # The node learns the two ghosts with its key from mDNS too and tries them: wait until it has found both
-        # silent (they then stay suspect or dead, or are dropped as never heard from).
+        # The node learns the two ghosts with its key from mDNS too and tries them: wait until it has known both
+        # (a peer told of that never reports itself stays "unverified", never a member, and is dropped as never
+        # heard from) and none of them is alive.
+        seen: set[str] = set()
+
         def given_up() -> bool:
             rows = node.status()
+            seen.update(r["node"] for r in rows if r["node"] in ghosts)
             alive = [r for r in rows if r["node"] in ghosts and r["state"] == "alive"]
-            return rows[0]["stats"].get("peer_suspect", 0) >= 2 and not alive
+            return {"ghost-closed", "ghost-old"} <= seen and not alive
 
         wait_until(given_up, timeout=15, what="the ghosts seen silent")
         out = lanmesh("doctor", "--node", node.address, "--mdns-timeout", "5")

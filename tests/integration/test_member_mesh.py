@@ -30,13 +30,16 @@ from mesh import (
 from nodes.cli.model_commands import AdminError, admin_call
 from protocol import (
     Admin,
+    Digest,
     Error,
     ErrorCode,
     Hello,
+    Member,
     PeerAddr,
     Ping,
     Request,
     Stage,
+    Suspicion,
     Task,
     decode,
     encode,
@@ -261,6 +264,22 @@ def test_a_second_key_claiming_a_nodes_name_is_refused_and_counted(nodes: Cluste
     rows = {r["node"]: r for r in a.status()}
     assert rows["b"]["address"] == b.address and rows["b"]["state"] == "alive"
     assert rows["b"]["key"] == ca.identity("b").key_text
+    sock.close(0)
+
+
+def test_a_node_key_cannot_accuse_or_sync_in_another_nodes_name(nodes: Cluster, ca: TestAuthority) -> None:
+    a = start(nodes, ca, "a", "echo", authority=True)
+    b = start(nodes, ca, "b", "sleep:20", seeds=[a])
+    nodes.wait_converged(15)
+    ca.enrol("c", Role.NODE, nodes=[ca.known("a", a.address)])
+    c = ca.identity("c")
+    sock = raw(a.address, c)
+    # Gossip names its sender: a member's own key may say what it saw, never what b saw.
+    sock.send(encode(Suspicion("b", 1, 1, "a", True)))
+    sock.send(encode(Digest("b", 2, 1, (Member(PeerAddr("b", "127.0.0.1", b.port, b.port + 1), 1, 1, "dead"),))))
+    eventually(lambda: security_of(a)["name_refused"] >= 2, what="the suspicion and the digest refused")
+    rows = {r["node"]: r for r in a.status()}
+    assert rows["b"]["state"] == "alive"
     sock.close(0)
 
 

@@ -223,8 +223,9 @@ def test_a_model_name_that_is_a_path_is_refused_where_it_enters_and_never_pulled
     bad = "../../../escaped"
     namer = _attacker(lan, 2, NAMER, lan.hosts[2].ip, victim.address, bad, "40")
     try:
-        s = m.tool("until-state", "--node", victim.address, "--peer", "namer", "--states", "alive")
-        assert s["reached"], f"the victim never heard the member\n{m.logs()}"
+        # Its hello makes it a peer; its reports, refused, never make it a member ("unverified" until one passes).
+        s = m.tool("until-state", "--node", victim.address, "--peer", "namer", "--states", "alive,unverified")
+        assert s["reached"], f"the victim never heard of the member\n{m.logs()}"
         cli = _on_client(lan, ["-m", "nodes.cli", "models", "pull", bad, "--node", victim.address, "--timeout", "30"])
         assert cli.returncode != 0, f"the CLI pulled a model named {bad!r}: {cli.stdout}"
         assert "not a valid name" in cli.stderr, cli.stderr
@@ -234,6 +235,7 @@ def test_a_model_name_that_is_a_path_is_refused_where_it_enters_and_never_pulled
         assert answer["type"] == "Error" and "not a valid name" in answer["message"], answer
         rows = {r["node"]: r for r in _status(lan, victim.address)}
         assert bad not in rows.get("namer", {}).get("models", {}), "the victim believed a model named as a path"
+        assert rows.get("namer", {}).get("state") != "alive", "the victim took a member whose every report was refused"
         assert rows[victim.name]["stats"].get("bad_frames", 0) > 0, "the refused gossip was not counted"
     finally:
         namer.kill()

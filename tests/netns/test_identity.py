@@ -89,7 +89,8 @@ def test_a_member_cannot_speak_for_a_live_node_from_another_host(
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(Path(__file__).resolve().parents[2]),
         )  # fmt: skip
         assert impostor.stdout is not None and impostor.stdout.readline().strip() == "ready"
-        s = m.tool("until-state", "--node", a.address, "--peer", "imp", "--states", "alive,suspect,dead")
+        states = "unverified,alive,suspect,dead"  # it never reports itself, so it stays unverified
+        s = m.tool("until-state", "--node", a.address, "--peer", "imp", "--states", states)
         assert s["reached"], "the victim never heard of the impostor"
         m.tool("until-state", "--node", a.address, "--peer", "imp", "--states", "gone", "--timeout", "10")
         # The impostor never spoke as itself, so the victim dropped it after dead_after; its forged reports came

@@ -17,6 +17,7 @@ from protocol import (
     Chunk,
     Data,
     DecodeError,
+    Digest,
     Error,
     ErrorCode,
     Fetch,
@@ -24,6 +25,7 @@ from protocol import (
     Leave,
     Limits,
     LoadReport,
+    Member,
     ModelLoad,
     PeerAddr,
     Ping,
@@ -33,6 +35,7 @@ from protocol import (
     Request,
     Stage,
     StageWant,
+    Suspicion,
     Task,
     decode,
     encode,
@@ -130,6 +133,21 @@ any_message = st.one_of(
         st.text(max_size=20),
         st.dictionaries(names, summaries, max_size=2),
         st.dictionaries(names, wants, max_size=2),
+        st.integers(0, 2**63 - 1),
+        st.booleans(),
+    ),
+    st.builds(Suspicion, names, st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1), names, st.booleans()),
+    st.builds(
+        Digest,
+        names,
+        small,
+        st.integers(0, 2**64 - 1),
+        st.lists(
+            st.builds(
+                Member, addrs, st.integers(0, 2**63 - 1), small, st.sampled_from(["alive", "suspect", "dead", "left"])
+            ),
+            max_size=4,
+        ).map(tuple),
     ),
     st.builds(Hello, addrs, st.integers(0, 2**63 - 1), st.text(max_size=20)),
     st.builds(Leave, names, st.integers(0, 2**63 - 1)),
@@ -311,6 +329,18 @@ def test_a_frame_a_foreign_encoder_wrote_is_restamped_correctly_too() -> None:
     assert isinstance(req, Request)
     out = decode(restamp_request(frame, req, id="r1#2", deadline_ms=100, hops=1, origin="n1", prefix=""))
     assert isinstance(out, Request) and out.id == "r1#2" and out.input == "p" * 400 and out.hops == 1
+
+
+def test_a_load_report_from_an_older_node_reads_as_one_that_reports_every_interval() -> None:
+    older = [6, "n1", 7, 3, ["n1", "10.0.0.1", 5555, 5556], {}, {}, [], False, "fp"]  # no on_change field
+    report = decode(bytes([VERSION]) + msgpack.packb(older))
+    assert isinstance(report, LoadReport) and report.on_change is False and report.fingerprint == "fp"
+
+
+def test_a_digest_member_in_an_unknown_state_is_refused() -> None:
+    body = [17, "n1", 1, 5, [[["n2", "10.0.0.2", 5555, 5556], 1, 2, "zombie"]]]
+    with pytest.raises(DecodeError, match="state must be one of"):
+        decode(bytes([VERSION]) + msgpack.packb(body))
 
 
 def test_a_plain_request_keeps_the_thirteen_fields_older_peers_read() -> None:
