@@ -187,7 +187,7 @@ def test_request_feed_names_the_node_and_route_of_each_request(
     served = {(r.headers["x-lanmesh-node"], r.headers["x-lanmesh-route"]) for r in chat_through(a, "sleep:50", "x", 4)}
     assert {node for node, _ in served} == {"node-a", "node-b"}, "p2c spread four at a time over both nodes"
 
-    rows = "[...document.querySelectorAll('#requests-body tr')].map(r => [r.cells[4].innerText, r.cells[5].innerText])"
+    rows = "[...document.querySelectorAll('#requests-body tr')].map(r => [r.cells[5].innerText, r.cells[6].innerText])"
     page.wait_for(f"{rows}.length >= 12", what="the requests in the feed")
     shown = {tuple(row) for row in page.evaluate(rows)}
     assert served <= shown
@@ -257,7 +257,7 @@ def test_stop_ends_a_streaming_answer_and_keeps_what_came(
     assert not page.evaluate("document.querySelector('#chat-send').disabled")
     page.evaluate("location.hash = 'mesh'")
     feed = "[...document.querySelectorAll('#requests-body tr')]"
-    note = page.wait_for(f"{feed}.find(r => r.cells[2].innerText === 'sleep:3000')?.cells[8].innerText",
+    note = page.wait_for(f"{feed}.find(r => r.cells[2].innerText === 'sleep:3000')?.cells[9].innerText",
                          what="the stopped request in the feed")  # fmt: skip
     assert note == "the client went away before the end"
 
