@@ -382,6 +382,24 @@ def test_a_request_that_leaves_in_the_step_its_slot_is_taken_still_leaves_its_ow
     assert c.reused == 32  # the FakeRunner checked c's row holds exactly its own prompt's tokens
 
 
+def test_a_request_moved_into_a_hole_and_ended_before_the_next_step_is_saved_from_where_its_keys_are() -> None:
+    """Found by the random test: A (row 0) ends, B moves into its row (a move the next plan makes), then B ends too
+    before that plan runs. B's blocks must be copied from row 1, where they still are, not from row 0 (A's)."""
+    s = ChatScheduler(slots=2, kv_tokens=1 << 16, context=512, cache_blocks=8)
+    engine = Engine(s)
+    a, b = seq("a"), seq("b")
+    engine.add(a, [1], new_tokens=50)
+    engine.add(b, [15] * BLOCK_TOKENS, new_tokens=50)
+    while len(b.tokens) < 2 * BLOCK_TOKENS:  # its prompt's block is saved as it is read; a second one at its end
+        engine.step()
+    assert (a.slot, b.slot) == (0, 1)
+    s.end(a, SeqState.ABORTED)
+    s.end(b, SeqState.ABORTED)
+    plan = engine.step()  # the fake runner checks that every saved block is one the row holds
+    assert plan is not None and plan.saves[-1][0] == 1  # b's (a's own is saved from row 0)
+    assert engine.runner.pool[plan.saves[-1][1].slots[0]] == b.tokens[BLOCK_TOKENS : 2 * BLOCK_TOKENS]
+
+
 def test_a_cancel_leaves_nothing_pinned_and_a_failure_leaves_nothing_behind() -> None:
     s = ChatScheduler(slots=2, kv_tokens=1 << 14, context=1024, prefill_chunk=16, cache_blocks=32)
     engine = Engine(s)

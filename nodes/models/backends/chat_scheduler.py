@@ -318,8 +318,9 @@ class ChatScheduler:
         if self.cache is None or len(seq.tokens) < BLOCK_TOKENS:
             return
         seq.chain, saved = self.cache.insert(seq.tokens)
-        if saved.slots:
-            self._saves.append((seq.slot, saved))
+        if saved.slots:  # saves run before the plan's moves: from where its keys are now, not where it is going
+            row = next((src for src, _, moved in self._moves if moved is seq), seq.slot)
+            self._saves.append((row, saved))
 
     def prefilled(self, seq: SchedSeq, tokens: int) -> bool:
         """`tokens` of its prompt were read; True when the whole prompt is in (its first token is due)."""
