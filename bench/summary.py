@@ -8,8 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from .report import results_dir
+from .summary_cells import figure as _f
+from .summary_cells import verdict as _met
+from .summary_mesh import MESH_SECTIONS, mesh_goals
 
-ORDER = ("overhead", "scaling", "heterogeneous", "failover", "soak", "models", "transfer", "rollout", "prefix")
+# split, scale and gossip (MESH_SECTIONS) are rendered by bench/summary_mesh.py
+ORDER = ("overhead", "scaling", "heterogeneous", "failover", "soak", "models", "transfer", "rollout", "prefix",
+         *MESH_SECTIONS)  # fmt: skip
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -19,14 +24,6 @@ def load_results(folder: Path) -> dict[str, dict[str, Any]]:
         if path.exists():
             found[name] = json.loads(path.read_text())
     return found
-
-
-def _f(v: Any, fmt: str = ".1f", unit: str = "") -> str:
-    return "—" if v is None else f"{v:{fmt}}{unit}"
-
-
-def _met(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("yes" if ok else "**no**")
 
 
 def goals(r: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -178,7 +175,7 @@ def goals(r: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
         ))  # fmt: skip
     if "prefix" in r:
         rows += _prefix_goals(r["prefix"])
-    return rows
+    return rows + mesh_goals(r)
 
 
 def _prefix_goals(res: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -210,15 +207,14 @@ def _machine(res: dict[str, Any]) -> str:
     t = res.get("testbed", {})
     v = m.get("versions", {})
     versions = ", ".join(f"{k} {x}" for k, x in v.items() if x)
-    mode = t.get("mode", "?")
-    sec = t.get("security", "")
     quick = " — **quick mode: rough figures**" if res.get("quick") else ""
     start = f" {m['load_avg_1m_at_start']:.2f} at the start," if "load_avg_1m_at_start" in m else ""
     load = f"load average{start} {m['load_avg_1m']:.2f} at the end"
     noisy = "the machine is shared with other developers' tests, so figures are noisy"
+    bed = f" {t.get('mode', '?')}: {t.get('detail', '')}; security: {t.get('security', '')};" if t else ""
+    reps = f" repetitions: {res['repetitions']};" if res.get("repetitions") is not None else ""
     return (
-        f"_{res['when']}; {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {load} ({noisy});"
-        f" {mode}: {t.get('detail', '')}; security: {sec}; repetitions: {res.get('repetitions')};"
+        f"_{res['when']}; {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {load} ({noisy});{bed}{reps}"
         f" Python {m['python']}; {versions}_{quick}"
     )
 
@@ -496,6 +492,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "transfer": ("Model transfer between members", _transfer),
     "rollout": ("Rollout under load", _rollout),
     "prefix": ("Conversations: prefix cache and cache-aware routing", _prefix),
+    **MESH_SECTIONS,
 }
 
 
