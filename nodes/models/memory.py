@@ -249,12 +249,17 @@ def _gguf_shape(path: Path, itemsize: int) -> KVShape | None:
     arch = header.get("general.architecture")
     if not isinstance(arch, str):
         return None
-    heads = int(header.get(f"{arch}.attention.head_count"))
-    kv_heads = int(header.get(f"{arch}.attention.head_count_kv") or heads)
-    head_size = int(header.get(f"{arch}.attention.key_length") or int(header.get(f"{arch}.embedding_length")) // heads)
+
+    def value(key: str) -> Any:  # a per-layer array (some architectures' head counts): its largest
+        found = header.get(f"{arch}.{key}")
+        return max(found, default=None) if isinstance(found, list) else found
+
+    heads = int(value("attention.head_count"))
+    kv_heads = int(value("attention.head_count_kv") or heads)
+    head_size = int(value("attention.key_length") or int(value("embedding_length")) // heads)
     vocab = header.array_lengths.get("tokenizer.ggml.tokens", _VOCAB_GUESS)
-    return KVShape(int(header.get(f"{arch}.block_count")), kv_heads, head_size,
-                   int(header.get(f"{arch}.context_length") or 2048), vocab, itemsize)  # fmt: skip
+    return KVShape(int(value("block_count")), kv_heads, head_size, int(value("context_length") or 2048), vocab,
+                   itemsize)  # fmt: skip
 
 
 def _single(folder: Path, pattern: str) -> Path:

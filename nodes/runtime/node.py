@@ -153,11 +153,11 @@ class Node:
                     free -= estimate_memory(spec).total
                 except (OSError, ValueError):
                     continue
-            if len(split) > 1:
-                free //= len(split)
             # Offer less than is free now: the process itself grows as it starts serving (35 -> 43 MiB measured), and a
             # stage planned to the last MiB was then refused when it loaded (a 3-node split under --max-memory 330M).
             free -= max(STAGE_OFFER_MARGIN, free // 20)
+            if len(split) > 1:
+                free //= len(split)
             self._wants = [Want(s, max(0, free), cores()) for s in split]
         if not fitted and not split and not self._to_pull:
             raise ValueError("none of the models fits this node's memory")

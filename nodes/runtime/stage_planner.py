@@ -105,14 +105,14 @@ class StagePlanner:
                 try:
                     self._plan(want, time.monotonic())
                     failed.pop(want.name, None)
-                except ModelTooBig as exc:
-                    if failed.get(want.name) != str(exc):
+                except ModelTooBig as exc:  # keyed by kind, not text: the text's MiB figures move with memory use
+                    if failed.get(want.name) != "too big":
                         log.error("model %s: cannot hold the stage the split gives this node: %s", want.name, exc)
-                    failed[want.name] = str(exc)
+                    failed[want.name] = "too big"
                 except Exception as exc:
-                    if failed.get(want.name) != repr(exc):
+                    if failed.get(want.name) != type(exc).__name__:
                         log.exception("model %s: the split plan failed (trying again every %g s)", want.name, POLL_S)
-                    failed[want.name] = repr(exc)
+                    failed[want.name] = type(exc).__name__
 
     def _prepare(self, want: Want) -> None:
         """The whole build (built now if it is not yet: minutes, once), its version and its layers' costs; then the

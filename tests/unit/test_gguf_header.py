@@ -88,3 +88,52 @@ def test_a_file_changed_on_disk_is_read_again(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.close()
     assert read_header(path).get("llama.block_count") == 5
+
+
+def _crafted(*entries: bytes, tensors: int = 0, claimed_entries: int | None = None) -> bytes:
+    import struct
+
+    count = len(entries) if claimed_entries is None else claimed_entries
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, count) + b"".join(entries)
+
+
+def _key(name: str) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # an array of 2^62 strings; a string of 2^63 bytes; an array of 2^60 uint64; 2^40 entries claimed
+        _key("a") + (9).to_bytes(4, "little") + (8).to_bytes(4, "little") + (1 << 62).to_bytes(8, "little"),
+        _key("a") + (8).to_bytes(4, "little") + (1 << 63).to_bytes(8, "little"),
+        _key("a") + (9).to_bytes(4, "little") + (10).to_bytes(4, "little") + (1 << 60).to_bytes(8, "little"),
+        b"",
+    ],
+    ids=["many-strings", "huge-string", "huge-array", "many-entries"],
+)
+def test_a_header_that_claims_more_than_the_file_holds_is_refused_at_once(tmp_path: Path, body: bytes) -> None:
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(_crafted(body, claimed_entries=(1 << 40) if not body else None) + b"\0" * 64)
+    with pytest.raises(GGUFHeaderError):
+        read_header(path)
+
+
+def test_per_layer_head_counts_give_the_cache_shape_its_largest(tmp_path: Path) -> None:
+    from nodes.models.memory import _gguf_shape
+
+    path = tmp_path / "layers.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(3)
+    writer.add_context_length(1024)
+    writer.add_embedding_length(96)
+    writer.add_head_count(6)
+    writer.add_array("llama.attention.head_count_kv", [1, 2, 2])
+    writer.add_token_list([f"t{i}" for i in range(10)])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    shape = _gguf_shape(path, 4)
+    assert shape is not None and (shape.layers, shape.heads, shape.head_size, shape.vocab) == (3, 2, 16, 10)

@@ -13,9 +13,10 @@ Rules:
   names), and the prompt being read follows.
 - Each step decodes every running request by one token and reads at most one chunk of one prompt; the chunk is what
   is left of the step's token budget, at most `prefill_chunk`. The answer a failed node had already streamed (a
-  taken-over stream's `replay` tokens, at the end of its input) is read one token a step, as it was decoded there: a
-  chunk computes the same keys and values in another order, they differ in the last bits, and a near tie later goes
-  the other way (SmolLM2 int4, counting in words, taken over after 4 pieces: a different answer).
+  taken-over stream's `replay` tokens, at the end of its input) is read one token a step, closer to how it was
+  decoded there (usually bit for bit): a chunk computes the same keys and values in another order, they differ in
+  the last bits, and a near tie later goes the other way (SmolLM2 int4, counting in words, taken over after 4
+  pieces: a different answer). It holds the one prompt slot meanwhile, so the engine caps how long a replay is.
 - Memory is reserved, never hoped for: the key/value arrays are `rows x length` token slots (rows a power of two,
   length a multiple of LENGTH_STEP, capped by the slots and the context) and grow as the requests do. A request
   starts only when the arrays that every started request may grow to (their full `need`: prompt, prefix and every
@@ -302,7 +303,7 @@ class ChatScheduler:
         """A request that just got its slot takes the longest cached prefix of its prompt: the pool slots to load."""
         if self.cache is None:
             return []
-        chain = self.cache.lookup(seq.pending)
+        chain = self.cache.lookup(seq.pending[: len(seq.pending) - seq.replay])  # a replay is read, not reused
         if not chain:
             return []
         n = len(chain) * BLOCK_TOKENS

@@ -49,7 +49,7 @@ DEFAULT_SLOTS = 16  # requests decoded together; the executor's capacity for thi
 PREFILL_CHUNK = 128  # prompt tokens read per step: bounds how long running requests wait for a newcomer
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # the key/value cache's cap when neither the node nor the spec sets one
 ARRAYS_FIRST_TOKENS = 4096  # the default prefix cache takes half the cap, but only what leaves the arrays this many
-REPLAY_MAX = 512  # a taken-over answer this long is replayed a token a step (exact); longer: in chunks (fast)
+REPLAY_MAX = 128  # a taken-over answer this long is read a token a step (ChatScheduler); longer: in chunks
 _IDLE_WAIT = 0.25  # seconds the engine sleeps on an empty queue before checking for shutdown
 _PREPARE_WAIT = 0.005  # while only preparations are under way: how long to wait for one before looking again
 

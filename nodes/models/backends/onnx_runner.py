@@ -223,6 +223,8 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
     size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
     memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+    try:
         memory.madvise(mmap.MADV_NOHUGEPAGE)
+    except (AttributeError, OSError):  # no such advice here (a kernel without huge pages has none to give)
+        pass
     return np.frombuffer(memory, dtype=dtype).reshape(shape)  # the array keeps the mapping alive
