@@ -122,7 +122,7 @@ class Testbed:
         key = self._enrol(name, Role.NODE) if self.authority is not None else None
         if self.lan is None:
             # Static seeds: every other node, so a restarted node finds the mesh again whoever else is down.
-            seeds = [x for n, other in self.nodes.items() if n != name for x in ("--peer", self._seed(n, other))]
+            seeds = [x for n, other in self.nodes.items() if n != name for x in (f"--peer={self._seed(n, other)}",)]
             node = NodeProc(name, [*LOOPBACK, *argv, *seeds], port=port, log_dir=self.log_dir, env=self.env,
                             cpus=self._cpus.get(name, ""), key_file=key)  # fmt: skip
         else:

@@ -54,7 +54,8 @@ def _add_node_parser(sub: Any) -> None:
         action="append",
         dest="peers",
         metavar="HOST:PORT",
-        help="static seed peer, repeatable; for networks where multicast is blocked",
+        help="static seed peer, repeatable; for networks where multicast is blocked (KEY@HOST:PORT also names the "
+        "node's key: write it as --peer=KEY@HOST:PORT, since a key may begin with '-')",
     )
     p.add_argument("--no-mdns", action="store_false", dest="mdns", default=None, help="do not use mDNS")
     p.add_argument(

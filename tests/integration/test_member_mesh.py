@@ -73,7 +73,7 @@ def start(
     if authority:
         argv += ["--authority-dir", str(ca.folder / "authority")]
     for seed in seeds or []:
-        argv += ["--peer", f"{ca.identity(seed.name).key_text}@{seed.address}"]
+        argv += [f"--peer={ca.identity(seed.name).key_text}@{seed.address}"]  # a key may begin with "-"
     return c.add(name, argv, key_file=path)
 
 
@@ -230,7 +230,7 @@ def test_a_client_key_posing_as_a_node_never_gets_work_or_is_believed(nodes: Clu
         rogue_key = ca.identity("rogue").key_text
         # The node is pointed at the rogue the way a hint would (a seed; mDNS and digests alike): it connects,
         # hears a client's certificate, and drops it.
-        a = start(nodes, ca, "a", "echo", authority=True, extra=["--peer", f"{rogue_key}@127.0.0.1:{port}"])
+        a = start(nodes, ca, "a", "echo", authority=True, extra=[f"--peer={rogue_key}@127.0.0.1:{port}"])
         b = start(nodes, ca, "b", "sleep:20", seeds=[a])
         nodes.wait_converged(15, [a, b])
         eventually(lambda: security_of(a)["name_refused"] >= 1, what="the rogue's claim refused")

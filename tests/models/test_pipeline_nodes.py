@@ -198,7 +198,7 @@ def test_a_model_split_over_nodes_with_member_identities_answers(
         if i == 0:
             argv += ["--authority-dir", str(ca.folder / "authority")]
         else:
-            argv += ["--peer", f"{ca.identity(nodes[0].name).key_text}@{nodes[0].address}"]
+            argv += [f"--peer={ca.identity(nodes[0].name).key_text}@{nodes[0].address}"]  # a key may begin with "-"
         nodes.append(model_cluster.add(name, argv, wait=300, env=model_env, key_file=key))
     model_cluster.wait_converged(timeout=30, nodes=nodes)
     ca.enrol("laptop", Role.CLIENT, nodes=[ca.known(nodes[1].name, nodes[1].address)])

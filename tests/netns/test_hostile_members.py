@@ -289,7 +289,9 @@ def test_hellos_and_digests_pointing_a_node_at_itself_loopback_nobody_or_a_group
             rows = {r["node"]: r for r in _status(lan, h1.address)}
             aliases = sorted(n for n in rows if n.startswith(("alias-", "digest-")))
             assert not aliases, f"h1 took these for peers: {[(n, rows[n]['address']) for n in aliases]}"
-            assert rows["h3"]["state"] == "alive" and rows["aliaser"]["state"] == "alive"
+            # The aliaser answers no probes (a script, not a member): between its reports a watcher may suspect it,
+            # and its next report refutes that. What matters: h1 keeps it, and h3, as peers.
+            assert rows["h3"]["state"] == "alive" and rows["aliaser"]["state"] in ("alive", "suspect")
             looks += 1
             refused = rows["h1"]["security"]["bad_peer_address"]
             if looks >= 3 and refused >= 8:  # six hellos and two digest entries, each refused and counted

@@ -50,7 +50,7 @@ class IdentityLan(MeshLan):
         elif "h1" in self.nodes:
             # mDNS finds the nodes; h1 as a seed too, as `lanmesh join` leaves it in the identity file, so a burst
             # of multicast lost on a loaded machine does not fail the test.
-            flags += ["--peer", f"{self.ca.identity('h1').key_text}@{self.nodes['h1'].address}"]
+            flags += [f"--peer={self.ca.identity('h1').key_text}@{self.nodes['h1'].address}"]  # a key may start with -
         host = self.lan.hosts[index]
 
         def spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[Any]:
@@ -115,7 +115,7 @@ def test_a_rogue_with_a_client_key_cannot_serve_gossip_or_load(identity_lan: Cal
     # fingerprint and its own key, answers with its client certificate, and gossips an irresistible load. h2 is
     # also pointed at it the other way a hint comes (a seed: where multicast is lost, the claim still arrives).
     m.ca.enrol("laptop", Role.CLIENT, nodes=[m.ca.known("h1", h1.address)])  # as `lanmesh join` left it
-    m.start_member(2, extra=["--peer", f"{m.ca.identity('laptop').key_text}@{h3.ip}:7000"])
+    m.start_member(2, extra=[f"--peer={m.ca.identity('laptop').key_text}@{h3.ip}:7000"])
     use(monkeypatch, m.user())
     m.converge(timeout=40)
     announce = (
