@@ -44,6 +44,25 @@ from .prefix_cache import BLOCK_TOKENS, CachedBlock, PrefixIndex, Saved
 LENGTH_STEP = 256  # the arrays' length (tokens per slot) is a multiple of this
 
 
+def array_rows(n: int, slots: int) -> int:
+    """Rows the key/value arrays have for `n` requests: a power of two (each growth copies the cache), at most
+    `slots`. The stage engine's scheduler sizes its arrays the same way."""
+    if n <= 0:
+        return 0
+    rows = 1
+    while rows < n:
+        rows *= 2
+    return min(rows, slots)
+
+
+def array_length(tokens: int, context: int) -> int:
+    """Tokens per row the arrays have for requests of up to `tokens`: the next multiple of LENGTH_STEP (a step
+    costs more with a longer cache, and growing copies it), at most the context."""
+    if tokens <= 0:
+        return 0
+    return min(-(-tokens // LENGTH_STEP) * LENGTH_STEP, context)
+
+
 class SeqState(StrEnum):
     """Where one request is in the engine. Every change goes through `SchedSeq.move`, checked against `_MOVES`."""
 
@@ -148,20 +167,10 @@ class ChatScheduler:
 
     @staticmethod
     def rows_for(n: int, slots: int) -> int:
-        """Slots the arrays have for `n` requests: a power of two (each growth copies the cache), at most `slots`."""
-        if n <= 0:
-            return 0
-        rows = 1
-        while rows < n:
-            rows *= 2
-        return min(rows, slots)
+        return array_rows(n, slots)
 
     def length_for(self, tokens: int) -> int:
-        """Tokens per slot the arrays have for requests of up to `tokens`: the next multiple of LENGTH_STEP (a step
-        costs more with a longer cache, and growing copies it), at most the context."""
-        if tokens <= 0:
-            return 0
-        return min(-(-tokens // LENGTH_STEP) * LENGTH_STEP, self.context)
+        return array_length(tokens, self.context)
 
     def footprint(self, rows: int, tokens: int) -> int:
         """Token slots the arrays take when `rows` requests of up to `tokens` tokens may be held."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-LENGTH_STEP = 256  # the arrays' length (tokens per row) is a multiple of this
+from .chat_scheduler import LENGTH_STEP, array_length, array_rows
 
 
 class StageState(StrEnum):
@@ -141,18 +141,10 @@ class StageScheduler:
     # ------------------------------------------------------------ sizes
 
     def rows_for(self, n: int) -> int:
-        """Rows the arrays have for `n` sequences: a power of two (each growth copies the cache), at most `slots`."""
-        if n <= 0:
-            return 0
-        rows = 1
-        while rows < n:
-            rows *= 2
-        return min(rows, self.slots)
+        return array_rows(n, self.slots)
 
     def length_for(self, tokens: int) -> int:
-        if tokens <= 0:
-            return 0
-        return min(-(-tokens // LENGTH_STEP) * LENGTH_STEP, self.context)
+        return array_length(tokens, self.context)
 
     def max_need(self) -> int:
         """The most tokens one sequence may hold: alone, its arrays must fit the budget."""
