@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh import FORGOTTEN, Gossip, GossipSettings, MemberView, PeerState, Transition
+from mesh import FORGOTTEN, HELLO, Gossip, GossipSettings, MemberView, PeerState, Transition
 from protocol import Digest, Hello, Leave, LoadReport, Member, ModelLoad, PeerAddr, Ping, Pong, Suspicion, encode
 
 MODELS = {"echo": ModelLoad(0, 0, 64, 0.0, "0" * 64)}
@@ -63,8 +63,7 @@ class SimNode:
         self.up = True
         self.hung = False
         self.held: list[tuple[str, Any, str]] = []  # what arrived while hung
-        self.hints: set[str] = set()  # linked to, not (yet) a member of its view
-        self.next_hello = 0.0
+        self.hints: dict[str, list[float]] = {}  # linked to, not (yet) a member of its view: [hellos, next one due]
         rng = random.Random(f"{mesh.seed}-{name}-{incarnation}")
         self.gossip = Gossip(self.addr, incarnation, self, mesh.settings, rng=rng, view=view)
 
@@ -85,7 +84,7 @@ class SimNode:
     def learn(self, addr: PeerAddr, source: str) -> None:
         if addr.node == self.name or self.linked(addr.node):
             return
-        self.hints.add(addr.node)
+        self.hints[addr.node] = [1, self.mesh.now + HELLO.delay(1)]
         self.mesh.addresses[addr.node] = addr
         self.mesh.deliver(self.name, addr.node, Hello(self.addr, self.incarnation), "router")
 
@@ -95,7 +94,7 @@ class SimNode:
 
     def changed(self, t: Transition) -> None:
         if t.reason == FORGOTTEN:
-            self.hints.discard(t.node)
+            self.hints.pop(t.node, None)
         self.mesh.observe(self.name, t)
 
     # ------------------------------------------------------------ what arrives
@@ -140,15 +139,16 @@ class SimNode:
 
     def _report(self, r: LoadReport, now: float) -> None:
         if self.gossip.on_report(r, now):
-            self.hints.discard(r.node)
+            self.hints.pop(r.node, None)
 
     def tick(self) -> None:
         if self.up and not self.hung:
             now = self.mesh.now
             self.gossip.tick(now)
-            if self.hints and now >= self.next_hello:  # links.hello_seeds: hellos to the unverified
-                self.next_hello = now + 0.5
-                for node in list(self.hints):
+            for node, due in self.hints.items():  # links.hello_seeds: hellos to the unverified, backing off
+                if now >= due[1]:
+                    due[0] += 1
+                    due[1] = now + HELLO.delay(int(due[0]))
                     self.mesh.deliver(self.name, node, Hello(self.addr, self.incarnation), "router")
 
 

@@ -21,6 +21,16 @@ from protocol import Ping, Pong, decode, encode
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def compile_sources() -> None:
+    """Write the bytecode of the project's own modules (an installed wheel has it; an editable install gets it on
+    first import unless PYTHONDONTWRITEBYTECODE is set, and then every node a bench starts compiles them all again,
+    about a tenth of a second of CPU each). Idempotent: unchanged files are skipped."""
+    import compileall
+
+    for package in ("protocol", "mesh", "nodes", "bench"):
+        compileall.compile_dir(ROOT / package, quiet=2)
+
+
 def free_port_pair(host: str = "127.0.0.1") -> int:
     """A port P such that P and P+1 are free right now (ROUTER and gossip PUB)."""
     for _ in range(200):

@@ -235,6 +235,11 @@ def _scale(res: dict[str, Any]) -> list[str]:
         f"- start-up: every node saw every other {_f(see.get('after_last_start_s'), '.2f', ' s')} after the last"
         f" node was started ({_f(see.get('after_last_ready_s'), '.2f', ' s')} after it answered); the median node"
         f" saw all after {_f(see.get('median_node_s'), '.2f', ' s')}"
+        + (
+            f" (from the nodes' logs; a poller from outside confirmed it by {_f(see['polled_s'], '.2f', ' s')})"
+            if "polled_s" in see
+            else ""
+        )  # fmt: skip
         + (f"; not converged: {', '.join(map(str, not_yet))}" if not_yet else ""),
         "",
         "| fault | victim | not alive for every survivor | median survivor | dead for every survivor |"

@@ -23,7 +23,7 @@ import zmq
 from mesh import INSECURE_ENV, KEY_ENV, Authority, KnownNode, MemberIdentity, MeshKey, Role, load_key
 
 from .hosts import Lan, netns_unavailable_reason, sweep_stale
-from .procs import ROOT, NodeProc
+from .procs import ROOT, NodeProc, compile_sources
 from .report import progress
 
 MODES = ("auto", "netns", "loopback")
@@ -53,6 +53,7 @@ class Testbed:
 
     def __init__(self, n_nodes: int, mode: str = "auto", log_dir: Path | None = None, identities: bool = False) -> None:
         self.mode, self.why_not_netns = choose_mode(mode)
+        compile_sources()  # nodes start as from an installed package, not compiling the project at each start
         self.n_nodes = n_nodes
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="lanmesh-bench-"))
         self.nodes: dict[str, NodeProc] = {}

@@ -31,7 +31,7 @@ from typing import Any
 
 from ._aclient import AsyncClient, AsyncStream
 from ._authority import AUTHORITY_DIR, Authority, AuthorityError
-from ._backoff import backoff_schedules
+from ._backoff import HELLO, backoff_schedules
 from ._call import Call, request_call
 from ._calls import CallTable
 from ._certs import AuthorityKey, Certificate, CertificateError, InviteCode, RevocationList, Role, key_text
@@ -204,6 +204,7 @@ __all__ = [
     "RoutingPolicy",
     "Transition",
     "backoff_schedules",
+    "HELLO",
     "request_call",
     # what a node's prefix cache holds, as entries know it (chains of chat messages, gossiped summaries)
     "SUMMARY_BYTES",

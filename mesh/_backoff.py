@@ -34,6 +34,25 @@ ENTRY_ROUNDS = 3
 CLIENT_DECLINED = Backoff(first=0.005, factor=2.0, cap=0.1)
 # A client whose every reachable node answered UNAVAILABLE (stopping, no live server) asks them all again after this.
 CLIENT_UNAVAILABLE = Backoff(first=0.05, factor=2.0, cap=0.5)
+# A node says hello again to a peer it learned (mDNS, a digest, a hello) until that peer's first report arrives: a
+# hello is dropped while the link still connects, or lost, and each one missed delays the whole mesh seeing a newcomer.
+HELLO = Backoff(first=0.1, factor=2.0, cap=0.5)
+# A node held suspect or dead publishes a refutation (a new report), then publishes it again after these pauses: on a
+# lossy network each copy is one more chance for every node to hear it before anti-entropy (2 s) would tell them.
+REFUTATION = Backoff(first=0.1, factor=2.0, cap=0.4)
+REFUTATION_REPEATS = 2
+# A node that joined asks a member for the membership table (a digest) and again after these pauses until a table
+# comes back (the digest or the answer may be lost), then every `sync_every` (2 s) as every node does.
+FIRST_SYNC = Backoff(first=0.25, factor=2.0, cap=2.0)
+
+
+def pauses_from(now: float, backoff: Backoff, rounds: int) -> list[float]:
+    """The times of `rounds` tries after one at `now`, `backoff` apart."""
+    times, at = [], now
+    for r in range(1, rounds + 1):
+        at += backoff.delay(r)
+        times.append(at)
+    return times
 
 
 def backoff_schedules() -> dict[str, str]:
@@ -42,4 +61,7 @@ def backoff_schedules() -> dict[str, str]:
         "entry": ENTRY.describe(ENTRY_ROUNDS),
         "client declined": CLIENT_DECLINED.describe(6),
         "client unavailable": CLIENT_UNAVAILABLE.describe(5),
+        "hello": HELLO.describe(4),
+        "refutation repeated": REFUTATION.describe(REFUTATION_REPEATS),
+        "first sync": FIRST_SYNC.describe(4),
     }

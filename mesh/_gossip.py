@@ -30,14 +30,15 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from protocol import Digest, LoadReport, Member, ModelLoad, PeerAddr, Ping, StageWant, Suspicion
 
+from ._backoff import FIRST_SYNC, REFUTATION, REFUTATION_REPEATS, pauses_from
 from ._failure import FORGOTTEN, FailureDetector, PeerState, Transition
 from ._news import Content, ReportNews
 from ._prefixes import summary_news
+from ._settings import GossipSettings
 from ._view import RANK, MemberView, outranks
 
 __all__ = ["HEALTH_MAX", "SEQ_AHEAD", "Gossip", "GossipHost", "GossipSettings"]
@@ -48,30 +49,6 @@ HEALTH_RECOVERS_S = 5.0  # quiet seconds per step back
 # How many reports ahead of the last one known a suspicion may name. Honest watchers know at most the few reports
 # a node missed; a forged one far ahead would make the accused unable to refute it (it refutes by reporting past it).
 SEQ_AHEAD = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class GossipSettings:
-    interval: float = 0.25  # the shortest time between two reports of one node
-    probe_every: float = 0.5  # probe period (a member in doubt is probed four times as often)
-    suspect_after: float = 1.0
-    dead_after: float = 3.0
-    forget_after: float = 300.0
-    watchers: int = 3  # how many members probe each member (and how many each member probes)
-    sync_every: float = 2.0  # anti-entropy: one digest to one member drawn at random
-    threshold: float = 0.25  # a model's load is news once it moved by this share of its capacity (>= 1 request)
-    settle: float = 2.0  # a smaller difference is news once it has lasted this long
-
-    def __post_init__(self) -> None:
-        if not 0 < self.interval < self.suspect_after < self.dead_after or not math.isfinite(self.dead_after):
-            raise ValueError(
-                f"need 0 < interval < suspect_after < dead_after, got {self.interval}, {self.suspect_after}, "
-                f"{self.dead_after}"
-            )
-        if not 0 < self.probe_every <= self.suspect_after / 2:
-            raise ValueError(f"need 0 < probe_every <= suspect_after / 2, got {self.probe_every}, {self.suspect_after}")
-        if self.watchers < 1 or self.sync_every <= 0 or self.threshold < 0 or self.settle <= 0:
-            raise ValueError("watchers >= 1, sync_every > 0, threshold >= 0 and settle > 0 are required")
 
 
 class GossipHost(Protocol):
@@ -132,9 +109,10 @@ class Gossip:
         self._published: dict[str, tuple[int, int, PeerState]] = {}  # what this node last published of a member
         self._last_tick: float | None = None
         self._last_tick_before = 0.0
-        self._repeat_at: float | None = None  # when to publish the last refutation once more
+        self._repeats: list[float] = []  # when to publish the last refutation once more (`_backoff.REFUTATION`)
         self._last_heard_any = -math.inf
         self._next_sync = 0.0
+        self._syncs_without_table = 0  # until a member's table reaches this node, it asks again soon (`FIRST_SYNC`)
         self._ping_seq = 0
         self.in_doubt = False  # a probed member has been silent for half the time to suspicion: tick often
         # Lifeguard's local health: how unwell this node counts itself (0 = well). It rises when this node did not
@@ -223,7 +201,8 @@ class Gossip:
 
     def _refute(self, now: float, accused_seq: int) -> LoadReport:
         """Someone holds this node suspect or dead as of report `accused_seq`: report again, past it. The
-        refutation goes out once more an interval later: a node that missed both is rare enough for anti-entropy."""
+        refutation goes out twice more, 0.1 and 0.3 s later: a node that missed all three is rare enough for
+        anti-entropy."""
         self._count("refutations")
         self._unwell(now, "accused")
         self.seq = max(self.seq, accused_seq)
@@ -231,7 +210,7 @@ class Gossip:
         r = self.report(now, models, labels, leaving, force=True, prefixes=prefixes, revocations=revocations,
                         wants=wants)  # fmt: skip
         assert r is not None
-        self._repeat_at = now + self.s.interval
+        self._repeats = pauses_from(now, REFUTATION, REFUTATION_REPEATS)
         return r
 
     # ------------------------------------------------------------ what arrives
@@ -266,6 +245,8 @@ class Gossip:
             if r.node in self._probing:
                 self.detector.heard(r.node, now)
         self._settle(r.node, before, now, reason, always=reason in ("new", "restarted"))
+        if self._next_sync == math.inf:
+            self._sync(now)  # a newcomer asks its first member for the table rather than wait for its clock
         return True
 
     def on_leave(self, node: str, incarnation: int, now: float) -> None:
@@ -321,6 +302,7 @@ class Gossip:
         if not trusted:
             return None
         theirs = {m.node: m for m in d.members}
+        self._syncs_without_table = -1  # a table came: the clock of `sync_every` is enough from now on
         self._reconcile(d.members, now)
         if asked and self._they_lack(theirs):
             return self._full_digest()
@@ -439,14 +421,14 @@ class Gossip:
             doubts += doubt
             if now >= due or (doubt and now >= due - every * 3 / 4):
                 self._probe(node, now, doubt)
-        self.in_doubt = doubts > 0
+        self.in_doubt = doubts > 0 or bool(self._repeats)  # (a refutation to repeat also wants the fine clock)
         if doubts >= 2:
             self._unwell(now, "doubts")  # several members unanswered at once: more likely this node than them
         for t in self.detector.tick(now):
             if t.new is PeerState.SUSPECT or t.new is PeerState.DEAD:
                 self._own_evidence(t.node, t.new, t.reason, now)
-        if self._repeat_at is not None and now >= self._repeat_at:
-            self._repeat_at = None
+        if self._repeats and now >= self._repeats[0]:
+            del self._repeats[0]
             self._count("reports_repeated")
             self.host.publish(self.current_report())
         self._time_out_suspicions(now)
@@ -501,8 +483,11 @@ class Gossip:
         self._next_sync = now + self.s.sync_every * jitter
         partner = self.view.random_member(self.rng)
         if partner is None:
-            self._next_sync = now + self.s.interval  # alone so far: ask the first member heard at once
+            self._next_sync = math.inf  # alone so far: the first member's own report syncs at once (`on_report`)
             return
+        if self._syncs_without_table >= 0:  # a newcomer: the digest or the table coming back may have been lost
+            self._syncs_without_table += 1
+            self._next_sync = min(self._next_sync, now + FIRST_SYNC.delay(self._syncs_without_table))
         count, checksum = self.view.digest()
         self._count("digests_sent")
         self.host.send(partner, Digest(self.node_id, count, checksum))

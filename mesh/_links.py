@@ -34,6 +34,7 @@ import zmq
 
 from protocol import Credentials, Hello, Leave, LoadReport, PeerAddr, Suspicion, encode
 
+from ._backoff import HELLO
 from ._certs import key_bytes
 from ._failure import PeerState
 from ._identity import MemberIdentity
@@ -51,7 +52,7 @@ MAX_UNVERIFIED_PEERS = 256  # peers learned from claims (Hello, mDNS, digests) w
 # a link that comes back is used again within about a second.
 _CONNECT_TIMEOUT_MS = 500
 _RECONNECT_MS, _RECONNECT_MAX_MS = 100, 500
-_SEED_HELLO_S = 0.5  # hellos to seeds and to peers that have not reported yet
+_SEED_HELLO_S = 0.5  # hellos to seeds that are not (yet) alive members
 
 
 def _is_loopback(host: str) -> bool:
@@ -110,6 +111,7 @@ class PeerLinks:
         self.foreign: dict[tuple[str, str], dict[str, Any]] = {}  # other meshes seen, for status and doctor
         self._closing: list[zmq.Socket[Any]] = []  # closed after the loop's turn: one may be being read now
         self._next_seed_hello = 0.0
+        self.awaiting_reports = False  # a peer was learned and has not reported yet (`hello_seeds`)
         self._log = RejectionLog()
         self.addr: PeerAddr | None = None  # this node's own address, once bound
         self.incarnation = 0
@@ -201,6 +203,8 @@ class PeerLinks:
         if peer.verified:
             self.subscribe(peer)
         peer.last_heard = time.monotonic()  # learned now: dropped if it never speaks for itself (`Membership`)
+        peer.hello_due, peer.hellos = peer.last_heard + HELLO.delay(1), 1
+        self.awaiting_reports = True
         self.peers.add(peer)
         self.hello(dealer)
         log.info("learned peer %s at %s:%d via %s", addr.node, addr.host, addr.port, source)
@@ -362,14 +366,20 @@ class PeerLinks:
         return None
 
     def hello_seeds(self, now: float) -> None:
+        waiting = False
+        for peer in self.peers:
+            if not peer.last_report:  # learned but never heard: maybe it does not know us yet
+                if now >= peer.hello_due:
+                    peer.hellos += 1
+                    peer.hello_due = now + HELLO.delay(peer.hellos)
+                    self.hello(peer.dealer)
+                waiting = waiting or HELLO.delay(peer.hellos) < HELLO.cap
+        self.awaiting_reports = waiting  # the loop keeps its fine clock for the backoff's short steps (not after)
         if now < self._next_seed_hello:
             return
         self._next_seed_hello = now + _SEED_HELLO_S
         known = {(p.addr.host, p.addr.port) for p in self.peers if self.state(p.node) is PeerState.ALIVE}
         hello = self._hello_frame()
-        for peer in self.peers:
-            if not peer.last_report:  # learned but never heard: maybe it does not know us yet
-                self.hello(peer.dealer)
         for where, (dealer, _key) in self.seeds.items():
             if where in known:
                 continue

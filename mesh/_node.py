@@ -310,8 +310,9 @@ class MeshNode:
 
     def _busy(self) -> bool:
         """Whether housekeeping needs its fine clock: requests to route, retry or time out, work served here, or a
-        peer in doubt (probed more often). An idle node wakes for it four times a second instead of twenty."""
-        return bool(len(self.entry) or len(self.local)) or self.membership.in_doubt()
+        peer in doubt (probed more often), or a peer learned that has not reported yet (hellos back off from 0.1 s).
+        An idle node wakes for it four times a second instead of twenty."""
+        return bool(len(self.entry) or len(self.local)) or self.membership.in_doubt() or self.links.awaiting_reports
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         if sock is self.router:

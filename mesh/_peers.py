@@ -31,6 +31,8 @@ class Peer:
     disconnected: bool = False  # its connection closed and has not come back yet
     wants: dict[str, StageWant] = field(default_factory=dict)  # models it would hold a stage of (gossiped)
     verified: bool = True  # member identities: it presented a node certificate naming its name and key
+    hello_due: float = 0.0  # monotonic; until its first report, when to say hello again (`_backoff.HELLO`)
+    hellos: int = 0  # hellos sent while it had not reported
 
     @property
     def node(self) -> str:

@@ -4,6 +4,7 @@ the models it serves (`LocalServer`, the executor) and someone to tell about fin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -72,3 +73,27 @@ class MeshSettings:
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     max_inflight_per_client: int = 1024  # requests one client connection may have here at once
     max_inflight_per_peer: int = 2048  # requests one peer may have forwarded here at once
+
+
+@dataclass(frozen=True, slots=True)
+class GossipSettings:
+    interval: float = 0.25  # the shortest time between two reports of one node
+    probe_every: float = 0.5  # probe period (a member in doubt is probed four times as often)
+    suspect_after: float = 1.0
+    dead_after: float = 3.0
+    forget_after: float = 300.0
+    watchers: int = 3  # how many members probe each member (and how many each member probes)
+    sync_every: float = 2.0  # anti-entropy: one digest to one member drawn at random
+    threshold: float = 0.25  # a model's load is news once it moved by this share of its capacity (>= 1 request)
+    settle: float = 2.0  # a smaller difference is news once it has lasted this long
+
+    def __post_init__(self) -> None:
+        if not 0 < self.interval < self.suspect_after < self.dead_after or not math.isfinite(self.dead_after):
+            raise ValueError(
+                f"need 0 < interval < suspect_after < dead_after, got {self.interval}, {self.suspect_after}, "
+                f"{self.dead_after}"
+            )
+        if not 0 < self.probe_every <= self.suspect_after / 2:
+            raise ValueError(f"need 0 < probe_every <= suspect_after / 2, got {self.probe_every}, {self.suspect_after}")
+        if self.watchers < 1 or self.sync_every <= 0 or self.threshold < 0 or self.settle <= 0:
+            raise ValueError("watchers >= 1, sync_every > 0, threshold >= 0 and settle > 0 are required")
