@@ -19,7 +19,7 @@ class Backoff:
 
     def delay(self, round_: int) -> float:
         """The pause before try round `round_` + 1 (round 1: the first pause)."""
-        return min(self.first * self.factor ** max(round_ - 1, 0), self.cap)
+        return min(self.first * self.factor ** min(max(round_ - 1, 0), 64), self.cap)  # (no overflow, however late)
 
     def describe(self, rounds: int) -> str:
         """The first `rounds` pauses in milliseconds, e.g. "20, 80, 100 ms"."""

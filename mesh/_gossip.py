@@ -487,7 +487,10 @@ class Gossip:
             return
         if self._syncs_without_table >= 0:  # a newcomer: the digest or the table coming back may have been lost
             self._syncs_without_table += 1
-            self._next_sync = min(self._next_sync, now + FIRST_SYNC.delay(self._syncs_without_table))
+            pause = FIRST_SYNC.delay(self._syncs_without_table)
+            self._next_sync = min(self._next_sync, now + pause)
+            if pause >= FIRST_SYNC.cap:  # (a table equal to its partner's is never sent: none may ever come)
+                self._syncs_without_table = -1
         count, checksum = self.view.digest()
         self._count("digests_sent")
         self.host.send(partner, Digest(self.node_id, count, checksum))
