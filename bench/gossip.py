@@ -24,7 +24,8 @@ DELAY_S = 0.0005
 TICK_S = 0.05  # a node's housekeeping tick, as the real loop's
 NODE_HOURS = 15.0  # of idle time per size, for the false-suspicion rate (at least 20 s of simulated time)
 QUICK_NODE_HOURS = 0.3
-EVENTS = 3  # hangs, kills, joins per size; medians are reported
+EVENTS = 3  # hangs, kills per size; medians are reported
+JOINS_PER_EVENT = 3  # joins after each (a join's time is a max over pairs, so it varies: 9 of them make the median)
 GOALS = {"flat_within": 2.0, "false_suspicions_per_node_hour": 1.0}
 
 
@@ -55,8 +56,16 @@ def run(quick: bool = False) -> dict[str, Any]:
         # convergence over log n: growing no faster than log n keeps this from rising
         "join_over_log_n": [None if j is None else j / math.log(max(n, 2)) for j, n in zip(joins, sizes, strict=True)],
     }
+    summary["woke_over_log_n"] = [
+        None if w is None else w / math.log(max(n, 2))
+        for w, n in zip([p["convergence_s"]["woke_alive"] for p in points], sizes, strict=True)
+    ]
     summary["met"] = {
         "flat_within_2x": summary["flatness"] <= GOALS["flat_within"],
+        # Growing no faster than log n: time over log n at the largest size is no more than at a smaller one (from
+        # 100 nodes up: below that a join or a wake-up often loses no message at all and takes only the delays).
+        "join_no_faster_than_log_n": _not_rising(summary["join_over_log_n"], sizes),
+        "woke_no_faster_than_log_n": _not_rising(summary["woke_over_log_n"], sizes),
         "false_suspicions_below_1_per_node_hour": summary["false_suspicions_per_node_hour"]
         < GOALS["false_suspicions_per_node_hour"],
     }
@@ -124,8 +133,8 @@ def _accusations(mesh: SimMesh) -> int:
 
 def _convergence(mesh: SimMesh, names: list[str], events: int) -> dict[str, float | None]:
     """Medians over `events` faults each: until every other node holds the victim suspect, then dead (a hang);
-    alive again (the hung node wakes); dead (a kill -9); and until a newcomer that knew one member sees every node
-    alive and every node sees it."""
+    alive again (the hung node wakes); dead (a kill -9); and over `JOINS_PER_EVENT` times as many joins, until a
+    newcomer that knew one member sees every node alive and every node sees it."""
     hung_s, hung_d, woke, killed, joined = [], [], [], [], []
     step = 0.01
     for k in range(events):
@@ -140,13 +149,10 @@ def _convergence(mesh: SimMesh, names: list[str], events: int) -> dict[str, floa
         victim = names[(k * 104729 + 3) % len(names)]
         mesh.kill(victim)
         killed.append(mesh.run_while(lambda v=victim: not mesh.all_see(v, (PeerState.DEAD,)), 10, step))
-        newcomer = mesh.join(f"new{k}", [names[(k * 31 + 5) % len(names)]])
-        joined.append(
-            mesh.run_while(
-                lambda c=newcomer: not (mesh.sees_everyone(c) and mesh.all_see(c.name, (PeerState.ALIVE,))), 20, step
-            )
-        )
-        mesh.run_for(1.0)
+        for j in range(JOINS_PER_EVENT):
+            newcomer = mesh.join(f"new{k}-{j}", [names[(k * 31 + j * 17 + 5) % len(names)]])
+            joined.append(mesh.run_while(lambda c=newcomer: not _joined(mesh, c), 20, step))
+            mesh.run_for(1.0)
     return {
         "hung_suspect": _med(hung_s),
         "hung_dead": _med(hung_d),
@@ -154,6 +160,17 @@ def _convergence(mesh: SimMesh, names: list[str], events: int) -> dict[str, floa
         "killed_dead": _med(killed),
         "join": _med(joined),
     }
+
+
+def _joined(mesh: SimMesh, newcomer: Any) -> bool:
+    return mesh.sees_everyone(newcomer) and mesh.all_see(newcomer.name, (PeerState.ALIVE,))
+
+
+def _not_rising(over_log_n: list[float | None], sizes: tuple[int, ...]) -> bool | None:
+    known = [v for v, n in zip(over_log_n, sizes, strict=True) if n >= 100]
+    if len(known) < 2 or any(v is None for v in known):
+        return None
+    return known[-1] <= max(v for v in known[:-1] if v is not None)
 
 
 def _med(values: list[float | None]) -> float | None:

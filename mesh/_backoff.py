@@ -39,8 +39,9 @@ CLIENT_UNAVAILABLE = Backoff(first=0.05, factor=2.0, cap=0.5)
 HELLO = Backoff(first=0.1, factor=2.0, cap=0.5)
 # A node held suspect or dead publishes a refutation (a new report), then publishes it again after these pauses: on a
 # lossy network each copy is one more chance for every node to hear it before anti-entropy (2 s) would tell them.
-REFUTATION = Backoff(first=0.1, factor=2.0, cap=0.4)
-REFUTATION_REPEATS = 2
+# Evenly spaced: the copies a mesh of n needs grow as log n, and so, evenly spaced, does the time they take.
+REFUTATION = Backoff(first=0.1, factor=1.0, cap=0.1)
+REFUTATION_REPEATS = 3
 # A node that joined asks a member for the membership table (a digest) and again after these pauses until a table
 # comes back (the digest or the answer may be lost), then every `sync_every` (2 s) as every node does.
 FIRST_SYNC = Backoff(first=0.25, factor=2.0, cap=2.0)

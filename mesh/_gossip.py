@@ -201,7 +201,7 @@ class Gossip:
 
     def _refute(self, now: float, accused_seq: int) -> LoadReport:
         """Someone holds this node suspect or dead as of report `accused_seq`: report again, past it. The
-        refutation goes out twice more, 0.1 and 0.3 s later: a node that missed all three is rare enough for
+        refutation goes out three times more, 0.1 s apart: a node that missed all four is rare enough for
         anti-entropy."""
         self._count("refutations")
         self._unwell(now, "accused")

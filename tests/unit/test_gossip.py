@@ -90,7 +90,7 @@ def test_an_accused_node_refutes_with_a_newer_report_and_answers_an_old_accusati
     assert g.on_suspicion(Suspicion("a", 99, 5, "v"), 1.2) is None  # an earlier life of this node
 
 
-def test_a_refutation_is_published_twice_more_a_tenth_and_three_tenths_of_a_second_later_then_no_more() -> None:
+def test_a_refutation_is_published_three_times_more_a_tenth_of_a_second_apart_then_no_more() -> None:
     host = RecordingHost()
     g = Gossip(addr("a"), 100, host)
     g.report(0.0, MODELS, LABELS)
@@ -105,7 +105,8 @@ def test_a_refutation_is_published_twice_more_a_tenth_and_three_tenths_of_a_seco
         if len(host.published) > before:
             published_at.append(round(now, 2))
             assert host.published[-1].seq == refutation.seq  # the same report: it refutes the same accusation
-    assert published_at == [1.1, 1.3]
+    assert len(published_at) == 3  # each at the first tick from its time on (1.1, 1.2, 1.3 s)
+    assert all(0 <= at - due < 0.05 + 1e-9 for at, due in zip(published_at, (1.1, 1.2, 1.3), strict=True))
 
 
 def test_a_restarted_member_is_reported_as_restarted_so_work_on_its_old_process_moves() -> None:
