@@ -150,7 +150,7 @@ def _convergence(mesh: SimMesh, names: list[str], events: int) -> dict[str, floa
         mesh.kill(victim)
         killed.append(mesh.run_while(lambda v=victim: not mesh.all_see(v, (PeerState.DEAD,)), 10, step))
         for j in range(JOINS_PER_EVENT):
-            newcomer = mesh.join(f"new{k}-{j}", [names[(k * 31 + j * 17 + 5) % len(names)]])
+            newcomer = mesh.join(f"new{k}-{j}", [_live(mesh, names, k * 31 + j * 17 + 5)])
             joined.append(mesh.run_while(lambda c=newcomer: not _joined(mesh, c), 20, step))
             mesh.run_for(1.0)
     return {
@@ -160,6 +160,15 @@ def _convergence(mesh: SimMesh, names: list[str], events: int) -> dict[str, floa
         "killed_dead": _med(killed),
         "join": _med(joined),
     }
+
+
+def _live(mesh: SimMesh, names: list[str], start: int) -> str:
+    """The first running member from `names[start]` on (a seed: the killed ones stay down)."""
+    for i in range(len(names)):
+        node = mesh.nodes[names[(start + i) % len(names)]]
+        if node.up and not node.hung:
+            return node.name
+    raise RuntimeError("no member left running")
 
 
 def _joined(mesh: SimMesh, newcomer: Any) -> bool:
