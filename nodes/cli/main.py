@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..runtime.config import DEFAULT_PORT, NodeConfig, parse_labels
@@ -18,10 +17,20 @@ from .progress import ProgressLine, StageLog
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # only for --version: ~0.1 s of every start
+
     try:
         return version("lanmesh")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+class _PrintVersion(argparse.Action):
+    """`--version`, looked up only when asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
+        print(f"lanmesh {_version()}")
+        parser.exit()
 
 
 # ---------------------------------------------------------------- lanmesh node
@@ -484,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"lanmesh {_version()}")
+    parser.add_argument("--version", action=_PrintVersion, nargs=0, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_node_parser(sub)
     request.add_parser(sub, _add_key_file)
