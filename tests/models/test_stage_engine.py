@@ -4,6 +4,10 @@ answers, several requests share the stages at once, and a sequence that ends any
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -267,3 +271,39 @@ def test_a_request_for_a_stage_by_name_is_refused_with_the_models_name(whole: On
         assert outcome.code is ErrorCode.BAD_REQUEST and "ask for tiny" in outcome.message
     finally:
         wire.close()
+
+
+_LATER_STAGES = """
+import json, sys
+import numpy as np
+from nodes.models.backends.onnx_stage import OnnxStage
+
+folder, cache = sys.argv[1], sys.argv[2]
+seen = {}
+for first, last in ((1, 2), (3, 3)):
+    stage = OnnxStage(f"tiny[{first}-{last}]", "tiny", folder, first, last, cache_dir=cache)
+    stage.load()
+    runner = stage._runner
+    runner.resize(2, 256)
+    out = runner.run(0, np.zeros((2, 3, runner.hidden), np.float32), [0, 0])
+    options = runner.session.get_session_options()
+    seen[f"{first}-{last}"] = {"arena": options.enable_cpu_mem_arena, "out": list(out.shape)}
+seen["tokenizers"] = "tokenizers" in sys.modules
+print(json.dumps(seen))
+"""
+
+
+def test_a_later_stage_holds_no_tokenizer_and_no_memory_arena(whole: OnnxChat, tmp_path: Path) -> None:
+    """A stage after the first never reads text, and keeps no onnxruntime arena (which would hold the most a run
+    ever took, for good): fixed costs a stage of a few layers pays in full, whatever its share of the model. In a
+    fresh process, since this one has imported the tokenizers library for the whole model."""
+    assert whole.model_dir is not None
+    root = Path(__file__).resolve().parents[2]
+    argv = [sys.executable, "-c", _LATER_STAGES, str(whole.model_dir), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["1-2"]["out"][:2] == [2, 3] and seen["3-3"]["out"][:2] == [2, 3]  # both ran
+    assert seen["tokenizers"] is False
+    assert seen["1-2"]["arena"] is False and seen["3-3"]["arena"] is False

@@ -143,8 +143,6 @@ class OnnxStage(Backend):
     def load(self, progress: ProgressFn | None = None) -> None:
         self.built, folder = stage_folder(self.model, self.path, self.first, self.last, self.precision,
                                           self.cache_dir, progress)  # fmt: skip
-        from tokenizers import Tokenizer
-
         runner, facts = open_stage(folder, self.first, self.last, self.threads)
         self.model_layers = facts.layers
         self.context = min(self.context, facts.context) if self.context else facts.context
@@ -152,11 +150,14 @@ class OnnxStage(Backend):
         if self.kv_cache_bytes is None:  # the whole model's default, for this stage's share of the layers
             self.kv_cache_bytes = (1 << 30) * runner.layout.layers // self.model_layers
         self._scheduler = self._new_scheduler()
-        if self.is_first:  # the last stage reads the tokenizer only for a grammar's vocabulary (when one comes)
+        # Only the first stage reads text: a later stage never imports the tokenizers library (3 MiB a process keeps
+        # once it has), and the last one reads the vocabulary only when a request with a grammar comes.
+        if self.is_first:
+            from tokenizers import Tokenizer
+
             self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
             self._tokenizer.no_padding()
             self._tokenizer.no_truncation()
-        if self.is_first:
             template = find_template(folder)
             self._reader = PromptReader(
                 self.model, self._tokenizer, ChatTemplate(template, special_tokens(folder)) if template else None,
