@@ -140,15 +140,17 @@ _MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; nothing is lost, a pa
 
 
 def page_out_file(path: Path) -> int:
-    """Unmap from this process the resident pages of its mappings of `path` (reclaimed as clean file pages; one
-    touched later is read back from the file, so nothing changes but the memory held). Returns the bytes advised;
-    0 where Linux cannot (no /proc, an older kernel)."""
+    """Unmap from this process the resident pages of its mappings of `path` (a file, or every file in a folder):
+    reclaimed as clean file pages, one touched later is read back from the file, so nothing changes but the memory
+    held. Returns the bytes advised; 0 where Linux cannot (no /proc, an older kernel)."""
     import ctypes
 
     target = str(path.resolve())
+    inside = target.rstrip("/") + "/" if path.is_dir() else None
     try:
         with open("/proc/self/maps") as maps:
-            ranges = [line.split()[0] for line in maps if line.rstrip("\n").endswith(target)]
+            fields = [line.rstrip("\n").split(maxsplit=5) for line in maps]
+        ranges = [f[0] for f in fields if len(f) == 6 and (f[5] == target or (inside and f[5].startswith(inside)))]
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
         return 0

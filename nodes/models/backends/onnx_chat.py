@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from protocol import ErrorCode, Task
 
 from ..cache import cache_ready, discard_cache
-from .base import Backend, Job, JobSource, ProgressFn, release_free_memory
+from .base import Backend, Job, JobSource, ProgressFn, page_out_file, release_free_memory
 from .cache_summary import ConversationIndex, cache_counters
 from .chat_scheduler import ChatScheduler, SchedSeq, SeqState, StepPlan
 from .chat_template import ChatTemplate, TemplateError, find_template, special_tokens
@@ -188,6 +188,7 @@ class OnnxChat(Backend):
         if threads:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(folder / decoder["filename"]), options, providers=["CPUExecutionProvider"])
+        page_out_file(folder)  # the weights onnxruntime read only to prepack copies of its own (as a stage does)
         inputs = {i.name: i for i in session.get_inputs()}
         names = decoder.get("inputs", {})
         outputs = decoder.get("outputs", {})
@@ -197,8 +198,7 @@ class OnnxChat(Backend):
         present_v = outputs.get("present_value_names", "present.%d.value")
         layers = int(decoder["num_hidden_layers"])
         kv_names = [(past_k % i, past_v % i, present_k % i, present_v % i) for i in range(layers)]
-        missing = {"input_ids", "attention_mask", kv_names[0][0]} - set(inputs)
-        if missing:
+        if missing := {"input_ids", "attention_mask", kv_names[0][0]} - set(inputs):
             raise ValueError(f"{folder}: the model lacks inputs {sorted(missing)}; not a decoder with a KV cache")
         dtype = np.float16 if "float16" in inputs[kv_names[0][0]].type else np.float32
         context = int(model.get("context_length") or config.get("search", {}).get("max_length") or 2048)

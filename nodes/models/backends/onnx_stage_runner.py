@@ -132,7 +132,7 @@ def open_stage(folder: Path, first: int, last: int, threads: int | None) -> tupl
     if threads:
         options.intra_op_num_threads = threads
     # A stage waits for the other stages between its runs: threads that spin after a run (onnxruntime's default)
-    # would burn the cores the other stages need (measured here: 2 stages of SmolLM2 on 2 cores, 8 -> ... tok/s).
+    # would burn the cores the other stages need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # No memory arena: an arena keeps the most a run ever took (about 10 MiB for SmolLM2 whatever the layers, once 8
     # streams have run) for good, a fixed cost that a few layers' stage felt as 12% more than its share; without it a
