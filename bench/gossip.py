@@ -62,13 +62,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     ]
     summary["met"] = {
         "flat_within_2x": summary["flatness"] <= GOALS["flat_within"],
-        # Growing no faster than log n: time over log n at the largest size is no more than at a smaller one (from
-        # 100 nodes up: below that a join or a wake-up often loses no message at all and takes only the delays).
-        "join_no_faster_than_log_n": _not_rising(summary["join_over_log_n"], sizes),
-        "woke_no_faster_than_log_n": _not_rising(summary["woke_over_log_n"], sizes),
         "false_suspicions_below_1_per_node_hour": summary["false_suspicions_per_node_hour"]
         < GOALS["false_suspicions_per_node_hour"],
     }
+    # Growing no faster than log n: time over ln n at the largest size is no more than at a smaller one from 100
+    # nodes up (below that a join or a wake-up often loses no message and takes only the delays), over a decade at
+    # least (the quick sizes' 100 and 300 tell noise, not growth).
+    if sizes[-1] >= 1000:
+        summary["met"]["join_no_faster_than_log_n"] = _not_rising(summary["join_over_log_n"], sizes)
+        summary["met"]["woke_no_faster_than_log_n"] = _not_rising(summary["woke_over_log_n"], sizes)
     result = {
         "quick": quick,
         "network": {"loss": LOSS, "delay_s": DELAY_S, "tick_s": TICK_S, "model": "each delivery lost on its own"},
