@@ -11,15 +11,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Backoff:
-    """A pause that grows by `factor` each round, from `first` up to `cap` (seconds)."""
+    """A pause that grows by `factor` each round, from `first` up to `cap` (seconds), after `steady` more rounds at
+    `first`."""
 
     first: float
     factor: float
     cap: float
+    steady: int = 0
 
     def delay(self, round_: int) -> float:
         """The pause before try round `round_` + 1 (round 1: the first pause)."""
-        return min(self.first * self.factor ** min(max(round_ - 1, 0), 64), self.cap)  # (no overflow, however late)
+        grown = min(max(round_ - 1 - self.steady, 0), 64)  # (no overflow, however late)
+        return min(self.first * self.factor**grown, self.cap)
 
     def describe(self, rounds: int) -> str:
         """The first `rounds` pauses in milliseconds, e.g. "20, 80, 100 ms"."""
@@ -36,7 +39,9 @@ CLIENT_DECLINED = Backoff(first=0.005, factor=2.0, cap=0.1)
 CLIENT_UNAVAILABLE = Backoff(first=0.05, factor=2.0, cap=0.5)
 # A node says hello again to a peer it learned (mDNS, a digest, a hello) until that peer's first report arrives: a
 # hello is dropped while the link still connects, or lost, and each one missed delays the whole mesh seeing a newcomer.
-HELLO = Backoff(first=0.1, factor=2.0, cap=0.5)
+# The first four pauses are even: the pairs of a mesh of n that lose k in a row grow as log n, and evenly spaced
+# retries keep the time the last pair takes growing so too.
+HELLO = Backoff(first=0.1, factor=2.0, cap=0.5, steady=3)
 # A node held suspect or dead publishes a refutation (a new report), then publishes it again after these pauses: on a
 # lossy network each copy is one more chance for every node to hear it before anti-entropy (2 s) would tell them.
 # Evenly spaced: the copies a mesh of n needs grow as log n, and so, evenly spaced, does the time they take.
@@ -62,7 +67,7 @@ def backoff_schedules() -> dict[str, str]:
         "entry": ENTRY.describe(ENTRY_ROUNDS),
         "client declined": CLIENT_DECLINED.describe(6),
         "client unavailable": CLIENT_UNAVAILABLE.describe(5),
-        "hello": HELLO.describe(4),
+        "hello": HELLO.describe(7),
         "refutation repeated": REFUTATION.describe(REFUTATION_REPEATS),
         "first sync": FIRST_SYNC.describe(4),
     }

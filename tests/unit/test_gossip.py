@@ -216,7 +216,7 @@ def test_a_new_node_that_knows_one_member_learns_the_mesh_and_the_mesh_learns_it
 
 
 def test_on_a_lossy_network_a_newcomer_sees_everyone_and_is_seen_within_about_half_a_second() -> None:
-    # Lost hellos and reports are said again after 0.1 s, then 0.2 s (`_backoff.HELLO`), and a lost table is asked
+    # Lost hellos and reports are said again every 0.1 s at first (`_backoff.HELLO`), and a lost table is asked
     # for again after 0.25 s (`_backoff.FIRST_SYNC`). At a flat 0.5 s, the pairs of 300 that lose two in a row (a
     # few at 3% loss) kept the mesh from seeing the newcomer for 0.6 s or more, and a lost table for 2.8 s.
     mesh = SimMesh(loss=0.03, tick=0.05, seed=3)
