@@ -10,7 +10,9 @@ What is modelled as the real node does it (`mesh/_membership.py`, `mesh/_node.py
 - kill -9: every node linked to the victim sees the connection close at once and a reconnect refused soon after;
   a hung node (SIGSTOP) closes nothing: what is sent to it waits until it runs again;
 - loss drops each delivery on its own, with the same probability for every message (real links are TCP, so this
-  is harsher than a LAN: a lost segment is only late there).
+  is harsher than a LAN: a lost segment is only late there, by TCP's retransmission timeout, about 0.2 s). A node
+  says hello again to a member it linked to but has not heard from on `HELLO`'s schedule, which stands in for that
+  retransmission (the real node re-sends only a hello its link could not take yet, and leaves a sent one to TCP).
 
 Each node ticks every `tick` seconds, at a phase of its own.
 """

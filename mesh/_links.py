@@ -203,10 +203,9 @@ class PeerLinks:
         if peer.verified:
             self.subscribe(peer)
         peer.last_heard = time.monotonic()  # learned now: dropped if it never speaks for itself (`Membership`)
-        peer.hello_due, peer.hellos = peer.last_heard + HELLO.delay(1), 1
-        self.awaiting_reports = True
         self.peers.add(peer)
-        self.hello(dealer)
+        self.hello_peer(peer, peer.last_heard)
+        self.awaiting_reports = self.awaiting_reports or not peer.hello_sent
         log.info("learned peer %s at %s:%d via %s", addr.node, addr.host, addr.port, source)
         return peer
 
@@ -316,14 +315,25 @@ class PeerLinks:
                 return  # not connected: the handshake's event introduces us again
             self.poller.touch(dealer)  # a send may take the notification of a message that just arrived
 
-    def hello(self, dealer: zmq.Socket[Any]) -> None:
+    def hello(self, dealer: zmq.Socket[Any]) -> bool:
+        """Say hello on a peer's link; False when it could not go (not connected yet: IMMEDIATE drops it)."""
         self.introduce(dealer)
         try:
-            # Queued (not IMMEDIATE-dropped) only once connected; the seed timer re-sends.
             dealer.send(self._hello_frame(), zmq.NOBLOCK)
         except zmq.Again:
-            return  # not connected yet: gossip (theirs, once they know us) or the next hello will do
+            return False  # the handshake's event, gossip (theirs, once they know us) or `hello_seeds` says it again
         self.poller.touch(dealer)
+        return True
+
+    def hello_peer(self, peer: Peer, now: float) -> None:
+        """A hello that went out on a connected link is TCP's to deliver (the next one is a safety net, 0.5 s on);
+        one that could not go is tried again soon (`_backoff.HELLO`), until the link is up."""
+        peer.hello_sent = self.hello(peer.dealer)
+        if peer.hello_sent:
+            peer.hello_due = now + _SEED_HELLO_S
+        else:
+            peer.hellos += 1
+            peer.hello_due = now + HELLO.delay(peer.hellos)
 
     def add_seed(self, seed: str) -> None:
         """A seed `host:port` (with member identities `KEY@host:port`, or a node of the identity file)."""
@@ -370,10 +380,8 @@ class PeerLinks:
         for peer in self.peers:
             if not peer.last_report:  # learned but never heard: maybe it does not know us yet
                 if now >= peer.hello_due:
-                    peer.hellos += 1
-                    peer.hello_due = now + HELLO.delay(peer.hellos)
-                    self.hello(peer.dealer)
-                waiting = waiting or HELLO.delay(peer.hellos) < HELLO.cap
+                    self.hello_peer(peer, now)
+                waiting = waiting or not peer.hello_sent and HELLO.delay(peer.hellos) < HELLO.cap
         self.awaiting_reports = waiting  # the loop keeps its fine clock for the backoff's short steps (not after)
         if now < self._next_seed_hello:
             return

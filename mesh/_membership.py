@@ -173,7 +173,7 @@ class Membership:
             # Back after an outage (or new): ask at once rather than wait to route to it.
             self.gossip.reconnected(peer.node, now)
             if not peer.last_report:
-                self.links.hello(peer.dealer)
+                self.links.hello_peer(peer, now)
 
     def on_hello(self, ident: bytes, msg: Hello, by_itself: bool = False) -> None:
         """A node says hello on this node's ROUTER; `by_itself`: on a connection made with its own key (member

@@ -31,8 +31,9 @@ class Peer:
     disconnected: bool = False  # its connection closed and has not come back yet
     wants: dict[str, StageWant] = field(default_factory=dict)  # models it would hold a stage of (gossiped)
     verified: bool = True  # member identities: it presented a node certificate naming its name and key
-    hello_due: float = 0.0  # monotonic; until its first report, when to say hello again (`_backoff.HELLO`)
-    hellos: int = 0  # hellos sent while it had not reported
+    hello_due: float = 0.0  # monotonic; until its first report, when to say hello again (`PeerLinks.hello_seeds`)
+    hellos: int = 0  # hellos that could not go (the link not up yet), for `_backoff.HELLO`
+    hello_sent: bool = False  # the last hello went out (on a connected link, TCP delivers it)
 
     @property
     def node(self) -> str:
