@@ -54,12 +54,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         "killed_dead_s": [p["convergence_s"]["killed_dead"] for p in points],
         "join_s": joins,
         # convergence over log n: growing no faster than log n keeps this from rising
-        "join_over_log_n": [None if j is None else j / math.log(max(n, 2)) for j, n in zip(joins, sizes, strict=True)],
+        "join_over_log_n": _over_log_n(joins, sizes),
+        "woke_over_log_n": _over_log_n([p["convergence_s"]["woke_alive"] for p in points], sizes),
     }
-    summary["woke_over_log_n"] = [
-        None if w is None else w / math.log(max(n, 2))
-        for w, n in zip([p["convergence_s"]["woke_alive"] for p in points], sizes, strict=True)
-    ]
     summary["met"] = {
         "flat_within_2x": summary["flatness"] <= GOALS["flat_within"],
         "false_suspicions_below_1_per_node_hour": summary["false_suspicions_per_node_hour"]
@@ -175,6 +172,10 @@ def _live(mesh: SimMesh, names: list[str], start: int) -> str:
 
 def _joined(mesh: SimMesh, newcomer: Any) -> bool:
     return mesh.sees_everyone(newcomer) and mesh.all_see(newcomer.name, (PeerState.ALIVE,))
+
+
+def _over_log_n(times: list[float | None], sizes: tuple[int, ...]) -> list[float | None]:
+    return [None if t is None else t / math.log(max(n, 2)) for t, n in zip(times, sizes, strict=True)]
 
 
 def _not_rising(over_log_n: list[float | None], sizes: tuple[int, ...]) -> bool | None:

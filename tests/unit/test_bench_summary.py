@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import summary
+from bench import scale, summary
 
 MACHINE = {
     "cores": 2,
@@ -148,14 +148,7 @@ def scale_result() -> dict[str, Any]:
         "kill -9": fault,
         "SIGSTOP": {**fault, "victim": "n11", "dead_all_s": 2.58, "dead_median_s": 2.55},
         "churn": {"killed_and_restarted": ["n11", "n10"], "entries": 10, "load": load, "see_all_after_s": 7.3},
-        "goals": {
-            "idle_packets_in_per_s": 60,
-            "idle_cpu_percent": 1.0,
-            "see_all_s": 5.0,
-            "kill_detected_s": 1.5,
-            "sigstop_detected_s": 3.5,
-            "churn_failed": 0,
-        },  # fmt: skip
+        "goals": dict(scale.GOALS),
         "summary": {
             "idle_packets_in_per_s": 20.0,
             "idle_cpu_percent": 0.77,
